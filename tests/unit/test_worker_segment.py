@@ -1,0 +1,274 @@
+"""Segment save/restore/report over file:// and mem://, plus the run/execute helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pbt_worker import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    PbtWorkerError,
+    ReportError,
+    Segment,
+    execute,
+    mem_storage,
+    open_storage,
+)
+
+
+def make(uri_base: str, k: int, *, restore: bool = True, result: str | None = None,
+         gc: list[str] | None = None, member: int = 0) -> Segment:
+    data: dict[str, Any] = {
+        "version": 1, "training": "t", "member": member, "segment": k,
+        "hyperparameters": {"lr": 0.1}, "steps": {"start": 10 * k, "budget": 10},
+        "restore": f"{uri_base}t/m{member:03d}/{k - 1:05d}/" if restore and k > 0 else None,
+        "checkpoint": f"{uri_base}t/m{member:03d}/{k:05d}/",
+        "result": result, "gc": gc or [],
+    }
+    return Segment(data)
+
+
+@pytest.fixture(params=["file", "mem"])
+def base(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path}/ck/"
+    mem_storage().clear()
+    return f"mem://{tmp_path.name}/"
+
+
+@pytest.mark.parametrize("obj", [b"\x00raw bytes", {"w": [1.0, 2.0], "n": 3}, ("a", 1), 42, None, "text"])
+def test_object_round_trip(base: str, obj: Any) -> None:
+    make(base, 0).save(obj)
+    assert make(base, 1).restore() == obj
+
+
+def test_first_segment_restores_nothing(base: str) -> None:
+    seg = make(base, 0)
+    assert seg.restore() is None and seg.restore_file() is None and seg.restore_dir() is None
+    assert seg.restored() is None
+
+
+def test_restored_object_is_private(base: str) -> None:
+    state = {"w": [1, 2]}
+    make(base, 0).save(state)
+    state["w"].append(99)  # mutating after save must not change the checkpoint
+    a = make(base, 1).restore()
+    a["w"].append(7)  # nor must mutating a restored copy
+    assert make(base, 1).restore() == {"w": [1, 2]}
+
+
+def test_file_and_dir_round_trip(base: str, tmp_path: Path) -> None:
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(3000))
+    make(base, 0).save_file(src)
+    seg = make(base, 1)
+    restored = seg.restore_file(dest=tmp_path / "out.bin")
+    assert restored is not None and restored.read_bytes() == src.read_bytes()
+    assert Path(seg.restore()).read_bytes() == src.read_bytes()
+    seg.close()
+
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "a.txt").write_text("a")
+    (tree / "sub" / "deeper" / "b.bin").write_bytes(b"b" * 10)
+    make(base, 0, member=1).save_dir(tree)
+    out = make(base, 1, member=1).restore_dir(tmp_path / "restored")
+    assert out is not None
+    assert (out / "a.txt").read_text() == "a"
+    assert (out / "sub" / "deeper" / "b.bin").read_bytes() == b"b" * 10
+
+
+def test_multi_object_checkpoint(base: str, tmp_path: Path) -> None:
+    f = tmp_path / "log.txt"
+    f.write_text("hello")
+    with make(base, 0).checkpoint() as ck:
+        ck.put_object("model", {"w": 1})
+        ck.put_bytes("rng", b"1234")
+        ck.put_file("log.txt", f)
+    seg = make(base, 1)
+    reader = seg.restored()
+    assert reader is not None and reader.names == ["log.txt", "model", "rng"]
+    assert reader.get_object("model") == {"w": 1}
+    assert reader.get_bytes("rng") == b"1234"
+    with pytest.raises(PbtWorkerError, match="several objects"):
+        seg.restore()
+
+
+def test_checkpoint_is_immutable_within_a_segment(base: str) -> None:
+    seg = make(base, 0)
+    seg.save(1)
+    with pytest.raises(PbtWorkerError, match="already saved"):
+        seg.save(2)
+
+
+def test_failed_writer_commits_nothing(base: str) -> None:
+    seg = make(base, 0)
+    with pytest.raises(RuntimeError), seg.checkpoint() as ck:
+        ck.put_object("model", {"w": 1})
+        raise RuntimeError("killed mid-save")
+    storage = open_storage(seg.checkpoint_uri)
+    assert not storage.exists(seg.checkpoint_uri)
+    assert storage.list(seg.checkpoint_uri)  # the orphan object is there, but unreferenced
+    with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
+        make(base, 1).restore()
+
+
+def test_rerun_replaces_a_committed_checkpoint(base: str) -> None:
+    make(base, 0).save("first attempt")
+    make(base, 0).save("second attempt")  # a retried segment writes the same prefix again
+    assert make(base, 1).restore() == "second attempt"
+
+
+def test_gc_after_save(base: str) -> None:
+    make(base, 0, member=1).save("old")
+    old = f"{base}t/m001/00000/"
+    storage = open_storage(old)
+    assert storage.exists(old)
+    make(base, 0, gc=[old, f"{base}t/m009/00000/"]).save("new")  # a missing prefix is not an error
+    assert not storage.exists(old) and storage.list(old) == []
+
+
+def test_gc_failure_is_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    from pbt_worker.storage import FileStorage
+
+    def refuse(self: FileStorage, prefix: str) -> None:
+        raise PermissionError("read-only filesystem")
+
+    monkeypatch.setattr(FileStorage, "delete", refuse)
+    base = f"file://{tmp_path}/"
+    seg = make(base, 0, gc=[f"{base}t/m005/00000/"])
+    seg.save("x")  # the save succeeds although gc failed
+    assert open_storage(base).exists(seg.checkpoint_uri)
+    assert "could not delete" in caplog.text and "read-only filesystem" in caplog.text
+
+
+def test_corrupt_object_detected(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    make(base, 0).save(b"x" * 100)
+    ck = tmp_path / "t" / "m000" / "00000"
+    (obj,) = [p for p in ck.rglob("state")]
+    obj.write_bytes(b"y" * 100)
+    with pytest.raises(CheckpointCorruptError, match="sha256"):
+        make(base, 1).restore()
+    obj.write_bytes(b"x" * 99)
+    with pytest.raises(CheckpointCorruptError, match="size"):
+        make(base, 1).restore()
+    obj.unlink()
+    with pytest.raises(CheckpointCorruptError, match="missing"):
+        make(base, 1).restore()
+
+
+def test_delete_removes_marker_first(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    seg = make(base, 0)
+    seg.save("x")
+    storage = open_storage(base)
+    assert "_COMMITTED" in storage.list(seg.checkpoint_uri)
+    storage.delete(seg.checkpoint_uri)
+    assert not storage.exists(seg.checkpoint_uri)
+    storage.delete(seg.checkpoint_uri)  # idempotent
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+def test_report_writes_result(tmp_path: Path) -> None:
+    result = tmp_path / "res" / "result.json"
+    seg = make(f"file://{tmp_path}/", 2, result=str(result))
+    seg.report(score=0.93, loss=0.21, name="ok", nan_metric=float("nan"))
+    doc = json.loads(result.read_text())
+    assert doc == {"score": 0.93, "metrics": {"loss": 0.21, "name": "ok", "nan_metric": None}, "steps": 30}
+    seg.report(0.5, steps=25, metrics={"steps": 1})
+    assert json.loads(result.read_text()) == {"score": 0.5, "metrics": {"steps": 1}, "steps": 25}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -math.inf])
+def test_nan_score_is_a_failure(tmp_path: Path, bad: float) -> None:
+    result = tmp_path / "result.json"
+    seg = make(f"file://{tmp_path}/", 0, result=str(result))
+    with pytest.raises(ReportError, match="diverged"):
+        seg.report(score=bad)
+    assert "error" in json.loads(result.read_text())
+
+
+def test_report_too_large(tmp_path: Path) -> None:
+    result = tmp_path / "result.json"
+    seg = make(f"file://{tmp_path}/", 0, result=str(result))
+    with pytest.raises(ReportError, match="4096"):
+        seg.report(score=1.0, metrics={f"metric_{i}": float(i) for i in range(400)})
+    doc = json.loads(result.read_text())
+    assert "error" in doc and len(result.read_bytes()) <= 4096
+    seg.write_error("x" * 10000)
+    assert len(result.read_bytes()) <= 4096
+
+
+def test_report_rejects_non_numbers(tmp_path: Path) -> None:
+    seg = make(f"file://{tmp_path}/", 0)
+    with pytest.raises(ReportError):
+        seg.report(score="high")  # type: ignore[arg-type]
+    with pytest.raises(ReportError):
+        seg.report(score=True)
+
+
+# -- execute / run ------------------------------------------------------------------------------------------
+
+def test_execute_score_dict_and_error() -> None:
+    mem_storage().clear()
+    assert execute(lambda s: 0.5, make("mem://x/", 0))["score"] == 0.5
+    assert execute(lambda s: {"score": 1, "loss": 2}, make("mem://x/", 0))["metrics"] == {"loss": 2}
+
+    def boom(seg: Segment) -> float:
+        raise ValueError("bad lr")
+
+    assert execute(boom, make("mem://x/", 0)) == {"error": "ValueError: bad lr"}
+    assert "error" in execute(lambda s: None, make("mem://x/", 0))
+    assert "error" in execute(lambda s: float("nan"), make("mem://x/", 0))
+
+
+def _run_script(tmp_path: Path, body: str,
+                contract: dict[str, Any] | None) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(body))
+    env = dict(os.environ)
+    env.pop("PBT_SEGMENT", None)
+    if contract is not None:
+        env["PBT_SEGMENT"] = json.dumps(contract)
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_run_in_a_subprocess(tmp_path: Path) -> None:
+    result = tmp_path / "result.json"
+    contract = {
+        "version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {"x": 2.0},
+        "steps": {"start": 0, "budget": 5}, "restore": None, "checkpoint": f"file://{tmp_path}/ck/",
+        "result": str(result), "gc": [],
+    }
+    ok = _run_script(tmp_path, """
+        import pbt_worker
+        def train(seg):
+            seg.save({"x": seg.hyperparameters["x"]})
+            return {"score": seg.hyperparameters["x"] ** 2, "loss": 1.0}
+        pbt_worker.run(train)
+    """, contract)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(result.read_text()) == {"score": 4.0, "metrics": {"loss": 1.0}, "steps": 5}
+
+    bad = _run_script(tmp_path, """
+        import pbt_worker
+        def train(seg):
+            raise RuntimeError("out of memory")
+        pbt_worker.run(train)
+    """, contract)
+    assert bad.returncode == 1
+    assert json.loads(result.read_text()) == {"error": "RuntimeError: out of memory"}
+
+    missing = _run_script(tmp_path, "import pbt_worker\npbt_worker.run(lambda s: 1.0)\n", None)
+    assert missing.returncode == 2 and "PBT_SEGMENT is not set" in missing.stderr

@@ -1,0 +1,286 @@
+"""Writing and reading one checkpoint: object encodings, the attempt directory, the commit.
+
+Layout of a checkpoint prefix ``P``::
+
+    P/<attempt>/<name>     one object per logical name (attempt = random id of this save)
+    P/_COMMITTED           manifest: name -> {key, size, sha256, encoding}, written last
+
+Objects go under a fresh attempt directory so that two writers of the same prefix (a segment retried
+after its pod was preempted mid-save, or a duplicate pod) never mix their objects: whichever marker is
+written last references one complete, self-consistent set. Leftover attempt directories are not
+restorable (no marker references them) and disappear when the prefix is deleted (``gc``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, PermanentStorageError
+from .storage.base import HashingWriter, Manifest, ObjectEntry, Storage, check_key, tmp_root
+
+log = logging.getLogger("pbt_worker")
+
+#: Objects below this size are read into memory in one request instead of through a temp file.
+SMALL_OBJECT = 8 * 1024 * 1024
+#: Parallel transfers when a checkpoint holds many files (a directory).
+FILE_PARALLELISM = 8
+
+ENCODINGS = ("raw", "pickle", "torch", "object")
+
+
+def looks_like_torch(obj: Any, depth: int = 0) -> bool:
+    """True if ``obj`` is or contains (in dicts/lists/tuples) a torch tensor, module or optimizer.
+
+    Never imports torch: if the user's program has not imported it, the object cannot contain tensors.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    if isinstance(obj, torch.Tensor | torch.nn.Module | torch.optim.Optimizer):
+        return True
+    if depth >= 4:
+        return False
+    if isinstance(obj, dict):
+        return any(looks_like_torch(v, depth + 1) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(looks_like_torch(v, depth + 1) for v in obj[:64])
+    return False
+
+
+def choose_encoding(obj: Any) -> str:
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return "raw"
+    if looks_like_torch(obj):
+        return "torch"
+    return "pickle"
+
+
+def torch_load(f: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
+    """``torch.load`` with safe defaults: tensors land on CPU, and the restricted ``weights_only``
+    unpickler is tried first. With ``weights_only=None`` a checkpoint holding arbitrary classes (a whole
+    ``nn.Module``) falls back to the full unpickler with a warning: checkpoints come from our own workers.
+    """
+    import torch  # lazily: the worker SDK must not pull torch into programs that do not use it
+
+    if weights_only is not None:
+        return torch.load(f, map_location=map_location, weights_only=weights_only)
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        log.warning("weights_only torch.load refused this checkpoint (%s); loading it with the full "
+                    "unpickler. Pass weights_only=True to forbid that.", str(exc).splitlines()[0])
+        if hasattr(f, "seek"):
+            f.seek(0)
+        return torch.load(f, map_location=map_location, weights_only=False)
+
+
+class CheckpointWriter:
+    """Collects the objects of one checkpoint; nothing is visible until :meth:`commit`.
+
+    Use as a context manager (``Segment.checkpoint()``): a clean exit commits, an exception commits
+    nothing and leaves only unreferenced objects behind.
+    """
+
+    def __init__(self, storage: Storage, prefix: str, meta: dict[str, Any] | None = None,
+                 on_commit: Callable[[Manifest], None] | None = None) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        self.meta = dict(meta or {})
+        self.attempt = uuid.uuid4().hex[:12]
+        self.entries: dict[str, ObjectEntry] = {}
+        self.manifest: Manifest | None = None
+        self._on_commit = on_commit
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and self.manifest is None:
+            self.commit()
+
+    def _key(self, name: str) -> str:
+        check_key(name, self.prefix)
+        if self.manifest is not None:
+            raise PermanentStorageError(f"{self.prefix} is already committed; checkpoints are immutable",
+                                        self.prefix)
+        if name in self.entries:
+            raise PermanentStorageError(f"{self.prefix}: object {name!r} was already written", self.prefix)
+        return f"{self.attempt}/{name}"
+
+    def put_bytes(self, name: str, data: bytes | bytearray | memoryview) -> ObjectEntry:
+        info = self.storage.put(self.prefix, self._key(name), data)
+        entry = self.entries[name] = ObjectEntry(info.key, info.size, info.sha256, "raw")
+        return entry
+
+    def put_file(self, name: str, path: str | os.PathLike[str]) -> ObjectEntry:
+        info = self.storage.put(self.prefix, self._key(name), path)
+        entry = self.entries[name] = ObjectEntry(info.key, info.size, info.sha256, "raw")
+        return entry
+
+    def put_dir(self, src: str | os.PathLike[str], name: str = "dir") -> list[ObjectEntry]:
+        """Store every regular file under ``src`` as ``<name>/<relative path>`` (empty dirs are not kept)."""
+        root = Path(src)
+        if not root.is_dir():
+            raise FileNotFoundError(f"save_dir: {root} is not a directory")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        jobs = [(f"{name}/{p.relative_to(root).as_posix()}", p) for p in files]
+        return self._parallel(lambda job: self.put_file(job[0], job[1]), jobs)
+
+    def put_object(self, name: str, obj: Any, encoding: str | None = None) -> ObjectEntry:
+        """Store a Python object: bytes raw, torch objects via ``torch.save``, anything else pickled.
+
+        On ``mem://`` the object itself is kept (see ``storage/mem.py`` for the copy policy).
+        """
+        enc = encoding or ("object" if self.storage.holds_objects else choose_encoding(obj))
+        if enc not in ENCODINGS:
+            raise ValueError(f"unknown encoding {enc!r}; use one of {ENCODINGS}")
+        key = self._key(name)
+        if enc == "object":
+            info = self.storage.put_object(self.prefix, key, obj)
+        elif enc == "raw":
+            if not isinstance(obj, bytes | bytearray | memoryview):
+                raise TypeError(f"encoding 'raw' needs bytes, got {type(obj).__name__}")
+            info = self.storage.put(self.prefix, key, obj)
+        else:
+            info = self._put_serialised(key, obj, enc)
+        entry = self.entries[name] = ObjectEntry(info.key, info.size, info.sha256, enc)
+        return entry
+
+    def _put_serialised(self, key: str, obj: Any, enc: str) -> Any:
+        # Serialise into a local spool file, hashing while writing, then let the backend stream it:
+        # memory stays at one copy of the object however large the checkpoint is.
+        fd, path = tempfile.mkstemp(prefix=".pbt-spool-", dir=self.storage.spool_dir(self.prefix))
+        try:
+            with open(fd, "wb", buffering=1024 * 1024) as raw:
+                writer = HashingWriter(raw)
+                if enc == "torch":
+                    import torch
+
+                    torch.save(obj, writer)  # type: ignore[arg-type]
+                else:
+                    pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return self.storage.put_spooled(self.prefix, key, path, (writer.size, writer.hexdigest()))
+
+    def _parallel(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> list[Any]:
+        jobs = list(jobs)
+        if len(jobs) <= 1 or self.storage.holds_objects:
+            return [fn(j) for j in jobs]
+        with ThreadPoolExecutor(max_workers=min(FILE_PARALLELISM, len(jobs))) as pool:
+            return list(pool.map(fn, jobs))
+
+    def commit(self, main: str | None = None, kind: str = "multi") -> Manifest:
+        """Write the commit marker; after this returns the checkpoint is restorable and immutable."""
+        if self.manifest is not None:
+            return self.manifest
+        meta = dict(self.meta, kind=kind, attempt=self.attempt)
+        self.manifest = self.storage.commit(self.prefix, self.entries, main=main, meta=meta)
+        if self._on_commit is not None:
+            self._on_commit(self.manifest)
+        return self.manifest
+
+
+class CheckpointReader:
+    """Read access to one committed checkpoint. Every read is verified against the marker."""
+
+    def __init__(self, storage: Storage, prefix: str, manifest: Manifest | None = None) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        found = manifest if manifest is not None else storage.manifest(prefix)
+        if found is None:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint at {prefix} (never committed, e.g. its writer was killed "
+                "mid-save, or already deleted)", prefix)
+        self.manifest = found
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.manifest.objects)
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.meta.get("kind", "multi"))
+
+    @property
+    def main(self) -> str | None:
+        return self.manifest.main
+
+    def entry(self, name: str) -> ObjectEntry:
+        try:
+            return self.manifest.objects[name]
+        except KeyError:
+            raise KeyError(f"{self.prefix}: no object named {name!r}; it holds {self.names}") from None
+
+    def get_bytes(self, name: str) -> bytes:
+        e = self.entry(name)
+        if e.encoding == "object":
+            raise TypeError(f"{self.prefix}{name} holds a live object; use get_object")
+        return self.storage.get_bytes(self.prefix, e.key, e.info())
+
+    def get_file(self, name: str, dest: str | os.PathLike[str]) -> Path:
+        e = self.entry(name)
+        if e.encoding == "object":
+            raise TypeError(f"{self.prefix}{name} holds a live object; use get_object")
+        return self.storage.get_file(self.prefix, e.key, dest, e.info())
+
+    def get_dir(self, dest: str | os.PathLike[str], name: str = "dir") -> Path:
+        root = Path(dest)
+        root.mkdir(parents=True, exist_ok=True)
+        lead = name + "/"
+        jobs = [n for n in self.names if n.startswith(lead)]
+        if not jobs and name not in (self.main, None):
+            raise KeyError(f"{self.prefix}: no directory named {name!r}")
+
+        def fetch(n: str) -> Path:
+            return self.get_file(n, root / n[len(lead):])
+
+        if len(jobs) > 1 and not self.storage.holds_objects:
+            with ThreadPoolExecutor(max_workers=min(FILE_PARALLELISM, len(jobs))) as pool:
+                list(pool.map(fetch, jobs))
+        else:
+            for n in jobs:
+                fetch(n)
+        return root
+
+    def get_object(self, name: str, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
+        """Decode an object written by ``put_object`` (or the bytes of a raw object)."""
+        e = self.entry(name)
+        if e.encoding == "object":
+            return self.storage.get_object(self.prefix, e.key)
+        if e.encoding == "raw":
+            return self.get_bytes(name)
+        if e.size <= SMALL_OBJECT:
+            buf = io.BytesIO(self.get_bytes(name))
+            return self._decode(e, buf, map_location, weights_only)
+        fd, path = tempfile.mkstemp(prefix="pbt-restore-", dir=tmp_root())
+        os.close(fd)
+        try:
+            self.get_file(name, path)
+            with open(path, "rb") as f:
+                return self._decode(e, f, map_location, weights_only)
+        finally:
+            os.unlink(path)
+
+    def _decode(self, e: ObjectEntry, f: Any, map_location: Any, weights_only: bool | None) -> Any:
+        try:
+            if e.encoding == "torch":
+                return torch_load(f, map_location=map_location, weights_only=weights_only)
+            if e.encoding == "pickle":
+                return pickle.load(f)
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise CheckpointCorruptError(f"{self.prefix}{e.key}: cannot decode {e.encoding}: {exc}",
+                                         self.prefix + e.key) from exc
+        raise CheckpointCorruptError(f"{self.prefix}{e.key}: unknown encoding {e.encoding!r}",
+                                     self.prefix + e.key)

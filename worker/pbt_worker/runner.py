@@ -1,0 +1,71 @@
+"""The common loop around a user's training function: build the segment, call, report, fail cleanly."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+from .errors import ReportError
+from .segment import Segment
+
+log = logging.getLogger("pbt_worker")
+
+TrainFn = Callable[[Segment], Any]
+
+
+def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
+    """Run ``train_fn(seg)`` and report its outcome; never raises for failures of the training function.
+
+    ``train_fn`` returns a score (number), a dict of ``report`` keyword arguments (``score`` required,
+    e.g. ``{"score": acc, "loss": l}``), or None after calling ``seg.report`` itself. Any exception
+    becomes ``{"error": "<Type>: <message>"}``. Returns the result dict that was written, which is what
+    an in-process driver (the local runner's inline executor) consumes; it never exits the process.
+    """
+    try:
+        value = train_fn(seg)
+        if value is None:
+            if seg.last_result is None:
+                raise ReportError("the training function returned None without calling seg.report()")
+        elif isinstance(value, Mapping):
+            if "score" not in value:
+                raise ReportError(f"the training function returned a dict without 'score': {sorted(value)}")
+            seg.report(**dict(value))
+        else:
+            seg.report(score=value)
+    except ReportError as exc:
+        if seg.last_result is None or "error" not in seg.last_result:
+            seg.write_error(str(exc))
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        log.error("segment %s/m%d/%d failed: %s\n%s", seg.training, seg.member, seg.index, detail,
+                  traceback.format_exc())
+        seg.write_error(detail)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # The process is going away; leave a reason unless the function already reported success.
+        if seg.last_result is None or (isinstance(exc, SystemExit) and exc.code not in (0, None)):
+            seg.write_error(f"{type(exc).__name__}: {exc}")
+        raise
+    assert seg.last_result is not None
+    return seg.last_result
+
+
+def run(train_fn: TrainFn) -> NoReturn:
+    """Entry point for a worker process: ``pbt_worker.run(train)`` at the bottom of a training script.
+
+    Reads ``PBT_SEGMENT``, calls ``train_fn(seg)``, writes the result and exits 0, or writes
+    ``{"error": ...}`` and exits 1. A malformed contract exits 2 (nothing can be reported: the result
+    path itself may be unknown).
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        seg = Segment.from_env()
+    except Exception as exc:
+        print(f"pbt_worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+    with seg:
+        result = execute(train_fn, seg)
+    sys.exit(1 if "error" in result else 0)

@@ -1,0 +1,284 @@
+"""The ``Segment`` context a training program receives: contract fields, checkpoints, result report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointReader, CheckpointWriter
+from .contract import RESULT_MAX_BYTES, Contract, HyperValue, contract_from_env, parse_contract
+from .errors import PbtWorkerError, ReportError
+from .storage import Manifest, Storage, open_storage
+from .storage.base import tmp_root
+
+log = logging.getLogger("pbt_worker")
+
+MAIN = "state"
+
+
+def _metric_value(name: str, value: Any) -> Any:
+    """Metrics must survive strict JSON: non-finite floats become null (with a warning), not NaN."""
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        f = float(value)  # numpy / torch scalars
+    except (TypeError, ValueError):
+        raise ReportError(f"metric {name!r} must be a number, string or bool, got {type(value).__name__}") \
+            from None
+    if not math.isfinite(f):
+        log.warning("metric %r is %s; reported as null", name, f)
+        return None
+    return f
+
+
+class Segment:
+    """One segment of one member: what to train, where to restore from and save to, where to report.
+
+    Build it with :meth:`from_env` in a worker process, or ``Segment(contract_dict, storage)`` in an
+    in-process driver. Attributes mirror the contract (``docs/segment-contract.md``).
+    """
+
+    def __init__(self, contract: Mapping[str, Any] | Contract, storage: Storage | None = None) -> None:
+        c = contract if isinstance(contract, Contract) else parse_contract(contract, require_result=False)
+        self.contract: Contract = c
+        self.version = c.version
+        self.training = c.training
+        self.member = c.member
+        self.index = c.segment
+        self.hyperparameters: dict[str, HyperValue] = dict(c.hyperparameters)
+        self.steps_start = c.steps_start
+        self.steps_budget = c.steps_budget
+        self.steps_end = c.steps_start + c.steps_budget
+        self.restore_uri = c.restore
+        self.checkpoint_uri = c.checkpoint
+        self.result = c.result
+        self.gc: tuple[str, ...] = c.gc
+        self._storage = storage
+        self._scratch: Path | None = None
+        self._reader: CheckpointReader | None = None
+        self.saved: Manifest | None = None
+        #: The result dict last written by :meth:`report` (or an error dict); in-process drivers read it.
+        self.last_result: dict[str, Any] | None = None
+
+    @classmethod
+    def from_env(cls, storage: Storage | None = None) -> Segment:
+        """Parse and validate ``PBT_SEGMENT``; raises ``ContractError`` naming the bad field."""
+        return cls(contract_from_env(), storage)
+
+    # -- convenience -------------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of steps to train in this segment (same as ``steps_budget``)."""
+        return self.steps_budget
+
+    @property
+    def is_first(self) -> bool:
+        """True on a member's first segment: there is nothing to restore."""
+        return self.restore_uri is None
+
+    def __repr__(self) -> str:
+        return (f"Segment(training={self.training!r}, member={self.member}, segment={self.index}, "
+                f"steps={self.steps_start}+{self.steps_budget}, hyperparameters={self.hyperparameters})")
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove scratch files from ``restore_file``/``restore_dir``/``restore()`` without ``dest``."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def storage_for(self, uri: str) -> Storage:
+        return self._storage if self._storage is not None else open_storage(uri)
+
+    def scratch_dir(self) -> Path:
+        if self._scratch is None:
+            prefix = f"pbt-{self.training}-m{self.member}-"
+            self._scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root()))
+        return self._scratch
+
+    def _meta(self) -> dict[str, Any]:
+        return {"training": self.training, "member": self.member, "segment": self.index,
+                "steps": self.steps_end, "hyperparameters": self.hyperparameters}
+
+    # -- restore -----------------------------------------------------------------------------------------
+    def restored(self) -> CheckpointReader | None:
+        """Reader over the checkpoint to restore, or None on the first segment.
+
+        Raises ``CheckpointNotFoundError`` when ``restore`` names a prefix that is not committed.
+        """
+        if self.restore_uri is None:
+            return None
+        if self._reader is None:
+            self._reader = CheckpointReader(self.storage_for(self.restore_uri), self.restore_uri)
+        return self._reader
+
+    def restore(self, *, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
+        """The state saved by the previous segment (None on the first segment).
+
+        A checkpoint written by :meth:`save` returns the saved object (bytes, unpickled object, or
+        ``torch.load`` result with ``map_location`` and ``weights_only`` applied); one written by
+        :meth:`save_file` returns the local path of the restored file; :meth:`save_dir` the directory.
+        """
+        reader = self.restored()
+        if reader is None:
+            return None
+        start = time.monotonic()
+        if reader.kind == "file" and reader.main is not None:
+            value: Any = reader.get_file(reader.main, self.scratch_dir() / Path(reader.main).name)
+        elif reader.kind == "dir":
+            value = reader.get_dir(self.scratch_dir() / "restored", reader.main or "dir")
+        elif reader.main is not None:
+            value = reader.get_object(reader.main, map_location=map_location, weights_only=weights_only)
+        else:
+            raise PbtWorkerError(f"{self.restore_uri} holds several objects {reader.names}; "
+                                 "use seg.restored().get_object(name)")
+        log.debug("restored %s in %.3fs", self.restore_uri, time.monotonic() - start)
+        return value
+
+    def restore_file(self, name: str | None = None,
+                     dest: str | os.PathLike[str] | None = None) -> Path | None:
+        """Restore one file of the checkpoint (default: the one ``save_file`` stored) to ``dest``."""
+        reader = self.restored()
+        if reader is None:
+            return None
+        name = name or reader.main
+        if name is None:
+            raise PbtWorkerError(f"{self.restore_uri}: name the file to restore, one of {reader.names}")
+        target = Path(dest) if dest is not None else self.scratch_dir() / Path(name).name
+        return reader.get_file(name, target)
+
+    def restore_dir(self, dest: str | os.PathLike[str] | None = None, name: str = "dir") -> Path | None:
+        """Restore a directory stored by :meth:`save_dir` into ``dest`` (created); returns ``dest``."""
+        reader = self.restored()
+        if reader is None:
+            return None
+        target = Path(dest) if dest is not None else self.scratch_dir() / "restored"
+        return reader.get_dir(target, name)
+
+    # -- save --------------------------------------------------------------------------------------------
+    def checkpoint(self) -> CheckpointWriter:
+        """A writer for a checkpoint holding several named objects; commits (then runs ``gc``) on a clean
+        ``with`` exit. Use it when one object per checkpoint is not enough."""
+        if self.saved is not None:
+            raise PbtWorkerError(f"{self.checkpoint_uri} was already saved by this segment; "
+                                 "checkpoints are immutable (use seg.checkpoint() to save several objects)")
+        return CheckpointWriter(self.storage_for(self.checkpoint_uri), self.checkpoint_uri, self._meta(),
+                                on_commit=self._committed)
+
+    def _committed(self, manifest: Manifest) -> None:
+        self.saved = manifest
+        self.collect_garbage()
+
+    def save(self, obj: Any, *, encoding: str | None = None) -> str:
+        """Save ``obj`` as this segment's checkpoint, atomically; returns the checkpoint URI.
+
+        bytes are stored raw, objects containing torch tensors/modules via ``torch.save``, anything else
+        with pickle (``encoding`` forces one of ``raw``/``pickle``/``torch``). After the commit, the
+        prefixes listed in ``gc`` are deleted.
+        """
+        start = time.monotonic()
+        with self.checkpoint() as ck:
+            entry = ck.put_object(MAIN, obj, encoding)
+            ck.commit(main=MAIN, kind="object")
+        log.debug("saved %s (%d bytes, %s) in %.3fs", self.checkpoint_uri, entry.size, entry.encoding,
+                  time.monotonic() - start)
+        return self.checkpoint_uri
+
+    def save_file(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Save a local file (streamed, never read into memory) as this segment's checkpoint."""
+        name = name or Path(path).name
+        with self.checkpoint() as ck:
+            ck.put_file(name, path)
+            ck.commit(main=name, kind="file")
+        return self.checkpoint_uri
+
+    def save_dir(self, src: str | os.PathLike[str], name: str = "dir") -> str:
+        """Save every file under a local directory as this segment's checkpoint."""
+        with self.checkpoint() as ck:
+            ck.put_dir(src, name)
+            ck.commit(main=name, kind="dir")
+        return self.checkpoint_uri
+
+    def collect_garbage(self) -> None:
+        """Delete the ``gc`` prefixes. Called after a successful save; failures are logged, not raised,
+        because a leftover old checkpoint wastes space while a failed segment wastes a whole segment."""
+        for uri in self.gc:
+            try:
+                self.storage_for(uri).delete(uri)
+            except Exception as exc:
+                log.warning("gc: could not delete %s: %s", uri, exc)
+
+    # -- report ------------------------------------------------------------------------------------------
+    def report(self, score: float, *, steps: int | None = None, metrics: Mapping[str, Any] | None = None,
+               **more_metrics: Any) -> dict[str, Any]:
+        """Write the result JSON (``{"score", "metrics", "steps"}``, at most 4096 bytes).
+
+        ``steps`` defaults to ``steps_end``. Extra keyword arguments are metrics. A NaN/inf score means
+        the segment failed: the result becomes ``{"error": ...}`` and ``ReportError`` is raised; so it is
+        for a result over 4096 bytes (it could not be delivered as a termination message).
+        """
+        if isinstance(score, bool | str) or score is None:
+            raise self._fail_report(f"score must be a number, got {score!r}")
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            raise self._fail_report(f"score must be a number, got {type(score).__name__}") from None
+        if not math.isfinite(value):
+            raise self._fail_report(f"score is {value}: the segment diverged or failed")
+        reached = self.steps_end if steps is None else steps
+        if isinstance(reached, bool) or not isinstance(reached, int) or reached < 0:
+            raise self._fail_report(f"steps must be a non-negative int, got {reached!r}")
+        all_metrics = {**dict(metrics or {}), **more_metrics}
+        clean = {str(k): _metric_value(str(k), v) for k, v in all_metrics.items()}
+        result = {"score": value, "metrics": clean, "steps": reached}
+        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode())
+        if size > RESULT_MAX_BYTES:
+            raise self._fail_report(
+                f"result is {size} bytes, over the {RESULT_MAX_BYTES}-byte limit of the contract "
+                f"(it travels as a Kubernetes termination message); report fewer or shorter metrics")
+        self._write_result(text, result)
+        return result
+
+    def _fail_report(self, message: str) -> ReportError:
+        self.write_error(message)
+        return ReportError(message)
+
+    def write_error(self, message: str) -> None:
+        """Record a failed segment (``{"error": message}``), truncated to fit 4096 bytes."""
+        msg = message
+        text = json.dumps({"error": msg})
+        while len(text.encode()) > RESULT_MAX_BYTES:
+            msg = msg[: max(0, len(msg) - (len(text.encode()) - RESULT_MAX_BYTES) - 16)] + "..."
+            text = json.dumps({"error": msg})
+        try:
+            self._write_result(text, {"error": msg})
+        except OSError as exc:  # "if it can": the exit status still says the segment failed
+            log.error("could not write the error result to %s: %s", self.result, exc)
+
+    def _write_result(self, text: str, result: dict[str, Any]) -> None:
+        self.last_result = result
+        if self.result is None:
+            return
+        # Written in place, not via rename: in Kubernetes the path is a mounted file
+        # (/dev/termination-log) that cannot be replaced. Drivers read it only after the process exits.
+        path = Path(self.result)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
