@@ -1,0 +1,128 @@
+"""The `pbt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .spec import SpecError
+
+
+def _load(path: str, name: str | None = None):  # type: ignore[no-untyped-def]
+    import yaml
+
+    from .spec import load_manifest, parse_manifest
+
+    if name is None:
+        return load_manifest(path)
+    doc = yaml.safe_load(Path(path).read_text())
+    return parse_manifest(doc, base_dir=Path(path).resolve().parent, name=name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .core.engine import Engine
+    from .local.progress import Progress, fmt_hp, fmt_value
+    from .local.runner import LocalRunner, RunError, spec_fingerprint
+
+    spec = _load(args.manifest, args.name)
+    overrides = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.parallelism is not None:
+        overrides["parallelism"] = args.parallelism
+    if overrides:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, **overrides)
+    run_dir = Path(args.out) if args.out else Path("pbt-runs") / spec.name
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    doc = yaml.safe_load(Path(args.manifest).read_text())
+    fp = spec_fingerprint({"doc": doc, "overrides": overrides})
+    progress = None if args.quiet else Progress(spec)
+    try:
+        summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, progress=progress,
+                              plot=not args.no_plot).run()
+    except RunError as e:
+        print(f"pbt run: {e}", file=sys.stderr)
+        return 2
+    eng: Engine = summary.engine
+    if summary.interrupted:
+        print(f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
+              + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        return 130
+    st = eng.state()
+    print(f"\n{spec.name}: {st.done_segments} segments in {summary.wall_seconds:.1f}s "
+          f"({st.done_segments / max(summary.wall_seconds, 1e-9):.1f} segments/s)")
+    if eng.failed:
+        print(f"FAILED: {eng.failed}")
+    elif eng.finished:
+        print(f"finished early: {eng.finished}")
+    if st.best:
+        b = st.best
+        print(f"best: member {b.member} segment {b.segment} {spec.objective.metric}={fmt_value(b.score)}")
+        print(f"      {fmt_hp(b.suggestion.hyperparameters, 200)}")
+        print("schedule (best lineage):")
+        for s in eng.schedule():
+            print(f"  steps {s['steps_start']:>6}-{s['steps_end']:<6} m{s['member']:<3} s{s['segment']:<4} "
+                  f"{fmt_value(s['score']):>10}  {fmt_hp(s['hyperparameters'], 80)}")
+    print(f"outputs: {run_dir}/results.jsonl lineage.json best.json" + ("" if args.no_plot else " plot.png"))
+    return 1 if eng.failed else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args.manifest)
+    print(f"{args.manifest}: valid PopulationTraining {spec.name!r} (population {spec.population}, "
+          f"{len(spec.space)} hyperparameters)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = Path(args.target)
+    best = run_dir / "best.json"
+    if not best.exists():
+        print(f"pbt status: {run_dir} has no best.json (is it a finished run folder?)", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads(best.read_text()), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pbt", description="Population Based Training, locally or on Kubernetes")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train a population on this machine")
+    r.add_argument("manifest")
+    r.add_argument("--out", help="run folder (default ./pbt-runs/NAME)")
+    r.add_argument("--resume", action="store_true", help="continue a killed run without repeating segments")
+    r.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    r.add_argument("--seed", type=int, help="override spec.seed")
+    r.add_argument("--parallelism", type=int, help="override spec.parallelism")
+    r.add_argument("--name", help="override metadata.name")
+    r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument("--no-plot", action="store_true")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check a manifest without running it")
+    v.add_argument("manifest")
+    v.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("status", help="show a run's best member and schedule")
+    s.add_argument("target", help="a run folder")
+    s.set_defaults(fn=cmd_status)
+    args = p.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except SpecError as e:
+        print(f"pbt {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"pbt {args.cmd}: missing dependency ({e}); install with: pip install 'pbt-operator[local]'",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Both ends of the segment contract as the drivers see it (docs/segment-contract.md).
+
+`build_contract` is what a driver hands a worker in `PBT_SEGMENT`; `parse_result` turns what the
+worker wrote back (a result file locally, a termination message in Kubernetes) into a SegmentResult.
+Worker output is untrusted: anything malformed fails only that segment, with a reason that says what
+was wrong, and never raises into the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .checkpoints import checkpoint_uri
+from .core.types import SegmentResult, Suggestion
+
+CONTRACT_VERSION = 1
+MAX_RESULT_BYTES = 4096
+
+
+def build_contract(
+    training: str, sug: Suggestion, root: str, result_path: str, gc: Sequence[str] = ()
+) -> dict[str, Any]:
+    return {
+        "version": CONTRACT_VERSION,
+        "training": training,
+        "member": sug.member,
+        "segment": sug.segment,
+        "hyperparameters": dict(sug.hyperparameters),
+        "steps": {"start": sug.steps_start, "budget": sug.steps_budget},
+        "restore": checkpoint_uri(root, training, sug.restore) if sug.restore is not None else None,
+        "checkpoint": checkpoint_uri(root, training, sug.ref),
+        "result": result_path,
+        "gc": list(gc),
+    }
+
+
+def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score",
+                 duration: float | None = None) -> SegmentResult:
+    """Never raises: a bad result becomes a failed SegmentResult whose error names the problem."""
+
+    def fail(why: str) -> SegmentResult:
+        return SegmentResult(sug.member, sug.segment, None, sug.steps_start, {}, error=why, duration=duration)
+
+    if text is None or (isinstance(text, (str, bytes)) and not text.strip()):
+        return fail("worker wrote no result (did it call seg.report()?)")
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_RESULT_BYTES:
+        return fail(f"result is {len(raw)} bytes; at most {MAX_RESULT_BYTES} are allowed")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return fail(f"result is not JSON ({e.__class__.__name__}: {str(e)[:80]}): {raw[:60]!r}")
+    if not isinstance(doc, dict):
+        return fail(f"result must be a JSON object (got {type(doc).__name__})")
+    if "error" in doc:
+        return fail(f"worker reported an error: {str(doc['error'])[:500]}")
+    unknown = set(doc) - {"score", "metrics", "steps", "version"}
+    if unknown:
+        return fail(f"result has unexpected keys {sorted(unknown)}; allowed: score, metrics, steps")
+    metrics = doc.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        return fail(f"result.metrics must be an object (got {type(metrics).__name__})")
+    score = doc.get("score") if metric == "score" or metric not in metrics else metrics.get(metric)
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return fail(f"result has no numeric score for metric {metric!r} (got {score!r})")
+    if not math.isfinite(float(score)):
+        return fail(f"score is {score} (not finite)")
+    steps = doc.get("steps", sug.steps_start + sug.steps_budget)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < sug.steps_start:
+        return fail(f"result.steps must be an integer >= {sug.steps_start} (got {steps!r})")
+    return SegmentResult(sug.member, sug.segment, float(score), steps, metrics, duration=duration)

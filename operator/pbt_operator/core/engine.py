@@ -1,0 +1,298 @@
+"""The ask/tell engine: PBT's decisions as a pure function of the population's history.
+
+Drivers call `start()` once, run what it suggests, and `tell()` it each result; `tell` returns the
+suggestions that became runnable (none, one member's next segment in asynchronous mode, or a whole
+generation at a synchronous barrier). The engine's state is just the records and the pending
+suggestions, and `Engine(spec, records, pending)` rebuilds it: an operator that crashed, or a local
+run resumed with `--resume`, continues with exactly the decisions an uninterrupted run would make.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import exploit as exploit_mod
+from .explore import explore
+from .lineage import collectable, schedule
+from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, rng_for
+from .space import Value
+from .types import DecisionKind, Record, Ref, SegmentResult, Suggestion
+
+if TYPE_CHECKING:
+    from ..spec import TrainingSpec
+
+REPLACE_PURPOSE = 100  # + attempt: streams for replacing a member whose segment kept failing
+
+
+@dataclass
+class TrainingState:
+    """A summary for progress displays and status subresources."""
+
+    done_segments: int
+    total_segments: int
+    running: int
+    best: Record | None
+    finished: str | None
+    failed: str | None
+
+
+class Engine:
+    def __init__(self, spec: TrainingSpec, records: Iterable[Record] = (), pending: Iterable[Suggestion] = ()):
+        self.spec = spec
+        self.records: dict[Ref, Record] = {}
+        self.failures: list[Record] = []
+        self.order: list[Ref] = []  # completion order, for patience and reporting
+        self.latest: dict[int, Record] = {}
+        self.pending: dict[int, Suggestion] = {}
+        self.finished: str | None = None
+        self.failed: str | None = None
+        self.best: Record | None = None
+        self._since_best = 0
+        self._rows: list[Any] = []  # PB2 rows, built incrementally
+        self.collected: set[Ref] = set()
+        self.last: Record | None = None  # the record the latest tell() produced, for drivers to persist
+        for rec in records:
+            self._absorb(rec)
+        for s in pending:
+            self.pending[s.member] = s
+
+    # -- public API -------------------------------------------------------------------------------
+    def start(self) -> list[Suggestion]:
+        """Initial segments on a fresh run; on a rebuilt engine, whatever was pending."""
+        if not self.records and not self.failures and not self.pending:
+            for m in range(self.spec.population):
+                rng = rng_for(self.spec.seed, m, 0, INITIAL)
+                hp = self.spec.space.sample(rng, initial=True)
+                self.pending[m] = Suggestion(
+                    member=m, segment=0, hyperparameters=hp, restore=None, steps_start=0,
+                    steps_budget=self.spec.segment.steps, kind="start", reason="initial sample",
+                )
+        return sorted(self.pending.values(), key=lambda s: s.member)
+
+    def tell(self, result: SegmentResult) -> list[Suggestion]:
+        sug = self.pending.get(result.member)
+        if sug is None or sug.segment != result.segment:
+            raise ValueError(
+                f"result for member {result.member} segment {result.segment} does not match a pending segment"
+            )
+        if result.disrupted:
+            return [sug]  # not the worker's fault: same checkpoint, same attempt
+        if not result.ok:
+            return self._failed(sug, result)
+        rec = Record(sug, result.score, result.steps, dict(result.metrics), "done", None, result.duration)
+        del self.pending[result.member]
+        self._absorb(rec)
+        if self.finished or self.failed:
+            return []
+        if self.spec.mode == "asynchronous":
+            nxt = self._next(result.member)
+            return [nxt] if nxt is not None else []
+        if self.pending:
+            return []  # the barrier: generation g+1 waits for all of g
+        # Decided members become pending one by one, so PB2 sees the earlier choices of this batch.
+        batch = [self._next(m) for m in sorted(self.latest)]
+        return [s for s in batch if s is not None]
+
+    def cancel(self, member: int) -> None:
+        """Drop a decided segment that never started (the training finished before it ran)."""
+        self.pending.pop(member, None)
+
+    @property
+    def done(self) -> bool:
+        if self.pending:
+            return False
+        if self.failed or self.finished:
+            return True
+        return all(self._member_done(m) for m in range(self.spec.population))
+
+    def state(self) -> TrainingState:
+        return TrainingState(
+            done_segments=len(self.records),
+            total_segments=self.spec.population * self.spec.budget.segments,
+            running=len(self.pending),
+            best=self.best,
+            finished=self.finished,
+            failed=self.failed,
+        )
+
+    def schedule(self, ref: Ref | None = None) -> list[dict[str, Any]]:
+        """The hyperparameter schedule of `ref` (default: the best checkpoint)."""
+        target = ref if ref is not None else (self.best.ref if self.best else None)
+        return schedule(self.records, target) if target is not None else []
+
+    def garbage(self) -> list[Ref]:
+        """Checkpoints that may be deleted now; marks them collected so each is listed once."""
+        refs = collectable(
+            self.records, {m: r.ref for m, r in self.latest.items()}, self.pending.values(),
+            self.best.ref if self.best else None, self.collected,
+        )
+        self.collected.update(refs)
+        return refs
+
+    # -- internals --------------------------------------------------------------------------------
+    def _internal(self, score: float) -> float:
+        return self.spec.objective.internal(score)
+
+    def _absorb(self, rec: Record) -> None:
+        self.last = rec
+        if rec.status != "done":
+            self.failures.append(rec)
+            return
+        self.records[rec.ref] = rec
+        self.order.append(rec.ref)
+        prev = self.latest.get(rec.member)
+        if prev is None or rec.segment >= prev.segment:
+            self.latest[rec.member] = rec
+        assert rec.score is not None
+        s = self._internal(rec.score)
+        if self.best is None or s > self._internal(self.best.score):  # type: ignore[arg-type]
+            self.best = rec
+            self._since_best = 0
+        else:
+            self._since_best += 1
+        before = rec.suggestion.score_before
+        dt = rec.steps_end - rec.suggestion.steps_start
+        if before is not None and dt > 0:
+            self._rows.append((rec.suggestion.steps_start, self._internal(before), rec.suggestion.hyperparameters,
+                               (s - self._internal(before)) / dt))
+        b = self.spec.budget
+        if b.target_score is not None and s >= self._internal(b.target_score) and self.finished is None:
+            self.finished = f"TargetReached: member {rec.member} scored {rec.score:.6g} (target {b.target_score:g})"
+        if b.patience is not None and self._since_best >= b.patience * self.spec.population and not self.finished:
+            self.finished = (f"PatienceExhausted: best score {self.best.score:.6g} not improved in "  # type: ignore[union-attr]
+                             f"{self._since_best} segments")
+
+    def _member_done(self, m: int) -> bool:
+        rec = self.latest.get(m)
+        return rec is not None and rec.segment + 1 >= self.spec.budget.segments
+
+    def _scores(self) -> dict[int, float]:
+        return {m: self._internal(r.score) for m, r in self.latest.items()}  # type: ignore[arg-type]
+
+    def _next(self, m: int) -> Suggestion | None:
+        """Continue, or exploit + explore, for member m after its latest finished segment."""
+        if self._member_done(m):
+            return None
+        rec = self.latest[m]
+        k = rec.segment + 1
+        spec = self.spec
+        rng = rng_for(spec.seed, m, k, EXPLOIT)
+        scores = self._scores()
+        if spec.exploit.strategy == "none":  # a baseline: every member trains alone (random search)
+            return self._continue(rec, "continue")
+        if spec.exploit.strategy == "truncation":
+            choice = exploit_mod.truncation(m, scores, spec.exploit.fraction, rng)
+        else:
+            choice = exploit_mod.tournament(m, scores, spec.exploit.size, rng)
+        reason = choice.reason
+        if choice.donor is not None and spec.exploit.significance.enabled:
+            ok, why = exploit_mod.significantly_better(
+                self._recent(choice.donor), self._recent(m), spec.exploit.significance.alpha
+            )
+            reason = f"{reason}; {why}"
+            if not ok:
+                return self._continue(rec, f"kept weights: {reason}")
+        if choice.donor is None:
+            return self._continue(rec, "continue")
+        return self._exploit(m, k, choice.donor, choice.second, reason, kind="exploit")
+
+    def _recent(self, m: int) -> list[float]:
+        w = self.spec.exploit.significance.window
+        latest = self.latest[m].segment
+        out = []
+        for k in range(max(0, latest - w + 1), latest + 1):
+            r = self.records.get((m, k))
+            if r is not None and r.score is not None:
+                out.append(self._internal(r.score))
+        return out
+
+    def _continue(self, rec: Record, reason: str) -> Suggestion:
+        s = Suggestion(
+            member=rec.member, segment=rec.segment + 1, hyperparameters=rec.suggestion.hyperparameters,
+            restore=rec.ref, steps_start=rec.steps_end, steps_budget=self.spec.segment.steps,
+            kind="continue", score_before=rec.score, reason=reason,
+        )
+        self.pending[rec.member] = s
+        return s
+
+    def _exploit(self, m: int, k: int, donor: int, second: int | None, reason: str,
+                 kind: DecisionKind, purpose: int = EXPLORE) -> Suggestion:
+        spec = self.spec
+        drec = self.latest[donor]
+        second_hp = self.latest[second].suggestion.hyperparameters if second is not None else None
+        rng = rng_for(spec.seed, m, k, purpose)
+
+        def pb2() -> tuple[dict[str, Value] | None, str]:
+            return self._pb2(m, k, drec)
+
+        hp, why = explore(
+            spec.space, spec.explore.strategy, drec.suggestion.hyperparameters, second_hp, rng,
+            factors=spec.explore.factors, resample_probability=spec.explore.resample_probability,
+            crossover=spec.explore.crossover, pb2=pb2,
+        )
+        s = Suggestion(
+            member=m, segment=k, hyperparameters=hp, restore=drec.ref, steps_start=drec.steps_end,
+            steps_budget=spec.segment.steps, kind=kind, score_before=drec.score, donor=donor,  # type: ignore[arg-type]
+            reason=f"{reason}; explore: {why}",
+        )
+        self.pending[m] = s
+        return s
+
+    def _pb2(self, m: int, k: int, drec: Record) -> tuple[dict[str, Value] | None, str]:
+        try:
+            from .pb2 import Pb2Pending, Pb2Row, suggest
+        except ImportError as e:  # pragma: no cover - only while pb2 is missing
+            return None, f"pb2 unavailable ({e})"
+        rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in self._rows]
+        pend = [
+            Pb2Pending(t=float(s.steps_start), c=self._internal(s.score_before), hyperparameters=s.hyperparameters)
+            for s in self.pending.values()
+            if s.score_before is not None and s.member != m
+        ]
+        choice = suggest(
+            self.spec.space, rows, pend, float(drec.steps_end), self._internal(drec.score),  # type: ignore[arg-type]
+            self.spec.explore.pb2, rng_for(self.spec.seed, m, k, PB2),
+        )
+        return choice.hyperparameters, choice.reason
+
+    def _failed(self, sug: Suggestion, result: SegmentResult) -> list[Suggestion]:
+        self._absorb(Record(sug, result.score, result.steps, dict(result.metrics), "failed",
+                            result.error or "no score reported", result.duration))
+        attempts = sum(1 for r in self.failures if r.ref == sug.ref)
+        policy = self.spec.failure_policy
+        if attempts <= policy.max_retries:
+            retry = dataclasses.replace(sug, attempt=sug.attempt + 1)
+            self.pending[sug.member] = retry
+            return [retry]
+        del self.pending[sug.member]
+        why = (f"member {sug.member} segment {sug.segment} failed {attempts} times "
+               f"(maxRetries {policy.max_retries}): {result.error}")
+        if policy.on_exhausted == "fail":
+            self.failed = f"SegmentFailed: {why}"
+            return []
+        scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
+        purpose = REPLACE_PURPOSE + attempts
+        if not scores:
+            rng = rng_for(self.spec.seed, sug.member, sug.segment, purpose)
+            fresh = Suggestion(
+                member=sug.member, segment=sug.segment, hyperparameters=self.spec.space.sample(rng),
+                restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
+                reason=f"replaced with a fresh sample: {why}",
+            )
+            self.pending[sug.member] = fresh
+            return [fresh]
+        donor = exploit_mod.ranked(scores)[0]
+        return [self._exploit(sug.member, sug.segment, donor, None, f"replaced by copying member {donor}: {why}",
+                              kind="replace", purpose=purpose)]
+
+
+def records_from_dicts(rows: Iterable[Mapping[str, Any]]) -> list[Record]:
+    return [Record.from_dict(r) for r in rows]
+
+
+def is_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))

@@ -1,0 +1,137 @@
+"""Plain data passed between the engine, its strategies and the drivers.
+
+Everything here is immutable and JSON-friendly (`to_dict` / `from_dict`), because the same records are
+written to `results.jsonl` by the local runner and to member status by the operator, and read back to
+rebuild the engine after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .space import Value
+
+Ref = tuple[int, int]
+"""(member, segment): names one checkpoint."""
+
+DecisionKind = Literal["start", "continue", "exploit", "retry", "replace"]
+Status = Literal["pending", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What a member should run next: a config plus the checkpoint to start from."""
+
+    member: int
+    segment: int
+    hyperparameters: Mapping[str, Value]
+    restore: Ref | None
+    steps_start: int
+    steps_budget: int
+    kind: DecisionKind
+    score_before: float | None = None
+    donor: int | None = None
+    reason: str = ""
+    attempt: int = 0
+
+    @property
+    def ref(self) -> Ref:
+        return (self.member, self.segment)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hyperparameters"] = dict(self.hyperparameters)
+        d["restore"] = list(self.restore) if self.restore is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Suggestion:
+        d = dict(d)
+        d["restore"] = tuple(d["restore"]) if d.get("restore") is not None else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What a driver tells the engine when a segment ends (successfully or not)."""
+
+    member: int
+    segment: int
+    score: float | None
+    steps: int
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    # A disruption (preemption, eviction, node loss) is not the worker's fault: the segment simply
+    # reruns from the same checkpoint and no retry is counted.
+    disrupted: bool = False
+    duration: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.disrupted and self.score is not None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One finished segment in a member's history."""
+
+    suggestion: Suggestion
+    score: float | None
+    steps_end: int
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    status: Status = "done"
+    error: str | None = None
+    duration: float | None = None
+
+    @property
+    def member(self) -> int:
+        return self.suggestion.member
+
+    @property
+    def segment(self) -> int:
+        return self.suggestion.segment
+
+    @property
+    def ref(self) -> Ref:
+        return self.suggestion.ref
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "suggestion": self.suggestion.to_dict(),
+            "score": self.score,
+            "steps_end": self.steps_end,
+            "metrics": dict(self.metrics),
+            "status": self.status,
+            "error": self.error,
+            "duration": self.duration,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Record:
+        return cls(
+            suggestion=Suggestion.from_dict(d["suggestion"]),
+            score=d.get("score"),
+            steps_end=int(d["steps_end"]),
+            metrics=d.get("metrics") or {},
+            status=d.get("status", "done"),
+            error=d.get("error"),
+            duration=d.get("duration"),
+        )
+
+
+@dataclass(frozen=True)
+class Pb2Settings:
+    """Knobs of PB2's explore step (spec.explore.pb2)."""
+
+    parallel: Literal["bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"] = "bucb"
+    # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
+    # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest.
+    window: int | None = None
+    max_rows: int = 256
+    min_rows: int = 4
+    candidates: int = 256
+    restarts: int = 4
+    # UCB exploration scale (PB2 paper: beta_t = c1 + log(c2 * t), scaled by kappa).
+    kappa: float = 1.0

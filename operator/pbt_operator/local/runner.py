@@ -1,0 +1,201 @@
+"""`pbt run`: drive the engine with a local executor, persist every step, resume after a kill.
+
+Persistence is write-ahead: a suggestion is appended to `suggestions.jsonl` before it is dispatched,
+and a finished segment to `results.jsonl` the moment it is told to the engine. Rebuilding the engine
+from those two files therefore never repeats a finished segment and never invents a new decision for
+one that was already made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints import checkpoint_uri, storage_root
+from ..contract import build_contract
+from ..core.engine import Engine
+from ..core.types import Record, SegmentResult, Suggestion
+from ..spec import TrainingSpec
+from .executors import Executor, InlineExecutor, ProcessExecutor
+from .results import write_outputs
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    engine: Engine
+    wall_seconds: float
+    interrupted: bool = False
+
+    @property
+    def best(self) -> Record | None:
+        return self.engine.best
+
+
+def pick_next(queued: list[Suggestion]) -> Suggestion:
+    """Least-progressed member first: a population larger than the slots time-shares them fairly."""
+    return min(queued, key=lambda s: (s.steps_start, s.segment, s.member))
+
+
+def spec_fingerprint(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class LocalRunner:
+    def __init__(self, spec: TrainingSpec, run_dir: Path, *, resume: bool = False, fingerprint: str = "",
+                 progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
+                 plot: bool = True, storage: Any = None):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.resume = resume
+        self.fingerprint = fingerprint
+        self.progress = progress
+        self.plot = plot
+        self.storage = storage
+        self.root = storage_root(spec.storage.uri, spec.name, run_dir)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _prepare(self) -> tuple[list[Record], list[Suggestion]]:
+        d = self.run_dir
+        meta = d / "run.json"
+        if meta.exists() and not self.resume:
+            raise RunError(f"{d} already holds a run: pass --resume to continue it, or --fresh to start over")
+        if self.resume and not meta.exists():
+            raise RunError(f"--resume: {d} holds no run to resume")
+        d.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            old = json.loads(meta.read_text())
+            if self.fingerprint and old.get("fingerprint") != self.fingerprint:
+                raise RunError(f"--resume: the manifest changed since {d} was started "
+                               f"(fingerprint {old.get('fingerprint')} != {self.fingerprint}); use --fresh")
+        else:
+            meta.write_text(json.dumps({"name": self.spec.name, "fingerprint": self.fingerprint,
+                                        "storage": self.root, "started": time.time()}, indent=2))
+        records = [Record.from_dict(json.loads(line)) for line in _lines(d / "results.jsonl")]
+        last: dict[int, Suggestion] = {}
+        for line in _lines(d / "suggestions.jsonl"):
+            s = Suggestion.from_dict(json.loads(line))
+            last[s.member] = s
+        done = {r.ref for r in records if r.status == "done"}
+        pending = [s for s in last.values() if s.ref not in done]
+        return records, pending
+
+    def _executor(self) -> Executor:
+        spec, w = self.spec, self.spec.worker
+        base = spec.base_dir or Path.cwd()
+        cwd = (base / w.working_dir) if w.working_dir else base
+        if w.executor == "inline":
+            assert w.function is not None
+            return InlineExecutor(w.function, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
+                                  w.inline_pool, storage=self.storage)
+        command = list(w.command) or _template_command(spec)
+        return ProcessExecutor(command, w.env, cwd, self.run_dir / "logs", spec.objective.metric,
+                               timeout=spec.segment.timeout_seconds)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        records, pending = self._prepare()
+        engine = Engine(self.spec, records, pending)
+        executor = self._executor()
+        inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
+        running: dict[int, Suggestion] = {}
+        t0 = time.perf_counter()
+        interrupted = False
+        with open(self.run_dir / "results.jsonl", "a") as res_f, open(self.run_dir / "suggestions.jsonl", "a") as sug_f:
+
+            def log_suggestions(sugs: list[Suggestion]) -> None:
+                for s in sugs:
+                    sug_f.write(json.dumps(s.to_dict()) + "\n")
+                sug_f.flush()
+
+            queued = engine.start()
+            if not records and not pending:
+                log_suggestions(queued)
+            dispatched = 0
+            gc: list[str] = []
+            try:
+                while True:
+                    if engine.finished or engine.failed:
+                        for s in queued:
+                            engine.cancel(s.member)
+                        queued = []
+                    while queued and len(running) < self.spec.parallelism:
+                        sug = pick_next(queued)
+                        queued.remove(sug)
+                        if dispatched % self.spec.population == 0:
+                            gc = [checkpoint_uri(self.root, self.spec.name, r) for r in engine.garbage()]
+                        contract = build_contract(self.spec.name, sug, self.root,
+                                                  str(self.run_dir / "results" / f"m{sug.member:03d}.json"), gc)
+                        gc = []
+                        running[sug.member] = sug
+                        dispatched += 1
+                        executor.submit(sug, contract, lambda s, r: inbox.put((s, r)))
+                    if not running:
+                        break
+                    if self.progress:
+                        self.progress(engine, running, queued)
+                    sug, res = _get(inbox)
+                    del running[sug.member]
+                    new = engine.tell(res)
+                    if not res.disrupted and engine.last is not None:
+                        res_f.write(json.dumps(engine.last.to_dict()) + "\n")
+                        res_f.flush()
+                    new = [s for s in new if s not in queued]
+                    log_suggestions(new)
+                    queued = [q for q in queued if q.member not in {n.member for n in new}] + new
+            except KeyboardInterrupt:
+                interrupted = True
+                executor.shutdown(cancel=True)
+            else:
+                executor.shutdown(cancel=False)
+        summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted)
+        if self.progress:
+            self.progress(engine, running, queued)
+        if not interrupted:
+            write_outputs(self.spec, engine, self.run_dir, self.root, plot=self.plot)
+        return summary
+
+
+def _get(inbox: queue.Queue[tuple[Suggestion, SegmentResult]]) -> tuple[Suggestion, SegmentResult]:
+    # A timeout keeps the main thread responsive to Ctrl-C while waiting.
+    while True:
+        try:
+            return inbox.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write: that segment simply reruns
+        out.append(line)
+    return out
+
+
+def _template_command(spec: TrainingSpec) -> list[str]:
+    tpl = spec.template or {}
+    c = (tpl.get("spec") or {}).get("containers", [{}])[0]
+    cmd = list(c.get("command") or []) + list(c.get("args") or [])
+    if not cmd:
+        raise RunError("spec.worker.command: is required for the process executor (the template's first "
+                       "container has no command either)")
+    return cmd

@@ -1,0 +1,508 @@
+"""The PopulationTraining spec: parsed and validated once, shared by `pbt run` and the operator.
+
+Validation collects every problem rather than stopping at the first, and each message names the field
+path, what is wrong and the value it got, e.g. ``spec.hyperparameters.lr.min: must be > 0 when log: true
+(got -1)``. Unknown fields are errors: a typo such as ``popluation`` must never silently fall back to a
+default and waste a GPU-day.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .core.space import Param, Space, Value
+from .core.types import Pb2Settings
+
+API_VERSION = "pbt.dev/v1alpha1"
+KIND = "PopulationTraining"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+PB2_PARALLEL = ("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic")
+
+
+class SpecError(ValueError):
+    """A manifest that must not run. `problems` holds one line per field."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid PopulationTraining:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "score"
+    direction: Literal["max", "min"] = "max"
+
+    def internal(self, score: float) -> float:
+        """Scores as the engine sees them: higher is always better."""
+        return score if self.direction == "max" else -score
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    steps: int = 1
+    timeout_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    segments: int = 10
+    target_score: float | None = None
+    patience: int | None = None
+
+
+@dataclass(frozen=True)
+class Significance:
+    enabled: bool = False
+    alpha: float = 0.05
+    window: int = 4
+
+
+@dataclass(frozen=True)
+class Exploit:
+    strategy: Literal["truncation", "tournament", "none"] = "truncation"
+    fraction: float = 0.25
+    size: int = 2
+    significance: Significance = field(default_factory=Significance)
+
+
+@dataclass(frozen=True)
+class Explore:
+    strategy: Literal["perturb", "resample", "pb2"] = "perturb"
+    factors: tuple[float, ...] = (0.8, 1.2)
+    resample_probability: float = 0.25
+    crossover: bool = False
+    pb2: Pb2Settings = field(default_factory=Pb2Settings)
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    max_retries: int = 2
+    on_exhausted: Literal["replace", "fail"] = "replace"
+
+
+@dataclass(frozen=True)
+class Storage:
+    uri: str | None = None
+    credentials_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    executor: Literal["process", "inline"] = "process"
+    command: tuple[str, ...] = ()
+    function: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+    inline_pool: Literal["threads", "processes"] = "threads"
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    name: str
+    namespace: str | None
+    population: int
+    parallelism: int
+    mode: Literal["asynchronous", "synchronous"]
+    seed: int
+    objective: Objective
+    segment: SegmentSpec
+    budget: Budget
+    space: Space
+    exploit: Exploit
+    explore: Explore
+    storage: Storage
+    worker: Worker
+    failure_policy: FailurePolicy
+    template: Mapping[str, Any] | None = None
+    base_dir: Path | None = None  # folder of the manifest; relative paths resolve against it
+
+
+# --------------------------------------------------------------------------------------------------
+class _Fields:
+    """Reads one mapping, recording every problem with its full path."""
+
+    def __init__(self, errors: list[str], path: str, data: object, allowed: Sequence[str]):
+        self.errors = errors
+        self.path = path
+        self.ok = isinstance(data, Mapping)
+        self.data: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+        if not self.ok:
+            errors.append(f"{path}: must be a mapping (got {_show(data)})")
+            return
+        for key in self.data:
+            if key not in allowed:
+                hint = f"; allowed: {', '.join(allowed)}"
+                errors.append(f"{path}.{key}: unknown field{hint}")
+
+    def err(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.path}.{key}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def int(self, key: str, default: int | None, *, minimum: int | None = None, required: bool = False) -> Any:
+        if not self.has(key):
+            if required:
+                self.err(key, "is required (an integer)")
+            return default
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(key, f"must be an integer (got {_show(v)})")
+            return default
+        if minimum is not None and v < minimum:
+            self.err(key, f"must be >= {minimum} (got {v})")
+            return default
+        return v
+
+    def float(self, key: str, default: float | None, *, required: bool = False) -> Any:
+        if not self.has(key):
+            if required:
+                self.err(key, "is required (a number)")
+            return default
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            self.err(key, f"must be a finite number (got {_show(v)})")
+            return default
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        if not self.has(key):
+            return default
+        v = self.data[key]
+        if not isinstance(v, bool):
+            self.err(key, f"must be true or false (got {_show(v)})")
+            return default
+        return v
+
+    def str(self, key: str, default: str | None, *, choices: Sequence[str] | None = None,
+            required: bool = False) -> Any:
+        if not self.has(key):
+            if required:
+                self.err(key, "is required" + (f" (one of: {', '.join(choices)})" if choices else ""))
+            return default
+        v = self.data[key]
+        if not isinstance(v, str) or not v:
+            self.err(key, f"must be a non-empty string (got {_show(v)})")
+            return default
+        if choices is not None and v not in choices:
+            self.err(key, f"must be one of: {', '.join(choices)} (got {_show(v)})")
+            return default
+        return v
+
+    def sub(self, key: str, allowed: Sequence[str]) -> _Fields:
+        return _Fields(self.errors, f"{self.path}.{key}", self.data.get(key) or {}, allowed)
+
+
+def _show(v: object) -> str:
+    s = repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | None = None) -> TrainingSpec:
+    """Parse a whole PopulationTraining document (apiVersion/kind/metadata/spec)."""
+    errors: list[str] = []
+    top = _Fields(errors, "manifest", doc, ("apiVersion", "kind", "metadata", "spec", "status"))
+    if not top.ok:
+        raise SpecError(errors)
+    if top.raw("apiVersion") != API_VERSION:
+        errors.append(f"apiVersion: must be {API_VERSION} (got {_show(top.raw('apiVersion'))})")
+    if top.raw("kind") != KIND:
+        errors.append(f"kind: must be {KIND} (got {_show(top.raw('kind'))})")
+    meta = top.data.get("metadata") or {}
+    if not isinstance(meta, Mapping):
+        errors.append(f"metadata: must be a mapping (got {_show(meta)})")
+        meta = {}
+    nm = name or meta.get("name")
+    if not isinstance(nm, str) or not NAME_RE.match(nm) or len(nm) > 40:
+        errors.append(
+            f"metadata.name: must be a DNS label of at most 40 characters (lower-case letters, digits, '-'), "
+            f"got {_show(nm)}"
+        )
+        nm = "invalid"
+    ns = meta.get("namespace")
+    try:
+        spec = parse_spec(top.data.get("spec"), name=nm, namespace=ns, base_dir=base_dir, errors=errors)
+    except SpecError as e:
+        raise SpecError(errors if errors else e.problems) from None
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def parse_spec(
+    raw: object,
+    *,
+    name: str,
+    namespace: str | None = None,
+    base_dir: Path | None = None,
+    errors: list[str] | None = None,
+) -> TrainingSpec:
+    errs: list[str] = [] if errors is None else errors
+    start = len(errs)
+    s = _Fields(
+        errs, "spec", raw if raw is not None else None,
+        ("population", "parallelism", "mode", "seed", "objective", "segment", "budget", "hyperparameters",
+         "exploit", "explore", "storage", "worker", "template", "failurePolicy"),
+    )
+    if not s.ok:
+        raise SpecError(errs)
+    population = s.int("population", 4, required=True)
+    if isinstance(population, int) and population < 2:
+        s.err("population", f"must be >= 2: PBT needs members to exploit (got {population})")
+    if isinstance(population, int) and population > 1000:
+        s.err("population", f"must be <= 1000 (got {population})")
+    parallelism = s.int("parallelism", population, minimum=1)
+    mode = s.str("mode", "asynchronous", choices=("asynchronous", "synchronous"))
+    seed = s.int("seed", 0, minimum=0)
+
+    o = s.sub("objective", ("metric", "direction"))
+    objective = Objective(o.str("metric", "score"), o.str("direction", "max", choices=("max", "min")))
+
+    g = s.sub("segment", ("steps", "timeoutSeconds"))
+    segment = SegmentSpec(g.int("steps", 1, minimum=1), g.int("timeoutSeconds", None, minimum=1))
+
+    b = s.sub("budget", ("segments", "targetScore", "patience"))
+    budget = Budget(b.int("segments", 10, minimum=1), b.float("targetScore", None), b.int("patience", None, minimum=1))
+
+    space = _parse_space(errs, s.raw("hyperparameters"))
+
+    e = s.sub("exploit", ("strategy", "fraction", "size", "significance"))
+    fraction = e.float("fraction", 0.25)
+    if fraction is not None and not (0.0 < fraction <= 0.5):
+        e.err("fraction", f"must be in (0, 0.5]: the bottom and top fractions may not overlap (got {fraction})")
+        fraction = 0.25
+    size = e.int("size", 2, minimum=2)
+    if isinstance(population, int) and isinstance(size, int) and size > population:
+        e.err("size", f"must be <= spec.population ({population}) (got {size})")
+    sig = e.sub("significance", ("enabled", "alpha", "window"))
+    alpha = sig.float("alpha", 0.05)
+    if alpha is not None and not (0.0 < alpha < 1.0):
+        sig.err("alpha", f"must be in (0, 1) (got {alpha})")
+        alpha = 0.05
+    exploit = Exploit(
+        e.str("strategy", "truncation", choices=("truncation", "tournament", "none")),
+        fraction, size,
+        Significance(sig.bool("enabled", False), alpha, sig.int("window", 4, minimum=2)),
+    )
+
+    x = s.sub("explore", ("strategy", "factors", "resampleProbability", "crossover", "pb2"))
+    factors = x.raw("factors")
+    if factors is None:
+        factors_t: tuple[float, ...] = (0.8, 1.2)
+    elif (not isinstance(factors, list) or not factors
+          or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)):
+        x.err("factors", f"must be a non-empty list of positive numbers, e.g. [0.8, 1.2] (got {_show(factors)})")
+        factors_t = (0.8, 1.2)
+    else:
+        factors_t = tuple(float(f) for f in factors)
+    rp = x.float("resampleProbability", 0.25)
+    if rp is not None and not (0.0 <= rp <= 1.0):
+        x.err("resampleProbability", f"must be in [0, 1] (got {rp})")
+        rp = 0.25
+    p = x.sub("pb2", ("parallel", "window", "maxRows", "minRows", "candidates", "restarts", "kappa"))
+    kappa = p.float("kappa", 1.0)
+    if kappa is not None and kappa < 0:
+        p.err("kappa", f"must be >= 0 (got {kappa})")
+        kappa = 1.0
+    pb2 = Pb2Settings(
+        parallel=p.str("parallel", "bucb", choices=PB2_PARALLEL),
+        window=p.int("window", None, minimum=1),
+        max_rows=p.int("maxRows", Pb2Settings.max_rows, minimum=8),
+        min_rows=p.int("minRows", Pb2Settings.min_rows, minimum=2),
+        candidates=p.int("candidates", Pb2Settings.candidates, minimum=1),
+        restarts=p.int("restarts", Pb2Settings.restarts, minimum=0),
+        kappa=kappa,
+    )
+    explore = Explore(
+        x.str("strategy", "perturb", choices=("perturb", "resample", "pb2")),
+        factors_t, rp, x.bool("crossover", False), pb2,
+    )
+
+    st = s.sub("storage", ("uri", "credentialsSecret"))
+    uri = st.str("uri", None)
+    if uri is not None and not re.match(r"^(file|s3|mem)://", uri):
+        st.err("uri", f"must start with file://, s3:// or mem:// (got {_show(uri)})")
+    if uri is not None and uri.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/|$)", uri):
+        st.err("uri", f"must be s3://BUCKET[/PREFIX] with a valid bucket name (got {_show(uri)})")
+    storage = Storage(uri, st.str("credentialsSecret", None))
+
+    w = s.sub("worker", ("executor", "command", "function", "env", "workingDir", "pool"))
+    executor = w.str("executor", "process", choices=("process", "inline"))
+    command = w.raw("command")
+    command_t: tuple[str, ...] = ()
+    if command is not None:
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            w.err("command", f"must be a non-empty list of strings, e.g. [python, train.py] (got {_show(command)})")
+        else:
+            command_t = tuple(command)
+    function = w.str("function", None)
+    if function is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", function):
+        w.err("function", f"must look like module:function (got {_show(function)})")
+    env = w.raw("env") or {}
+    if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) and
+                                                not isinstance(v, bool) for k, v in env.items()):
+        w.err("env", f"must map names to strings (got {_show(env)})")
+        env = {}
+    template = s.raw("template")
+    if template is not None and not isinstance(template, Mapping):
+        s.err("template", f"must be a pod template mapping (got {_show(template)})")
+        template = None
+    if template is not None:
+        _check_template(errs, template)
+    if executor == "inline" and function is None:
+        w.err("function", "is required when executor is inline (module:function)")
+    if executor == "process" and not command_t and template is None:
+        w.err("command", "is required when executor is process (or give spec.template with a container command)")
+    worker = Worker(
+        executor, command_t, function, {str(k): str(v) for k, v in env.items()},
+        w.str("workingDir", None), w.str("pool", "threads", choices=("threads", "processes")),
+    )
+
+    f = s.sub("failurePolicy", ("maxRetries", "onExhausted"))
+    failure = FailurePolicy(f.int("maxRetries", 2, minimum=0), f.str("onExhausted", "replace", choices=("replace", "fail")))
+
+    if len(errs) > start:
+        raise SpecError(errs)
+    return TrainingSpec(
+        name=name, namespace=namespace, population=population, parallelism=parallelism, mode=mode, seed=seed,
+        objective=objective, segment=segment, budget=budget, space=space, exploit=exploit, explore=explore,
+        storage=storage, worker=worker, failure_policy=failure, template=template, base_dir=base_dir,
+    )
+
+
+def _check_template(errs: list[str], template: Mapping[str, Any]) -> None:
+    spec = template.get("spec")
+    containers = spec.get("containers") if isinstance(spec, Mapping) else None
+    if not isinstance(containers, list) or not containers or not all(isinstance(c, Mapping) for c in containers):
+        errs.append("spec.template.spec.containers: must be a non-empty list of containers")
+
+
+def _parse_space(errs: list[str], raw: object) -> Space:
+    path = "spec.hyperparameters"
+    if raw is None:
+        errs.append(f"{path}: is required (a mapping of name -> {{type, min, max}} or {{type: categorical, choices}})")
+        return Space(())
+    if not isinstance(raw, Mapping):
+        errs.append(f"{path}: must be a mapping of name -> definition (got {_show(raw)})")
+        return Space(())
+    if not raw:
+        errs.append(f"{path}: must define at least one hyperparameter (got an empty mapping)")
+        return Space(())
+    params: list[Param] = []
+    for pname, pdef in raw.items():
+        p = _parse_param(errs, f"{path}.{pname}", str(pname), pdef)
+        if p is not None:
+            params.append(p)
+    return Space(tuple(params))
+
+
+def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | None:
+    if not PARAM_NAME_RE.match(name):
+        errs.append(f"{path}: invalid hyperparameter name (letters, digits, '_', '-', '.'; got {_show(name)})")
+    h = _Fields(errs, path, raw, ("type", "min", "max", "log", "choices", "initial"))
+    if not h.ok:
+        return None
+    before = len(errs)
+    kind = h.str("type", None, choices=("float", "int", "categorical"), required=True)
+    if kind is None:
+        return None
+    initial = h.raw("initial")
+    if kind == "categorical":
+        for k in ("min", "max", "log"):
+            if h.has(k):
+                h.err(k, "is not allowed for type: categorical (use choices)")
+        choices = h.raw("choices")
+        if (not isinstance(choices, list) or not choices
+                or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)):
+            h.err("choices", f"must be a non-empty list of strings or numbers (got {_show(choices)})")
+            return None
+        if len(set(choices)) != len(choices):
+            h.err("choices", f"must not repeat a value (got {_show(choices)})")
+        init_v: Value | None = None
+        init_choices: tuple[Value, ...] = ()
+        if isinstance(initial, Mapping):
+            ic = _Fields(errs, f"{path}.initial", initial, ("choices",))
+            sub = ic.raw("choices")
+            if not isinstance(sub, list) or not sub or not all(c in choices for c in sub):
+                ic.err("choices", f"must be a non-empty subset of {path}.choices (got {_show(sub)})")
+            else:
+                init_choices = tuple(sub)
+        elif initial is not None:
+            if initial not in choices:
+                h.err("initial", f"must be one of {choices} (got {_show(initial)})")
+            else:
+                init_v = initial
+        if len(errs) > before:
+            return None
+        return Param(name, "categorical", choices=tuple(choices), initial=init_v, initial_choices=init_choices)
+
+    if h.has("choices"):
+        h.err("choices", f"is only allowed for type: categorical (this is type: {kind})")
+    lo = h.float("min", None, required=True)
+    hi = h.float("max", None, required=True)
+    log = h.bool("log", False)
+    if lo is not None and hi is not None and lo >= hi:
+        h.err("max", f"must be > min ({_num(lo)}) (got {_num(hi)})")
+    if log and lo is not None and lo <= 0:
+        h.err("min", f"must be > 0 when log: true (got {_num(lo)})")
+    if kind == "int":
+        for k, v in (("min", lo), ("max", hi)):
+            if v is not None and v != int(v):
+                h.err(k, f"must be an integer for type: int (got {_num(v)})")
+    ilo = ihi = None
+    ival: Value | None = None
+    if isinstance(initial, Mapping):
+        ir = _Fields(errs, f"{path}.initial", initial, ("min", "max"))
+        ilo = ir.float("min", None, required=True)
+        ihi = ir.float("max", None, required=True)
+        if None not in (ilo, ihi, lo, hi) and not (lo <= ilo < ihi <= hi):  # type: ignore[operator]
+            ir.err("max", f"initial range must satisfy min <= initial.min < initial.max <= max "
+                          f"(got [{_num(ilo)}, {_num(ihi)}] within [{_num(lo)}, {_num(hi)}])")
+        if log and ilo is not None and ilo <= 0:
+            ir.err("min", f"must be > 0 when log: true (got {_num(ilo)})")
+    elif initial is not None:
+        if isinstance(initial, bool) or not isinstance(initial, (int, float)):
+            h.err("initial", f"must be a number or {{min, max}} (got {_show(initial)})")
+        elif lo is not None and hi is not None and not (lo <= initial <= hi):
+            h.err("initial", f"must be within [min, max] = [{_num(lo)}, {_num(hi)}] (got {_num(initial)})")
+        elif kind == "int" and initial != int(initial):
+            h.err("initial", f"must be an integer for type: int (got {_num(initial)})")
+        else:
+            ival = int(initial) if kind == "int" else float(initial)
+    if len(errs) > before:
+        return None
+    assert lo is not None and hi is not None
+    return Param(name, kind, low=lo, high=hi, log=log, initial=ival, initial_low=ilo, initial_high=ihi)
+
+
+def _num(v: float | int | None) -> str:
+    if v is None:
+        return "null"
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def load_manifest(path: str | Path) -> TrainingSpec:
+    """Read a YAML manifest file (the first PopulationTraining document in it)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise SpecError([f"{p}: no such file"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{p}: not valid YAML: {e}"]) from None
+    docs = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == KIND] or docs[:1]
+    if not docs:
+        raise SpecError([f"{p}: contains no PopulationTraining document"])
+    return parse_manifest(docs[0], base_dir=p.resolve().parent)
