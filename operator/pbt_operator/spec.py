@@ -199,7 +199,8 @@ class _Fields:
         return v
 
     def sub(self, key: str, allowed: Sequence[str]) -> _Fields:
-        return _Fields(self.errors, f"{self.path}.{key}", self.data.get(key) or {}, allowed)
+        v = self.data.get(key)
+        return _Fields(self.errors, f"{self.path}.{key}", {} if v is None else v, allowed)
 
 
 def _show(v: object) -> str:
@@ -218,7 +219,8 @@ def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | Non
         errors.append(f"apiVersion: must be {API_VERSION} (got {_show(top.raw('apiVersion'))})")
     if top.raw("kind") != KIND:
         errors.append(f"kind: must be {KIND} (got {_show(top.raw('kind'))})")
-    meta = top.data.get("metadata") or {}
+    meta = top.data.get("metadata")
+    meta = {} if meta is None else meta
     if not isinstance(meta, Mapping):
         errors.append(f"metadata: must be a mapping (got {_show(meta)})")
         meta = {}
@@ -348,7 +350,8 @@ def parse_spec(
     function = w.str("function", None)
     if function is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", function):
         w.err("function", f"must look like module:function (got {_show(function)})")
-    env = w.raw("env") or {}
+    env = w.raw("env")
+    env = {} if env is None else env
     if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) and
                                                 not isinstance(v, bool) for k, v in env.items()):
         w.err("env", f"must map names to strings (got {_show(env)})")
