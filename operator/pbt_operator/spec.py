@@ -473,6 +473,10 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
                           f"(got [{_num(ilo)}, {_num(ihi)}] within [{_num(lo)}, {_num(hi)}])")
         if log and ilo is not None and ilo <= 0:
             ir.err("min", f"must be > 0 when log: true (got {_num(ilo)})")
+        if kind == "int":
+            for k, v in (("min", ilo), ("max", ihi)):
+                if v is not None and v != int(v):
+                    ir.err(k, f"must be an integer for type: int (got {_num(v)})")
     elif initial is not None:
         if isinstance(initial, bool) or not isinstance(initial, (int, float)):
             h.err("initial", f"must be a number or {{min, max}} (got {_show(initial)})")
