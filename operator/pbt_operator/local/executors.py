@@ -148,7 +148,6 @@ class ProcessExecutor:
         self.procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self.stopping = False
-        log_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone) -> None:
         env = {**os.environ, **self.env, "PBT_SEGMENT": json.dumps(contract)}
@@ -157,6 +156,7 @@ class ProcessExecutor:
         result_path = Path(contract["result"])
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log", "wb")
         t0 = time.perf_counter()
         try:

@@ -104,9 +104,12 @@ class LocalRunner:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        try:
+            executor = self._executor()  # first: an unimportable function must not leave a run folder
+        except ValueError as e:
+            raise RunError(str(e)) from None
         records, pending = self._prepare()
         engine = Engine(self.spec, records, pending)
-        executor = self._executor()
         inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
         running: dict[int, Suggestion] = {}
         t0 = time.perf_counter()
