@@ -259,24 +259,29 @@ class CheckpointReader:
         e = self.entry(name)
         if e.encoding == "object":
             return self.storage.get_object(self.prefix, e.key)
-        if e.encoding == "raw":
-            return self.get_bytes(name)
-        if e.size <= SMALL_OBJECT:
+        if e.size <= SMALL_OBJECT or self.storage.holds_objects:
+            if e.encoding == "raw":
+                return self.get_bytes(name)
             buf = io.BytesIO(self.get_bytes(name))
             return self._decode(e, buf, map_location, weights_only)
+        # Large objects stream to a temp file first: an HTTP body read into memory would be held twice
+        # (the response chunks plus the joined result); the file is read back in one allocation.
         fd, path = tempfile.mkstemp(prefix="pbt-restore-", dir=tmp_root())
         os.close(fd)
         try:
             self.get_file(name, path)
             with open(path, "rb") as f:
+                if e.encoding == "raw":
+                    return f.read()
                 return self._decode(e, f, map_location, weights_only)
         finally:
             os.unlink(path)
 
     def _decode(self, e: ObjectEntry, f: Any, map_location: Any, weights_only: bool | None) -> Any:
+        if e.encoding == "torch":
+            # Not wrapped: an explicit weights_only=True refusal must surface as torch reports it.
+            return torch_load(f, map_location=map_location, weights_only=weights_only)
         try:
-            if e.encoding == "torch":
-                return torch_load(f, map_location=map_location, weights_only=weights_only)
             if e.encoding == "pickle":
                 return pickle.load(f)
         except (pickle.UnpicklingError, EOFError) as exc:

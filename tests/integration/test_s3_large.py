@@ -1,0 +1,173 @@
+"""Large checkpoints: bounded memory while streaming, and no restorable partial checkpoint after SIGKILL.
+
+Both run the worker in a subprocess, as a real segment would run: memory is measured there (peak RSS),
+and the kill is a real SIGKILL in the middle of a multipart upload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pbt_worker import CheckpointNotFoundError, Segment, open_storage
+
+MiB = 1024 * 1024
+
+pytestmark = pytest.mark.slow
+
+CHILD_PRELUDE = """
+import json, os, sys, time
+MiB = 1024 * 1024
+
+def rss_mib(field):
+    # VmRSS = now, VmHWM = peak since the last reset through /proc/self/clear_refs.
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+from pbt_worker import Segment
+def seg(k, member=0):
+    base = os.environ["BASE"]
+    return Segment({"version": 1, "training": "t", "member": member, "segment": k, "hyperparameters": {},
+                    "steps": {"start": 0, "budget": 1},
+                    "restore": f"{base}m{member}/{k - 1}/" if k else None,
+                    "checkpoint": f"{base}m{member}/{k}/", "result": None, "gc": []})
+"""
+
+
+def _run_child(body: str, env: dict[str, str], tmp_path: Path, timeout: float = 300) -> dict[str, Any]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_PRELUDE + textwrap.dedent(body))
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child_env(s3_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, **s3_env, BASE=s3_env["PBT_TEST_BASE"], WORK=str(tmp_path),
+                PBT_WORKER_TMPDIR=str(tmp_path))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_200mib_file_streams_with_bounded_memory(s3_env: dict[str, str], tmp_path: Path) -> None:
+    result = _run_child("""
+        path = os.path.join(os.environ["WORK"], "big.bin")
+        with open(path, "wb") as f:
+            for i in range(200):
+                f.write(os.urandom(MiB))
+        s = seg(0)
+        s.storage_for(s.checkpoint_uri).exists(s.checkpoint_uri)  # client built, modules imported
+        base = rss_mib("VmRSS")
+        reset_peak()
+        t = time.monotonic()
+        s.save_file(path)
+        save_peak = rss_mib("VmHWM")
+        reset_peak()
+        out = seg(1).restore_file(dest=os.path.join(os.environ["WORK"], "back.bin"))
+        restore_peak = rss_mib("VmHWM")
+        same = open(path, "rb").read(MiB) == open(out, "rb").read(MiB) and os.path.getsize(out) == 200 * MiB
+        print(json.dumps({"base": base, "save_peak": save_peak, "restore_peak": restore_peak, "same": same,
+                          "seconds": time.monotonic() - t}))
+    """, _child_env(s3_env, tmp_path), tmp_path)
+    print(result)
+    assert result["same"]
+    assert result["save_peak"] - result["base"] < 100, result
+    assert result["restore_peak"] - result["base"] < 100, result
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_200mib_object_is_never_held_twice(s3_env: dict[str, str], tmp_path: Path) -> None:
+    result = _run_child("""
+        s = seg(0)
+        s.storage_for(s.checkpoint_uri).exists(s.checkpoint_uri)
+        state = {"blob": os.urandom(200 * MiB), "step": 3}
+        base = rss_mib("VmRSS")
+        reset_peak()
+        s.save(state)
+        save_peak = rss_mib("VmHWM")
+        del state
+        base2 = rss_mib("VmRSS")
+        reset_peak()
+        back = seg(1).restore()
+        restore_peak = rss_mib("VmHWM")
+        print(json.dumps({"base": base, "save_peak": save_peak, "base2": base2, "restore_peak": restore_peak,
+                          "ok": len(back["blob"]) == 200 * MiB and back["step"] == 3}))
+    """, _child_env(s3_env, tmp_path), tmp_path)
+    print(result)
+    assert result["ok"]
+    assert result["save_peak"] - result["base"] < 100, result  # the object is already in base
+    assert result["restore_peak"] - result["base2"] < 200 + 100, result  # one copy: the restored object
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["fresh-prefix", "rerun-over-committed"])
+def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_path: Path,
+                                                     moto_server: Any, previous: bool) -> None:
+    base = s3_env["PBT_TEST_BASE"]
+    bucket = s3_env["PBT_TEST_BUCKET"]
+    ckpt = f"{base}m0/0/"
+    if previous:
+        Segment({"version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {},
+                 "steps": {"start": 0, "budget": 1}, "restore": None, "checkpoint": ckpt,
+                 "result": None, "gc": []}).save({"version": "committed earlier"})
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_PRELUDE + textwrap.dedent("""
+        path = os.path.join(os.environ["WORK"], "big.bin")
+        with open(path, "wb") as f:
+            for i in range(64):
+                f.write(os.urandom(MiB))
+        print("saving", flush=True)
+        with seg(0).checkpoint() as ck:
+            ck.put_object("small", {"first": "object"})
+            ck.put_file("big.bin", path)
+        print("finished", flush=True)
+    """))
+    env = dict(_child_env(s3_env, tmp_path), PBT_S3_CONCURRENCY="2")  # a slower upload to kill into
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "saving"
+        client = moto_server.client()
+        deadline = time.monotonic() + 60
+        parts = 0
+        while time.monotonic() < deadline and parts < 2:  # wait until the multipart upload is under way
+            for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                parts = len(client.list_parts(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                            .get("Parts", []))
+            time.sleep(0.05)
+        assert parts >= 2, "the upload never started"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    storage = open_storage(ckpt)
+    reader_seg = Segment({"version": 1, "training": "t", "member": 0, "segment": 1, "hyperparameters": {},
+                          "steps": {"start": 1, "budget": 1}, "restore": ckpt, "checkpoint": f"{base}m0/1/",
+                          "result": None, "gc": []})
+    keys = storage.list(ckpt)
+    assert any(k.endswith("/small") for k in keys), keys  # the killed writer got that far
+    if previous:
+        # The earlier commit still points at its own complete attempt: restorable and intact.
+        assert reader_seg.restore() == {"version": "committed earlier"}
+    else:
+        assert not storage.exists(ckpt)
+        with pytest.raises(CheckpointNotFoundError):
+            reader_seg.restore()
+    # gc of the prefix removes the orphaned objects and aborts the dangling multipart upload.
+    storage.delete(ckpt)
+    assert storage.list(ckpt) == []
+    assert not moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
