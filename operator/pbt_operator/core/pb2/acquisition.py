@@ -1,0 +1,272 @@
+"""Choosing the next configuration: UCB (or a Thompson sample) at the donor's (t, c).
+
+The donor's time and score are fixed; only the hyperparameters move. Numeric hyperparameters are
+searched in the unit space of `Param.to_unit` (so log-scaled ones in log space), integers are
+rounded *inside* the acquisition (the value of a point is the value of its rounded point, as in
+Garrido-Merchan & Hernandez-Lobato 2020), and categoricals are chosen jointly with the continuous
+part, through the mixed kernel:
+
+* few combinations (<= ENUMERATE_LIMIT): the random candidates cycle through all combinations, and
+  the final continuous optimum is re-scored under every combination;
+* many combinations: each candidate draws its combination at random, and the winner is refined by
+  hill climbing over one-coordinate changes (the Hamming neighbourhood).
+
+Optimisation: score `candidates` random points plus jittered copies of the best observed rows,
+start L-BFGS-B (analytic gradient, box [0, 1]) from the best `restarts` of them with the categorical
+part fixed, round, and keep the best rounded point. Everything random comes from the caller's rng.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ..space import Space
+from .data import Pb2Fallback
+from .gp import Posterior, cholesky_jittered
+
+ENUMERATE_LIMIT = 64
+ANCHORS = 8  # best observed rows used as seeds of the candidate set
+ANCHOR_JITTER = 0.05
+ACQ_MAXITER = 20
+# The regret theorem's beta is notoriously conservative (Srinivas et al. scale theirs by 1/5 in
+# their experiments); with standardised targets this scale keeps sqrt(beta) between ~1 (one
+# hyperparameter, tens of rows) and ~4.5 (ten hyperparameters, thousands of rows). `kappa`
+# multiplies it further.
+BETA_SCALE = 0.05
+BETA_DELTA = 0.1
+
+
+def beta_theory(t: float, d: int, delta: float = BETA_DELTA, a: float = 1.0, b: float = 1.0, r: float = 1.0) -> float:
+    """The confidence parameter of the GP-UCB regret bound that PB2's theorem builds on:
+
+        beta_t = 2 log(2 pi^2 t^2 / (3 delta)) + 2 d log(t^2 d b r sqrt(log(4 d a / delta)))
+
+    t: round (number of observations so far), d: dimension of the searched domain (here the number
+    of hyperparameters), delta: failure probability, [0, r]^d the domain (r = 1 in unit space), a, b:
+    the constants of the kernel's derivative tail bound (1 for a unit-length-scale SE kernel).
+    Form of Srinivas et al. 2010, Thm 2, which TV-GP-UCB (Bogunovic et al. 2016) and PB2
+    (Parker-Holder et al. 2020) inherit; the papers differ only in constants inside the logarithms.
+    It grows like (4 d + 4) log t: more exploration as data accumulates and as dimension grows.
+    """
+    t = max(1.0, float(t))
+    d = max(1, int(d))
+    first = 2.0 * math.log(2.0 * math.pi**2 * t * t / (3.0 * delta))
+    second = 2.0 * d * math.log(t * t * d * b * r * math.sqrt(math.log(4.0 * d * a / delta)))
+    return first + max(0.0, second)
+
+
+def beta_schedule(t: float, d: int, kappa: float) -> float:
+    """beta actually used by UCB: kappa * BETA_SCALE * beta_theory(t, d); UCB = mu + sqrt(beta) sigma."""
+    return max(0.0, float(kappa)) * BETA_SCALE * beta_theory(t, d)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The searched box: unit-space numeric hyperparameters and categorical index vectors."""
+
+    space: Space
+    int_cols: tuple[int, ...]
+    n_choices: tuple[int, ...]
+
+    @staticmethod
+    def of(space: Space) -> Domain:
+        return Domain(
+            space=space,
+            int_cols=tuple(j for j, p in enumerate(space.numeric) if p.kind == "int"),
+            n_choices=tuple(len(p.choices) for p in space.categorical),
+        )
+
+    @property
+    def p(self) -> int:
+        return len(self.space.numeric)
+
+    @property
+    def q(self) -> int:
+        return len(self.n_choices)
+
+    @property
+    def combinations(self) -> int:
+        return math.prod(self.n_choices) if self.n_choices else 1
+
+    def round(self, u: np.ndarray) -> np.ndarray:
+        """Snap integer hyperparameters to the unit-space image of the nearest allowed integer,
+        with `Param.from_unit` / `Param.clip` semantics (log-scaled ints included)."""
+        u = np.clip(u, 0.0, 1.0)
+        if not self.int_cols:
+            return u
+        u = np.array(u, dtype=float, copy=True)
+        numeric = self.space.numeric
+        for j in self.int_cols:
+            prm = numeric[j]
+            lo, hi = float(prm.low), float(prm.high)
+            if hi == lo:
+                continue
+            col = u[..., j]
+            if prm.log:
+                v = np.exp(math.log(lo) + col * (math.log(hi) - math.log(lo)))
+            else:
+                v = lo + col * (hi - lo)
+            v = np.clip(np.round(np.clip(v, lo, hi)), math.ceil(lo), int(hi))
+            if prm.log:
+                u[..., j] = (np.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            else:
+                u[..., j] = (v - lo) / (hi - lo)
+        return u
+
+    def all_combinations(self) -> np.ndarray:
+        grids = np.meshgrid(*[np.arange(k) for k in self.n_choices], indexing="ij")
+        return np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
+
+    def random_h(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        if self.q == 0:
+            return np.zeros((m, 0), dtype=np.int64)
+        if self.combinations <= ENUMERATE_LIMIT:
+            combos = self.all_combinations()
+            order = np.arange(m) % combos.shape[0]
+            return combos[rng.permutation(order)]
+        return np.stack([rng.integers(k, size=m) for k in self.n_choices], axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Pick:
+    u: np.ndarray
+    h: np.ndarray
+    score: float  # acquisition value (UCB, or the Thompson sample) in standardised units
+    mu: float
+    sigma: float
+
+
+def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random points plus jittered copies of the best observed rows (their configs are good seeds)."""
+    m = max(1, int(n))
+    u = rng.uniform(size=(m, domain.p))
+    h = domain.random_h(m, rng)
+    data = post.data
+    n_obs = min(ANCHORS, y.shape[0])
+    if n_obs:
+        top = np.argsort(-y[: y.shape[0]], kind="stable")[:n_obs]
+        base_u = data.x[top, 1:]
+        base_h = data.h[top]
+        jit = base_u + ANCHOR_JITTER * rng.standard_normal(base_u.shape)
+        u = np.vstack([u, base_u, jit])
+        h = np.vstack([h, base_h, base_h])
+    return domain.round(u), h
+
+
+def _ucb(post: Posterior, tau: float, c: float, u: np.ndarray, h: np.ndarray,
+         sqrt_beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """UCB, mean and standard deviation at m points (u, h) sharing the donor's (tau, c)."""
+    m = u.shape[0]
+    x = np.column_stack([np.full(m, c), u])
+    mu, var = post.predict(np.full(m, tau), x, h)
+    sig = np.sqrt(var)
+    return mu + sqrt_beta * sig, mu, sig
+
+
+def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: float, sqrt_beta: float,
+                 n_candidates: int, restarts: int, rng: np.random.Generator) -> Pick:
+    """argmax over the domain of mu(z) + sqrt(beta) * sigma(z), z = (tau, c, u, h)."""
+    u_c, h_c = candidates(domain, post, y, n_candidates, rng)
+    acq, mu, sig = _ucb(post, tau, c, u_c, h_c, sqrt_beta)
+    if not np.all(np.isfinite(acq)):
+        raise Pb2Fallback("acquisition not finite on the candidate set")
+    i_best = int(np.argmax(acq))
+    best = Pick(u_c[i_best], h_c[i_best], float(acq[i_best]), float(mu[i_best]), float(sig[i_best]))
+
+    if domain.p > 0 and restarts > 0:
+        bounds = [(0.0, 1.0)] * domain.p
+        for i in _distinct_best(acq, u_c, h_c, restarts):
+            h_fixed = h_c[i]
+
+            def neg(u: np.ndarray, h_fixed: np.ndarray = h_fixed) -> tuple[float, np.ndarray]:
+                mu_v, var, dmu, dvar = post.value_grad(tau, c, u, h_fixed)
+                s = math.sqrt(max(var, 1e-12))
+                val = mu_v + sqrt_beta * s
+                grad = dmu + sqrt_beta * dvar / (2.0 * s)
+                if not (math.isfinite(val) and np.all(np.isfinite(grad))):
+                    return math.inf, np.zeros_like(u)
+                return -val, -grad
+
+            with np.errstate(all="ignore"):
+                res = minimize(neg, u_c[i], jac=True, method="L-BFGS-B", bounds=bounds,
+                               options={"maxiter": ACQ_MAXITER})
+            u_new = domain.round(np.asarray(res.x, dtype=float)[None, :])
+            a, mu1, s1 = _ucb(post, tau, c, u_new, h_fixed[None, :], sqrt_beta)
+            if math.isfinite(float(a[0])) and float(a[0]) > best.score:
+                best = Pick(u_new[0], h_fixed, float(a[0]), float(mu1[0]), float(s1[0]))
+
+    if domain.q > 0:
+        best = _refine_categorical(domain, post, tau, c, sqrt_beta, best)
+    return best
+
+
+def _distinct_best(acq: np.ndarray, u: np.ndarray, h: np.ndarray, k: int) -> list[int]:
+    """Indices of the k best distinct candidates (rounding can make candidates coincide)."""
+    out: list[int] = []
+    seen: set[bytes] = set()
+    for i in np.argsort(-acq, kind="stable"):
+        key = u[i].tobytes() + h[i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(int(i))
+            if len(out) >= k:
+                break
+    return out
+
+
+def _refine_categorical(domain: Domain, post: Posterior, tau: float, c: float, sqrt_beta: float,
+                        best: Pick) -> Pick:
+    """Best categorical combination for the chosen continuous point: all of them when few, else
+    hill climbing over one-coordinate changes."""
+    if domain.combinations <= ENUMERATE_LIMIT:
+        hs = domain.all_combinations()
+        us = np.repeat(best.u[None, :], hs.shape[0], axis=0)
+        a, mu, s = _ucb(post, tau, c, us, hs, sqrt_beta)
+        i = int(np.argmax(a))
+        if float(a[i]) > best.score:
+            return Pick(best.u, hs[i], float(a[i]), float(mu[i]), float(s[i]))
+        return best
+    for _ in range(domain.q):
+        neigh = []
+        for j, k in enumerate(domain.n_choices):
+            for v in range(k):
+                if v != best.h[j]:
+                    hn = best.h.copy()
+                    hn[j] = v
+                    neigh.append(hn)
+        if not neigh:
+            break
+        hs = np.stack(neigh)
+        us = np.repeat(best.u[None, :], hs.shape[0], axis=0)
+        a, mu, s = _ucb(post, tau, c, us, hs, sqrt_beta)
+        i = int(np.argmax(a))
+        if float(a[i]) <= best.score:
+            break
+        best = Pick(best.u, hs[i], float(a[i]), float(mu[i]), float(s[i]))
+    return best
+
+
+def thompson(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: float, n_candidates: int,
+             rng: np.random.Generator) -> Pick:
+    """Draw one joint posterior sample of f over a candidate set and return its argmax.
+
+    Parallel Thompson sampling (Kandasamy et al. 2018): each concurrent choice follows a different
+    plausible explanation of the data, so choices differ without hallucinating pending outcomes.
+    """
+    u_c, h_c = candidates(domain, post, y, n_candidates, rng)
+    m = u_c.shape[0]
+    taus = np.full(m, tau)
+    x = np.column_stack([np.full(m, c), u_c])
+    mu, cov = post.joint(taus, x, h_c)
+    cov = 0.5 * (cov + cov.T)
+    low = cholesky_jittered(cov, post.prior_var)
+    f = mu + low @ rng.standard_normal(m)
+    if not np.all(np.isfinite(f)):
+        raise Pb2Fallback("thompson sample not finite")
+    i = int(np.argmax(f))
+    sig = math.sqrt(max(float(cov[i, i]), 0.0))
+    return Pick(u_c[i], h_c[i], float(f[i]), float(mu[i]), sig)

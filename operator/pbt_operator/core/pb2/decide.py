@@ -1,0 +1,146 @@
+"""PB2's explore step: one call, one configuration (or a reasoned refusal).
+
+    prepare rows -> fit the GP's hyperparameters by marginal likelihood -> account for pending
+    configurations (settings.parallel) -> maximise UCB (or a Thompson sample) at the donor's (t, c)
+
+Pending configurations (segments running or decided but not finished) are what makes PB2 parallel
+("Challenge I" on the slides): without them every member exploited in the same round would get the
+same answer.
+
+* `bucb` (GP-BUCB, Desautels et al. 2014): pending points join the GP with their posterior mean as
+  the observed value. The mean is unchanged, but the variance around them collapses, so UCB moves
+  elsewhere. This is PB2's own choice.
+* `liar-mean` / `liar-optimistic` / `liar-pessimistic` (constant liar): pending points join with the
+  mean / best / worst observed (standardised) rate, which also moves the mean.
+* `thompson` (asynchronous parallel TS, Kandasamy et al. 2018): no hallucination; each choice
+  maximises its own posterior sample, and different samples give different choices.
+
+The GP's kernel hyperparameters are fitted on the finished rows only: liars are a device of the
+acquisition, not data, and refitting per pending set would double the cost.
+
+Nothing raises into the engine: every failure becomes Pb2Choice(None, "pb2 fallback: <why>").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..space import Space
+from ..types import Pb2Settings
+from .acquisition import Domain, beta_schedule, maximise_ucb, thompson
+from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, select_rows
+from .gp import Posterior, fit
+from .kernel import Hyper, Layout
+
+PARALLEL_MODES = ("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic")
+# Marginal-likelihood starts: a neutral default plus one random start.
+FIT_RESTARTS = 2
+FIT_ROWS = 64
+
+
+def suggest(
+    space: Space,
+    rows: Sequence[Pb2Row],
+    pending: Sequence[Pb2Pending],
+    t: float,
+    c: float,
+    settings: Pb2Settings,
+    rng: np.random.Generator,
+) -> Pb2Choice:
+    """New hyperparameters for a member that restarts from a donor at time `t` with score `c`.
+
+    Deterministic given the arguments and the state of `rng`. Never raises.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            return _suggest(space, rows, pending, t, c, settings, rng)
+    except Pb2Fallback as e:
+        return Pb2Choice(None, f"pb2 fallback: {e}")
+    except Exception as e:  # nothing may reach the engine: it falls back to perturb instead
+        return Pb2Choice(None, f"pb2 fallback: {type(e).__name__}: {e}")
+
+
+def _suggest(
+    space: Space,
+    rows: Sequence[Pb2Row],
+    pending: Sequence[Pb2Pending],
+    t: float,
+    c: float,
+    settings: Pb2Settings,
+    rng: np.random.Generator,
+) -> Pb2Choice:
+    mode = settings.parallel
+    if mode not in PARALLEL_MODES:
+        raise Pb2Fallback(f"unknown parallel mode {mode!r}")
+    if len(space) == 0:
+        return Pb2Choice({}, "pb2: no hyperparameters to choose")
+    prep = prepare(space, rows, pending, t, c, settings, rng)
+    domain = Domain.of(space)
+    layout = Layout(dx=1 + domain.p, q=domain.q)
+    # Kernel hyperparameters are fitted on a smaller subsample than the posterior is conditioned on:
+    # the fit costs O(n^3) per likelihood evaluation and needs dozens of them, the posterior one.
+    fit_idx = select_rows(prep.rows.tau, getattr(settings, "fit_rows", FIT_ROWS), rng)
+    fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], FIT_RESTARTS, rng)
+    theta = fitted.theta
+    post_rows = Posterior(theta, layout, prep.rows, prep.y)
+    n_pending = len(prep.pending)
+
+    if mode == "thompson" or n_pending == 0:
+        post = post_rows
+    else:
+        post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending),
+                         np.concatenate([prep.y, hallucinate(mode, post_rows, prep.pending, prep.y)]))
+
+    beta = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
+    if mode == "thompson":
+        pick = thompson(domain, post, prep.y, prep.query_tau, prep.query_c, settings.candidates, rng)
+    else:
+        pick = maximise_ucb(domain, post, prep.y, prep.query_tau, prep.query_c, math.sqrt(beta),
+                            settings.candidates, settings.restarts, rng)
+
+    hyperparameters = decode(space, pick.u, pick.h)
+    if not space.contains(hyperparameters):
+        raise Pb2Fallback(f"internal error: {hyperparameters} is outside the space")
+
+    hp = Hyper.of(theta, layout)
+    mu = pick.mu * prep.y_std + prep.y_mean
+    sigma = pick.sigma * prep.y_std
+    head = (f"pb2 {mode}: sample={pick.score:.3g}" if mode == "thompson"
+            else f"pb2 {mode}: ucb={pick.score:.3g} beta={beta:.3g}")
+    parts = [
+        f"{head} mu={mu:.4g} sigma={sigma:.3g} (rate)",
+        f"rows={len(prep.rows)}/{prep.n_total}",
+        f"pending={n_pending}",
+        f"eps={hp.eps:.3g} noise={hp.noise:.2g}",
+    ]
+    if prep.dropped_nonfinite:
+        parts.append(f"dropped {prep.dropped_nonfinite} non-finite")
+    if prep.dropped_invalid:
+        parts.append(f"dropped {prep.dropped_invalid} invalid")
+    if prep.ignored_pending:
+        parts.append(f"ignored {prep.ignored_pending} pending")
+    if fitted.failed_starts:
+        parts.append(f"{fitted.failed_starts}/{fitted.starts} fit starts failed")
+    parts.extend(prep.notes)
+    return Pb2Choice(hyperparameters, " ".join(parts))
+
+
+def hallucinate(mode: str, post_rows: Posterior, pending: Encoded, y: np.ndarray) -> np.ndarray:
+    """The value pending points are assumed to have (standardised units)."""
+    m = len(pending)
+    if mode == "bucb":
+        mu, _ = post_rows.predict(pending.tau, pending.x, pending.h)
+        return np.asarray(mu, dtype=float)
+    if mode == "liar-mean":
+        return np.full(m, float(np.mean(y)))
+    if mode == "liar-optimistic":
+        return np.full(m, float(np.max(y)))
+    if mode == "liar-pessimistic":
+        return np.full(m, float(np.min(y)))
+    raise Pb2Fallback(f"no hallucination for mode {mode!r}")
+
+
+__all__ = ["PARALLEL_MODES", "Pb2Choice", "Pb2Pending", "Pb2Row", "suggest"]

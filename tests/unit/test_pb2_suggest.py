@@ -1,0 +1,250 @@
+"""PB2's `suggest`: determinism, parallel modes, fallbacks, mixed spaces, and that it learns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from pbt_operator.core.pb2 import PARALLEL_MODES, Pb2Pending, Pb2Row, suggest
+from pbt_operator.core.pb2.acquisition import BETA_SCALE, beta_schedule, beta_theory
+from pbt_operator.core.space import Param, Space
+from pbt_operator.core.types import Pb2Settings
+
+SETTINGS = Pb2Settings()
+
+
+def mixed_space() -> Space:
+    return Space((
+        Param("lr", "float", 1e-4, 1e-1, log=True),
+        Param("layers", "int", 1, 8),
+        Param("drop", "float", 0.0, 0.5),
+        Param("opt", "categorical", choices=("sgd", "adam", "rmsprop")),
+    ))
+
+
+def history(space: Space, n: int, seed: int = 0, optimum: float = 0.7) -> list[Pb2Row]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        hp = space.sample(rng)
+        u = space.to_unit(hp)
+        rate = -float(np.sum((u - optimum) ** 2)) + 0.01 * rng.standard_normal()
+        rows.append(Pb2Row(t=float(100 * (i // 4)), c=0.01 * i, hyperparameters=hp, rate=rate))
+    return rows
+
+
+def t_c(rows: list[Pb2Row]) -> tuple[float, float]:
+    return rows[-1].t + 100.0, rows[-1].c
+
+
+def test_deterministic_under_seed() -> None:
+    space = mixed_space()
+    rows = history(space, 40)
+    pend = [Pb2Pending(t=1000.0, c=0.3, hyperparameters=space.sample(np.random.default_rng(9)))]
+    for mode in PARALLEL_MODES:
+        s = replace(SETTINGS, parallel=mode)
+        a = suggest(space, rows, pend, *t_c(rows), s, np.random.default_rng(42))
+        b = suggest(space, rows, pend, *t_c(rows), s, np.random.default_rng(42))
+        assert a.hyperparameters is not None, a.reason
+        assert a == b
+
+
+def test_choice_is_inside_space_with_native_types() -> None:
+    space = mixed_space()
+    rows = history(space, 30)
+    ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))
+    hp = ch.hyperparameters
+    assert hp is not None, ch.reason
+    assert space.contains(hp)
+    assert type(hp["layers"]) is int
+    assert type(hp["lr"]) is float and type(hp["drop"]) is float
+    assert hp["opt"] in ("sgd", "adam", "rmsprop")
+    assert ch.reason.startswith("pb2 bucb: ucb=")
+    assert "rows=30/30" in ch.reason
+
+
+@pytest.mark.parametrize("mode", ["bucb", "liar-mean", "liar-pessimistic"])
+def test_consecutive_choices_differ_when_the_first_is_pending(mode: str) -> None:
+    """The same data and the same rng seed: only the pending point differs between the calls."""
+    space = Space((Param("x", "float", 0.0, 1.0), Param("y", "float", 0.0, 1.0)))
+    rows = history(space, 30, seed=1)
+    s = replace(SETTINGS, parallel=mode)
+    t, c = t_c(rows)
+    first = suggest(space, rows, [], t, c, s, np.random.default_rng(5))
+    assert first.hyperparameters is not None, first.reason
+    pend = [Pb2Pending(t=t, c=c, hyperparameters=first.hyperparameters)]
+    second = suggest(space, rows, pend, t, c, s, np.random.default_rng(5))
+    assert second.hyperparameters is not None, second.reason
+    assert second.hyperparameters != first.hyperparameters
+    assert "pending=1" in second.reason
+
+
+def test_thompson_consecutive_choices_differ() -> None:
+    space = Space((Param("x", "float", 0.0, 1.0), Param("y", "float", 0.0, 1.0)))
+    rows = history(space, 30, seed=2)
+    s = replace(SETTINGS, parallel="thompson")
+    rng = np.random.default_rng(6)
+    t, c = t_c(rows)
+    a = suggest(space, rows, [], t, c, s, rng)
+    assert a.hyperparameters is not None, a.reason
+    b = suggest(space, rows, [Pb2Pending(t, c, a.hyperparameters)], t, c, s, rng)
+    assert b.hyperparameters is not None and b.hyperparameters != a.hyperparameters
+    assert a.reason.startswith("pb2 thompson: sample=")
+
+
+def test_too_few_rows_falls_back() -> None:
+    space = mixed_space()
+    rows = history(space, 3)
+    ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is None
+    assert ch.reason == "pb2 fallback: only 3 rows (need 4)"
+
+
+def test_nonfinite_rows_are_dropped_and_counted() -> None:
+    space = mixed_space()
+    rows = history(space, 20)
+    bad_hp = dict(rows[0].hyperparameters, lr=math.nan)
+    rows += [
+        Pb2Row(t=5.0, c=math.nan, hyperparameters=rows[0].hyperparameters, rate=0.1),
+        Pb2Row(t=5.0, c=0.1, hyperparameters=rows[0].hyperparameters, rate=math.inf),
+        Pb2Row(t=math.inf, c=0.1, hyperparameters=rows[0].hyperparameters, rate=0.1),
+        Pb2Row(t=5.0, c=0.1, hyperparameters=bad_hp, rate=0.1),
+    ]
+    ch = suggest(space, rows, [], 3000.0, 0.3, SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
+    assert "dropped 4 non-finite" in ch.reason
+    assert "rows=20/24" in ch.reason
+
+
+def test_only_nonfinite_rows_falls_back_with_count() -> None:
+    space = mixed_space()
+    rows = [replace(r, rate=math.nan) for r in history(space, 10)]
+    ch = suggest(space, rows, [], 100.0, 0.0, SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is None
+    assert ch.reason == "pb2 fallback: only 0 rows (need 4); dropped 10 non-finite"
+
+
+def test_invalid_rows_and_pending_are_skipped() -> None:
+    space = mixed_space()
+    rows = history(space, 12)
+    rows.append(Pb2Row(t=1.0, c=0.0, hyperparameters={"lr": 0.01}, rate=0.0))  # missing keys
+    rows.append(Pb2Row(t=1.0, c=0.0, hyperparameters=dict(rows[0].hyperparameters, opt="lion"), rate=0.0))
+    pend = [Pb2Pending(t=1.0, c=0.0, hyperparameters={"nope": 1}),
+            Pb2Pending(t=math.nan, c=math.nan, hyperparameters=rows[0].hyperparameters)]
+    ch = suggest(space, rows, pend, 400.0, 0.1, SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
+    assert "dropped 2 invalid" in ch.reason
+    assert "ignored 1 pending" in ch.reason and "pending=1" in ch.reason
+
+
+def test_nonfinite_donor_falls_back() -> None:
+    space = mixed_space()
+    rows = history(space, 12)
+    ch = suggest(space, rows, [], math.nan, 0.1, SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is None and ch.reason.startswith("pb2 fallback: donor time/score not finite")
+
+
+def test_forced_cholesky_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scipy.linalg.lapack
+
+    def broken(a: np.ndarray, lower: int = 0, clean: int = 1) -> tuple[np.ndarray, int]:
+        return np.array(a), 1  # LAPACK's "leading minor 1 is not positive definite"
+
+    monkeypatch.setattr(scipy.linalg.lapack, "dpotrf", broken)
+    space = mixed_space()
+    rows = history(space, 20)
+    for mode in PARALLEL_MODES:
+        ch = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, parallel=mode), np.random.default_rng(0))
+        assert ch.hyperparameters is None
+        assert ch.reason.startswith("pb2 fallback: cholesky failed (matrix not PD)"), ch.reason
+
+
+def test_unexpected_exception_never_escapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pbt_operator.core.pb2 import decide
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(decide, "fit", boom)
+    space = mixed_space()
+    rows = history(space, 20)
+    ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))
+    assert ch == type(ch)(None, "pb2 fallback: RuntimeError: kaboom")
+
+
+def test_unknown_mode_and_empty_space() -> None:
+    rows = history(mixed_space(), 10)
+    bad = suggest(mixed_space(), rows, [], 1.0, 0.0, replace(SETTINGS, parallel="nope"),  # type: ignore[arg-type]
+                  np.random.default_rng(0))
+    assert bad.hyperparameters is None and "unknown parallel mode" in bad.reason
+    empty = suggest(Space(()), rows, [], 1.0, 0.0, SETTINGS, np.random.default_rng(0))
+    assert empty.hyperparameters == {}
+
+
+def test_identical_rows_do_not_break_the_gp() -> None:
+    space = Space((Param("x", "float", 0.0, 1.0),))
+    rows = [Pb2Row(t=0.0, c=0.0, hyperparameters={"x": 0.5}, rate=1.0) for _ in range(30)]
+    ch = suggest(space, rows, [], 0.0, 0.0, SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
+    assert 0.0 <= ch.hyperparameters["x"] <= 1.0
+
+
+def test_categorical_only_and_large_categorical_spaces() -> None:
+    small = Space((Param("opt", "categorical", choices=("a", "b", "c")),))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        hp = small.sample(rng)
+        rows.append(Pb2Row(t=float(i), c=0.0, hyperparameters=hp, rate=1.0 if hp["opt"] == "b" else 0.0))
+    picks = [suggest(small, rows, [], 30.0, 0.0, SETTINGS, np.random.default_rng(s)).hyperparameters
+             for s in range(5)]
+    assert all(p == {"opt": "b"} for p in picks)
+
+    # 5^4 = 625 combinations: above the enumeration limit, sampled + hill climbing
+    cats = [Param(f"c{j}", "categorical", choices=tuple("vwxyz")) for j in range(4)]
+    big = Space((*cats, Param("x", "float", 0.0, 1.0)))
+    rows = []
+    for i in range(40):
+        hp = big.sample(rng)
+        good = sum(hp[f"c{j}"] == "x" for j in range(4))
+        rows.append(Pb2Row(t=float(i), c=0.0, hyperparameters=hp, rate=float(good)))
+    ch = suggest(big, rows, [], 40.0, 0.0, SETTINGS, np.random.default_rng(1))
+    assert ch.hyperparameters is not None and big.contains(ch.hyperparameters), ch.reason
+
+
+def test_window_and_subsampling_bound_the_gp() -> None:
+    space = Space((Param("x", "float", 0.0, 1.0),))
+    rows = history(space, 600)
+    s = replace(SETTINGS, max_rows=50, window=10_000)
+    ch = suggest(space, rows, [], *t_c(rows), s, np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
+    assert "rows=50/600" in ch.reason
+    assert "window dropped" in ch.reason
+
+
+def test_beta_schedule_grows_with_time_and_dimension() -> None:
+    assert beta_theory(100, 3) > beta_theory(10, 3) > 0
+    assert beta_theory(100, 10) > beta_theory(100, 3)
+    assert beta_schedule(100, 3, kappa=2.0) == pytest.approx(2 * BETA_SCALE * beta_theory(100, 3))
+    assert beta_schedule(100, 3, kappa=0.0) == 0.0
+
+
+def test_pb2_learns_a_clear_optimum() -> None:
+    """rate = -(x - 0.7)^2 in unit space: after 40 rows PB2 lands near 0.7 far more often than
+    chance (a +-0.1 window holds 20% of uniform draws)."""
+    space = Space((Param("x", "float", 0.0, 1.0),))
+    hits = 0
+    trials = 20
+    for seed in range(trials):
+        rng = np.random.default_rng(seed)
+        rows = []
+        for i in range(40):
+            x = float(rng.uniform())
+            rows.append(Pb2Row(t=float(10 * (i // 8)), c=0.01 * i, hyperparameters={"x": x},
+                               rate=-((x - 0.7) ** 2) + 0.01 * rng.standard_normal()))
+        ch = suggest(space, rows, [], 50.0, 0.4, SETTINGS, np.random.default_rng(100 + seed))
+        assert ch.hyperparameters is not None, ch.reason
+        hits += abs(float(ch.hyperparameters["x"]) - 0.7) < 0.1
+    assert hits >= 0.7 * trials, hits
