@@ -127,11 +127,19 @@ class Pb2Settings:
 
     parallel: Literal["bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"] = "bucb"
     # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
-    # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest.
+    # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest (the most recent
+    # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 10-20 ms of CPU.
     window: int | None = None
-    max_rows: int = 256
+    max_rows: int = 128
     min_rows: int = 4
+    # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
     candidates: int = 256
     restarts: int = 4
-    # UCB exploration scale (PB2 paper: beta_t = c1 + log(c2 * t), scaled by kappa).
+    # UCB exploration: beta_t = kappa * 0.02 * (GP-UCB / PB2 theorem beta_t, growing with t and the
+    # number of hyperparameters d); see pbt_operator.core.pb2.acquisition.beta_theory.
     kappa: float = 1.0
+    # Kernel hyperparameters are fitted by marginal likelihood on a subsample of `fit_rows` of the
+    # GP's rows (each likelihood evaluation is O(fit_rows^3) and the fit needs dozens), with
+    # `fit_restarts` L-BFGS-B starts (a neutral default plus random ones).
+    fit_rows: int = 48
+    fit_restarts: int = 2

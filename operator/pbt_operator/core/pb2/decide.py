@@ -36,9 +36,6 @@ from .gp import Posterior, fit
 from .kernel import Hyper, Layout
 
 PARALLEL_MODES = ("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic")
-# Marginal-likelihood starts: a neutral default plus one random start.
-FIT_RESTARTS = 2
-FIT_ROWS = 64
 
 
 def suggest(
@@ -82,8 +79,8 @@ def _suggest(
     layout = Layout(dx=1 + domain.p, q=domain.q)
     # Kernel hyperparameters are fitted on a smaller subsample than the posterior is conditioned on:
     # the fit costs O(n^3) per likelihood evaluation and needs dozens of them, the posterior one.
-    fit_idx = select_rows(prep.rows.tau, getattr(settings, "fit_rows", FIT_ROWS), rng)
-    fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], FIT_RESTARTS, rng)
+    fit_idx = select_rows(prep.rows.tau, max(2, int(settings.fit_rows)), rng)
+    fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], max(1, int(settings.fit_restarts)), rng)
     theta = fitted.theta
     post_rows = Posterior(theta, layout, prep.rows, prep.y)
     n_pending = len(prep.pending)

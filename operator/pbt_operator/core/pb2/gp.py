@@ -22,7 +22,7 @@ from .kernel import Hyper, Layout, Pairwise, cross, dmixed_dse, parts
 
 # Jitter relative to the signal variance, added on top of the fitted noise; retried larger on failure.
 JITTERS = (1e-8, 1e-6, 1e-4)
-FIT_MAXITER = 25
+FIT_MAXITER = 20
 # The marginal likelihood's optimum need not be precise: hyperparameters within a few percent give
 # the same posterior for choosing the next config, and loose tolerances halve the evaluations.
 FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-6, "gtol": 1e-4}
@@ -155,8 +155,8 @@ class Posterior:
         self.layout = layout
         self.data = data
         self.hp = Hyper.of(theta, layout)
-        pw = Pairwise.of(data.tau, data.x, data.h, data.tau, data.x, data.h)
-        k = parts(self.hp, pw).kf
+        k = cross(theta, layout, data.tau, data.x, data.h, data.tau, data.x, data.h)
+        k = 0.5 * (k + k.T)
         k.flat[:: len(data) + 1] += self.hp.noise
         self.low = cholesky_jittered(k, self.hp.signal)
         self.alpha = cho_solve((self.low, True), y, check_finite=False)
@@ -193,27 +193,36 @@ class Posterior:
 
     def value_grad(self, tau: float, c: float, u: np.ndarray, h: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
         """Mean, variance and their gradients w.r.t. the numeric hyperparameters `u` of one point
-        at fixed (tau, c, h); the analytic gradient L-BFGS-B uses to maximise UCB."""
+        at fixed (tau, c, h)."""
+        mu, var, dmu, dvar = self.value_grad_batch(tau, c, u[None, :], h[None, :])
+        return float(mu[0]), float(var[0]), dmu[0], dvar[0]
+
+    def value_grad_batch(self, tau: float, c: float, u: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Mean (k,), variance (k,) and their gradients (k, p) w.r.t. the numeric hyperparameters
+        of k points sharing (tau, c); the analytic gradient L-BFGS-B uses to maximise UCB.
+
+        dk_i/du_j = s2 * time_i * dm/dk_x * k_x,i * (-(u_j - X_ij) / l_j^2); column 0 of x (the
+        score c) is fixed, so it has no gradient.
+        """
         d = self.data
         hp = self.hp
-        x = np.concatenate([[c], u])
-        diff = x[None, :] - d.x  # (n, dx)
-        se = np.exp(-0.5 * (diff * diff) @ hp.inv_l2)
-        time = np.exp(-0.5 * hp.rho * np.abs(d.tau - tau))
+        k_pts = u.shape[0]
+        x = np.column_stack([np.full(k_pts, c), u])  # (k, dx)
+        diff = x[:, None, :] - d.x[None, :, :]  # (k, n, dx)
+        se = np.exp(-0.5 * ((diff * diff) @ hp.inv_l2))  # (k, n)
+        time = np.exp(-0.5 * hp.rho * np.abs(d.tau - tau))  # (n,)
         if self.layout.q:
-            hs = (d.h == h[None, :]).mean(axis=1)
+            hs = (d.h[None, :, :] == h[:, None, :]).mean(axis=2)  # (k, n)
             mixed = 0.5 * (1.0 - hp.lam) * (se + hs) + hp.lam * se * hs
-            dm = 0.5 * (1.0 - hp.lam) + hp.lam * hs
+            coef = hp.signal * time * (0.5 * (1.0 - hp.lam) + hp.lam * hs) * se
         else:
             mixed = se
-            dm = np.ones_like(se)
-        k = hp.signal * mixed * time
-        # dk_i/du_j = s2 * time_i * dm_i * se_i * (-(u_j - X_ij) / l_j^2); skip column 0 (c is fixed)
-        coef = hp.signal * time * dm * se
-        dk = -(coef[:, None] * diff[:, 1:] * hp.inv_l2[None, 1:])  # (n, p)
-        mu = float(k @ self.alpha)
-        dmu = dk.T @ self.alpha
-        w = self.kinv @ k
-        var = self.prior_var - float(k @ w)
-        dvar = -2.0 * (dk.T @ w)
+            coef = hp.signal * time * se
+        kv = hp.signal * mixed * time  # (k, n)
+        dk = -(coef[:, :, None] * diff[:, :, 1:] * hp.inv_l2[None, None, 1:])  # (k, n, p)
+        mu = kv @ self.alpha
+        dmu = np.einsum("knp,n->kp", dk, self.alpha)
+        w = kv @ self.kinv  # (k, n): K^-1 k for each point (K^-1 is symmetric)
+        var = self.prior_var - np.sum(kv * w, axis=1)
+        dvar = -2.0 * np.einsum("knp,kn->kp", dk, w)
         return mu, var, dmu, dvar

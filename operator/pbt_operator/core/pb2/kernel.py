@@ -128,9 +128,12 @@ class Hyper:
 def overlap(ha: np.ndarray, hb: np.ndarray) -> np.ndarray:
     """Hamming similarity: share of categorical hyperparameters on which two points agree."""
     q = ha.shape[1]
+    out = np.zeros((ha.shape[0], hb.shape[0]))
     if q == 0:
-        return np.ones((ha.shape[0], hb.shape[0]))
-    return (ha[:, None, :] == hb[None, :, :]).mean(axis=2)
+        return out + 1.0
+    for j in range(q):
+        out += ha[:, j, None] == hb[None, :, j]
+    return out / q
 
 
 @dataclass(frozen=True)
@@ -179,8 +182,21 @@ def parts(hp: Hyper, pw: Pairwise) -> Parts:
 
 def cross(theta: np.ndarray, layout: Layout, tau_a: np.ndarray, xa: np.ndarray, ha: np.ndarray,
           tau_b: np.ndarray, xb: np.ndarray, hb: np.ndarray) -> np.ndarray:
-    """Noise-free covariance matrix between two point sets."""
-    return parts(Hyper.of(theta, layout), Pairwise.of(tau_a, xa, ha, tau_b, xb, hb)).kf
+    """Noise-free covariance matrix between two point sets (no gradients, so no per-input
+    difference tensors: the scaled squared distance comes from one matrix product)."""
+    hp = Hyper.of(theta, layout)
+    scale = np.sqrt(hp.inv_l2)
+    a = xa * scale
+    b = xb * scale
+    r2 = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * (a @ b.T)
+    se = np.exp(-0.5 * np.maximum(r2, 0.0))
+    time = np.exp(-0.5 * hp.rho * np.abs(tau_a[:, None] - tau_b[None, :]))
+    if layout.q:
+        hs = overlap(ha, hb)
+        mixed = 0.5 * (1.0 - hp.lam) * (se + hs) + hp.lam * se * hs
+    else:
+        mixed = se
+    return hp.signal * mixed * time
 
 
 def gram_grads(theta: np.ndarray, layout: Layout, pw: Pairwise, pt: Parts | None = None) -> list[np.ndarray]:
