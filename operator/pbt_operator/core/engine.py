@@ -62,7 +62,10 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> list[Suggestion]:
-        """Initial segments on a fresh run; on a rebuilt engine, whatever was pending."""
+        """Initial segments on a fresh run; on a rebuilt engine, whatever was pending plus any decision
+        still owed: a driver that crashed after persisting a result but before persisting the
+        suggestion it caused would otherwise never continue that member (or, in synchronous mode,
+        the whole population). The owed decision is the one the uninterrupted engine made."""
         if not self.records and not self.failures and not self.pending:
             for m in range(self.spec.population):
                 rng = rng_for(self.spec.seed, m, 0, INITIAL)
@@ -71,6 +74,10 @@ class Engine:
                     member=m, segment=0, hyperparameters=hp, restore=None, steps_start=0,
                     steps_budget=self.spec.segment.steps, kind="start", reason="initial sample",
                 )
+        elif not (self.finished or self.failed) and (self.spec.mode == "asynchronous" or not self.pending):
+            for m in sorted(self.latest):
+                if m not in self.pending:
+                    self._next(m)
         return sorted(self.pending.values(), key=lambda s: s.member)
 
     def tell(self, result: SegmentResult) -> list[Suggestion]:
@@ -264,14 +271,19 @@ class Engine:
                             result.error or "no score reported", result.duration))
         attempts = sum(1 for r in self.failures if r.ref == sug.ref)
         policy = self.spec.failure_policy
-        if attempts <= policy.max_retries:
+        # Failures come in rounds of maxRetries+1 attempts: the original member's round, then (with
+        # onExhausted: replace) one round for its replacement. A replacement that fails its whole
+        # round too points at the worker or the data, not at hyperparameters: the training fails
+        # rather than burn the GPU budget forever.
+        rnd, within = divmod(attempts - 1, policy.max_retries + 1)
+        if within < policy.max_retries:
             retry = dataclasses.replace(sug, attempt=sug.attempt + 1)
             self.pending[sug.member] = retry
             return [retry]
         del self.pending[sug.member]
         why = (f"member {sug.member} segment {sug.segment} failed {attempts} times "
                f"(maxRetries {policy.max_retries}): {result.error}")
-        if policy.on_exhausted == "fail":
+        if policy.on_exhausted == "fail" or rnd >= 1:
             self.failed = f"SegmentFailed: {why}"
             return []
         scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
@@ -281,13 +293,16 @@ class Engine:
             fresh = Suggestion(
                 member=sug.member, segment=sug.segment, hyperparameters=self.spec.space.sample(rng),
                 restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
-                reason=f"replaced with a fresh sample: {why}",
+                reason=f"replaced with a fresh sample: {why}", attempt=sug.attempt + 1,
             )
             self.pending[sug.member] = fresh
             return [fresh]
         donor = exploit_mod.ranked(scores)[0]
-        return [self._exploit(sug.member, sug.segment, donor, None, f"replaced by copying member {donor}: {why}",
-                              kind="replace", purpose=purpose)]
+        new = self._exploit(sug.member, sug.segment, donor, None, f"replaced by copying member {donor}: {why}",
+                            kind="replace", purpose=purpose)
+        new = dataclasses.replace(new, attempt=sug.attempt + 1)
+        self.pending[sug.member] = new
+        return [new]
 
 
 def records_from_dicts(rows: Iterable[Mapping[str, Any]]) -> list[Record]:

@@ -56,7 +56,7 @@ class LocalRunner:
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
                  plot: bool = True, storage: Any = None):
         self.spec = spec
-        self.run_dir = run_dir
+        self.run_dir = run_dir.resolve()  # workers run in the manifest's folder: paths must be absolute
         self.resume = resume
         self.fingerprint = fingerprint
         self.progress = progress
@@ -122,8 +122,7 @@ class LocalRunner:
                 sug_f.flush()
 
             queued = engine.start()
-            if not records and not pending:
-                log_suggestions(queued)
+            log_suggestions([s for s in queued if s not in pending])  # fresh, or decisions owed after a crash
             dispatched = 0
             gc: list[str] = []
             try:

@@ -1,0 +1,82 @@
+"""A small torch classifier on scikit-learn's bundled digits (8x8 images, no download), one PBT segment
+per process run. Runs on the CPU; the same script runs in a GPU Job in Kubernetes.
+
+    PBT_SEGMENT='{...}' python train.py        # normally started by `pbt run` or by the operator
+
+The metrics it reports include a fingerprint of the weights it restored and of the weights it saved,
+so a test can prove that an exploit really copied the donor's weights, not only its hyperparameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from pbt_worker import Segment
+
+torch.set_num_threads(int(os.environ.get("PBT_TORCH_THREADS", "1")))
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("PBT_CPU") != "1" else "cpu"
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))  # a fixed split, the same for every member
+    x, y = x[order], y[order]
+    n_train = 1400
+    return (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]),
+            torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]))
+
+
+def model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def fingerprint(m: nn.Module) -> str:
+    h = hashlib.sha256()
+    for t in m.state_dict().values():
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    seg = Segment.from_env()
+    hp = seg.hyperparameters
+    lr, momentum, batch = float(hp["lr"]), float(hp["momentum"]), int(hp["batch_size"])
+    xtr, ytr, xva, yva = (t.to(DEVICE) for t in data())
+    net = model().to(DEVICE)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    state = seg.restore()
+    restored = "none"
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restored = fingerprint(net)
+    for group in opt.param_groups:  # the explored hyperparameters win over the restored optimizer's
+        group["lr"], group["momentum"] = lr, momentum
+    gen = torch.Generator().manual_seed(seg.member * 100_003 + seg.steps_start)
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    for _ in range(seg.steps_budget):
+        idx = torch.randint(0, len(xtr), (batch,), generator=gen).to(DEVICE)
+        opt.zero_grad()
+        loss = loss_fn(net(xtr[idx]), ytr[idx])
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        logits = net(xva)
+        val_loss = float(loss_fn(logits, yva))
+        val_acc = float((logits.argmax(1) == yva).float().mean())
+    seg.save({"model": net.state_dict(), "optimizer": opt.state_dict()})
+    seg.report(score=val_acc, loss=val_loss, train_loss=float(loss.detach()), restored_weights=restored,
+               saved_weights=fingerprint(net))
+
+
+if __name__ == "__main__":
+    main()
