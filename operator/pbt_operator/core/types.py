@@ -128,7 +128,7 @@ class Pb2Settings:
     parallel: Literal["bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"] = "bucb"
     # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
     # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest (the most recent
-    # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 10-20 ms of CPU.
+    # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 15-20 ms of CPU.
     window: int | None = None
     max_rows: int = 128
     min_rows: int = 4
@@ -141,5 +141,5 @@ class Pb2Settings:
     # Kernel hyperparameters are fitted by marginal likelihood on a subsample of `fit_rows` of the
     # GP's rows (each likelihood evaluation is O(fit_rows^3) and the fit needs dozens), with
     # `fit_restarts` L-BFGS-B starts (a neutral default plus random ones).
-    fit_rows: int = 48
+    fit_rows: int = 40
     fit_restarts: int = 2

@@ -31,7 +31,7 @@ from .gp import Posterior, cholesky_jittered
 ENUMERATE_LIMIT = 64
 ANCHORS = 8  # best observed rows used as seeds of the candidate set
 ANCHOR_JITTER = 0.05
-ACQ_MAXITER = 40
+ACQ_MAXITER = 25
 # The regret theorem's beta is notoriously conservative (Srinivas et al. scale theirs by 1/5 in
 # their experiments, PB2's code uses a small constant times log t); with standardised targets this
 # scale keeps sqrt(beta) between ~0.9 (one hyperparameter, tens of rows) and ~3 (ten

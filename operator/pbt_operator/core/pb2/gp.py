@@ -25,7 +25,7 @@ JITTERS = (1e-8, 1e-6, 1e-4)
 FIT_MAXITER = 20
 # The marginal likelihood's optimum need not be precise: hyperparameters within a few percent give
 # the same posterior for choosing the next config, and loose tolerances halve the evaluations.
-FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-6, "gtol": 1e-4}
+FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-4, "gtol": 1e-3}
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
