@@ -1054,6 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pass-env", default=os.environ.get("PBT_NODEAGENT_PASS_ENV", ""),
                    help="comma-separated environment variables passed through to pod processes")
     p.add_argument("--kubelet-version", default=os.environ.get("PBT_K8S_VERSION", "v1.36.5"))
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="shut down (killing the pods' processes) when the parent process dies")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -1076,6 +1078,16 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if a.exit_with_parent:
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            log.warning("parent process %d went away: shutting down", parent)
+            server.shutdown()
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     if a.control_file:
         tmp = a.control_file + ".tmp"
         with open(tmp, "w") as f:

@@ -336,6 +336,8 @@ stop_all() {
   for name in watchdog kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [[ -f "$CLUSTER_DIR/pids/$name" ]] || continue
     pid="$(cat "$CLUSTER_DIR/pids/$name")"
+    # the watchdog runs `down` itself (exec): do not kill ourselves
+    if [[ "$pid" == "$$" ]]; then rm -f "$CLUSTER_DIR/pids/$name"; continue; fi
     if kill -TERM "$pid" 2>/dev/null; then
       deadline=$((SECONDS + 10))
       while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done

@@ -149,7 +149,7 @@ class NodeAgent:
         self.pods_root = self.workdir / "pods"
         argv = [sys.executable, str(NODEAGENT), "--kubeconfig", cluster.kubeconfig, "--nodes", str(nodes),
                 "--gpus", str(gpus), "--name-prefix", self.prefix, "--root", str(self.pods_root),
-                "--control-file", str(self.control_file), *extra_args]
+                "--control-file", str(self.control_file), "--exit-with-parent", *extra_args]
         if pass_env:
             argv += ["--pass-env", ",".join(pass_env)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the agent)
