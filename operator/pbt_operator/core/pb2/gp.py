@@ -18,14 +18,14 @@ from scipy.linalg.lapack import dpotri, dpotrs
 from scipy.optimize import minimize
 
 from .data import Encoded, Pb2Fallback
-from .kernel import Hyper, Layout, Pairwise, cross, dmixed_dse, parts
+from .kernel import Hyper, Layout, Pairwise, cross
 
 # Jitter relative to the signal variance, added on top of the fitted noise; retried larger on failure.
 JITTERS = (1e-8, 1e-6, 1e-4)
-FIT_MAXITER = 20
+FIT_MAXITER = 30
 # The marginal likelihood's optimum need not be precise: hyperparameters within a few percent give
 # the same posterior for choosing the next config, and loose tolerances halve the evaluations.
-FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-4, "gtol": 1e-3}
+FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-6, "gtol": 1e-3}
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -39,12 +39,11 @@ def cholesky(a: np.ndarray) -> np.ndarray:
 
     LAPACK directly: `np.linalg.cholesky` costs 4x more on the 50-100 row matrices of the fit.
     """
-    if not np.all(np.isfinite(a)):
-        raise NotPositiveDefinite("non-finite entries")
     low, info = lapack.dpotrf(a, lower=1, clean=1)
     if info != 0:
         raise NotPositiveDefinite(f"dpotrf info={info}")
-    if not np.all(np.isfinite(np.diagonal(low))):
+    # NaN/inf in `a` either stops dpotrf (info > 0) or propagates to the diagonal of the factor.
+    if not math.isfinite(float(np.sum(np.diagonal(low)))):
         raise NotPositiveDefinite("non-finite factor")
     return np.asarray(low)
 
@@ -62,38 +61,72 @@ def cholesky_jittered(a: np.ndarray, scale: float) -> np.ndarray:
 
 
 def neg_log_marginal(theta: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Negative log marginal likelihood and its gradient w.r.t. theta (the log-hyperparameters).
+    """Negative log marginal likelihood and its gradient w.r.t. theta (the log-hyperparameters)."""
+    nll, grad = neg_log_marginal_batch(theta[None, :], layout, pw, y)
+    return float(nll[0]), grad[0]
 
-    d log p / d theta_i = 1/2 tr((alpha alpha^T - K^-1) dK/dtheta_i), alpha = K^-1 y.
-    The length-scale terms share one matrix G = W * s2 * time * dm/dk_x * k_x, so all of them cost
-    one tensor contraction with the precomputed squared differences.
+
+def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`neg_log_marginal` for S hyperparameter vectors at once: (S,) values and (S, P) gradients.
+
+    d log p / d theta_i = 1/2 tr((alpha alpha^T - K^-1) dK/dtheta_i), alpha = K^-1 y, with
+    dK/dlog s2 = K_f, dK/dlog l_j = s2 * time * dm/dk_x * k_x * d2_j / l_j^2,
+    dK/dlog rho = -K_f * rho |dt| / 2, dK/dlogit lam = s2 * time * dm/dlam * lam (1 - lam),
+    dK/dlog noise = noise * I. All length-scale terms share one matrix, so they cost one product
+    with the precomputed squared differences. The elementwise work is vectorised over S (one numpy
+    call serves every restart); only the LAPACK factorisations loop.
     """
-    hp = Hyper.of(theta, layout)
-    pt = parts(hp, pw)
+    s_count = thetas.shape[0]
     n = y.shape[0]
-    k = pt.kf.copy()
-    k.flat[:: n + 1] += hp.noise + JITTERS[0] * hp.signal
-    low = cholesky(k)
-    alpha, info = dpotrs(low, y, lower=1)
-    if info != 0:
-        raise NotPositiveDefinite("potrs")
-    nll = 0.5 * float(y @ alpha) + float(np.sum(np.log(np.diagonal(low)))) + 0.5 * n * _LOG_2PI
-    kinv_low, info = dpotri(low, lower=1)  # lower triangle of K^-1; the upper one stays zero
-    if info != 0:
-        raise NotPositiveDefinite("potri")
-    w = np.outer(alpha, alpha) - kinv_low - kinv_low.T
-    w.flat[:: n + 1] += np.diagonal(kinv_low)
-    grad = np.empty(layout.size)
-    wk = w * pt.kf
-    grad[layout.signal] = 0.5 * float(np.sum(wk))
-    g = w * (hp.signal * pt.time * dmixed_dse(hp, pw) * pt.se)
-    grad[layout.lengthscales] = 0.5 * (pw.d2 @ g.ravel()) * hp.inv_l2
-    grad[layout.decay] = 0.5 * float(np.sum(wk * pw.dt)) * (-0.5 * hp.rho)
+    shape = (s_count, n, n)
+    signal = np.exp(thetas[:, layout.signal])
+    inv_l2 = np.exp(-2.0 * thetas[:, layout.lengthscales])  # (S, dx)
+    rho = np.exp(thetas[:, layout.decay])
+    noise = np.exp(thetas[:, layout.noise])
+    se = np.exp(-0.5 * (inv_l2 @ pw.d2)).reshape(shape)
+    time = np.exp((-0.5 * rho)[:, None, None] * pw.dt)
+    s3 = signal[:, None, None]
     if layout.mix is not None:
         assert pw.hs is not None
-        dm = -0.5 * (pt.se + pw.hs) + pt.se * pw.hs
-        grad[layout.mix] = 0.5 * float(np.sum(w * pt.time * dm)) * hp.signal * hp.lam * (1.0 - hp.lam)
-    grad[layout.noise] = 0.5 * float(np.trace(w)) * hp.noise
+        lam = 1.0 / (1.0 + np.exp(-thetas[:, layout.mix]))
+        l3 = lam[:, None, None]
+        se_hs = se * pw.hs
+        mixed = 0.5 * (1.0 - l3) * (se + pw.hs) + l3 * se_hs
+        dm_dse = 0.5 * (1.0 - l3) + l3 * pw.hs
+        dm_dlam = se_hs - 0.5 * (se + pw.hs)
+    else:
+        mixed = se
+        dm_dse = None
+    st = s3 * time
+    kf = st * mixed
+    nll = np.empty(s_count)
+    w = np.empty(shape)
+    diag = np.arange(n)
+    for i in range(s_count):
+        k = kf[i].copy()
+        k[diag, diag] += noise[i] + JITTERS[0] * signal[i]
+        low = cholesky(k)
+        alpha, info = dpotrs(low, y, lower=1)
+        if info != 0:
+            raise NotPositiveDefinite("potrs")
+        nll[i] = 0.5 * float(y @ alpha) + float(np.sum(np.log(np.diagonal(low)))) + 0.5 * n * _LOG_2PI
+        kinv_low, info = dpotri(low, lower=1)  # lower triangle of K^-1; the upper one stays zero
+        if info != 0:
+            raise NotPositiveDefinite("potri")
+        wi = np.outer(alpha, alpha)
+        wi -= kinv_low
+        wi -= kinv_low.T
+        wi[diag, diag] += np.diagonal(kinv_low)
+        w[i] = wi
+    grad = np.empty(thetas.shape)
+    wk = w * kf
+    grad[:, layout.signal] = 0.5 * wk.sum(axis=(1, 2))
+    g = w * st * se if dm_dse is None else w * st * dm_dse * se
+    grad[:, layout.lengthscales] = 0.5 * (g.reshape(s_count, -1) @ pw.d2.T) * inv_l2
+    grad[:, layout.decay] = -0.25 * rho * (wk * pw.dt).sum(axis=(1, 2))
+    if layout.mix is not None:
+        grad[:, layout.mix] = 0.5 * (w * st * dm_dlam).sum(axis=(1, 2)) * lam * (1.0 - lam)
+    grad[:, layout.noise] = 0.5 * np.trace(w, axis1=1, axis2=2) * noise
     return nll, -grad
 
 
@@ -108,43 +141,53 @@ class FitResult:
 def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.random.Generator) -> FitResult:
     """Maximise the log marginal likelihood with L-BFGS-B from `restarts` starts.
 
-    The first start is a neutral default; the others are drawn from `rng` inside the bounds. A start
-    whose Cholesky fails at some trial theta sees +inf there, which makes L-BFGS-B backtrack; only
-    when every start fails does PB2 give up.
+    The first start is a neutral default; the others are drawn from `rng` inside the bounds. The
+    starts are optimised jointly: L-BFGS-B minimises the *sum* of their negative log likelihoods
+    over the stacked parameters, which has the same optima as optimising each separately (the
+    objective is separable), while every numpy call serves all starts (the same device as
+    BoTorch's batched multi-start optimisation). A trial point whose Cholesky fails is +inf, which
+    makes L-BFGS-B backtrack; a start that fails at its initial point is dropped; only when every
+    start fails does PB2 give up.
     """
     pw = Pairwise.of(data.tau, data.x, data.h, data.tau, data.x, data.h)
-    bounds = layout.bounds()
-    best: tuple[float, np.ndarray] | None = None
-    failed = 0
     n_starts = max(1, int(restarts))
-
-    def objective(th: np.ndarray) -> tuple[float, np.ndarray]:
+    inits = [layout.default()] + [layout.random(rng) for _ in range(n_starts - 1)]
+    alive = []
+    for th in inits:
         try:
-            f, g = neg_log_marginal(th, layout, pw, y)
+            f0, g0 = neg_log_marginal(th, layout, pw, y)
         except Pb2Fallback:
-            return math.inf, np.zeros_like(th)
-        if not (math.isfinite(f) and np.all(np.isfinite(g))):
-            return math.inf, np.zeros_like(th)
-        return f, g
-
-    for s in range(n_starts):
-        th0 = layout.default() if s == 0 else layout.random(rng)
-        f0, _ = objective(th0)
-        if not math.isfinite(f0):
-            failed += 1
             continue
-        with np.errstate(all="ignore"):
-            res = minimize(objective, th0, jac=True, method="L-BFGS-B", bounds=bounds,
-                           options=FIT_OPTIONS)
-        th = np.asarray(res.x, dtype=float)
-        f = float(res.fun)
-        if not math.isfinite(f):
-            th, f = th0, f0
-        if best is None or f < best[0]:
-            best = (f, th)
-    if best is None:
+        if math.isfinite(f0) and np.all(np.isfinite(g0)):
+            alive.append(th)
+    failed = n_starts - len(alive)
+    if not alive:
         raise NotPositiveDefinite("at every marginal-likelihood start")
-    return FitResult(theta=best[1], nll=best[0], starts=n_starts, failed_starts=failed)
+    s_count = len(alive)
+    p = layout.size
+
+    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        try:
+            f, g = neg_log_marginal_batch(flat.reshape(s_count, p), layout, pw, y)
+        except Pb2Fallback:
+            return math.inf, np.zeros_like(flat)
+        total = float(np.sum(f))
+        if not (math.isfinite(total) and np.all(np.isfinite(g))):
+            return math.inf, np.zeros_like(flat)
+        return total, g.ravel()
+
+    with np.errstate(all="ignore"):
+        res = minimize(objective, np.concatenate(alive), jac=True, method="L-BFGS-B",
+                       bounds=layout.bounds() * s_count, options=FIT_OPTIONS)
+    thetas = np.asarray(res.x, dtype=float).reshape(s_count, p)
+    try:
+        finals, _ = neg_log_marginal_batch(thetas, layout, pw, y)
+    except Pb2Fallback:
+        finals = np.full(s_count, math.inf)
+    if not np.any(np.isfinite(finals)):  # cannot happen unless the optimiser ends on a failed point
+        thetas, finals = np.stack(alive), np.array([neg_log_marginal(t, layout, pw, y)[0] for t in alive])
+    best = int(np.argmin(np.where(np.isfinite(finals), finals, math.inf)))
+    return FitResult(theta=thetas[best], nll=float(finals[best]), starts=n_starts, failed_starts=failed)
 
 
 class Posterior:

@@ -202,8 +202,9 @@ def cross(theta: np.ndarray, layout: Layout, tau_a: np.ndarray, xa: np.ndarray, 
 def gram_grads(theta: np.ndarray, layout: Layout, pw: Pairwise, pt: Parts | None = None) -> list[np.ndarray]:
     """dK/dtheta_i for every slot of theta (K including the noise term), on a square Pairwise.
 
-    Used by the finite-difference test; the likelihood gradient contracts these without ever
-    materialising the per-lengthscale matrices twice (see `gp.neg_log_marginal`).
+    The reference statement of the kernel's derivatives, checked against finite differences;
+    `gp.neg_log_marginal_batch` uses the same formulas but contracts them with
+    (alpha alpha^T - K^-1) without materialising one matrix per length scale.
     """
     hp = Hyper.of(theta, layout)
     pt = pt if pt is not None else parts(hp, pw)
