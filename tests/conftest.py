@@ -1,0 +1,76 @@
+"""Shared fixtures: build PopulationTraining manifests and specs without YAML files.
+
+`make_doc(spec_updates)` returns a valid manifest document with `spec_updates` deep-merged into its
+spec (a value of `DELETE` removes a key); `make_spec(...)` parses it. Both are session-scoped
+factories so hypothesis tests can use them without function-scoped fixture warnings.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+
+DELETE = object()
+
+
+def base_doc() -> dict[str, Any]:
+    return {
+        "apiVersion": "pbt.dev/v1alpha1",
+        "kind": "PopulationTraining",
+        "metadata": {"name": "t"},
+        "spec": {
+            "population": 4,
+            "seed": 0,
+            "segment": {"steps": 10},
+            "budget": {"segments": 5},
+            "hyperparameters": {"lr": {"type": "float", "min": 1e-4, "max": 1e-1, "log": True}},
+            "worker": {"executor": "inline", "function": "mod:fn"},
+        },
+    }
+
+
+def merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if v is DELETE:
+            dst.pop(k, None)
+        elif isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def make_doc_fn(spec_updates: Mapping[str, Any] | None = None, /, **top: Any) -> dict[str, Any]:
+    doc = base_doc()
+    merge(doc["spec"], spec_updates or {})
+    merge(doc, top)
+    return doc
+
+
+def make_spec_fn(spec_updates: Mapping[str, Any] | None = None, /, **top: Any) -> Any:
+    from pbt_operator.spec import parse_manifest
+
+    return parse_manifest(make_doc_fn(spec_updates, **top))
+
+
+@pytest.fixture(scope="session")
+def make_doc() -> Callable[..., dict[str, Any]]:
+    return make_doc_fn
+
+
+@pytest.fixture(scope="session")
+def make_spec() -> Callable[..., Any]:
+    return make_spec_fn
+
+
+@pytest.fixture(scope="session")
+def delete_marker() -> object:
+    return DELETE
+
+
+@pytest.fixture(scope="session")
+def deep_merge() -> Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]]:
+    return merge

@@ -1,0 +1,735 @@
+"""The ask/tell engine, driven by a simulated population.
+
+`World` plays the part of a driver plus the workers: it keeps the "weights" of every checkpoint (one
+float), completes in-flight segments in a seeded random order, fails or disrupts some of them, and can
+swap the engine for one rebuilt from the persisted records and pending suggestions at any point (as
+`pbt run --resume` and a restarted operator do). Property tests check the invariants on every step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pbt_operator.core import exploit as exploit_mod
+from pbt_operator.core.engine import Engine
+from pbt_operator.core.lineage import chain, collectable, keep_set
+from pbt_operator.core.types import Record, Ref, SegmentResult, Suggestion
+
+SETTINGS = settings(max_examples=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+SPACE = {
+    "lr": {"type": "float", "min": 1e-4, "max": 1e-1, "log": True},
+    "mom": {"type": "float", "min": 0.0, "max": 1.0},
+    "layers": {"type": "int", "min": 1, "max": 8},
+    "opt": {"type": "categorical", "choices": ["sgd", "adam", "rmsprop"]},
+}
+
+
+def roundtrip(d: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(d))
+
+
+@dataclass
+class World:
+    """Workers and storage for an Engine: deterministic given `seed`, whatever engine is plugged in."""
+
+    engine: Engine
+    seed: int = 0
+    fail_rate: float = 0.0
+    disrupt_rate: float = 0.0
+    always_fail: Callable[[Suggestion], bool] | None = None
+    weights: dict[Ref, float] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)  # what a driver persists, in tell order
+    emitted: list[Suggestion] = field(default_factory=list)
+    inflight: dict[int, Suggestion] = field(default_factory=dict)
+    disrupted: set[tuple[int, int, int]] = field(default_factory=set)
+    garbage: set[Ref] = field(default_factory=set)
+    tells: int = 0
+    rng: random.Random = field(init=False)
+    check: Callable[[World, Suggestion, list[Suggestion]], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def start(self) -> None:
+        for s in self.engine.start():
+            self.inflight[s.member] = s
+            self.emitted.append(s)
+
+    def score(self, sug: Suggestion) -> float:
+        space = self.engine.spec.space
+        w0 = self.weights[sug.restore] if sug.restore is not None else 0.0
+        u = space.to_unit(sug.hyperparameters)
+        gain = 1.0 - float(np.mean((u - 0.7) ** 2)) if len(u) else 1.0
+        for p in space.categorical:
+            gain += 0.1 * (p.choices.index(sug.hyperparameters[p.name]) == 0)
+        w = w0 + gain * sug.steps_budget / 10.0
+        self.weights[sug.ref] = w
+        return w if self.engine.spec.objective.direction == "max" else -w
+
+    def _chance(self, sug: Suggestion, what: str) -> float:
+        return random.Random(f"{self.seed}/{what}/{sug.member}/{sug.segment}/{sug.attempt}/{sug.kind}").random()
+
+    def step(self) -> list[Suggestion]:
+        members = sorted(self.inflight)
+        sug = self.inflight.pop(members[self.rng.randrange(len(members))])
+        key = (sug.member, sug.segment, sug.attempt)
+        if self.disrupt_rate and key not in self.disrupted and self._chance(sug, "d") < self.disrupt_rate:
+            self.disrupted.add(key)
+            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start, disrupted=True)
+        elif (self.always_fail is not None and self.always_fail(sug)) or \
+                (self.fail_rate and self._chance(sug, "f") < self.fail_rate):
+            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start, error="boom")
+        else:
+            res = SegmentResult(sug.member, sug.segment, self.score(sug), sug.steps_start + sug.steps_budget,
+                                {"m": 1.0}, duration=0.5)
+        new = self.engine.tell(res)
+        self.tells += 1
+        if not res.disrupted:
+            assert self.engine.last is not None
+            self.records.append(self.engine.last)
+        for s in new:
+            self.inflight[s.member] = s
+            self.emitted.append(s)
+        if self.check is not None:
+            self.check(self, sug, new)
+        self.garbage.update(self.engine.garbage())
+        return new
+
+    def rebuild(self, *, drop_last_decision: bool = False, last: list[Suggestion] | None = None) -> None:
+        """Swap in an engine rebuilt from JSON-persisted state, reconstructed the way `pbt run --resume`
+        does it: every record, and each member's last persisted suggestion unless that segment is done.
+        With `drop_last_decision`, the suggestions the last successful tell() returned were never
+        persisted (a crash between writing the result and writing the decision it caused)."""
+        records = [Record.from_dict(roundtrip(r.to_dict())) for r in self.records]
+        persisted = list(self.emitted)
+        if drop_last_decision and last and self.records and self.records[-1].status == "done":
+            persisted = persisted[: len(persisted) - len(last)]
+        latest: dict[int, Suggestion] = {}
+        for s in persisted:
+            latest[s.member] = Suggestion.from_dict(roundtrip(s.to_dict()))
+        done = {r.ref for r in records if r.status == "done"}
+        pending = [s for s in latest.values() if s.ref not in done]
+        self.engine = Engine(self.engine.spec, records, pending)
+        self.inflight = {}
+        self.start()
+
+    def run(self, limit: int = 1500, rebuild_at: int | None = None, drop_last_decision: bool = False) -> None:
+        if not self.inflight and not self.emitted:
+            self.start()
+        last: list[Suggestion] = []
+        while self.inflight:
+            if self.tells == rebuild_at:
+                self.rebuild(drop_last_decision=drop_last_decision, last=last)
+                if not self.inflight:
+                    break
+            last = self.step()
+            assert self.tells < limit, "the run does not terminate"
+
+
+def spec_for(make_spec: Any, **kw: Any) -> Any:
+    updates: dict[str, Any] = {"hyperparameters": SPACE, "population": 6, "budget": {"segments": 6}}
+    for k, v in kw.items():
+        updates[k] = v
+    return make_spec(updates)
+
+
+# --------------------------------------------------------------------------------------------------
+# property tests over random configurations
+
+configs = st.fixed_dictionaries({
+    "population": st.integers(2, 7),
+    "segments": st.integers(1, 6),
+    "mode": st.sampled_from(["asynchronous", "synchronous"]),
+    "exploit": st.sampled_from(["truncation", "tournament", "none"]),
+    "fraction": st.sampled_from([0.1, 0.25, 0.5]),
+    "explore": st.sampled_from(["perturb", "resample"]),
+    "crossover": st.booleans(),
+    "significance": st.booleans(),
+    "direction": st.sampled_from(["max", "min"]),
+    "max_retries": st.integers(0, 2),
+    "on_exhausted": st.sampled_from(["replace", "fail"]),
+    "fail_rate": st.sampled_from([0.0, 0.0, 0.15, 0.4]),
+    "disrupt_rate": st.sampled_from([0.0, 0.2]),
+    "seed": st.integers(0, 1000),
+})
+
+
+def spec_from_config(make_spec: Any, c: dict[str, Any]) -> Any:
+    return make_spec({
+        "population": c["population"], "mode": c["mode"], "seed": c["seed"],
+        "objective": {"direction": c["direction"]},
+        "budget": {"segments": c["segments"]},
+        "hyperparameters": SPACE,
+        "exploit": {"strategy": c["exploit"], "fraction": c["fraction"], "size": 2,
+                    "significance": {"enabled": c["significance"], "window": 3}},
+        "explore": {"strategy": c["explore"], "crossover": c["crossover"]},
+        "failurePolicy": {"maxRetries": c["max_retries"], "onExhausted": c["on_exhausted"]},
+    })
+
+
+def invariants(world: World, told: Suggestion, new: list[Suggestion]) -> None:
+    eng = world.engine
+    spec = eng.spec
+    n = spec.population
+    # population size is constant: members are exactly 0..N-1, at most one pending segment each
+    assert set(eng.pending) <= set(range(n))
+    assert set(eng.latest) <= set(range(n))
+    assert all(s.member == m for m, s in eng.pending.items())
+    for s in new:
+        assert spec.space.contains(s.hyperparameters), s
+        assert s.steps_budget == spec.segment.steps
+        if s.restore is not None:  # lineage complete: a restore names a finished segment
+            assert s.restore in eng.records, s
+            assert s.steps_start == eng.records[s.restore].steps_end
+        else:
+            assert s.steps_start == 0
+        assert s.segment < spec.budget.segments
+        if s.kind in ("continue", "exploit"):
+            assert s.segment == eng.latest[s.member].segment + 1
+    fresh = [s for s in new if s.ref != told.ref]  # not a retry / replacement / rerun of the told segment
+    if spec.mode == "synchronous" and fresh:
+        # the barrier: generation g+1 is decided only once every member finished generation g
+        gens = {s.segment for s in new}
+        assert len(gens) == 1
+        g = gens.pop()
+        assert all(eng.latest[m].segment == g - 1 for m in range(n)), "g+1 started before g finished"
+        assert len(new) == sum(1 for m in range(n) if not eng._member_done(m)) or eng.finished or eng.failed
+    # garbage never includes what a member's latest, a pending restore or the best lineage needs
+    needed: set[Ref] = {r.ref for r in eng.latest.values()}
+    needed |= {s.restore for s in eng.pending.values() if s.restore is not None}
+    if eng.best is not None:
+        needed |= {r.ref for r in chain(eng.records, eng.best.ref)}
+    assert not (needed & world.garbage), needed & world.garbage
+    now = collectable(eng.records, {m: r.ref for m, r in eng.latest.items()}, eng.pending.values(),
+                      eng.best.ref if eng.best else None)  # without marking anything collected
+    assert not (needed & set(now))
+
+
+@SETTINGS
+@given(configs)
+def test_invariants_hold_on_every_step(make_spec: Any, c: dict[str, Any]) -> None:
+    spec = spec_from_config(make_spec, c)
+    world = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"],
+                  check=invariants)
+    world.run()
+    eng = world.engine
+    assert eng.done
+    assert not eng.pending
+    # every record's lineage is acyclic and reaches a first segment (start or a fresh replacement)
+    for ref in eng.records:
+        ch = chain(eng.records, ref)
+        assert ch[0].suggestion.restore is None and ch[0].suggestion.kind in ("start", "replace")
+        assert ch[-1].ref == ref
+        steps = [(r.suggestion.steps_start, r.steps_end) for r in ch]
+        assert all(a[1] == b[0] for a, b in pairwise(steps))  # contiguous in steps
+    if eng.failed:
+        assert c["fail_rate"] > 0
+        assert not eng.pending
+        return
+    # budget per member: exactly `segments` finished segments each (no target, no patience here)
+    for m in range(spec.population):
+        assert eng.latest[m].segment == spec.budget.segments - 1
+    assert len(eng.records) == spec.population * spec.budget.segments
+    if c["exploit"] == "none":  # a baseline: nobody ever copies anyone
+        assert all(r.suggestion.donor is None and r.suggestion.kind in ("start", "continue", "replace")
+                   for r in eng.records.values() if r.suggestion.kind != "replace")
+    # the best is the best
+    sign = 1 if c["direction"] == "max" else -1
+    best = max(sign * r.score for r in eng.records.values())  # type: ignore[operator]
+    assert eng.best is not None and sign * eng.best.score == best
+
+
+@SETTINGS
+@given(configs)
+def test_determinism_same_seed_same_suggestions(make_spec: Any, c: dict[str, Any]) -> None:
+    spec = spec_from_config(make_spec, c)
+    runs = []
+    for _ in range(2):
+        w = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"])
+        w.run()
+        runs.append(w)
+    a, b = runs
+    assert [json.dumps(s.to_dict()) for s in a.emitted] == [json.dumps(s.to_dict()) for s in b.emitted]
+    assert [json.dumps(r.to_dict()) for r in a.records] == [json.dumps(r.to_dict()) for r in b.records]
+
+
+@SETTINGS
+@given(configs, st.integers(0, 60), st.booleans())
+def test_rebuilt_engine_makes_the_same_decisions(make_spec: Any, c: dict[str, Any], cut: int,
+                                                 drop_last_decision: bool) -> None:
+    """Engine(spec, records, pending) mid-run continues exactly as the uninterrupted engine - also when
+    the crash came after a result was persisted but before the decision it caused was."""
+    spec = spec_from_config(make_spec, c)
+    straight = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"])
+    straight.run()
+    cut = min(cut, straight.tells)
+    resumed = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"])
+    resumed.run(rebuild_at=cut, drop_last_decision=drop_last_decision)
+    assert resumed.engine.done
+    assert [json.dumps(r.to_dict()) for r in resumed.records] == [json.dumps(r.to_dict()) for r in straight.records]
+    assert resumed.engine.best == straight.engine.best
+    assert resumed.engine.finished == straight.engine.finished
+
+
+def test_different_seeds_differ(make_spec: Any) -> None:
+    emitted = []
+    for seed in (1, 2):
+        w = World(Engine(spec_for(make_spec, seed=seed)), seed=0)
+        w.run()
+        emitted.append([dict(s.hyperparameters) for s in w.emitted])
+    assert emitted[0] != emitted[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# start, continue, budget
+
+
+def test_start_samples_every_member_once(make_spec: Any) -> None:
+    spec = spec_for(make_spec)
+    eng = Engine(spec)
+    sugs = eng.start()
+    assert [s.member for s in sugs] == list(range(6))
+    assert all(s.segment == 0 and s.restore is None and s.kind == "start" and s.steps_start == 0 for s in sugs)
+    assert eng.start() == sugs  # asking again changes nothing
+    assert not eng.done
+
+
+def test_tell_rejects_results_for_nothing_pending(make_spec: Any) -> None:
+    eng = Engine(spec_for(make_spec))
+    eng.start()
+    with pytest.raises(ValueError, match="does not match a pending segment"):
+        eng.tell(SegmentResult(0, 3, 1.0, 10))
+    with pytest.raises(ValueError, match="does not match a pending segment"):
+        eng.tell(SegmentResult(99, 0, 1.0, 10))
+
+
+def test_budget_segments_per_member(make_spec: Any) -> None:
+    spec = spec_for(make_spec, budget={"segments": 3})
+    w = World(Engine(spec), seed=3)
+    w.run()
+    counts = {m: sum(1 for r in w.records if r.member == m) for m in range(spec.population)}
+    assert counts == dict.fromkeys(range(spec.population), 3)
+    st_ = w.engine.state()
+    assert st_.done_segments == st_.total_segments == 18 and st_.running == 0
+
+
+def test_single_segment_budget(make_spec: Any) -> None:
+    spec = spec_for(make_spec, budget={"segments": 1})
+    eng = Engine(spec)
+    for s in eng.start():
+        assert eng.tell(SegmentResult(s.member, 0, float(s.member), 10)) == []
+    assert eng.done and eng.best is not None and eng.best.member == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# modes
+
+
+def test_synchronous_barrier(make_spec: Any) -> None:
+    spec = spec_for(make_spec, mode="synchronous", population=4)
+    eng = Engine(spec)
+    gen = eng.start()
+    for g in range(spec.budget.segments - 1):
+        random.Random(g).shuffle(gen)
+        nxt: list[Suggestion] = []
+        for i, s in enumerate(gen):
+            out = eng.tell(SegmentResult(s.member, s.segment, float(s.member + g), s.steps_start + 10))
+            if i < len(gen) - 1:
+                assert out == [], "a member moved on before its generation finished"
+            else:
+                nxt = out
+        assert sorted(s.member for s in nxt) == [0, 1, 2, 3]
+        assert {s.segment for s in nxt} == {g + 1}
+        gen = nxt
+    for s in gen:
+        eng.tell(SegmentResult(s.member, s.segment, 1.0, s.steps_start + 10))
+    assert eng.done
+
+
+def test_asynchronous_decides_each_member_at_once(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=4)
+    eng = Engine(spec)
+    sugs = eng.start()
+    s = sugs[2]
+    out = eng.tell(SegmentResult(2, 0, 0.5, 10))
+    assert len(out) == 1 and out[0].member == 2 and out[0].segment == 1
+    # only member 2 has a score: nobody to copy, so it continues from its own checkpoint
+    assert out[0].kind == "continue" and out[0].restore == s.ref and out[0].hyperparameters == s.hyperparameters
+
+
+# --------------------------------------------------------------------------------------------------
+# exploit semantics
+
+
+@SETTINGS
+@given(st.dictionaries(st.integers(0, 30), st.floats(-100, 100), min_size=2, max_size=16),
+       st.sampled_from([0.1, 0.2, 0.25, 0.3, 0.5]), st.integers(0, 2**32 - 1))
+def test_truncation_bottom_copies_top(scores: dict[int, float], fraction: float, seed: int) -> None:
+    order = exploit_mod.ranked(scores)
+    n = len(order)
+    q = max(1, int(np.floor(n * fraction + 1e-9)))
+    for m in scores:
+        ch = exploit_mod.truncation(m, scores, fraction, np.random.default_rng(seed))
+        if order.index(m) >= n - q:  # bottom fraction
+            assert ch.donor is not None and ch.donor in order[:q] and ch.donor != m
+            assert scores[ch.donor] >= scores[m]
+            assert ch.second is None or (ch.second != ch.donor and ch.second != m)
+        else:
+            assert ch.donor is None
+
+
+def test_truncation_example() -> None:
+    scores = {m: float(m) for m in range(8)}  # member 7 best, 0 worst
+    rng = np.random.default_rng(0)
+    donors = {exploit_mod.truncation(0, scores, 0.25, rng).donor for _ in range(50)}
+    assert donors == {6, 7}  # uniformly among the top 2
+    assert exploit_mod.truncation(2, scores, 0.25, rng).donor is None
+    assert exploit_mod.truncation(1, scores, 0.25, rng).donor in (6, 7)
+    assert "rank 8/8" in exploit_mod.truncation(0, scores, 0.25, rng).reason
+
+
+@SETTINGS
+@given(st.dictionaries(st.integers(0, 30), st.floats(-100, 100), min_size=2, max_size=16),
+       st.integers(2, 16), st.integers(0, 2**32 - 1))
+def test_tournament_loser_copies_winner(scores: dict[int, float], size: int, seed: int) -> None:
+    best = exploit_mod.ranked(scores)[0]
+    for m in scores:
+        ch = exploit_mod.tournament(m, scores, size, np.random.default_rng(seed))
+        if ch.donor is None:
+            continue
+        assert ch.donor != m and (scores[ch.donor] > scores[m] or
+                                  (scores[ch.donor] == scores[m] and ch.donor < m))
+        assert "tournament" in ch.reason
+    assert exploit_mod.tournament(best, scores, size, np.random.default_rng(seed)).donor is None
+    # a tournament of everyone: every other member copies the best
+    n = len(scores)
+    for m in scores:
+        ch = exploit_mod.tournament(m, scores, n, np.random.default_rng(seed))
+        assert ch.donor == (None if m == best else best)
+
+
+def test_engine_exploit_copies_donor_checkpoint(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=4, exploit={"fraction": 0.25})
+    eng = Engine(spec)
+    sugs = eng.start()
+    for s in sugs[1:]:
+        eng.tell(SegmentResult(s.member, 0, 10.0 + s.member, 10))
+    out = eng.tell(SegmentResult(0, 0, 0.0, 10))  # the worst, told last
+    (s,) = out
+    assert s.kind == "exploit" and s.donor == 3 and s.restore == (3, 0)
+    assert s.score_before == 13.0 and s.steps_start == 10
+    assert s.hyperparameters != sugs[3].hyperparameters  # explored
+    assert "truncation" in s.reason and "explore: perturb" in s.reason
+
+
+def test_exploit_none_never_copies(make_spec: Any) -> None:
+    spec = spec_for(make_spec, exploit={"strategy": "none"})
+    w = World(Engine(spec), seed=5)
+    w.run()
+    first = {r.member: r for r in w.records if r.segment == 0}
+    assert len(first) == spec.population
+    for r in w.records:
+        assert r.suggestion.kind in ("start", "continue")
+        assert r.suggestion.restore in (None, (r.member, r.segment - 1))
+        assert r.suggestion.hyperparameters == first[r.member].suggestion.hyperparameters
+
+
+# --------------------------------------------------------------------------------------------------
+# significance test
+
+
+def test_significantly_better() -> None:
+    ok, why = exploit_mod.significantly_better([10, 11, 10.5, 10.8], [1, 1.5, 0.8, 1.2], 0.05)
+    assert ok and "welch" in why
+    ok, _ = exploit_mod.significantly_better([1.0, 2.0, 1.5], [1.1, 1.9, 1.4], 0.05)
+    assert not ok
+    ok, why = exploit_mod.significantly_better([10.0], [1.0, 2.0], 0.05)
+    assert not ok and "too few" in why
+    ok, _ = exploit_mod.significantly_better([2.0, 2.0], [1.0, 1.0], 0.05)  # zero variance, higher
+    assert ok
+    ok, _ = exploit_mod.significantly_better([1.0, 1.0], [1.0, 1.0], 0.05)
+    assert not ok
+
+
+def _play(eng: Engine, score: Callable[[int, int], float], rounds: int) -> list[Suggestion]:
+    """Complete segments member by member in index order; return every suggestion made."""
+    out: list[Suggestion] = []
+    cur = {s.member: s for s in eng.start()}
+    for _ in range(rounds):
+        for m in sorted(cur):
+            s = cur.pop(m)
+            for n in eng.tell(SegmentResult(m, s.segment, score(m, s.segment), s.steps_start + 10)):
+                cur[n.member] = n
+                out.append(n)
+        if not cur:
+            break
+    return out
+
+
+def test_significance_gates_exploit(make_spec: Any) -> None:
+    # member 0 trails the others by a hair with noise: not significant, so it keeps its weights
+    def noisy(m: int, k: int) -> float:
+        return (0.0 if m == 0 else 0.01) + random.Random(f"{m}/{k}").gauss(0, 1.0)
+
+    def clear(m: int, k: int) -> float:
+        return (0.0 if m == 0 else 100.0) + random.Random(f"{m}/{k}").gauss(0, 0.1)
+
+    def always_last(m: int, k: int) -> float:
+        return -1000.0 if m == 0 else noisy(m, k)
+
+    base = {"population": 4, "budget": {"segments": 8},
+            "exploit": {"fraction": 0.25, "significance": {"enabled": True, "window": 4, "alpha": 0.05}}}
+    for fn, expect_exploit in ((clear, True), (always_last, True)):
+        sugs = _play(Engine(spec_for(make_spec, **base)), fn, 8)
+        m0 = [s for s in sugs if s.member == 0]
+        assert any(s.kind == "exploit" for s in m0) == expect_exploit
+        # while the donor has a single score the test cannot speak: no exploit before that
+        first = next(i for i, s in enumerate(m0) if "significance" in s.reason or "welch" in s.reason)
+        assert "too few scores" in m0[first].reason and m0[first].kind == "continue"
+        assert all(s.kind == "continue" for s in m0[:first])
+    # member 0 is the worst of the four at nearly every decision, but not significantly
+    sugs = _play(Engine(spec_for(make_spec, **base)), lambda m, k: noisy(m, k) - (0.05 if m == 0 else 0), 8)
+    kept = [s for s in sugs if "kept weights" in s.reason]
+    assert kept, "the significance test never said no"
+    # without the test, the same history exploits whenever member 0 is in the bottom quarter
+    no_test = {**base, "exploit": {"fraction": 0.25}}
+    sugs2 = _play(Engine(spec_for(make_spec, **no_test)), lambda m, k: noisy(m, k) - (0.05 if m == 0 else 0), 8)
+    assert sum(s.kind == "exploit" for s in sugs2) > sum(s.kind == "exploit" for s in sugs)
+
+
+# --------------------------------------------------------------------------------------------------
+# stopping: target score, patience
+
+
+@pytest.mark.parametrize(("direction", "target", "hit"), [("max", 5.0, 5.0), ("min", 0.5, 0.4)])
+def test_target_score_stops(make_spec: Any, direction: str, target: float, hit: float) -> None:
+    spec = spec_for(make_spec, population=3, objective={"direction": direction},
+                    budget={"segments": 10, "targetScore": target})
+    eng = Engine(spec)
+    sugs = eng.start()
+    miss = 0.0 if direction == "max" else 10.0
+    assert eng.tell(SegmentResult(0, 0, miss, 10)) != []
+    assert eng.finished is None
+    assert eng.tell(SegmentResult(1, 0, hit, 10)) == []  # reached: nothing new starts
+    assert eng.finished is not None and eng.finished.startswith("TargetReached: member 1")
+    assert not eng.done  # members 0 (next segment decided) and 2 are still pending
+    eng.tell(SegmentResult(2, 0, miss, 10))
+    eng.cancel(0)  # the driver drops decided segments that never started
+    assert eng.done and eng.best is not None and eng.best.member == 1
+    assert len(sugs) == 3
+
+
+def test_target_not_reached_by_worse_scores(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, objective={"direction": "min"},
+                    budget={"segments": 2, "targetScore": 0.5})
+    eng = Engine(spec)
+    eng.start()
+    eng.tell(SegmentResult(0, 0, 0.6, 10))
+    eng.tell(SegmentResult(1, 0, 7.0, 10))
+    assert eng.finished is None
+
+
+def test_patience(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, budget={"segments": 50, "patience": 3})
+    eng = Engine(spec)
+    cur = {s.member: s for s in eng.start()}
+    told = 0
+    while cur and not eng.finished:
+        m = min(cur)
+        s = cur.pop(m)
+        score = 1.0 if told == 0 else 0.5  # the very first segment is never beaten
+        for n in eng.tell(SegmentResult(m, s.segment, score, s.steps_start + 10)):
+            cur[n.member] = n
+        told += 1
+    # patience counts segments without improvement: patience x population of them
+    assert told == 1 + 3 * 2
+    assert eng.finished is not None and eng.finished.startswith("PatienceExhausted")
+
+
+def test_patience_resets_on_improvement(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, budget={"segments": 8, "patience": 2})
+    w = World(Engine(spec), seed=0)  # scores grow every segment: always improving
+    w.run()
+    assert w.engine.finished is None and len(w.records) == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# failures and disruptions
+
+
+def test_retry_then_replace(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=3, failurePolicy={"maxRetries": 2, "onExhausted": "replace"})
+    eng = Engine(spec)
+    sugs = eng.start()
+    eng.tell(SegmentResult(1, 0, 5.0, 10))
+    eng.tell(SegmentResult(2, 0, 9.0, 10))
+    s = sugs[0]
+    for attempt in (1, 2):
+        (r,) = eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
+        # a retry: same segment, same hyperparameters, same checkpoint, next attempt
+        assert r.ref == s.ref and r.hyperparameters == s.hyperparameters and r.restore == s.restore
+        assert r.attempt == attempt and r.kind == s.kind
+        assert eng.last is not None and eng.last.status == "failed" and eng.last.error == "boom"
+    (r,) = eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
+    # exhausted (3 failures > maxRetries 2): replaced by a copy of the best member, explored
+    assert r.kind == "replace" and r.ref == (0, 0) and r.restore == (2, 0) and r.donor == 2
+    assert r.steps_start == 10 and spec.space.contains(r.hyperparameters)
+    assert "failed 3 times" in r.reason
+    assert len(eng.failures) == 3
+    assert eng.failed is None
+    (n,) = eng.tell(SegmentResult(0, 0, 10.0, 20))
+    assert n.segment == 1 and n.restore == (0, 0)
+
+
+def test_retry_then_fail(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 1, "onExhausted": "fail"})
+    eng = Engine(spec)
+    eng.start()
+    assert len(eng.tell(SegmentResult(0, 0, None, 0, error="boom"))) == 1
+    assert eng.tell(SegmentResult(0, 0, None, 0, error="boom")) == []
+    assert eng.failed is not None and eng.failed.startswith("SegmentFailed: member 0 segment 0 failed 2 times")
+    assert not eng.done  # member 1 still running
+    assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == []  # nothing new after the failure
+    assert eng.done
+
+
+def test_zero_retries(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 0, "onExhausted": "replace"})
+    eng = Engine(spec)
+    eng.start()
+    (r,) = eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
+    # nobody has a score yet: a fresh sample from the prior, from scratch
+    assert r.kind == "replace" and r.restore is None and r.steps_start == 0 and r.ref == (0, 0)
+
+
+def test_always_failing_worker_terminates(make_spec: Any) -> None:
+    """A worker that always fails must not make the run retry and replace forever."""
+    for mode in ("asynchronous", "synchronous"):
+        spec = spec_for(make_spec, population=3, mode=mode,
+                        failurePolicy={"maxRetries": 1, "onExhausted": "replace"})
+        w = World(Engine(spec), seed=1, always_fail=lambda s: True)
+        w.run(limit=200)
+        assert w.engine.done and w.engine.failed is not None
+    # only member 1's segment 2 is broken, whatever the weights: replaced once, then the run fails
+    spec = spec_for(make_spec, population=3, failurePolicy={"maxRetries": 1, "onExhausted": "replace"})
+    w = World(Engine(spec), seed=1, always_fail=lambda s: s.ref == (1, 2))
+    w.run(limit=200)
+    assert w.engine.done and w.engine.failed is not None and "member 1 segment 2" in w.engine.failed
+
+
+def test_disruption_reruns_without_counting_a_retry(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
+    eng = Engine(spec)
+    s = eng.start()[0]
+    for _ in range(5):
+        out = eng.tell(SegmentResult(0, 0, None, 0, disrupted=True))
+        assert out == [s]  # the very same suggestion: same checkpoint, same attempt
+        assert not eng.failures and eng.failed is None
+    # a real failure after all those disruptions is the first one: with maxRetries 0, it fails now
+    eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
+    assert eng.failed is not None and "failed 1 times" in eng.failed
+
+
+def test_disrupted_result_with_score_is_still_a_disruption(make_spec: Any) -> None:
+    eng = Engine(spec_for(make_spec, population=2))
+    s = eng.start()[0]
+    assert eng.tell(SegmentResult(0, 0, 3.0, 10, disrupted=True)) == [s]
+    assert not eng.records
+
+
+# --------------------------------------------------------------------------------------------------
+# lineage and garbage
+
+
+def _rec(member: int, segment: int, restore: Ref | None, score: float = 1.0, end: int = 10) -> Record:
+    sug = Suggestion(member, segment, {"x": 1.0}, restore, end - 10, 10, "start" if restore is None else "continue")
+    return Record(sug, score, end)
+
+
+def test_chain_and_schedule() -> None:
+    recs = {r.ref: r for r in [_rec(0, 0, None, end=10), _rec(1, 0, None, end=10), _rec(0, 1, (1, 0), end=20),
+                               _rec(0, 2, (0, 1), end=30)]}
+    assert [r.ref for r in chain(recs, (0, 2))] == [(1, 0), (0, 1), (0, 2)]
+    from pbt_operator.core.lineage import schedule
+
+    sched = schedule(recs, (0, 2))
+    assert [(s["member"], s["segment"], s["steps_start"], s["steps_end"]) for s in sched] == \
+        [(1, 0, 0, 10), (0, 1, 10, 20), (0, 2, 20, 30)]
+
+
+def test_chain_detects_cycles_and_gaps() -> None:
+    cyc = {r.ref: r for r in [_rec(0, 1, (1, 1)), _rec(1, 1, (0, 1))]}
+    with pytest.raises(ValueError, match="lineage cycle"):
+        chain(cyc, (0, 1))
+    gap = {r.ref: r for r in [_rec(0, 2, (0, 1))]}
+    with pytest.raises(ValueError, match="lineage gap: member 0 segment 1"):
+        chain(gap, (0, 2))
+
+
+def test_collectable_keeps_live_lineages() -> None:
+    recs = {r.ref: r for r in [
+        _rec(0, 0, None), _rec(1, 0, None), _rec(2, 0, None),
+        _rec(0, 1, (0, 0)), _rec(1, 1, (0, 0)), _rec(2, 1, (2, 0)),  # member 1 copied member 0
+        _rec(2, 2, (2, 1)),
+    ]}
+    latest = {0: (0, 1), 1: (1, 1), 2: (2, 2)}
+    assert collectable(recs, latest, [], None) == [(1, 0)]  # member 1's own first segment is dead
+    assert keep_set(recs, [(2, 2)]) == {(2, 2), (2, 1), (2, 0)}
+    # a pending restore keeps its checkpoint even if nobody's latest
+    pend = [Suggestion(1, 2, {"x": 1.0}, (1, 0), 10, 10, "exploit")]
+    assert collectable(recs, latest, pend, None) == []
+    # the best checkpoint is kept
+    latest2 = {0: (0, 1), 1: (1, 1), 2: (2, 1)}
+    assert (2, 2) in collectable(recs, latest2, [], None)
+    assert (2, 2) not in collectable(recs, latest2, [], (2, 2))
+    # already collected ones are listed once
+    assert collectable(recs, latest, [], None, already=[(1, 0)]) == []
+
+
+def test_garbage_is_listed_once_and_never_needed_later(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=8, budget={"segments": 10}, exploit={"fraction": 0.5})
+    w = World(Engine(spec), seed=11, check=invariants)
+    w.run()
+    assert w.garbage, "nothing was ever collectable: the test would prove nothing"
+    restores = {r.suggestion.restore for r in w.records if r.suggestion.restore is not None}
+    listed_at: dict[Ref, int] = {}
+    # recompute when each ref was first listed, and check no later segment restored from it
+    eng = Engine(spec)
+    w2 = World(eng, seed=11)
+    w2.start()
+    while w2.inflight:
+        before = set(w2.garbage)
+        w2.step()
+        for ref in w2.garbage - before:
+            listed_at[ref] = w2.tells
+    later_restores = [(i, r.suggestion.restore) for i, r in enumerate(w2.records, start=1)]
+    for ref, t in listed_at.items():
+        assert all(not (i > t and rs == ref) for i, rs in later_restores), ref
+    assert restores  # sanity: exploits happened
+
+
+def test_best_schedule_matches_lineage(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=6, budget={"segments": 8})
+    w = World(Engine(spec), seed=4)
+    w.run()
+    eng = w.engine
+    sched = eng.schedule()
+    assert eng.best is not None
+    assert sched[-1]["member"] == eng.best.member and sched[-1]["segment"] == eng.best.segment
+    assert sched[0]["steps_start"] == 0 and sched[-1]["steps_end"] == eng.best.steps_end
+    assert all(a["steps_end"] == b["steps_start"] for a, b in pairwise(sched))
+    # asynchronously a member may copy a donor that is ahead, so a lineage can be longer than one
+    # member's budget; in steps it is always exactly the best checkpoint's training
+    assert len(sched) == eng.best.steps_end // spec.segment.steps
+    assert any(s["kind"] == "exploit" for s in sched) or len({s["member"] for s in sched}) == 1

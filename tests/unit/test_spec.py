@@ -1,0 +1,374 @@
+"""The spec model: valid manifests parse to the right values; bad ones are rejected before anything
+runs, with one message per problem that names the field path and the value it got."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pbt_operator import cli
+from pbt_operator.spec import SpecError, load_manifest, parse_manifest
+
+# --------------------------------------------------------------------------------------------------
+# valid manifests
+
+
+def test_minimal_manifest_defaults(make_spec: Any) -> None:
+    spec = make_spec()
+    assert spec.name == "t"
+    assert spec.population == 4
+    assert spec.parallelism == 4  # defaults to the population
+    assert spec.mode == "asynchronous"
+    assert spec.objective.metric == "score" and spec.objective.direction == "max"
+    assert spec.exploit.strategy == "truncation" and spec.exploit.fraction == 0.25
+    assert spec.explore.strategy == "perturb" and spec.explore.factors == (0.8, 1.2)
+    assert spec.failure_policy.max_retries == 2 and spec.failure_policy.on_exhausted == "replace"
+    lr = spec.space["lr"]
+    assert lr.kind == "float" and lr.log and lr.low == 1e-4 and lr.high == 1e-1
+
+
+def test_full_manifest_values(make_spec: Any) -> None:
+    spec = make_spec({
+        "population": 8, "parallelism": 3, "mode": "synchronous", "seed": 7,
+        "objective": {"metric": "loss", "direction": "min"},
+        "segment": {"steps": 50, "timeoutSeconds": 30},
+        "budget": {"segments": 12, "targetScore": 0.1, "patience": 3},
+        "hyperparameters": {
+            "lr": {"type": "float", "min": 1e-5, "max": 1.0, "log": True, "initial": {"min": 1e-4, "max": 1e-2}},
+            "layers": {"type": "int", "min": 1, "max": 8, "initial": 2},
+            "opt": {"type": "categorical", "choices": ["sgd", "adam", 3], "initial": {"choices": ["adam"]}},
+        },
+        "exploit": {"strategy": "tournament", "size": 3,
+                    "significance": {"enabled": True, "alpha": 0.1, "window": 5}},
+        "explore": {"strategy": "resample", "factors": [0.5, 2], "resampleProbability": 0.5, "crossover": True},
+        "storage": {"uri": "s3://my-bucket/pbt", "credentialsSecret": "s3-creds"},
+        "worker": {"executor": "process", "command": ["python", "train.py"], "function": None,
+                   "env": {"A": "1", "B": 2}, "workingDir": "sub"},
+        "failurePolicy": {"maxRetries": 0, "onExhausted": "fail"},
+    })
+    assert (spec.population, spec.parallelism, spec.mode, spec.seed) == (8, 3, "synchronous", 7)
+    assert spec.objective.internal(2.0) == -2.0
+    assert spec.segment.steps == 50 and spec.segment.timeout_seconds == 30
+    assert (spec.budget.segments, spec.budget.target_score, spec.budget.patience) == (12, 0.1, 3)
+    assert spec.space.names == ["lr", "layers", "opt"]
+    assert spec.space["lr"].initial_low == 1e-4 and spec.space["lr"].initial_high == 1e-2
+    assert spec.space["layers"].initial == 2 and isinstance(spec.space["layers"].initial, int)
+    assert spec.space["opt"].choices == ("sgd", "adam", 3) and spec.space["opt"].initial_choices == ("adam",)
+    assert spec.exploit.strategy == "tournament" and spec.exploit.size == 3
+    assert spec.exploit.significance.enabled and spec.exploit.significance.alpha == 0.1
+    assert spec.exploit.significance.window == 5
+    assert spec.explore.factors == (0.5, 2.0) and spec.explore.crossover
+    assert spec.storage.uri == "s3://my-bucket/pbt"
+    assert spec.worker.command == ("python", "train.py") and spec.worker.env == {"A": "1", "B": "2"}
+    assert spec.failure_policy.on_exhausted == "fail"
+
+
+def test_examples_parse() -> None:
+    root = Path(__file__).resolve().parents[2]
+    spec = load_manifest(root / "examples" / "quadratic" / "populationtraining.yaml")
+    assert spec.name == "quadratic" and spec.worker.executor == "inline"
+    assert spec.base_dir == (root / "examples" / "quadratic").resolve()
+
+
+# --------------------------------------------------------------------------------------------------
+# bad manifests: each message names the field path
+
+HP = "spec.hyperparameters"
+
+BAD: list[tuple[str, dict[str, Any], list[str]]] = [
+    # wrong types
+    ("population-str", {"population": "4"}, ["spec.population: must be an integer (got '4')"]),
+    ("population-bool", {"population": True}, ["spec.population: must be an integer (got true)"]),
+    ("steps-float", {"segment": {"steps": 1.5}}, ["spec.segment.steps: must be an integer (got 1.5)"]),
+    ("fraction-str", {"exploit": {"fraction": "half"}}, ["spec.exploit.fraction: must be a finite number"]),
+    ("fraction-nan", {"exploit": {"fraction": float("nan")}}, ["spec.exploit.fraction: must be a finite number"]),
+    ("target-str", {"budget": {"targetScore": "high"}}, ["spec.budget.targetScore: must be a finite number"]),
+    ("crossover-str", {"explore": {"crossover": "yes"}}, ["spec.explore.crossover: must be true or false"]),
+    ("mode-choice", {"mode": "sync"}, ["spec.mode: must be one of: asynchronous, synchronous (got 'sync')"]),
+    ("direction-choice", {"objective": {"direction": "up"}}, ["spec.objective.direction: must be one of: max, min"]),
+    ("strategy-choice", {"exploit": {"strategy": "best"}}, ["spec.exploit.strategy: must be one of"]),
+    ("explore-choice", {"explore": {"strategy": "random"}}, ["spec.explore.strategy: must be one of"]),
+    ("section-str", {"budget": "lots"}, ["spec.budget: must be a mapping (got 'lots')"]),
+    ("section-zero", {"budget": 0}, ["spec.budget: must be a mapping (got 0)"]),
+    ("section-empty-str", {"objective": ""}, ["spec.objective: must be a mapping (got '')"]),
+    ("section-empty-list", {"exploit": []}, ["spec.exploit: must be a mapping (got [])"]),
+    ("nested-section", {"exploit": {"significance": "yes"}}, ["spec.exploit.significance: must be a mapping"]),
+    ("env-list", {"worker": {"env": ["A=1"]}}, ["spec.worker.env: must map names to strings"]),
+    ("env-empty-list", {"worker": {"env": []}}, ["spec.worker.env: must map names to strings"]),
+    ("env-bool", {"worker": {"env": {"A": True}}}, ["spec.worker.env: must map names to strings"]),
+    ("command-str", {"worker": {"executor": "process", "command": "python train.py"}},
+     ["spec.worker.command: must be a non-empty list of strings"]),
+    ("function-shape", {"worker": {"function": "no_colon"}}, ["spec.worker.function: must look like module:function"]),
+    ("template-list", {"template": []}, ["spec.template: must be a pod template mapping"]),
+    ("template-no-containers", {"worker": {"executor": "process", "function": None}, "template": {"spec": {}}},
+     ["spec.template.spec.containers: must be a non-empty list"]),
+    ("storage-scheme", {"storage": {"uri": "/tmp/x"}}, ["spec.storage.uri: must start with file://, s3:// or mem://"]),
+    ("storage-bucket", {"storage": {"uri": "s3://Bad_Bucket/x"}}, ["spec.storage.uri: must be s3://BUCKET"]),
+    # unknown fields, at every level
+    ("unknown-spec", {"popluation": 3}, ["spec.popluation: unknown field"]),
+    ("unknown-nested", {"budget": {"segmnts": 3}}, ["spec.budget.segmnts: unknown field"]),
+    ("unknown-deep", {"exploit": {"significance": {"enable": True}}}, ["spec.exploit.significance.enable: unknown field"]),
+    ("unknown-param", {"hyperparameters": {"lr": {"step": 2}}}, [f"{HP}.lr.step: unknown field"]),
+    ("unknown-pb2", {"explore": {"pb2": {"beta": 2}}}, ["spec.explore.pb2.beta: unknown field"]),
+    # ranges
+    ("population-1", {"population": 1}, ["spec.population: must be >= 2"]),
+    ("population-0", {"population": 0}, ["spec.population: must be >= 2"]),
+    ("parallelism-0", {"parallelism": 0}, ["spec.parallelism: must be >= 1 (got 0)"]),
+    ("seed-negative", {"seed": -1}, ["spec.seed: must be >= 0 (got -1)"]),
+    ("segments-0", {"budget": {"segments": 0}}, ["spec.budget.segments: must be >= 1 (got 0)"]),
+    ("patience-0", {"budget": {"patience": 0}}, ["spec.budget.patience: must be >= 1 (got 0)"]),
+    ("timeout-0", {"segment": {"timeoutSeconds": 0}}, ["spec.segment.timeoutSeconds: must be >= 1 (got 0)"]),
+    ("fraction-0", {"exploit": {"fraction": 0}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.0)"]),
+    ("fraction-0.6", {"exploit": {"fraction": 0.6}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.6)"]),
+    ("fraction-negative", {"exploit": {"fraction": -0.1}}, ["spec.exploit.fraction: must be in (0, 0.5]"]),
+    ("tournament-size", {"exploit": {"size": 5}}, ["spec.exploit.size: must be <= spec.population (4) (got 5)"]),
+    ("tournament-size-1", {"exploit": {"size": 1}}, ["spec.exploit.size: must be >= 2 (got 1)"]),
+    ("alpha-2", {"exploit": {"significance": {"alpha": 2}}}, ["spec.exploit.significance.alpha: must be in (0, 1)"]),
+    ("window-1", {"exploit": {"significance": {"window": 1}}}, ["spec.exploit.significance.window: must be >= 2"]),
+    ("factors-negative", {"explore": {"factors": [0.8, -1]}}, ["spec.explore.factors: must be a non-empty list"]),
+    ("factors-empty", {"explore": {"factors": []}}, ["spec.explore.factors: must be a non-empty list"]),
+    ("resample-p", {"explore": {"resampleProbability": 1.5}}, ["spec.explore.resampleProbability: must be in [0, 1]"]),
+    ("kappa", {"explore": {"pb2": {"kappa": -1}}}, ["spec.explore.pb2.kappa: must be >= 0"]),
+    ("pb2-parallel", {"explore": {"pb2": {"parallel": "magic"}}}, ["spec.explore.pb2.parallel: must be one of"]),
+    ("retries", {"failurePolicy": {"maxRetries": -1}}, ["spec.failurePolicy.maxRetries: must be >= 0 (got -1)"]),
+    ("exhausted", {"failurePolicy": {"onExhausted": "ignore"}}, ["spec.failurePolicy.onExhausted: must be one of"]),
+    # the worker
+    ("missing-function", {"worker": {"function": None}},
+     ["spec.worker.function: is required when executor is inline"]),
+    ("missing-command", {"worker": {"executor": "process", "function": None}},
+     ["spec.worker.command: is required when executor is process"]),
+    ("executor-choice", {"worker": {"executor": "docker"}}, ["spec.worker.executor: must be one of: process, inline"]),
+    # hyperparameters
+    ("hp-null-def", {"hyperparameters": {"lr": None}}, [f"{HP}.lr: must be a mapping"]),
+    ("hp-list", {"hyperparameters": ["lr"]}, [f"{HP}: must be a mapping of name -> definition"]),
+    ("hp-missing-type", {"hyperparameters": {"x": {"min": 0, "max": 1}}}, [f"{HP}.x.type: is required"]),
+    ("hp-bad-type", {"hyperparameters": {"x": {"type": "double", "min": 0, "max": 1}}},
+     [f"{HP}.x.type: must be one of: float, int, categorical (got 'double')"]),
+    ("hp-bad-name", {"hyperparameters": {"bad name": {"type": "float", "min": 0, "max": 1}}},
+     [f"{HP}.bad name: invalid hyperparameter name"]),
+    ("hp-missing-min", {"hyperparameters": {"x": {"type": "float", "max": 1}}}, [f"{HP}.x.min: is required"]),
+    ("hp-min-str", {"hyperparameters": {"x": {"type": "float", "min": "0", "max": 1}}},
+     [f"{HP}.x.min: must be a finite number (got '0')"]),
+    ("hp-reversed", {"hyperparameters": {"x": {"type": "float", "min": 2, "max": 1}}},
+     [f"{HP}.x.max: must be > min (2) (got 1)"]),
+    ("hp-equal", {"hyperparameters": {"x": {"type": "int", "min": 3, "max": 3}}}, [f"{HP}.x.max: must be > min (3)"]),
+    ("hp-log-negative", {"hyperparameters": {"lr": {"type": "float", "min": -1, "max": 1, "log": True}}},
+     [f"{HP}.lr.min: must be > 0 when log: true (got -1)"]),
+    ("hp-log-zero", {"hyperparameters": {"n": {"type": "int", "min": 0, "max": 5, "log": True}}},
+     [f"{HP}.n.min: must be > 0 when log: true (got 0)"]),
+    ("hp-log-str", {"hyperparameters": {"lr": {"log": "yes"}}}, [f"{HP}.lr.log: must be true or false"]),
+    ("hp-int-fraction", {"hyperparameters": {"n": {"type": "int", "min": 1.5, "max": 5}}},
+     [f"{HP}.n.min: must be an integer for type: int (got 1.5)"]),
+    ("hp-initial-outside", {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "initial": 2}}},
+     [f"{HP}.x.initial: must be within [min, max] = [0, 1] (got 2)"]),
+    ("hp-initial-int-fraction", {"hyperparameters": {"n": {"type": "int", "min": 0, "max": 4, "initial": 1.5}}},
+     [f"{HP}.n.initial: must be an integer for type: int (got 1.5)"]),
+    ("hp-initial-str", {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "initial": "a"}}},
+     [f"{HP}.x.initial: must be a number or {{min, max}}"]),
+    ("hp-initial-range-reversed",
+     {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "initial": {"min": 0.5, "max": 0.2}}}},
+     [f"{HP}.x.initial.max: initial range must satisfy min <= initial.min < initial.max <= max"]),
+    ("hp-initial-range-outside",
+     {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "initial": {"min": 0.5, "max": 2}}}},
+     [f"{HP}.x.initial.max: initial range must satisfy"]),
+    ("hp-initial-range-unknown",
+     {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "initial": {"lo": 0.5, "max": 0.7}}}},
+     [f"{HP}.x.initial.lo: unknown field", f"{HP}.x.initial.min: is required"]),
+    ("hp-int-initial-range-fraction",
+     {"hyperparameters": {"n": {"type": "int", "min": 1, "max": 5, "initial": {"min": 1.5, "max": 1.7}}}},
+     [f"{HP}.n.initial.min: must be an integer for type: int (got 1.5)"]),
+    ("cat-empty", {"hyperparameters": {"o": {"type": "categorical", "choices": []}}},
+     [f"{HP}.o.choices: must be a non-empty list of strings or numbers (got [])"]),
+    ("cat-missing", {"hyperparameters": {"o": {"type": "categorical"}}}, [f"{HP}.o.choices: must be a non-empty list"]),
+    ("cat-repeat", {"hyperparameters": {"o": {"type": "categorical", "choices": ["a", "a"]}}},
+     [f"{HP}.o.choices: must not repeat a value"]),
+    ("cat-bool", {"hyperparameters": {"o": {"type": "categorical", "choices": [True, False]}}},
+     [f"{HP}.o.choices: must be a non-empty list of strings or numbers"]),
+    ("cat-min", {"hyperparameters": {"o": {"type": "categorical", "choices": ["a"], "min": 0}}},
+     [f"{HP}.o.min: is not allowed for type: categorical"]),
+    ("cat-initial", {"hyperparameters": {"o": {"type": "categorical", "choices": ["a", "b"], "initial": "c"}}},
+     [f"{HP}.o.initial: must be one of"]),
+    ("cat-initial-subset",
+     {"hyperparameters": {"o": {"type": "categorical", "choices": ["a", "b"], "initial": {"choices": ["c"]}}}},
+     [f"{HP}.o.initial.choices: must be a non-empty subset of {HP}.o.choices"]),
+    ("float-choices", {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "choices": [0.5]}}},
+     [f"{HP}.x.choices: is only allowed for type: categorical"]),
+]
+
+
+@pytest.mark.parametrize(("updates", "expected"), [(u, e) for _, u, e in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_manifest_names_the_field(make_doc: Any, deep_merge: Any, updates: dict[str, Any],
+                                      expected: list[str]) -> None:
+    doc = make_doc()
+    if "hyperparameters" in updates:  # replace, don't merge: a test's space is exactly what it says
+        doc["spec"]["hyperparameters"] = {"lr": {"type": "float", "min": 1e-4, "max": 0.1, "log": True}}
+        hp = updates["hyperparameters"]
+        if isinstance(hp, dict) and list(hp) == ["lr"] and isinstance(hp["lr"], dict) and "type" not in hp["lr"]:
+            doc["spec"]["hyperparameters"]["lr"].update(hp["lr"])  # add one field to the base lr
+        else:
+            doc["spec"]["hyperparameters"] = hp
+        updates = {k: v for k, v in updates.items() if k != "hyperparameters"}
+    deep_merge(doc["spec"], updates)
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(doc)
+    text = str(ei.value)
+    for part in expected:
+        assert part in text, f"expected {part!r} in:\n{text}"
+    # one line per problem, each starting with a field path
+    assert all(":" in p for p in ei.value.problems)
+
+
+def test_message_example_from_the_docs(make_doc: Any) -> None:
+    doc = make_doc()
+    doc["spec"]["hyperparameters"] = {"lr": {"type": "float", "min": -1, "max": 1, "log": True}}
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(doc)
+    assert ei.value.problems == ["spec.hyperparameters.lr.min: must be > 0 when log: true (got -1)"]
+
+
+def test_empty_hyperparameters(make_doc: Any) -> None:
+    doc = make_doc()
+    doc["spec"]["hyperparameters"] = {}
+    with pytest.raises(SpecError, match=r"spec.hyperparameters: must define at least one hyperparameter"):
+        parse_manifest(doc)
+    del doc["spec"]["hyperparameters"]
+    with pytest.raises(SpecError, match=r"spec.hyperparameters: is required"):
+        parse_manifest(doc)
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        ({"apiVersion": "v1"}, "apiVersion: must be pbt.dev/v1alpha1 (got 'v1')"),
+        ({"kind": "Pod"}, "kind: must be PopulationTraining (got 'Pod')"),
+        ({"metadata": {"name": "Bad_Name"}}, "metadata.name: must be a DNS label"),
+        ({"metadata": {}}, "metadata.name: must be a DNS label"),
+        ({"metadata": {"name": "x" * 41}}, "metadata.name: must be a DNS label of at most 40"),
+        ({"metadata": ["t"]}, "metadata: must be a mapping"),
+        ({"metadata": []}, "metadata: must be a mapping (got [])"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"spec": None}, "spec: must be a mapping (got None)"),
+        ({"spec": [1]}, "spec: must be a mapping (got [1])"),
+    ],
+)
+def test_bad_document_top_level(make_doc: Any, top: dict[str, Any], expected: str) -> None:
+    doc = make_doc()
+    doc.update(top)
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(doc)
+    assert expected in str(ei.value)
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(SpecError, match="must be a mapping"):
+        parse_manifest(["not", "a", "manifest"])
+
+
+def test_every_problem_is_reported_at_once(make_doc: Any) -> None:
+    doc = make_doc()
+    doc["spec"].update({"population": 1, "mode": "sync", "popluation": 3})
+    doc["spec"]["hyperparameters"] = {
+        "lr": {"type": "float", "min": -1, "max": 1, "log": True},
+        "n": {"type": "int", "min": 5, "max": 2},
+    }
+    doc["spec"]["exploit"] = {"fraction": 0.9}
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(doc)
+    probs = ei.value.problems
+    for path in ("spec.population:", "spec.mode:", "spec.popluation:", "spec.hyperparameters.lr.min:",
+                 "spec.hyperparameters.n.max:", "spec.exploit.fraction:"):
+        assert any(p.startswith(path) for p in probs), (path, probs)
+    assert len(probs) == len(set(probs))
+
+
+def test_load_manifest_file_errors(tmp_path: Path, make_doc: Any) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_manifest(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_manifest(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(SpecError, match="contains no PopulationTraining document"):
+        load_manifest(empty)
+    # a multi-document file: the PopulationTraining is picked out
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Secret"}, make_doc()]))
+    assert load_manifest(multi).name == "t"
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line: a bad manifest exits 2 with the message and creates no run folder
+
+
+def _write(tmp_path: Path, doc: dict[str, Any], name: str = "m.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _bad_doc(make_doc: Any) -> dict[str, Any]:
+    doc = make_doc()
+    doc["spec"]["hyperparameters"] = {"lr": {"type": "float", "min": -1, "max": 1, "log": True}}
+    doc["spec"]["popluation"] = 3
+    return doc
+
+
+def test_cli_validate_bad_manifest(tmp_path: Path, make_doc: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, _bad_doc(make_doc))
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.hyperparameters.lr.min: must be > 0 when log: true (got -1)" in err
+    assert "spec.popluation: unknown field" in err
+
+
+def test_cli_validate_good_manifest(tmp_path: Path, make_doc: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, make_doc())
+    assert cli.main(["validate", str(path)]) == 0
+    assert "valid PopulationTraining 't'" in capsys.readouterr().out
+
+
+def test_cli_run_bad_manifest_creates_nothing(tmp_path: Path, make_doc: Any, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, _bad_doc(make_doc))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.main(["run", str(path), "--quiet"]) == 2
+    assert "spec.hyperparameters.lr.min: must be > 0" in capsys.readouterr().err
+    assert cli.main(["run", str(path), "--quiet", "--out", str(tmp_path / "out"), "--fresh"]) == 2
+    assert list(work.iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_unimportable_function_creates_nothing(tmp_path: Path, make_doc: Any,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A function that cannot be imported is a bad manifest too: exit 2 with the field, no run folder
+    (which would otherwise make the corrected manifest's next `pbt run` demand --resume)."""
+    doc = make_doc({"worker": {"function": "no_such_module_xyz:fn"}})
+    path = _write(tmp_path, doc)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.worker.function" in err and "no_such_module_xyz" in err
+    assert not out.exists()
+
+
+def test_cli_process_exit_code(tmp_path: Path, make_doc: Any) -> None:
+    """The real console entry point, as a user runs it."""
+    path = _write(tmp_path, _bad_doc(make_doc))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": ""}
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(out)]):
+        proc = subprocess.run([sys.executable, "-m", "pbt_operator.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "spec.hyperparameters.lr.min: must be > 0 when log: true (got -1)" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not out.exists()
