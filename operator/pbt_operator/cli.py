@@ -92,6 +92,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Run the operator: kopf with our handlers, JSON logs, a health endpoint."""
+    import asyncio
+    import logging
+
+    import kopf
+
+    from .kube import handlers  # noqa: F401  (registers the handlers)
+
+    if args.log_format == "json":
+        kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
+    else:
+        kopf.configure(verbose=args.verbose)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    namespaces = [n for n in (args.namespace or []) if n]
+    asyncio.run(kopf.operator(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    ))
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .kube.crds import render
+
+    files = render()
+    if args.write:
+        out = Path(args.write)
+        out.mkdir(parents=True, exist_ok=True)
+        for fname, text in files.items():
+            (out / fname).write_text(text)
+            print(f"wrote {out / fname}")
+    else:
+        print("---\n".join(files.values()), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pbt", description="Population Based Training, locally or on Kubernetes")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="show a run's best member and schedule")
     s.add_argument("target", help="a run folder")
     s.set_defaults(fn=cmd_status)
+    o = sub.add_parser("operator", help="run the Kubernetes operator")
+    o.add_argument("--namespace", "-n", action="append", help="watch only these namespaces (default: all)")
+    o.add_argument("--peering", default="", help="kopf peering name (for several replicas)")
+    o.add_argument("--health-port", type=int, default=8080)
+    o.add_argument("--log-format", choices=("json", "plain"), default="json")
+    o.add_argument("--verbose", action="store_true")
+    o.set_defaults(fn=cmd_operator)
+    c = sub.add_parser("crds", help="print (or --write DIR) the CustomResourceDefinitions")
+    c.add_argument("--write", metavar="DIR")
+    c.set_defaults(fn=cmd_crds)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

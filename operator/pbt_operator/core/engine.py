@@ -98,10 +98,12 @@ class Engine:
         if self.spec.mode == "asynchronous":
             nxt = self._next(result.member)
             return [nxt] if nxt is not None else []
-        if self.pending:
+        if any(s.segment <= result.segment for s in self.pending.values()):
             return []  # the barrier: generation g+1 waits for all of g
         # Decided members become pending one by one, so PB2 sees the earlier choices of this batch.
-        batch = [self._next(m) for m in sorted(self.latest)]
+        # Members already pending were decided by an earlier, interrupted pass over this same batch
+        # (a driver that crashed half-way through persisting it): they keep their decision.
+        batch = [self._next(m) for m in sorted(self.latest) if m not in self.pending]
         return [s for s in batch if s is not None]
 
     def cancel(self, member: int) -> None:

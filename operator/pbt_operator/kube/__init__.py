@@ -1,0 +1,1 @@
+"""Kubernetes side: CRDs, pure builders, the reconcile plan, and thin kopf handlers."""

@@ -1,0 +1,72 @@
+"""The operator's only contact with the API server: read a training's world, apply a Plan.
+
+Creates are create-if-absent (409 means an earlier pass, perhaps before a crash, already did it).
+Writes go in the order that keeps the write-ahead promise: finished segments into member status
+first, then the decided next segments into member specs, then the Jobs that run them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .builders import LABEL_TRAINING
+from .crds import GROUP, VERSION
+from .reconcile import Plan
+
+log = logging.getLogger("pbt_operator")
+TRAININGS = "populationtrainings"
+MEMBERS = "populationmembers"
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Api:
+    def __init__(self) -> None:
+        self.custom = client.CustomObjectsApi()
+        self.batch = client.BatchV1Api()
+        self.core = client.CoreV1Api()
+        self.sanitize = client.ApiClient().sanitize_for_serialization
+
+    def training(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, TRAININGS, name)  # type: ignore[no-any-return]
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def world(self, ns: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        sel = f"{LABEL_TRAINING}={name}"
+        members = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, label_selector=sel)["items"]
+        jobs = self.sanitize(self.batch.list_namespaced_job(ns, label_selector=sel).items)
+        pods = self.sanitize(self.core.list_namespaced_pod(ns, label_selector=sel).items)
+        return members, jobs, pods
+
+    def apply(self, ns: str, name: str, p: Plan) -> None:
+        for m in p.create_members:
+            self._create(lambda body=m: self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body))
+        for mname, st in p.member_statuses.items():
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, MEMBERS, mname, {"status": st})
+        for mname, seg in p.member_specs.items():
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})
+        for job in p.create_jobs:
+            self._create(lambda body=job: self.batch.create_namespaced_job(ns, body))
+        if p.status:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, TRAININGS, name, {"status": p.status})
+
+    @staticmethod
+    def _create(fn: Any) -> None:
+        try:
+            fn()
+        except ApiException as e:
+            if e.status != 409:
+                raise

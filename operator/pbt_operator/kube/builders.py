@@ -1,0 +1,136 @@
+"""Pure builders for the objects the operator creates: members, segment Jobs, status documents.
+
+No API calls here: every function takes plain dicts and returns plain dicts, so each is unit tested
+on its own and the handlers stay a few lines long.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..contract import build_contract
+from ..core.types import Record, Suggestion
+from ..local.progress import fmt_hp
+from .crds import API_VERSION
+
+LABEL_TRAINING = "pbt.dev/training"
+LABEL_MEMBER = "pbt.dev/member"
+LABEL_SEGMENT = "pbt.dev/segment"
+LABEL_ATTEMPT = "pbt.dev/attempt"
+TERMINATION_LOG = "/dev/termination-log"
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+
+
+def member_name(training: str, index: int) -> str:
+    return f"{training}-m{index:03d}"
+
+
+def job_name(training: str, sug: Suggestion) -> str:
+    """Deterministic: the same decision always maps to the same Job, so a create after a crash is a
+    409 (already done), never a second run of the segment."""
+    return f"{training}-m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}"
+
+
+def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def build_member(training: Mapping[str, Any], sug: Suggestion) -> dict[str, Any]:
+    name = training["metadata"]["name"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "PopulationMember",
+        "metadata": {
+            "name": member_name(name, sug.member),
+            "namespace": training["metadata"]["namespace"],
+            "labels": {LABEL_TRAINING: name, LABEL_MEMBER: str(sug.member)},
+            "ownerReferences": [owner_reference(training)],
+        },
+        "spec": {"training": name, "index": sug.member, "segment": sug.to_dict()},
+    }
+
+
+def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Suggestion, root: str,
+              gc: Sequence[str], template: Mapping[str, Any], credentials_secret: str | None,
+              timeout_seconds: int | None) -> dict[str, Any]:
+    """The segment's Job: the user's pod template untouched (GPU requests, node selectors,
+    tolerations, priority class), plus the contract in PBT_SEGMENT, storage credentials referenced
+    from the user's Secret (the operator never reads it), no API token, and a pod failure policy
+    under which a disruption reruns the pod from the same checkpoint without counting as a failure."""
+    tname = training["metadata"]["name"]
+    contract = build_contract(tname, sug, root, TERMINATION_LOG, gc)
+    labels = {LABEL_TRAINING: tname, LABEL_MEMBER: str(sug.member), LABEL_SEGMENT: str(sug.segment),
+              LABEL_ATTEMPT: str(sug.attempt)}
+    pod = copy.deepcopy(dict(template))
+    meta = dict(pod.get("metadata") or {})
+    meta["labels"] = {**(meta.get("labels") or {}), **labels}
+    pod["metadata"] = meta
+    pspec = dict(pod.get("spec") or {})
+    pspec["restartPolicy"] = "Never"
+    pspec["automountServiceAccountToken"] = False
+    containers = [dict(c) for c in pspec.get("containers") or []]
+    main = containers[0]
+    env = [e for e in main.get("env") or [] if e.get("name") != "PBT_SEGMENT"]
+    env.append({"name": "PBT_SEGMENT", "value": json.dumps(contract, separators=(",", ":"))})
+    if credentials_secret:
+        have = {e.get("name") for e in env}
+        for key in AWS_KEYS:
+            if key not in have:
+                env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": key,
+                                                                         "optional": True}}})
+    main["env"] = env
+    main.setdefault("terminationMessagePath", TERMINATION_LOG)
+    main.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    containers[0] = main
+    pspec["containers"] = containers
+    pod["spec"] = pspec
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(tname, sug),
+            "namespace": training["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(member)],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [0]}},
+            ]},
+            "template": pod,
+        },
+    }
+    if timeout_seconds:
+        job["spec"]["activeDeadlineSeconds"] = timeout_seconds
+    return job
+
+
+def member_status(sug: Suggestion | None, history: Sequence[Mapping[str, Any]], phase: str,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What `kubectl get pbtm` shows: current segment, latest score, hyperparameters, parent."""
+    done = [h for h in history if h.get("status") == "done"]
+    last = done[-1] if done else None
+    st: dict[str, Any] = {"phase": phase, "history": list(history)}
+    if sug is not None:
+        st["segment"] = sug.segment
+        st["summary"] = fmt_hp(sug.hyperparameters, 60)
+        st["parent"] = f"m{sug.restore[0]}/s{sug.restore[1]}" if sug.restore else "-"
+    if last is not None:
+        st["score"] = last.get("score")
+        st["completedSegment"] = last["suggestion"]["segment"]
+    st.update(extra or {})
+    return st
+
+
+def record_entry(rec: Record, finished_at: str, job: str) -> dict[str, Any]:
+    d = rec.to_dict()
+    d["finishedAt"] = finished_at
+    d["job"] = job
+    return d

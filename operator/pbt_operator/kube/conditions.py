@@ -1,0 +1,61 @@
+"""Condition types and reasons, in one place (Kubernetes API conventions: adjective or past-tense
+types, CamelCase reasons), and the one function that sets a condition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Types
+READY = "Ready"
+PROGRESSING = "Progressing"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+
+# Reasons
+MEMBERS_CREATED = "MembersCreated"
+SEGMENTS_RUNNING = "SegmentsRunning"
+WAITING_FOR_SLOTS = "WaitingForSlots"
+BUDGET_EXHAUSTED = "BudgetExhausted"
+TARGET_REACHED = "TargetReached"
+PATIENCE_EXHAUSTED = "PatienceExhausted"
+INVALID_SPEC = "InvalidSpec"
+SEGMENT_FAILED = "SegmentFailed"
+COMPLETED = "Completed"
+NOT_FINISHED = "NotFinished"
+NO_FAILURE = "NoFailure"
+
+# Event reasons
+EV_MEMBER_CREATED = "MemberCreated"
+EV_EXPLOITED = "Exploited"
+EV_EXPLORED = "Explored"
+EV_SEGMENT_STARTED = "SegmentStarted"
+EV_SEGMENT_FAILED = "SegmentFailed"
+EV_SEGMENT_RETRIED = "SegmentRetried"
+EV_MEMBER_REPLACED = "MemberReplaced"
+EV_DISRUPTED = "SegmentDisrupted"
+EV_CHECKPOINT_MISSING = "CheckpointMissing"
+EV_COMPLETED = "Completed"
+EV_FAILED = "TrainingFailed"
+EV_INVALID = "InvalidSpec"
+
+
+def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,
+                  now: str, generation: int | None = None) -> list[dict[str, Any]]:
+    """Return a new list with `type_` set. lastTransitionTime only moves when the status flips, so
+    watchers can tell how long a condition has held."""
+    out = [dict(c) for c in (conditions or [])]
+    st = "True" if status else "False"
+    for c in out:
+        if c.get("type") == type_:
+            if c.get("status") != st:
+                c["lastTransitionTime"] = now
+            c.update(status=st, reason=reason, message=message[:1024])
+            if generation is not None:
+                c["observedGeneration"] = generation
+            return out
+    new: dict[str, Any] = {"type": type_, "status": st, "reason": reason, "message": message[:1024],
+                           "lastTransitionTime": now}
+    if generation is not None:
+        new["observedGeneration"] = generation
+    out.append(new)
+    return out

@@ -1,0 +1,222 @@
+"""The CustomResourceDefinitions, built in Python and written to crds/ by `pbt crds`.
+
+The schema repeats what `spec.parse_spec` checks wherever OpenAPI and CEL can say it, so most bad
+manifests are refused by `kubectl apply` itself; the operator still parses every object with the spec
+model and marks anything the schema let through as Failed with the field named. A test applies a
+corpus of manifests to a real API server and checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUP = "pbt.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+_str: dict[str, Any] = {"type": "string", "minLength": 1}
+_int: dict[str, Any] = {"type": "integer"}
+_num: dict[str, Any] = {"type": "number"}
+_any: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    out.update(extra)
+    return out
+
+
+def _enum(*values: str) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values)}
+
+
+def _min(n: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": n}
+
+
+HYPERPARAMETER = _obj(
+    {
+        "type": _enum("float", "int", "categorical"),
+        "min": _num,
+        "max": _num,
+        "log": {"type": "boolean"},
+        # Choices may mix strings and numbers (e.g. dropout [0.1, 0.2] or optimizer [sgd, adam]).
+        "choices": {"type": "array", "minItems": 1, "items": _any},
+        "initial": _any,
+    },
+    required=["type"],
+    **{
+        "x-kubernetes-validations": [
+            {"rule": "self.type == 'categorical' ? has(self.choices) : (has(self.min) && has(self.max))",
+             "message": "float and int need min and max; categorical needs choices"},
+            {"rule": "self.type != 'categorical' || (!has(self.min) && !has(self.max) && !has(self.log))",
+             "message": "min, max and log are not allowed for type: categorical (use choices)"},
+            {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "max must be > min"},
+            {"rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0",
+             "message": "min must be > 0 when log: true"},
+        ]
+    },
+)
+
+TRAINING_SPEC = _obj(
+    {
+        "population": {"type": "integer", "minimum": 2, "maximum": 1000},
+        "parallelism": _min(1),
+        "mode": _enum("asynchronous", "synchronous"),
+        "seed": _min(0),
+        "objective": _obj({"metric": _str, "direction": _enum("max", "min")}),
+        "segment": _obj({"steps": _min(1), "timeoutSeconds": _min(1)}),
+        "budget": _obj({"segments": _min(1), "targetScore": _num, "patience": _min(1)}),
+        "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER},
+        "exploit": _obj({
+            "strategy": _enum("truncation", "tournament", "none"),
+            "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
+            "size": _min(2),
+            "significance": _obj({
+                "enabled": {"type": "boolean"},
+                "alpha": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                          "exclusiveMaximum": True, "maximum": 1},
+                "window": _min(2),
+            }),
+        }),
+        "explore": _obj({
+            "strategy": _enum("perturb", "resample", "pb2"),
+            "factors": {"type": "array", "minItems": 1,
+                        "items": {"type": "number", "exclusiveMinimum": True, "minimum": 0}},
+            "resampleProbability": {"type": "number", "minimum": 0, "maximum": 1},
+            "crossover": {"type": "boolean"},
+            "pb2": _obj({
+                "parallel": _enum("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"),
+                "window": _min(1), "maxRows": _min(8), "minRows": _min(2), "candidates": _min(1),
+                "restarts": _min(0), "kappa": {"type": "number", "minimum": 0},
+            }),
+        }),
+        "storage": _obj({
+            "uri": {"type": "string", "pattern": "^(file|s3|mem)://"},
+            "credentialsSecret": _str,
+        }),
+        "worker": _obj({
+            "executor": _enum("process", "inline"),
+            "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "function": _str,
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "workingDir": _str,
+            "pool": _enum("threads", "processes"),
+        }),
+        # A PodTemplateSpec, kept as the user wrote it (GPU requests, tolerations, node selectors).
+        "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "failurePolicy": _obj({"maxRetries": _min(0), "onExhausted": _enum("replace", "fail")}),
+    },
+    required=["population", "hyperparameters"],
+    **{
+        "x-kubernetes-validations": [
+            {"rule": "self.population == oldSelf.population", "message": "population is immutable"},
+            {"rule": "self.hyperparameters == oldSelf.hyperparameters",
+             "message": "hyperparameters (the search space) are immutable"},
+            {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
+             "message": "exploit.size must be <= population"},
+        ]
+    },
+)
+
+CONDITIONS = {
+    "type": "array",
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+    "items": _obj(
+        {
+            "type": _str, "status": _enum("True", "False", "Unknown"), "reason": {"type": "string"},
+            "message": {"type": "string"}, "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": _int,
+        },
+        required=["type", "status"],
+    ),
+}
+
+TRAINING_STATUS = _obj(
+    {"conditions": CONDITIONS, "observedGeneration": _int, "running": _int, "queued": _int},
+    **{"x-kubernetes-preserve-unknown-fields": True},
+)
+
+
+def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: list[dict[str, Any]],
+         scale: bool) -> dict[str, Any]:
+    subresources: dict[str, Any] = {"status": {}}
+    if scale:
+        subresources["scale"] = {"specReplicasPath": ".spec.parallelism", "statusReplicasPath": ".status.running"}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": [short], "categories": ["pbt"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": schema},
+                "subresources": subresources,
+                "additionalPrinterColumns": columns,
+            }],
+        },
+    }
+
+
+def _cond(type_: str) -> str:
+    return f'.status.conditions[?(@.type=="{type_}")].status'
+
+
+def training_crd() -> dict[str, Any]:
+    schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                   "spec": TRAINING_SPEC, "status": TRAINING_STATUS}, required=["spec"])
+    cols = [
+        {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+        {"name": "Gen", "type": "integer", "jsonPath": ".status.generation"},
+        {"name": "Best", "type": "number", "jsonPath": ".status.best.score"},
+        {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric"},
+        {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
+        {"name": "Queued", "type": "integer", "jsonPath": ".status.queued"},
+        {"name": "Ready", "type": "string", "jsonPath": _cond("Ready")},
+        {"name": "Succeeded", "type": "string", "jsonPath": _cond("Succeeded")},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd("PopulationTraining", "populationtrainings", "pbt", schema, cols, scale=True)
+
+
+def member_crd() -> dict[str, Any]:
+    spec = _obj(
+        {"training": _str, "index": _min(0), "segment": _any},
+        required=["training", "index"],
+    )
+    status = _obj({"conditions": CONDITIONS}, **{"x-kubernetes-preserve-unknown-fields": True})
+    schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                   "spec": spec, "status": status}, required=["spec"])
+    cols = [
+        {"name": "Training", "type": "string", "jsonPath": ".spec.training"},
+        {"name": "Segment", "type": "integer", "jsonPath": ".status.segment"},
+        {"name": "Score", "type": "number", "jsonPath": ".status.score"},
+        {"name": "Hyperparameters", "type": "string", "jsonPath": ".status.summary"},
+        {"name": "Parent", "type": "string", "jsonPath": ".status.parent"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd("PopulationMember", "populationmembers", "pbtm", schema, cols, scale=False)
+
+
+def all_crds() -> list[dict[str, Any]]:
+    return [training_crd(), member_crd()]
+
+
+def render() -> dict[str, str]:
+    """File name -> YAML text, as kept in crds/ and charts/pbt-operator/crds/."""
+    import yaml
+
+    header = "# Generated by `pbt crds --write crds/` from pbt_operator/kube/crds.py: do not edit by hand.\n"
+    return {
+        f"{c['spec']['names']['plural']}.yaml": header + yaml.safe_dump(c, sort_keys=False, width=120)
+        for c in all_crds()
+    }

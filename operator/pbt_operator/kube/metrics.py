@@ -1,0 +1,64 @@
+"""Prometheus metrics of the operator (served on PBT_METRICS_PORT, default 8000)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+SEGMENTS_STARTED = Counter("pbt_segments_started_total", "Segment Jobs created", ["namespace", "training"])
+SEGMENTS_FINISHED = Counter("pbt_segments_finished_total", "Segments finished with a score", ["namespace", "training"])
+SEGMENTS_FAILED = Counter("pbt_segments_failed_total", "Segments that failed", ["namespace", "training"])
+SEGMENTS_DISRUPTED = Counter("pbt_segments_disrupted_total", "Segment pods disrupted (rerun, not failed)",
+                             ["namespace", "training"])
+EXPLOITS = Counter("pbt_exploits_total", "Exploit decisions", ["namespace", "training", "strategy"])
+EXPLORES = Counter("pbt_explores_total", "Explore decisions", ["namespace", "training", "strategy"])
+DECISION_SECONDS = Histogram("pbt_reconcile_plan_seconds", "Time to compute one reconcile plan (decisions included)",
+                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+SEGMENT_SECONDS = Histogram("pbt_segment_duration_seconds", "Segment Job duration",
+                            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600))
+RUNNING = Gauge("pbt_running_segments", "Segment Jobs running", ["namespace", "training"])
+QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", ["namespace", "training"])
+BEST = Gauge("pbt_best_score", "Best score so far", ["namespace", "training"])
+RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", ["namespace", "training"])
+
+_EVENT_COUNTERS = {
+    "SegmentFailed": SEGMENTS_FAILED,
+    "SegmentDisrupted": SEGMENTS_DISRUPTED,
+}
+
+
+def start_server_from_env() -> None:
+    port = int(os.environ.get("PBT_METRICS_PORT", "8000"))
+    if port > 0:
+        try:
+            start_http_server(port, addr=os.environ.get("PBT_METRICS_ADDR", "0.0.0.0"))
+        except OSError:
+            pass  # a second operator in the same process (tests) or the port is taken: metrics are optional
+
+
+def observe_plan(ns: str, name: str, seconds: float, plan: Any) -> None:
+    DECISION_SECONDS.observe(seconds)
+    st = plan.status or {}
+    RUNNING.labels(ns, name).set(st.get("running", 0))
+    QUEUED.labels(ns, name).set(st.get("queued", 0))
+    best = (st.get("best") or {}).get("score")
+    if best is not None:
+        BEST.labels(ns, name).set(best)
+    if plan.started:
+        SEGMENTS_STARTED.labels(ns, name).inc(len(plan.started))
+    spec = plan.spec
+    for ev in plan.events:
+        if ev.reason == "Exploited" and spec is not None:
+            EXPLOITS.labels(ns, name, spec.exploit.strategy).inc()
+        if ev.reason == "Explored" and spec is not None:
+            EXPLORES.labels(ns, name, spec.explore.strategy).inc()
+    if plan.finished:
+        SEGMENTS_FINISHED.labels(ns, name).inc(plan.finished)
+
+
+def count_event(reason: str, ns: str, name: str) -> None:
+    c = _EVENT_COUNTERS.get(reason)
+    if c is not None:
+        c.labels(ns, name).inc()

@@ -1,0 +1,385 @@
+"""One reconcile pass of a PopulationTraining, as a pure function of what the API server holds.
+
+`plan(training, members, jobs, pods, now)` returns every write to make: members to create, member
+spec and status patches, Jobs to create, the training's status, and Events. The state it reads is
+the whole state: member specs hold the decided next segment (written before its Job exists), member
+statuses hold finished segments (written before the next decision). Rebuilding the engine from them
+and re-telling any finished segment whose decision was not persisted yet reproduces exactly the
+decisions an uninterrupted operator would have made, so a kill -9 at any point loses nothing and
+repeats nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..checkpoints import checkpoint_uri
+from ..contract import parse_result
+from ..core.engine import Engine
+from ..core.explore import describe_change
+from ..core.types import Record, SegmentResult, Suggestion
+from ..local.runner import pick_next
+from ..spec import SpecError, TrainingSpec, parse_spec
+from . import conditions as C
+from .builders import (
+    LABEL_MEMBER,
+    build_job,
+    build_member,
+    job_name,
+    member_name,
+    member_status,
+    record_entry,
+)
+
+
+@dataclass
+class EventSpec:
+    target: str  # "training" or a member name
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create_members: list[dict[str, Any]] = field(default_factory=list)
+    member_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec.segment
+    member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    create_jobs: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[EventSpec] = field(default_factory=list)
+    collected: set[tuple[int, int]] = field(default_factory=set)
+    done: bool = False
+    spec: TrainingSpec | None = None
+    started: list[str] = field(default_factory=list)  # job names created this pass (metrics)
+    finished: int = 0  # segments that finished with a score this pass (metrics)
+
+
+def storage_root(spec: TrainingSpec) -> str:
+    uri = spec.storage.uri
+    if uri is None:
+        raise SpecError(["spec.storage.uri: is required in Kubernetes (s3://BUCKET/PREFIX)"])
+    return uri.rstrip("/")
+
+
+def _cond_true(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: Suggestion,
+                metric: str) -> SegmentResult | None:
+    """None while the Job runs; otherwise the segment's result read from the termination message."""
+    complete = _cond_true(job, "Complete") or _cond_true(job, "SuccessCriteriaMet")
+    failed = _cond_true(job, "Failed") or _cond_true(job, "FailureTarget")
+    if not complete and not failed:
+        return None
+    name = job["metadata"]["name"]
+    mine = [p for p in pods if (p.get("metadata", {}).get("labels") or {}).get("job-name") == name
+            or any(o.get("name") == name for o in p.get("metadata", {}).get("ownerReferences") or [])]
+    terminated = []
+    for p in mine:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated")
+            if t:
+                terminated.append((p, t))
+    if complete:
+        ok = [t for _, t in terminated if t.get("exitCode") == 0]
+        msg = ok[-1].get("message") if ok else None
+        if msg is None:
+            return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                 error="Job completed but its pod left no termination message")
+        return parse_result(msg, sug, metric)
+    reason = (failed or {}).get("reason", "")
+    if reason == "DeadlineExceeded":
+        return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                             error="timed out (spec.segment.timeoutSeconds); the Job was stopped")
+    if terminated:
+        t = terminated[-1][1]
+        msg = (t.get("message") or "").strip()
+        return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                             error=f"exit code {t.get('exitCode')}: {msg[-300:] or t.get('reason', '')}")
+    return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                         error=f"Job failed: {reason} {(failed or {}).get('message', '')}".strip())
+
+
+def _result_of(rec: Record) -> SegmentResult:
+    return SegmentResult(rec.member, rec.segment, rec.score, rec.steps_end, rec.metrics,
+                         error=rec.error if rec.status != "done" else None, duration=rec.duration)
+
+
+def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs: Sequence[Mapping[str, Any]],
+         pods: Sequence[Mapping[str, Any]], now: str, collected: set[tuple[int, int]] | None = None) -> Plan:
+    out = Plan(collected=set(collected or ()))
+    meta = training["metadata"]
+    name = meta["name"]
+    generation = meta.get("generation")
+    old_status = training.get("status") or {}
+    conds = list(old_status.get("conditions") or [])
+    try:
+        spec = parse_spec(training.get("spec"), name=name, namespace=meta.get("namespace"))
+        root = storage_root(spec)
+        if spec.template is None:
+            raise SpecError(["spec.template: is required in Kubernetes (a pod template with the training container)"])
+    except SpecError as e:
+        msg = "; ".join(e.problems)
+        out.status = {
+            "phase": "Failed", "observedGeneration": generation,
+            "conditions": _set_all(conds, now, generation, ready=(False, C.INVALID_SPEC, msg),
+                                   progressing=(False, C.INVALID_SPEC, msg), succeeded=(False, C.INVALID_SPEC, msg),
+                                   failed=(True, C.INVALID_SPEC, msg)),
+        }
+        if not (_cond_true(training, C.FAILED) or {}).get("reason") == C.INVALID_SPEC:
+            out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
+        out.done = True
+        return out
+    out.spec = spec
+
+    by_index: dict[int, Mapping[str, Any]] = {}
+    for m in members:
+        by_index[int(m["spec"]["index"])] = m
+    histories: dict[int, list[dict[str, Any]]] = {i: list((m.get("status") or {}).get("history") or [])
+                                                  for i, m in by_index.items()}
+
+    # -- rebuild the engine ---------------------------------------------------------------------
+    entries = sorted((h for hs in histories.values() for h in hs),
+                     key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
+                                    h["suggestion"].get("attempt", 0)))
+    current: dict[int, Suggestion] = {}
+    for i, m in by_index.items():
+        seg = (m.get("spec") or {}).get("segment")
+        if seg:
+            current[i] = Suggestion.from_dict(seg)
+    to_tell: list[Record] = []
+    records: list[Record] = []
+    for h in entries:
+        rec = Record.from_dict(h)
+        cur = current.get(rec.member)
+        if cur is not None and cur.ref == rec.ref and cur.attempt == rec.suggestion.attempt:
+            to_tell.append(rec)  # finished, but its decision was never persisted: tell it again
+        else:
+            records.append(rec)
+    engine = Engine(spec, records, current.values())
+    new_members: list[Suggestion] = []
+    if not by_index:
+        new_members = engine.start()
+    else:
+        missing = [i for i in range(spec.population) if i not in by_index]
+        if missing:  # a member deleted by hand, or a crash between creates: recreate from the start
+            fresh = Engine(spec).start()
+            for s in fresh:
+                if s.member in missing:
+                    engine.pending[s.member] = s
+                    new_members.append(s)
+    decided: dict[int, Suggestion] = {}
+    for rec in to_tell:
+        for s in engine.tell(_result_of(rec)):
+            decided[s.member] = s
+
+    # -- read finished Jobs ---------------------------------------------------------------------
+    # Results are told in completion order (then member index), the same order a rebuild after a
+    # crash uses, so both paths make the same decisions.
+    jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
+    told: set[str] = set()
+    new_history: dict[int, list[dict[str, Any]]] = {}
+    for _ in range(4):  # a told result may decide a retry whose Job already exists (after a crash)
+        outcomes = []
+        for m_idx, sug in engine.pending.items():
+            jname = job_name(name, sug)
+            job = jobs_by_name.get(jname)
+            if job is None or jname in told:
+                continue
+            res = job_outcome(job, pods, sug, spec.objective.metric)
+            if res is not None:
+                finished_at = (job.get("status") or {}).get("completionTime") or now
+                outcomes.append((finished_at, m_idx, sug, res, jname))
+        if not outcomes:
+            break
+        for finished_at, m_idx, sug, res, jname in sorted(outcomes, key=lambda o: (o[0], o[1])):
+            told.add(jname)
+            new = engine.tell(res)
+            if not res.disrupted and engine.last is not None and engine.last.ref == sug.ref:
+                new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
+            out.finished += int(res.ok)
+            if not res.ok:
+                out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
+                                            f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
+            for s in new:
+                decided[s.member] = s
+
+    # -- events for decisions -------------------------------------------------------------------
+    for s in decided.values():
+        mname = member_name(name, s.member)
+        if s.kind == "exploit" and s.donor is not None:
+            out.events.append(EventSpec(mname, "Normal", C.EV_EXPLOITED,
+                                        f"member {s.member} copies member {s.donor} checkpoint s{s.restore[1] if s.restore else '?'} "
+                                        f"(score {s.score_before}): {s.reason.split('; explore')[0]}"))
+            donor_hp = next((r.suggestion.hyperparameters for r in [engine.latest.get(s.donor)] if r), {})
+            out.events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
+                                        f"{describe_change(donor_hp, s.hyperparameters)} ({s.reason.split('explore: ')[-1]})"))
+        elif s.kind == "replace":
+            out.events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
+        elif s.attempt > 0 and s.kind not in ("replace",):
+            out.events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
+                                        f"segment {s.segment} retried (attempt {s.attempt})"))
+
+    # -- members: create / patch ------------------------------------------------------------------
+    for s in new_members:
+        out.create_members.append(build_member(training, s))
+        out.events.append(EventSpec("training", "Normal", C.EV_MEMBER_CREATED,
+                                    f"member {s.member} created: {describe_change({}, s.hyperparameters)}"))
+    for m_idx, s in engine.pending.items():
+        prev = current.get(m_idx)
+        if m_idx in by_index and (prev is None or prev.to_dict() != s.to_dict()):
+            out.member_specs[member_name(name, m_idx)] = s.to_dict()
+
+    # -- admit segments up to parallelism -------------------------------------------------------
+    waiting: list[Suggestion] = []
+    running = 0
+    disruptions: dict[int, int] = {}
+    for m_idx, sug in engine.pending.items():
+        jname = job_name(name, sug)
+        job = jobs_by_name.get(jname)
+        if job is None:
+            waiting.append(sug)
+        elif jname not in told and job_outcome(job, pods, sug, spec.objective.metric) is None:
+            running += 1
+            disruptions[m_idx] = _disruptions(job, pods)
+    finished = engine.finished or engine.failed
+    if finished:
+        for s in waiting:
+            engine.cancel(s.member)
+        waiting = []
+    slots = max(0, spec.parallelism - running)
+    to_start: list[Suggestion] = []
+    while waiting and len(to_start) < slots:
+        s = pick_next(waiting)
+        waiting.remove(s)
+        to_start.append(s)
+    gc_uris: list[str] = []
+    if to_start:
+        engine.collected = set(out.collected)
+        refs = engine.garbage()[:64]  # the rest stay uncollected and come up again next time
+        out.collected |= set(refs)
+        gc_uris = [checkpoint_uri(root, name, r) for r in refs]
+    for i, s in enumerate(to_start):
+        mobj = by_index.get(s.member)
+        if mobj is None:
+            continue  # created this pass; its Job follows next pass, once the member has a uid
+        out.create_jobs.append(build_job(training, mobj, s, root, gc_uris if i == 0 else [], spec.template or {},
+                                         spec.storage.credentials_secret, spec.segment.timeout_seconds))
+        out.started.append(job_name(name, s))
+    running += len(out.create_jobs)
+
+    # -- member statuses --------------------------------------------------------------------------
+    for m_idx, mobj in by_index.items():
+        hist = histories.get(m_idx, []) + new_history.get(m_idx, [])
+        sug = engine.pending.get(m_idx)
+        if sug is not None:
+            has_job = job_name(name, sug) in jobs_by_name or any(
+                j["metadata"]["name"] == job_name(name, sug) for j in out.create_jobs)
+            phase = "Running" if has_job else "Queued"
+        else:
+            phase = "Failed" if engine.failed else "Done"
+        extra = {"disruptions": disruptions[m_idx]} if disruptions.get(m_idx) else {}
+        st = member_status(sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
+                           hist, phase, extra)
+        old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
+        if old.get("disruptions") and "disruptions" not in st:
+            st["disruptions"] = old["disruptions"]
+        if st != old:
+            out.member_statuses[member_name(name, m_idx)] = st
+        if disruptions.get(m_idx, 0) > int(old.get("disruptions") or 0):
+            out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_DISRUPTED,
+                                        f"segment {sug.segment if sug else '?'} pod disrupted (preemption, eviction or "
+                                        "node loss): it reruns from the same checkpoint, not counted as a failure"))
+
+    # -- training status ------------------------------------------------------------------------
+    out.done = engine.done
+    out.status = training_status(spec, engine, old_status, now, generation, running, len(waiting), root)
+    if out.done and old_status.get("phase") not in ("Succeeded", "Failed"):
+        if engine.failed:
+            out.events.append(EventSpec("training", "Warning", C.EV_FAILED, engine.failed))
+        else:
+            b = engine.best
+            out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
+                                        f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
+                                        f"score {b.score if b else '-'}"))
+    return out
+
+
+def _disruptions(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> int:
+    name = job["metadata"]["name"]
+    n = 0
+    for p in pods:
+        if (p.get("metadata", {}).get("labels") or {}).get("job-name") != name:
+            continue
+        if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in (p.get("status") or {}).get("conditions") or []):
+            n += 1
+    return n
+
+
+def _set_all(conds: list[dict[str, Any]], now: str, gen: int | None, **kv: tuple[bool, str, str]) -> list[dict[str, Any]]:
+    names = {"ready": C.READY, "progressing": C.PROGRESSING, "succeeded": C.SUCCEEDED, "failed": C.FAILED}
+    for key, (status, reason, msg) in kv.items():
+        conds = C.set_condition(conds, names[key], status, reason, msg, now, gen)
+    return conds
+
+
+def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], now: str, generation: int | None,
+                    running: int, queued: int, root: str) -> dict[str, Any]:
+    st = engine.state()
+    best = engine.best
+    conds = list(old.get("conditions") or [])
+    if engine.failed:
+        phase = "Failed"
+        conds = _set_all(conds, now, generation, ready=(False, C.SEGMENT_FAILED, engine.failed),
+                         progressing=(False, C.SEGMENT_FAILED, engine.failed),
+                         succeeded=(False, C.SEGMENT_FAILED, engine.failed), failed=(True, C.SEGMENT_FAILED, engine.failed))
+    elif engine.done:
+        phase = "Succeeded"
+        reason = (engine.finished or "").split(":")[0] or C.BUDGET_EXHAUSTED
+        msg = engine.finished or f"every member trained {spec.budget.segments} segments"
+        conds = _set_all(conds, now, generation, ready=(True, C.COMPLETED, msg), progressing=(False, reason, msg),
+                         succeeded=(True, reason, msg), failed=(False, C.NO_FAILURE, "no failure"))
+    else:
+        phase = "Running"
+        reason = C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS
+        msg = f"{running} segments running, {queued} queued, {st.done_segments}/{st.total_segments} done"
+        conds = _set_all(conds, now, generation, ready=(True, reason, msg), progressing=(True, reason, msg),
+                         succeeded=(False, C.NOT_FINISHED, "training in progress"),
+                         failed=(False, C.NO_FAILURE, "no failure"))
+    status: dict[str, Any] = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": conds,
+        "generation": st.done_segments // max(1, spec.population),
+        "segmentsDone": st.done_segments,
+        "segmentsTotal": st.total_segments,
+        "running": running,
+        "queued": queued,
+        "failures": len(engine.failures),
+    }
+    if best is not None:
+        status["best"] = {
+            "member": best.member, "memberName": f"{spec.name}-m{best.member:03d}", "segment": best.segment,
+            "score": best.score, "steps": best.steps_end,
+            "hyperparameters": dict(best.suggestion.hyperparameters),
+            "checkpoint": checkpoint_uri(root, spec.name, best.ref),
+        }
+    if engine.done and best is not None:
+        status["schedule"] = engine.schedule(best.ref)
+    return status
+
+
+def replace_suggestion(s: Suggestion, **kw: Any) -> Suggestion:
+    return dataclasses.replace(s, **kw)
+
+
+__all__ = ["LABEL_MEMBER", "EventSpec", "Plan", "job_outcome", "plan", "training_status"]
