@@ -331,19 +331,20 @@ cmd_up() {
 }
 
 stop_all() {
-  local name pid deadline
+  local name pid pids=() deadline
   rm -f "$CLUSTER_DIR/env"
   for name in watchdog kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [[ -f "$CLUSTER_DIR/pids/$name" ]] || continue
     pid="$(cat "$CLUSTER_DIR/pids/$name")"
-    # the watchdog runs `down` itself (exec): do not kill ourselves
-    if [[ "$pid" == "$$" ]]; then rm -f "$CLUSTER_DIR/pids/$name"; continue; fi
-    if kill -TERM "$pid" 2>/dev/null; then
-      deadline=$((SECONDS + 10))
-      while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
     rm -f "$CLUSTER_DIR/pids/$name"
+    # the watchdog runs `down` itself (exec): do not kill ourselves
+    [[ "$pid" == "$$" ]] && continue
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  deadline=$((SECONDS + 10))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
   done
 }
 

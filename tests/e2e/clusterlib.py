@@ -208,6 +208,15 @@ class NodeAgent:
         preemption (processes killed, DisruptionTarget condition, phase Failed, pod kept)."""
         return self._call("POST", f"/pods/{namespace}/{name}/evict", {"mode": mode, "message": message})
 
+    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
+        """stdout+stderr of a pod's container (there is no kubelet, so `kubectl logs` does not work)."""
+        base = self.pods_root / namespace
+        for d in sorted(base.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+            logs = sorted(d.glob(f"{container or '*'}.log"))
+            if logs:
+                return logs[0].read_text(errors="replace")
+        raise FileNotFoundError(f"no log for pod {namespace}/{name} under {base}")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

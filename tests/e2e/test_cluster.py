@@ -306,6 +306,8 @@ def test_many_short_pods(cluster: Cluster, namespace: str, node_agent: NodeAgent
     elapsed = time.monotonic() - t0
     j = cluster.get("job", "many", namespace)
     assert j["status"]["succeeded"] == n
+    some = job_pods(cluster, namespace, "many")[0]["metadata"]["name"]
+    assert node_agent.pod_log(namespace, some).strip() == some  # HOSTNAME is the pod name
     print(f"{n} pods in {elapsed:.1f}s")
 
 
