@@ -141,20 +141,25 @@ class Pick:
 
 
 def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random points plus jittered copies of the best observed rows (their configs are good seeds)."""
+    """Random points plus the configs of the best observed rows and jittered copies of them (good
+    seeds for the polish), rounded, without duplicates (rounding collapses small integer ranges, and
+    duplicates would make a Thompson sample's covariance singular)."""
     m = max(1, int(n))
     u = rng.uniform(size=(m, domain.p))
     h = domain.random_h(m, rng)
     data = post.data
     n_obs = min(ANCHORS, y.shape[0])
     if n_obs:
-        top = np.argsort(-y[: y.shape[0]], kind="stable")[:n_obs]
+        top = np.argsort(-y, kind="stable")[:n_obs]  # rows come first in post.data, pending after
         base_u = data.x[top, 1:]
         base_h = data.h[top]
         jit = base_u + ANCHOR_JITTER * rng.standard_normal(base_u.shape)
         u = np.vstack([u, base_u, jit])
         h = np.vstack([h, base_h, base_h])
-    return domain.round(u), h
+    u = domain.round(u)
+    _, first = np.unique(np.column_stack([u, h.astype(float)]), axis=0, return_index=True)
+    keep = np.sort(first)
+    return u[keep], h[keep]
 
 
 def _ucb(post: Posterior, tau: float, c: float, u: np.ndarray, h: np.ndarray,

@@ -239,7 +239,13 @@ def prepare(
     settings: Pb2Settings,
     rng: np.random.Generator,
 ) -> Prepared:
-    """Clean, window, subsample, encode and normalise. Raises Pb2Fallback when too little is left."""
+    """Clean, window, subsample, encode and normalise. Raises Pb2Fallback when too little is left.
+
+    Rows with a non-finite t, c or rate are dropped and counted; the hyperparameter dicts are
+    validated only for the rows the subsample keeps (that is what bounds the cost), so a row with a
+    NaN hyperparameter is counted only when it was drawn. t and c are scaled to [0, 1] over the
+    kept rows, the pending points and the donor together; rates are standardised.
+    """
     try:
         qt, qc = _as_float(t), _as_float(c)
     except (TypeError, ValueError) as e:
