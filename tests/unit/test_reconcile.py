@@ -1,0 +1,259 @@
+"""The operator's reconcile plan, driven against an in-memory stand-in for the API server.
+
+The stand-in applies each Plan's writes in the operator's order and finishes Jobs with a toy worker
+whose score depends on the restored checkpoint, so exploits that copy only hyperparameters would
+show. Crashes are simulated by applying only a prefix of a plan's writes. The real API server path
+is covered by tests/e2e.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+from typing import Any
+
+import pytest
+
+from pbt_operator.kube import conditions as C
+from pbt_operator.kube.builders import LABEL_TRAINING, job_name, member_name
+from pbt_operator.kube.reconcile import job_outcome, plan
+from pbt_operator.core.types import Suggestion
+
+CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
+
+
+def training_obj(**spec_over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "population": 6, "parallelism": 3, "mode": "asynchronous", "seed": 3,
+        "segment": {"steps": 5}, "budget": {"segments": 4},
+        "hyperparameters": {"h0": {"type": "float", "min": 0.0, "max": 1.0},
+                            "h1": {"type": "float", "min": 0.0, "max": 1.0}},
+        "storage": {"uri": "s3://bucket/runs"},
+        "template": {"spec": {"containers": [{"name": "w", "image": "x", "command": ["python", "w.py"],
+                                              "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+                              "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                              "nodeSelector": {"pool": "gpu"}}},
+    }
+    spec.update(spec_over)
+    return {"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining",
+            "metadata": {"name": "toy", "namespace": "ns", "uid": "u-toy", "generation": 1}, "spec": spec}
+
+
+class FakeCluster:
+    def __init__(self, training: dict[str, Any]):
+        self.training = training
+        self.members: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
+        self.ckpt: dict[tuple[int, int], float] = {}
+        self.clock = 0
+        self.max_running = 0
+        self.events: list[Any] = []
+        self.collected: set[tuple[int, int]] = set()
+
+    def now(self) -> str:
+        self.clock += 1
+        return f"2026-01-01T00:{self.clock // 60:02d}:{self.clock % 60:02d}Z"
+
+    def apply(self, p: Any, limit: int | None = None) -> None:
+        """Apply the writes in the operator's order; `limit` stops after that many (a crash)."""
+        writes: list[Any] = []
+        for m in p.create_members:
+            writes.append(("member", m))
+        for name, st in p.member_statuses.items():
+            writes.append(("mstatus", name, st))
+        for name, seg in p.member_specs.items():
+            writes.append(("mspec", name, seg))
+        for j in p.create_jobs:
+            writes.append(("job", j))
+        writes.append(("status", p.status))
+        for w in writes[:limit]:
+            if w[0] == "member":
+                m = copy.deepcopy(w[1])
+                m["metadata"]["uid"] = "u-" + m["metadata"]["name"]
+                self.members.setdefault(m["metadata"]["name"], m)
+            elif w[0] == "mstatus":
+                self.members[w[1]]["status"] = copy.deepcopy(w[2])
+            elif w[0] == "mspec":
+                self.members[w[1]]["spec"]["segment"] = copy.deepcopy(w[2])
+            elif w[0] == "job":
+                self.jobs.setdefault(w[1]["metadata"]["name"], copy.deepcopy(w[1]))
+            else:
+                self.training["status"] = copy.deepcopy(w[1])
+        if limit is None:
+            self.events += p.events
+            self.collected |= p.collected
+
+    def running(self) -> list[dict[str, Any]]:
+        return [j for j in self.jobs.values() if not (j.get("status") or {}).get("conditions")]
+
+    def finish(self, job: dict[str, Any], fail: bool = False) -> None:
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        c = json.loads(env["PBT_SEGMENT"])
+        before = 0.0
+        if c["restore"]:
+            mm = CKPT.search(c["restore"])
+            assert mm, c["restore"]
+            before = self.ckpt[(int(mm.group(1)), int(mm.group(2)))]  # KeyError = restoring a missing ckpt
+        hp = c["hyperparameters"]
+        score = before + 0.1 * hp["h0"] + 0.2 * hp["h1"]
+        self.ckpt[(c["member"], c["segment"])] = score
+        t = self.now()
+        term: dict[str, Any]
+        if fail:
+            term = {"exitCode": 1, "message": "Traceback: boom"}
+            job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}
+        else:
+            term = {"exitCode": 0, "message": json.dumps({"score": score, "steps": c["steps"]["start"] + 5})}
+            job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": t}
+        self.pods.append({"metadata": {"name": job["metadata"]["name"] + "-p", "labels": {
+            "job-name": job["metadata"]["name"], LABEL_TRAINING: "toy"}},
+            "status": {"containerStatuses": [{"state": {"terminated": term}}]}})
+
+    def reconcile(self, limit: int | None = None) -> Any:
+        p = plan(self.training, list(self.members.values()), list(self.jobs.values()), self.pods, self.now(),
+                 self.collected)
+        self.apply(p, limit)
+        self.max_running = max(self.max_running, len(self.running()))
+        return p
+
+
+def drive(cluster: FakeCluster, rng: random.Random, crash_every: int = 0, fail_jobs: set[str] | None = None,
+          max_passes: int = 2000) -> None:
+    for i in range(max_passes):
+        limit = None
+        if crash_every and i % crash_every == crash_every - 1:
+            limit = rng.randint(0, 4)
+        p = cluster.reconcile(limit)
+        if limit is None and p.done:
+            return
+        running = cluster.running()
+        if running and not p.create_members:
+            job = rng.choice(running)
+            cluster.finish(job, fail=job["metadata"]["name"] in (fail_jobs or set()))
+    raise AssertionError("training did not finish")
+
+
+def segments(cluster: FakeCluster) -> list[tuple[int, int]]:
+    return sorted((int(j["metadata"]["labels"]["pbt.dev/member"]), int(j["metadata"]["labels"]["pbt.dev/segment"]))
+                  for j in cluster.jobs.values())
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_runs_to_success_within_parallelism(mode: str) -> None:
+    c = FakeCluster(training_obj(mode=mode))
+    drive(c, random.Random(0))
+    st = c.training["status"]
+    assert st["phase"] == "Succeeded"
+    conds = {x["type"]: x for x in st["conditions"]}
+    assert conds[C.SUCCEEDED]["status"] == "True" and conds[C.FAILED]["status"] == "False"
+    assert c.max_running <= 3
+    # every (member, segment) ran exactly once
+    segs = segments(c)
+    assert segs == sorted({(m, k) for m in range(6) for k in range(4)})
+    assert st["best"]["score"] == max(c.ckpt.values())
+    assert st["schedule"][-1]["score"] == st["best"]["score"]
+    assert any(e.reason == C.EV_EXPLOITED for e in c.events)
+    assert len(c.members) == 6
+    for m in c.members.values():
+        assert m["status"]["phase"] == "Done"
+        assert len([h for h in m["status"]["history"] if h["status"] == "done"]) == 4
+
+
+def test_jobs_keep_template_and_carry_contract() -> None:
+    c = FakeCluster(training_obj(storage={"uri": "s3://bucket/runs", "credentialsSecret": "s3"}))
+    c.reconcile()
+    c.reconcile()
+    assert len(c.jobs) == 3
+    job = c.jobs[job_name("toy", Suggestion(0, 0, {}, None, 0, 5, "start"))]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3"
+    contract = json.loads(env["PBT_SEGMENT"]["value"])
+    assert contract["checkpoint"] == "s3://bucket/runs/toy/m000/00000/" and contract["restore"] is None
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "Ignore" and rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert job["metadata"]["ownerReferences"][0]["name"] == member_name("toy", 0)
+
+
+def test_synchronous_crashes_give_the_same_result_as_an_uninterrupted_run() -> None:
+    ref = FakeCluster(training_obj(mode="synchronous"))
+    drive(ref, random.Random(1))
+    for seed in range(3):
+        c = FakeCluster(training_obj(mode="synchronous"))
+        drive(c, random.Random(100 + seed), crash_every=3)
+        assert segments(c) == segments(ref)  # nothing lost, nothing repeated
+        assert c.training["status"]["best"] == ref.training["status"]["best"]
+        assert c.training["status"]["schedule"] == ref.training["status"]["schedule"]
+
+
+def test_asynchronous_crashes_lose_and_repeat_nothing() -> None:
+    for seed in range(3):
+        c = FakeCluster(training_obj())
+        drive(c, random.Random(seed), crash_every=2)
+        assert c.training["status"]["phase"] == "Succeeded"
+        assert segments(c) == sorted({(m, k) for m in range(6) for k in range(4)})
+
+
+def test_failed_segment_is_retried_then_replaced() -> None:
+    c = FakeCluster(training_obj(failurePolicy={"maxRetries": 1, "onExhausted": "replace"}))
+    bad = {"toy-m002-s00001-a0", "toy-m002-s00001-a1"}
+    drive(c, random.Random(0), fail_jobs=bad)
+    assert c.training["status"]["phase"] == "Succeeded"
+    assert "toy-m002-s00001-a2" in c.jobs  # the replacement
+    reasons = [e.reason for e in c.events]
+    assert C.EV_SEGMENT_FAILED in reasons and C.EV_MEMBER_REPLACED in reasons
+
+
+def test_failure_policy_fail_marks_training_failed() -> None:
+    c = FakeCluster(training_obj(failurePolicy={"maxRetries": 0, "onExhausted": "fail"}))
+    drive(c, random.Random(0), fail_jobs={"toy-m001-s00000-a0"})
+    st = c.training["status"]
+    assert st["phase"] == "Failed"
+    failed = next(x for x in st["conditions"] if x["type"] == C.FAILED)
+    assert failed["status"] == "True" and failed["reason"] == C.SEGMENT_FAILED and "member 1" in failed["message"]
+
+
+def test_invalid_spec_is_a_failed_condition_naming_the_field() -> None:
+    c = FakeCluster(training_obj(exploit={"fraction": 0.9}))
+    p = c.reconcile()
+    assert p.done and not p.create_members
+    failed = next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)
+    assert failed["reason"] == C.INVALID_SPEC and "spec.exploit.fraction" in failed["message"]
+
+
+def test_parallelism_change_takes_effect() -> None:
+    c = FakeCluster(training_obj(parallelism=1))
+    c.reconcile()
+    c.reconcile()
+    assert len(c.running()) == 1
+    c.training["spec"]["parallelism"] = 4
+    c.reconcile()
+    assert len(c.running()) == 4
+
+
+def test_hostile_termination_messages_fail_only_that_segment() -> None:
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    for msg, why in [("not json", "not JSON"), ("x" * 5000, "bytes"), ('{"score": NaN}', "not finite"),
+                     ('{"score": 1, "evil": 2}', "unexpected keys"), ("[1]", "JSON object")]:
+        pod = {"metadata": {"labels": {"job-name": "j"}},
+               "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0, "message": msg}}}]}}
+        res = job_outcome(job, [pod], sug, "score")
+        assert res is not None and not res.ok and why in (res.error or ""), (msg[:20], res)
+
+
+def test_lastTransitionTime_kept_when_status_unchanged() -> None:
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    c.reconcile()
+    t1 = {x["type"]: x["lastTransitionTime"] for x in c.training["status"]["conditions"]}
+    c.reconcile()
+    t2 = {x["type"]: x["lastTransitionTime"] for x in c.training["status"]["conditions"]}
+    assert t1 == t2
