@@ -60,6 +60,7 @@ import urllib3
 log = logging.getLogger("nodeagent")
 
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_BYTES = 2048
 FALLBACK_LOG_LINES = 80
@@ -97,6 +98,7 @@ class Api:
         if auth:
             self.headers["Authorization"] = auth
         kw: dict[str, Any] = {}
+        self.ca_file = cfg.ssl_ca_cert if cfg.verify_ssl else None
         if cfg.verify_ssl and cfg.ssl_ca_cert:
             kw.update(cert_reqs="CERT_REQUIRED", ca_certs=cfg.ssl_ca_cert)
         else:
@@ -260,6 +262,7 @@ class PodWorker(threading.Thread):
         self.phase = "Pending"
         self.conditions: dict[str, dict] = {}
         self.done = threading.Event()
+        self.sa_dir: str | None = None  # None: not looked at yet, "": the pod has no service-account token
 
     # -- called from other threads ------------------------------------------------------------
     def update(self, pod: dict) -> None:
@@ -365,6 +368,9 @@ class PodWorker(threading.Thread):
     def _env(self, spec: dict, run: ContainerRun) -> dict[str, str]:
         env: dict[str, str] = dict(self.agent.base_env)
         env["HOSTNAME"] = self.pod_name
+        sa_dir = self._service_account_dir()
+        if sa_dir:
+            env["KUBECONFIG"] = os.path.join(sa_dir, "kubeconfig")
         for src in spec.get("envFrom") or []:
             prefix = src.get("prefix", "")
             for kind, key in (("configmaps", "configMapRef"), ("secrets", "secretRef")):
@@ -409,10 +415,54 @@ class PodWorker(threading.Thread):
         # the termination message file: rewrite the path in env values, and export it
         tpath = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
         for k, v in list(env.items()):
-            if tpath in v:
-                env[k] = v.replace(tpath, run.termination_file)
+            env[k] = self._rewrite_paths(v, tpath, run)
         env["PBT_TERMINATION_LOG"] = run.termination_file
         return env
+
+    def _rewrite_paths(self, value: str, tpath: str, run: ContainerRun) -> str:
+        value = value.replace(tpath, run.termination_file)
+        if self.sa_dir and SERVICE_ACCOUNT_DIR in value:
+            value = value.replace(SERVICE_ACCOUNT_DIR, self.sa_dir)
+        return value
+
+    def _service_account_dir(self) -> str | None:
+        """Like the kubelet's projected service-account volume: a bound token for the pod's service account,
+        ca.crt and namespace in `<pod dir>/serviceaccount/`, plus a kubeconfig there (exported as KUBECONFIG:
+        clients that fall back from in-cluster config to a kubeconfig then authenticate as the pod)."""
+        if self.sa_dir is not None:
+            return self.sa_dir or None
+        vols = self.pod["spec"].get("volumes") or []
+        wants = any("serviceAccountToken" in src for v in vols for src in (v.get("projected") or {}).get("sources", []))
+        if not wants:
+            self.sa_dir = ""
+            return None
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [], "expirationSeconds": 86400,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid}}}
+        try:
+            tr = self.api.request("POST", f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
+        except ApiError as e:
+            raise ConfigError(f"service account token for {sa}: {e}") from None
+        d = os.path.join(self.dir, "serviceaccount")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "token"), "w") as f:
+            f.write(tr["status"]["token"])
+        with open(os.path.join(d, "namespace"), "w") as f:
+            f.write(self.ns)
+        if self.agent.api.ca_file:
+            shutil.copyfile(self.agent.api.ca_file, os.path.join(d, "ca.crt"))
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "pod",
+            "clusters": [{"name": "local", "cluster": {"server": self.agent.api.base,
+                                                       "certificate-authority": os.path.join(d, "ca.crt")}}],
+            "users": [{"name": sa, "user": {"tokenFile": os.path.join(d, "token")}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "local", "user": sa, "namespace": self.ns}}],
+        }
+        with open(os.path.join(d, "kubeconfig"), "w") as f:
+            json.dump(kubeconfig, f, indent=1)
+        self.sa_dir = d
+        return d
 
     # -- processes ---------------------------------------------------------------------------
     def _start(self, run: ContainerRun) -> bool:
@@ -424,7 +474,7 @@ class PodWorker(threading.Thread):
             pass
         env = self._env(spec, run)  # may raise ConfigError
         tpath = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
-        argv = [expand(a, env).replace(tpath, run.termination_file)
+        argv = [self._rewrite_paths(expand(a, env), tpath, run)
                 for a in (spec.get("command") or []) + (spec.get("args") or [])]
         cwd = spec.get("workingDir") or self.dir
         run.started_at = now_iso()

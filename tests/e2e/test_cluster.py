@@ -316,3 +316,36 @@ def test_namespace_is_fresh(cluster: Cluster, namespace: str) -> None:
     name = f"x{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "configmap", name, "-n", namespace)
     assert cluster.get("configmap", name, namespace)
+
+
+def test_pod_authenticates_as_its_service_account(cluster: Cluster, namespace: str, node_agent: NodeAgent) -> None:
+    sa = "runner"
+    cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
+    cluster.kubectl("create", "role", "pod-reader", "-n", namespace, "--verb=get,list", "--resource=pods")
+    cluster.kubectl("create", "rolebinding", "runner-reads", "-n", namespace, "--role=pod-reader",
+                    f"--serviceaccount={namespace}:{sa}")
+    script = textwrap.dedent("""\
+        import json, os, subprocess, sys
+        from kubernetes import client, config
+        config.load_kube_config()  # KUBECONFIG: the pod's bound service-account token
+        ns = open(sys.argv[1]).read()
+        v1 = client.CoreV1Api()
+        out = {"ns": ns, "pods": [p.metadata.name for p in v1.list_namespaced_pod(ns).items]}
+        try:
+            v1.list_namespace()
+            out["namespaces"] = "allowed"
+        except client.ApiException as e:
+            out["namespaces"] = e.status
+        out["whoami"] = subprocess.run(["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
+                                       capture_output=True, text=True).stdout
+        json.dump(out, open(os.environ["PBT_TERMINATION_LOG"], "w"))
+        """)
+    p = pod("whoami", script, pod_spec={"serviceAccountName": sa})
+    p["spec"]["containers"][0]["args"] = ["/var/run/secrets/kubernetes.io/serviceaccount/namespace"]
+    cluster.apply(p, namespace)
+    cluster.wait_for(lambda: pod_phase(cluster, namespace, "whoami") in ("Succeeded", "Failed"), 60, desc="pod done")
+    st = cluster.get("pod", "whoami", namespace)["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert st["exitCode"] == 0, node_agent.pod_log(namespace, "whoami")
+    out = json.loads(st["message"])
+    assert out == {"ns": namespace, "pods": ["whoami"], "namespaces": 403,
+                   "whoami": f"system:serviceaccount:{namespace}:{sa}"}

@@ -1,0 +1,259 @@
+"""The operator end to end: real API server, Job controller, scheduler and garbage collector, the node
+agent running segment pods as processes, the operator as a real `pbt operator` process, manifests
+applied with the real kubectl."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clusterlib import Cluster, NodeAgent
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "e2e" / "workers" / "quadratic_worker.py"
+
+
+class OperatorProcess:
+    def __init__(self, cluster: Cluster, log_path: Path):
+        self.cluster = cluster
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(self.cluster.env, PBT_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pbt_operator.cli", "operator", "--log-format", "plain",
+                                      "--health-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    for plural in ("populationtrainings", "populationmembers"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.pbt.dev", "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, crds: None, node_agent: NodeAgent,
+             tmp_path_factory: pytest.TempPathFactory) -> Any:
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+def training(name: str, storage: Path, *, population: int = 4, parallelism: int = 4, mode: str = "asynchronous",
+             segments: int = 3, explore: dict | None = None, env: dict[str, str] | None = None,
+             gpus: int = 1, **extra: Any) -> dict[str, Any]:
+    container = {
+        "name": "train", "image": "example.invalid/quadratic:1", "command": ["python", str(WORKER)],
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "resources": {"limits": {"nvidia.com/gpu": gpus}},
+    }
+    spec: dict[str, Any] = {
+        "population": population, "parallelism": parallelism, "mode": mode, "seed": 7,
+        "segment": {"steps": 10, "timeoutSeconds": 120}, "budget": {"segments": segments},
+        "hyperparameters": {"h0": {"type": "float", "min": 0.0, "max": 1.0, "initial": {"min": 0.0, "max": 0.3}},
+                            "h1": {"type": "float", "min": 0.0, "max": 1.0, "initial": {"min": 0.0, "max": 0.3}}},
+        "exploit": {"strategy": "truncation", "fraction": 0.25},
+        "explore": explore or {"strategy": "perturb"},
+        "storage": {"uri": storage.as_uri()},
+        "template": {"spec": {"terminationGracePeriodSeconds": 5, "containers": [container]}},
+    }
+    spec.update(extra)
+    return {"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name},
+            "spec": spec}
+
+
+def wait_phase(cluster: Cluster, ns: str, name: str, op: OperatorProcess, timeout: float = 240,
+               phase: str = "Succeeded") -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        obj = cluster.get("pbt", name, ns)
+        st = (obj or {}).get("status") or {}
+        if st.get("phase") == "Failed" and phase != "Failed":
+            raise AssertionError(f"training failed: {json.dumps(st)[:2000]}\n{op.tail()}")
+        return obj if st.get("phase") == phase else None
+
+    try:
+        return cluster.wait_for(check, timeout, interval=1.0, desc=f"pbt/{name} {phase}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- operator log\n{op.tail()}") from None
+
+
+def jobs_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    return cluster.kubectl_json("get", "jobs", "-n", ns, "-l", f"pbt.dev/training={name}")["items"]
+
+
+def segment_keys(jobs: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return sorted((int(j["metadata"]["labels"]["pbt.dev/member"]), int(j["metadata"]["labels"]["pbt.dev/segment"]))
+                  for j in jobs)
+
+
+def check_finished(cluster: Cluster, ns: str, name: str, obj: dict[str, Any], population: int,
+                   segments: int) -> None:
+    st = obj["status"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Succeeded"]["status"] == "True" and conds["Failed"]["status"] == "False"
+    assert st["best"]["checkpoint"].endswith("/") and st["best"]["score"] is not None
+    assert st["schedule"] and st["schedule"][-1]["score"] == st["best"]["score"]
+    jobs = jobs_of(cluster, ns, name)
+    keys = segment_keys(jobs)
+    assert keys == sorted({(m, k) for m in range(population) for k in range(segments)}), keys
+    for j in jobs:
+        c = j["spec"]["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
+    members = cluster.kubectl_json("get", "pbtm", "-n", ns, "-l", f"pbt.dev/training={name}")["items"]
+    assert len(members) == population
+    for m in members:
+        done = [h for h in m["status"]["history"] if h["status"] == "done"]
+        assert [h["suggestion"]["segment"] for h in done] == list(range(segments))
+
+
+@pytest.mark.parametrize("mode,explore", [
+    ("asynchronous", {"strategy": "perturb"}),
+    ("synchronous", {"strategy": "perturb"}),
+    ("asynchronous", {"strategy": "pb2", "pb2": {"minRows": 3}}),
+])
+def test_population_runs_to_success(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                    tmp_path: Path, mode: str, explore: dict[str, Any]) -> None:
+    name = "quad"
+    cluster.apply(training(name, tmp_path / "ckpt", mode=mode, explore=explore, segments=4), namespace)
+    obj = wait_phase(cluster, namespace, name, operator)
+    check_finished(cluster, namespace, name, obj, 4, 4)
+    table = cluster.kubectl("get", "pbt", "-n", namespace).stdout
+    header = table.splitlines()[0].split()
+    assert header[:9] == ["NAME", "MODE", "GEN", "BEST", "METRIC", "RUNNING", "QUEUED", "READY", "SUCCEEDED"], table
+    assert mode in table and "True" in table
+    members = cluster.kubectl("get", "pbtm", "-n", namespace).stdout
+    assert "HYPERPARAMETERS" in members.splitlines()[0] and "h0=" in members
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    reasons = collections.Counter(e["reason"] for e in json.loads(events)["items"])
+    assert reasons["Exploited"] >= 1 and reasons["Explored"] >= 1 and reasons["Completed"] == 1, reasons
+    if explore["strategy"] == "pb2":
+        msgs = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Explored"]
+        assert any("pb2" in m for m in msgs), msgs
+
+
+def test_larger_population_time_shares_slots(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                             tmp_path: Path) -> None:
+    cluster.apply(training("wide", tmp_path / "ckpt", population=8, parallelism=3, segments=2,
+                           env={"PBT_TEST_SLEEP": "0.5"}), namespace)
+    peak = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        jobs = jobs_of(cluster, namespace, "wide")
+        active = sum(1 for j in jobs if not any(c.get("status") == "True" and c["type"] in ("Complete", "Failed")
+                                                for c in (j.get("status") or {}).get("conditions") or []))
+        peak = max(peak, active)
+        obj = cluster.get("pbt", "wide", namespace)
+        if ((obj or {}).get("status") or {}).get("phase") == "Succeeded":
+            break
+        time.sleep(0.3)
+    obj = wait_phase(cluster, namespace, "wide", operator, timeout=10)
+    check_finished(cluster, namespace, "wide", obj, 8, 2)
+    assert 1 <= peak <= 3, peak
+
+
+def test_scale_subresource_changes_parallelism(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                               tmp_path: Path) -> None:
+    cluster.apply(training("scaled", tmp_path / "ckpt", population=4, parallelism=1, segments=2,
+                           env={"PBT_TEST_SLEEP": "2"}), namespace)
+    cluster.kubectl("scale", "pbt/scaled", "-n", namespace, "--replicas=4")
+    assert cluster.get("pbt", "scaled", namespace)["spec"]["parallelism"] == 4
+    obj = wait_phase(cluster, namespace, "scaled", operator)
+    check_finished(cluster, namespace, "scaled", obj, 4, 2)
+
+
+def test_eviction_reruns_segment_from_same_checkpoint(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                                      node_agent: NodeAgent, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    cluster.apply(training("evict", tmp_path / "ckpt", population=2, parallelism=2, segments=3,
+                           env={"PBT_TEST_SLEEP": "3", "PBT_TEST_LOG": str(log)}), namespace)
+
+    def running_pod() -> dict[str, Any] | None:
+        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "pbt.dev/segment=1")["items"]
+        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+
+    pod = cluster.wait_for(running_pod, 120, interval=0.3, desc="a running segment-1 pod")
+    node_agent.evict_pod(namespace, pod["metadata"]["name"])
+    obj = wait_phase(cluster, namespace, "evict", operator)
+    check_finished(cluster, namespace, "evict", obj, 2, 3)
+    member = int(pod["metadata"]["labels"]["pbt.dev/member"])
+    runs = [line.split() for line in log.read_text().splitlines()]
+    seg1 = [r for r in runs if int(r[0]) == member and r[1] == "1"]
+    assert len(seg1) == 2, runs  # the evicted run and its rerun
+    assert seg1[0][2] == seg1[1][2], seg1  # both restored from the same checkpoint
+    mobj = cluster.get("pbtm", f"evict-m{member:03d}", namespace)
+    failed = [h for h in mobj["status"]["history"] if h["status"] != "done"]
+    assert not failed, failed  # a disruption is not a failure
+    events = cluster.kubectl_json("get", "events", "-n", namespace)["items"]
+    assert any(e["reason"] == "SegmentDisrupted" for e in events)
+
+
+def test_operator_killed_mid_run_resumes_exactly_once(cluster: Cluster, namespace: str, crds: None,
+                                                      node_agent: NodeAgent, tmp_path: Path) -> None:
+    op = OperatorProcess(cluster, tmp_path / "op.log")
+    op.start()
+    log = tmp_path / "runs.log"
+    try:
+        cluster.apply(training("crash", tmp_path / "ckpt", population=4, parallelism=4, segments=4,
+                               mode="synchronous", env={"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "0.3"}),
+                      namespace)
+        for _ in range(3):
+            cluster.wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 2 + _ * 4, 120,
+                             desc="segments running")
+            op.kill9()
+            time.sleep(1.0)
+            op.start()
+        obj = wait_phase(cluster, namespace, "crash", op)
+    finally:
+        op.stop()
+    check_finished(cluster, namespace, "crash", obj, 4, 4)
+    runs = collections.Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
+    assert all(n == 1 for n in runs.values()), runs
+    assert len(runs) == 16
+
+
+def test_invalid_training_rejected_or_failed(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                            tmp_path: Path) -> None:
+    bad = training("bad", tmp_path / "ckpt")
+    bad["spec"]["hyperparameters"]["h0"]["min"] = 2.0  # min > max: the schema's CEL rule refuses it
+    p = cluster.apply(bad, namespace, check=False)
+    assert p.returncode != 0 and "max must be > min" in p.stderr, p.stderr
+    bad2 = training("bad2", tmp_path / "ckpt")
+    bad2["spec"]["worker"] = {"executor": "inline"}  # passes the schema, fails the spec model
+    cluster.apply(bad2, namespace)
+    obj = wait_phase(cluster, namespace, "bad2", operator, phase="Failed", timeout=60)
+    failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.worker.function" in failed["message"]
