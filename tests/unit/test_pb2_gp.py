@@ -60,8 +60,9 @@ def test_bucb_hallucination_shrinks_variance_at_pending_point_and_keeps_mean() -
     th = layout.default()
     rows_only = Posterior(th, layout, data, y)
     pend = Encoded(np.array([0.9]), np.array([[0.5, 0.37]]), np.zeros((1, 0), dtype=np.int64))
-    y_p = hallucinate("bucb", rows_only, pend, y)
-    both = Posterior(th, layout, Encoded.concat(data, pend), np.concatenate([y, y_p]))
+    both = Posterior(th, layout, Encoded.concat(data, pend), y, fill=lambda mu: hallucinate("bucb", mu, y))
+    # the hallucinated value is the rows-only posterior mean, computed from the shared factorisation
+    assert both.y[-1] == pytest.approx(rows_only.predict(pend.tau, pend.x, pend.h)[0][0], abs=1e-9)
 
     mu0, var0 = rows_only.predict(pend.tau, pend.x, pend.h)
     mu1, var1 = both.predict(pend.tau, pend.x, pend.h)
@@ -80,6 +81,6 @@ def test_bucb_hallucination_shrinks_variance_at_pending_point_and_keeps_mean() -
 def test_liars_use_observed_statistics(mode: str, pick) -> None:
     layout = Layout(dx=2, q=0)
     data, y = _data(10, 2, 0)
-    post = Posterior(layout.default(), layout, data, y)
     pend = Encoded(np.zeros(3), np.full((3, 2), 0.5), np.zeros((3, 0), dtype=np.int64))
-    np.testing.assert_allclose(hallucinate(mode, post, pend, y), np.full(3, pick(y)))
+    post = Posterior(layout.default(), layout, Encoded.concat(data, pend), y, fill=lambda mu: hallucinate(mode, mu, y))
+    np.testing.assert_allclose(post.y[-3:], np.full(3, pick(y)))

@@ -133,7 +133,7 @@ class Pb2Settings:
     max_rows: int = 128
     min_rows: int = 4
     # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
-    candidates: int = 256
+    candidates: int = 128
     restarts: int = 4
     # UCB exploration: beta_t = kappa * 0.02 * (GP-UCB / PB2 theorem beta_t, growing with t and the
     # number of hyperparameters d); see pbt_operator.core.pb2.acquisition.beta_theory.

@@ -82,14 +82,12 @@ def _suggest(
     fit_idx = select_rows(prep.rows.tau, max(2, int(settings.fit_rows)), rng)
     fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], max(1, int(settings.fit_restarts)), rng)
     theta = fitted.theta
-    post_rows = Posterior(theta, layout, prep.rows, prep.y)
     n_pending = len(prep.pending)
-
     if mode == "thompson" or n_pending == 0:
-        post = post_rows
+        post = Posterior(theta, layout, prep.rows, prep.y)
     else:
-        post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending),
-                         np.concatenate([prep.y, hallucinate(mode, post_rows, prep.pending, prep.y)]))
+        post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending), prep.y,
+                         fill=lambda mu_pending: hallucinate(mode, mu_pending, prep.y))
 
     beta = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
     if mode == "thompson":
@@ -125,12 +123,12 @@ def _suggest(
     return Pb2Choice(hyperparameters, " ".join(parts))
 
 
-def hallucinate(mode: str, post_rows: Posterior, pending: Encoded, y: np.ndarray) -> np.ndarray:
-    """The value pending points are assumed to have (standardised units)."""
-    m = len(pending)
+def hallucinate(mode: str, mu_pending: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The values pending points are assumed to have (standardised units), given their posterior
+    mean under the finished rows alone."""
+    m = mu_pending.shape[0]
     if mode == "bucb":
-        mu, _ = post_rows.predict(pending.tau, pending.x, pending.h)
-        return np.asarray(mu, dtype=float)
+        return np.asarray(mu_pending, dtype=float)
     if mode == "liar-mean":
         return np.full(m, float(np.mean(y)))
     if mode == "liar-optimistic":

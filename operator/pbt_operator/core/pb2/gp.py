@@ -10,6 +10,7 @@ time, so patching that attribute reaches every factorisation).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,27 +192,49 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
 
 
 class Posterior:
-    """The GP conditioned on (data, y) with fixed theta; latent-function predictions."""
+    """The GP conditioned on (data, y) with fixed theta; latent-function predictions.
 
-    def __init__(self, theta: np.ndarray, layout: Layout, data: Encoded, y: np.ndarray) -> None:
+    When `y` is shorter than `data`, the trailing points are hallucinated (pending configurations):
+    `fill` receives their posterior mean given the leading points alone and returns the values to
+    condition on. One factorisation serves both, because the leading block of the Cholesky factor
+    of K is the Cholesky factor of K's leading block.
+    """
+
+    def __init__(self, theta: np.ndarray, layout: Layout, data: Encoded, y: np.ndarray,
+                 fill: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.theta = theta
         self.layout = layout
         self.data = data
         self.hp = Hyper.of(theta, layout)
+        n = len(data)
         k = cross(theta, layout, data.tau, data.x, data.h, data.tau, data.x, data.h)
         k = 0.5 * (k + k.T)
-        k.flat[:: len(data) + 1] += self.hp.noise
+        k.flat[:: n + 1] += self.hp.noise
         self.low = cholesky_jittered(k, self.hp.signal)
+        n_obs = y.shape[0]
+        if n_obs < n:
+            if fill is None:
+                raise ValueError("fewer targets than points and nothing to fill them with")
+            a_obs = cho_solve((self.low[:n_obs, :n_obs], True), y, check_finite=False)
+            y = np.concatenate([y, fill(k[n_obs:, :n_obs] @ a_obs)])
+        self.y = y
         self.alpha = cho_solve((self.low, True), y, check_finite=False)
-        kinv_low, info = dpotri(self.low, lower=1)
-        if info != 0:
-            raise NotPositiveDefinite("potri")
-        # Explicit inverse: the single-point gradient path runs dozens of times per decision and a
-        # mat-vec is far cheaper than two triangular solves; K includes noise >= 1e-4 * signal, so
-        # it is well conditioned enough.
-        self.kinv = kinv_low + kinv_low.T
-        self.kinv.flat[:: len(data) + 1] -= np.diagonal(kinv_low)
+        self._kinv: np.ndarray | None = None
         self.prior_var = self.hp.signal  # k(z, z): the mixed and time factors are 1 on the diagonal
+
+    @property
+    def kinv(self) -> np.ndarray:
+        """K^-1, computed on first use. Explicit inverse: the gradient path of the acquisition runs
+        dozens of times per decision and a mat-vec is far cheaper than two triangular solves; K
+        includes noise >= 1e-4 * signal, so it is well conditioned enough."""
+        if self._kinv is None:
+            kinv_low, info = dpotri(self.low, lower=1)
+            if info != 0:
+                raise NotPositiveDefinite("potri")
+            kinv = kinv_low + kinv_low.T
+            kinv.flat[:: len(self.data) + 1] -= np.diagonal(kinv_low)
+            self._kinv = kinv
+        return self._kinv
 
     def kvec(self, tau: np.ndarray, x: np.ndarray, h: np.ndarray) -> np.ndarray:
         """(n_data, m) cross-covariance with m query points."""
