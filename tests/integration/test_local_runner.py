@@ -1,0 +1,579 @@
+"""`pbt run` end to end: the quadratic example inline, real subprocess workers, kill -9 and --resume,
+Ctrl-C, failing and hanging workers, and the runner's scheduling invariants."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pbt_operator import cli
+from pbt_operator.core.engine import Engine
+from pbt_operator.core.types import SegmentResult, Suggestion
+from pbt_operator.local.runner import LocalRunner, RunError, pick_next
+from pbt_operator.spec import Exploit, load_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+QUADRATIC = ROOT / "examples" / "quadratic" / "populationtraining.yaml"
+TOY = Path(__file__).resolve().parent / "workers" / "toy.py"
+PBT = [sys.executable, "-m", "pbt_operator.cli"]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def done_refs(run_dir: Path) -> list[tuple[int, int]]:
+    return [(r["suggestion"]["member"], r["suggestion"]["segment"])
+            for r in read_jsonl(run_dir / "results.jsonl") if r["status"] == "done"]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", data[16:24])
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND" or b"IEND" in data[-16:]
+    return w, h
+
+
+def process_manifest(tmp_path: Path, *, population: int = 3, segments: int = 3, parallelism: int = 2,
+                     env: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                     name: str = "toy") -> Path:
+    spec: dict[str, Any] = {
+        "population": population, "parallelism": parallelism, "seed": 3,
+        "segment": {"steps": 5}, "budget": {"segments": segments},
+        "hyperparameters": {"lr": {"type": "float", "min": 0.001, "max": 0.5, "log": True,
+                                   "initial": {"min": 0.001, "max": 0.01}}},
+        "worker": {"executor": "process", "command": ["python", str(TOY)], "env": env or {}},
+        "failurePolicy": {"maxRetries": 2, "onExhausted": "replace"},
+    }
+    for k, v in (extra or {}).items():
+        spec[k] = v
+    doc = {"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name}, "spec": spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def side_channel(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path)
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def workers_of(log: Path) -> list[int]:
+    """Live toy workers whose side channel is `log` (found by their environment, so a worker counts
+    even before it has written its first line)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or str(TOY) not in (p.info["cmdline"] or []):
+                continue
+            if p.environ().get("PBT_TEST_LOG") == str(log):
+                pids.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def inline_module(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Write a uniquely named module into tmp_path; returns its name (for spec.worker.function)."""
+    names: list[str] = []
+
+    def make(source: str) -> str:
+        name = f"pbt_test_inline_{uuid.uuid4().hex[:10]}"
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    yield make
+    for n in names:
+        sys.modules.pop(n, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# the quadratic example, inline
+
+
+def test_quadratic_pbt_beats_the_same_population_alone(tmp_path: Path) -> None:
+    spec = load_manifest(QUADRATIC)
+    pbt = LocalRunner(spec, tmp_path / "pbt", plot=True).run()
+    alone_spec = dataclasses.replace(spec, exploit=Exploit(strategy="none"))
+    alone = LocalRunner(alone_spec, tmp_path / "alone", plot=False).run()
+    assert pbt.best is not None and alone.best is not None
+    assert pbt.engine.done and alone.engine.done
+    # same seed: the same initial population
+    first = {r.member: dict(r.suggestion.hyperparameters) for r in pbt.engine.records.values() if r.segment == 0}
+    first_alone = {r.member: dict(r.suggestion.hyperparameters) for r in alone.engine.records.values()
+                   if r.segment == 0}
+    assert first == first_alone
+    # Q <= 1.2; alone, small coefficients leave theta far from 0. PBT gets close to the optimum.
+    assert pbt.best.score > 1.15, pbt.best.score
+    assert pbt.best.score > alone.best.score + 0.1, (pbt.best.score, alone.best.score)
+    assert all(r.suggestion.kind in ("start", "continue") for r in alone.engine.records.values())
+
+
+def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", str(QUADRATIC), "--out", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best: member" in out and "schedule (best lineage):" in out
+    spec = load_manifest(QUADRATIC)
+    total = spec.population * spec.budget.segments
+
+    results = read_jsonl(run_dir / "results.jsonl")
+    refs = done_refs(run_dir)
+    assert len(refs) == total == len(set(refs))
+    assert all(r["score"] is not None and r["steps_end"] > r["suggestion"]["steps_start"] for r in results)
+    for m in range(spec.population):
+        assert sorted(s for mm, s in refs if mm == m) == list(range(spec.budget.segments))
+    sugs = read_jsonl(run_dir / "suggestions.jsonl")
+    assert {(s["member"], s["segment"]) for s in sugs} >= set(refs)  # written ahead of every result
+
+    best = json.loads((run_dir / "best.json").read_text())
+    top = max(results, key=lambda r: r["score"])
+    assert best["score"] == top["score"]
+    assert (best["member"], best["segment"]) == (top["suggestion"]["member"], top["suggestion"]["segment"])
+    assert best["hyperparameters"] == top["suggestion"]["hyperparameters"]
+    uri = best["checkpoint"]
+    assert uri.startswith("file://") and uri.endswith(f"/quadratic/m{best['member']:03d}/{best['segment']:05d}/")
+    ck = Path(uri[len("file://"):])
+    assert (ck / "_COMMITTED").exists(), "the best checkpoint must survive garbage collection"
+    sched = best["schedule"]
+    assert sched[0]["steps_start"] == 0 and sched[0]["kind"] == "start"
+    assert sched[-1]["member"] == best["member"] and sched[-1]["segment"] == best["segment"]
+    assert sched[-1]["steps_end"] == best["steps"]
+    assert all(a["steps_end"] == b["steps_start"] for a, b in pairwise(sched))
+    assert all(set(s["hyperparameters"]) == {"h0", "h1"} for s in sched)
+    assert any(s["kind"] == "exploit" for s in sched)
+
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert len(lineage["nodes"]) == total
+    assert lineage["best"] == [[s["member"], s["segment"]] for s in sched]
+    nodes = {(n["member"], n["segment"]): n for n in lineage["nodes"]}
+    for n in lineage["nodes"]:  # every parent is a node: the family tree is complete
+        assert n["parent"] is None or tuple(n["parent"]) in nodes
+
+    w, h = png_size(run_dir / "plot.png")
+    assert w > 100 and h > 100
+
+    capsys.readouterr()
+    assert cli.main(["status", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == best["score"]
+
+
+def test_existing_run_needs_resume_or_fresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    args = ["run", str(QUADRATIC), "--out", str(run_dir), "--quiet", "--no-plot"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resuming a finished run repeats nothing
+    before = (run_dir / "results.jsonl").read_text()
+    assert cli.main([*args, "--resume"]) == 0
+    assert (run_dir / "results.jsonl").read_text() == before
+    # a changed manifest cannot be resumed into the same folder
+    assert cli.main([*args, "--resume", "--seed", "5"]) == 2
+    assert "manifest changed" in capsys.readouterr().err
+    assert cli.main([*args, "--fresh"]) == 0
+    assert cli.main(["run", str(QUADRATIC), "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+    assert not (tmp_path / "none").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# scheduling: a fake executor the test controls
+
+
+class FakeExecutor:
+    """Completes submitted segments from a background thread in a seeded random order."""
+
+    def __init__(self, score: Callable[[Suggestion], float], seed: int = 0):
+        self.score = score
+        self.rng = random.Random(seed)
+        self.inflight: list[tuple[Suggestion, Any]] = []
+        self.lock = threading.Condition()
+        self.completed: set[tuple[int, int]] = set()
+        self.events: list[tuple[str, tuple[int, int], frozenset[tuple[int, int]]]] = []
+        self.max_inflight = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: Any) -> None:
+        assert contract["member"] == sug.member and contract["segment"] == sug.segment
+        with self.lock:
+            self.events.append(("submit", sug.ref, frozenset(self.completed)))
+            self.inflight.append((sug, on_done))
+            self.max_inflight = max(self.max_inflight, len(self.inflight))
+            self.lock.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.inflight and not self.stop:
+                    self.lock.wait(0.1)
+                if self.stop:
+                    return
+                sug, on_done = self.inflight.pop(self.rng.randrange(len(self.inflight)))
+                self.completed.add(sug.ref)
+                self.events.append(("done", sug.ref, frozenset()))
+            on_done(sug, SegmentResult(sug.member, sug.segment, self.score(sug), sug.steps_start + sug.steps_budget))
+            time.sleep(0.0005)
+
+    def shutdown(self, cancel: bool) -> None:
+        with self.lock:
+            self.stop = True
+            self.lock.notify()
+
+
+def _fake_run(make_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int,
+              **spec_kw: Any) -> tuple[FakeExecutor, list[tuple[dict[int, Suggestion], list[Suggestion], bool]], Engine]:
+    spec = make_spec({"population": 7, "parallelism": 3, "budget": {"segments": 6}, **spec_kw})
+    fake = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=seed)
+    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake)
+    waits: list[tuple[dict[int, Suggestion], list[Suggestion], bool]] = []
+    eng_box: list[Engine] = []
+
+    def progress(engine: Engine, running: dict[int, Suggestion], queued: list[Suggestion]) -> None:
+        eng_box[:] = [engine]
+        done = {m for m in range(spec.population) if engine._member_done(m)}
+        waits.append((dict(running), list(queued), bool(done)))
+        assert len(running) <= spec.parallelism
+        # never idle a free slot while a member is runnable
+        assert len(running) == spec.parallelism or not queued, (len(running), queued)
+        if spec.mode == "asynchronous" and not engine.finished:
+            # asynchronously every member that is not running and not done is runnable, i.e. queued
+            idle = {m for m in range(spec.population) if m not in running and m not in done}
+            assert idle == {s.member for s in queued}
+        if spec.mode == "synchronous":
+            assert len({s.segment for s in [*running.values(), *queued]}) <= 1
+
+    summary = LocalRunner(spec, tmp_path / f"run{seed}", plot=False, progress=progress).run()
+    assert summary.engine.done
+    return fake, waits, summary.engine
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_async_never_idles_a_free_slot(make_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       seed: int) -> None:
+    fake, waits, eng = _fake_run(make_spec, tmp_path, monkeypatch, seed)
+    assert len(waits) > 10
+    assert fake.max_inflight == 3
+    assert len(eng.records) == 7 * 6
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sync_never_starts_next_generation_early(make_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 seed: int) -> None:
+    fake, _, eng = _fake_run(make_spec, tmp_path, monkeypatch, seed, mode="synchronous")
+    submits = [(ref, completed) for kind, ref, completed in fake.events if kind == "submit"]
+    assert len(submits) == 7 * 6
+    for (m, g), completed in submits:
+        if g > 0:
+            assert all((x, g - 1) in completed for x in range(7)), f"m{m} g{g} started before generation {g - 1} ended"
+    assert len(eng.records) == 7 * 6
+
+
+def test_pick_next_least_progressed_first() -> None:
+    def s(m: int, k: int, start: int) -> Suggestion:
+        return Suggestion(m, k, {"x": 1.0}, None, start, 10, "continue")
+
+    q = [s(0, 3, 30), s(1, 1, 10), s(2, 1, 10), s(3, 0, 0), s(4, 2, 0)]
+    order = []
+    while q:
+        nxt = pick_next(q)
+        q.remove(nxt)
+        order.append(nxt.member)
+    assert order == [3, 4, 1, 2, 0]
+
+
+def test_inline_concurrency_bounded_by_parallelism(make_spec: Any, tmp_path: Path,
+                                                   inline_module: Callable[[str], str]) -> None:
+    mod = inline_module(
+        "import threading, time\n"
+        "lock = threading.Lock()\n"
+        "active = 0\n"
+        "peak = [0]\n"
+        "def fn(seg):\n"
+        "    global active\n"
+        "    with lock:\n"
+        "        active += 1\n"
+        "        peak[0] = max(peak[0], active)\n"
+        "    time.sleep(0.01)\n"
+        "    with lock:\n"
+        "        active -= 1\n"
+        "    return float(seg.hyperparameters['lr']) * (seg.index + 1)\n"
+    )
+    spec = make_spec({"population": 6, "parallelism": 3, "budget": {"segments": 4},
+                      "worker": {"function": f"{mod}:fn"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
+    assert len(summary.engine.records) == 24
+    assert sys.modules[mod].peak[0] == 3
+
+
+def test_inline_function_errors_fail_the_segment(make_spec: Any, tmp_path: Path,
+                                                 inline_module: Callable[[str], str]) -> None:
+    mod = inline_module(
+        "def fn(seg):\n"
+        "    if seg.member == 1 and seg.index == 1:\n"
+        "        raise RuntimeError('bad batch')\n"
+        "    return {'score': float(seg.index), 'acc': 0.5}\n"
+    )
+    spec = make_spec({"population": 3, "budget": {"segments": 3}, "worker": {"function": f"{mod}:fn"},
+                      "failurePolicy": {"maxRetries": 1, "onExhausted": "fail"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
+    eng = summary.engine
+    assert eng.failed is not None and "RuntimeError: bad batch" in eng.failed
+    failed = [r for r in read_jsonl(tmp_path / "run" / "results.jsonl") if r["status"] == "failed"]
+    assert len(failed) == 2 and all("bad batch" in r["error"] for r in failed)
+    assert eng.records[(0, 0)].metrics == {"acc": 0.5}
+
+
+# --------------------------------------------------------------------------------------------------
+# the process executor: real subprocesses, the real segment contract
+
+
+def test_process_executor_end_to_end(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=3, segments=3, env={"PBT_TEST_LOG": str(log)})
+    spec = load_manifest(manifest)
+    run_dir = tmp_path / "run"
+    summary = LocalRunner(spec, run_dir, plot=False).run()
+    eng = summary.engine
+    assert eng.done and eng.failed is None
+    assert sorted(done_refs(run_dir)) == [(m, k) for m in range(3) for k in range(3)]
+    calls = side_channel(log)
+    starts = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "start")
+    ends = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "end")
+    assert starts == ends == Counter({(m, k): 1 for m in range(3) for k in range(3)})
+    assert len({c["pid"] for c in calls if c["event"] == "start"}) == 9  # one process per segment
+    # the worker restored exactly what the engine said, and its checkpoints are where the engine says
+    for c in calls:
+        if c["event"] != "start":
+            continue
+        rec = eng.records[(c["member"], c["segment"])]
+        if rec.suggestion.restore is None:
+            assert c["restore"] is None
+        else:
+            rm, rk = rec.suggestion.restore
+            assert c["restore"].endswith(f"/toy/m{rm:03d}/{rk:05d}/")
+    best = json.loads((run_dir / "best.json").read_text())
+    assert Path(best["checkpoint"][len("file://"):], "_COMMITTED").exists()
+    assert (run_dir / "logs" / "m000-s00000-a0.log").exists()
+    # a score improves along a lineage: the worker really restored and continued training
+    sched = eng.schedule()
+    assert [s["score"] for s in sched] == sorted(s["score"] for s in sched)
+
+
+def test_failing_worker_is_retried_then_succeeds(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, env={"PBT_TEST_LOG": str(log), "PBT_TEST_FAIL": "1:1",
+                                               "PBT_TEST_FAIL_TIMES": "2"})
+    run_dir = tmp_path / "run"
+    summary = LocalRunner(load_manifest(manifest), run_dir, plot=False).run()
+    assert summary.engine.failed is None and summary.engine.done
+    rows = [r for r in read_jsonl(run_dir / "results.jsonl")
+            if (r["suggestion"]["member"], r["suggestion"]["segment"]) == (1, 1)]
+    assert [r["status"] for r in rows] == ["failed", "failed", "done"]
+    assert [r["suggestion"]["attempt"] for r in rows] == [0, 1, 2]
+    assert all("exit code 1" in r["error"] for r in rows[:2])
+    assert rows[0]["suggestion"]["hyperparameters"] == rows[2]["suggestion"]["hyperparameters"]
+    assert rows[0]["suggestion"]["restore"] == rows[2]["suggestion"]["restore"]
+    starts = Counter((c["member"], c["segment"]) for c in side_channel(log) if c["event"] == "start")
+    assert starts[(1, 1)] == 3 and all(v == 1 for k, v in starts.items() if k != (1, 1))
+    for a in (0, 1, 2):
+        assert (run_dir / "logs" / f"m001-s00001-a{a}.log").exists()
+    assert "failing member 1 segment 1 on purpose" in (run_dir / "logs" / "m001-s00001-a0.log").read_text()
+
+
+def test_failing_worker_exhausts_retries_then_replaced(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, env={"PBT_TEST_LOG": str(log), "PBT_TEST_FAIL": "1:1",
+                                               "PBT_TEST_FAIL_TIMES": "2"},
+                                extra={"failurePolicy": {"maxRetries": 1, "onExhausted": "replace"},
+                                       "mode": "synchronous"})
+    run_dir = tmp_path / "run"
+    summary = LocalRunner(load_manifest(manifest), run_dir, plot=False).run()
+    eng = summary.engine
+    assert eng.failed is None and eng.done
+    rec = eng.records[(1, 1)]
+    assert rec.suggestion.kind == "replace" and rec.suggestion.donor is not None
+    # the donor's latest checkpoint when the replacement was decided (its generation 0 or, if it had
+    # already finished it, generation 1)
+    assert rec.suggestion.restore is not None and rec.suggestion.restore[0] == rec.suggestion.donor
+    assert rec.suggestion.steps_start == eng.records[rec.suggestion.restore].steps_end
+    assert "failed 2 times" in rec.suggestion.reason
+
+
+def test_failing_worker_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = process_manifest(tmp_path, env={"PBT_TEST_FAIL": "always"},
+                                extra={"failurePolicy": {"maxRetries": 1, "onExhausted": "fail"}})
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: SegmentFailed" in out and "exit code 1" in out
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["best"] is None
+
+
+def test_always_failing_worker_with_replace_terminates(tmp_path: Path) -> None:
+    manifest = process_manifest(tmp_path, population=2, segments=2, env={"PBT_TEST_FAIL": "always"},
+                                extra={"failurePolicy": {"maxRetries": 0, "onExhausted": "replace"}})
+    summary = LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False).run()
+    assert summary.engine.failed is not None and summary.engine.done
+
+
+def test_timeout_kills_the_worker(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=2, segments=2, parallelism=2,
+                                env={"PBT_TEST_LOG": str(log), "PBT_TEST_HANG": "0:1"},
+                                extra={"segment": {"steps": 5, "timeoutSeconds": 1},
+                                       "failurePolicy": {"maxRetries": 1, "onExhausted": "fail"}})
+    t0 = time.monotonic()
+    summary = LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False).run()
+    assert time.monotonic() - t0 < 30
+    eng = summary.engine
+    assert eng.failed is not None and "timed out after 1s" in eng.failed and "timeoutSeconds" in eng.failed
+    hung = [c["pid"] for c in side_channel(log) if c["event"] == "start" and (c["member"], c["segment"]) == (0, 1)]
+    assert len(hung) == 2  # the first attempt and its retry, both killed
+    for pid in hung:
+        wait_for(lambda pid=pid: not alive(pid), 5, f"hung worker {pid} to be gone")
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 and --resume; Ctrl-C
+
+
+def _pbt(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([*PBT, *args], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def test_resume_after_kill_repeats_no_finished_segment(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=4, segments=5, parallelism=2)
+    run_dir = tmp_path / "run"
+    env = {"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "0.1"}
+    args = ["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]
+    proc = _pbt(args, env)
+    try:
+        wait_for(lambda: len(done_refs(run_dir)) >= 6 or proc.poll() is not None, 90, "6 finished segments")
+        assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    before = set(done_refs(run_dir))
+    assert 6 <= len(before) < 20
+    # The killed runner's workers were in flight: they are orphans now (kill -9 gives the runner no
+    # chance to stop them). Let them finish, including one the runner spawned just before the kill.
+    wait_for(lambda: not workers_of(log), 30, "orphan workers to finish")
+    n_before = len(side_channel(log))
+
+    resumed = _pbt([*args, "--resume"], env)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    refs = done_refs(run_dir)
+    assert len(refs) == len(set(refs)) == 20, "a (member, segment) was recorded twice or never"
+    after = side_channel(log)[n_before:]
+    rerun = {(c["member"], c["segment"]) for c in after if c["event"] == "start"}
+    assert not (rerun & before), f"finished segments ran again after --resume: {sorted(rerun & before)}"
+    assert rerun == set(refs) - before
+    assert Counter((c["member"], c["segment"]) for c in after if c["event"] == "start").most_common(1)[0][1] == 1
+    assert (run_dir / "best.json").exists() and "best: member" in out
+
+
+def test_ctrl_c_stops_workers_and_exits_130(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=3, segments=3, parallelism=2)
+    run_dir = tmp_path / "run"
+    args = ["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]
+    proc = _pbt(args, {"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "60"})
+    try:
+        wait_for(lambda: sum(c["event"] == "start" for c in side_channel(log)) >= 2 or proc.poll() is not None,
+                 60, "two running workers")
+        pids = [c["pid"] for c in side_channel(log) if c["event"] == "start"]
+        assert all(alive(p) for p in pids)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the runner's process group
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    assert "Traceback" not in err
+    for p in pids:
+        wait_for(lambda p=p: not alive(p), 10, f"worker {p} to stop")
+    assert not workers_of(log), "orphan workers after Ctrl-C"
+    assert done_refs(run_dir) == []
+    # and the interrupted run continues where it stopped
+    resumed = _pbt([*args, "--resume"], {"PBT_TEST_LOG": str(log)})
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert len(done_refs(run_dir)) == 9
+
+
+# --------------------------------------------------------------------------------------------------
+# runner odds and ends
+
+
+def test_process_executor_missing_command(tmp_path: Path) -> None:
+    doc = yaml.safe_load(process_manifest(tmp_path).read_text())
+    doc["spec"]["worker"]["command"] = ["definitely-not-a-program-xyz"]
+    doc["spec"]["failurePolicy"] = {"maxRetries": 0, "onExhausted": "fail"}
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    summary = LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
+    assert summary.engine.failed is not None and "cannot start 'definitely-not-a-program-xyz'" in summary.engine.failed
+
+
+def test_resume_without_run_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="holds no run to resume"):
+        LocalRunner(load_manifest(QUADRATIC), tmp_path / "nothing", resume=True).run()
+
