@@ -42,7 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else Path("pbt-runs") / spec.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    doc = yaml.safe_load(Path(args.manifest).read_text())
+    # The document the spec came from (a file may also hold a Secret and the like, as for `kubectl apply`).
+    docs = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d is not None]
+    doc = next((d for d in docs if isinstance(d, dict) and d.get("kind") == "PopulationTraining"), docs[0])
     fp = spec_fingerprint({"doc": doc, "overrides": overrides})
     progress = None if args.quiet else Progress(spec)
     try:
