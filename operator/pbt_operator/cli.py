@@ -12,14 +12,9 @@ from .spec import SpecError
 
 
 def _load(path: str, name: str | None = None):  # type: ignore[no-untyped-def]
-    import yaml
+    from .spec import load_manifest
 
-    from .spec import load_manifest, parse_manifest
-
-    if name is None:
-        return load_manifest(path)
-    doc = yaml.safe_load(Path(path).read_text())
-    return parse_manifest(doc, base_dir=Path(path).resolve().parent, name=name)
+    return load_manifest(path, name=name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -498,8 +498,9 @@ def _num(v: float | int | None) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def load_manifest(path: str | Path) -> TrainingSpec:
-    """Read a YAML manifest file (the first PopulationTraining document in it)."""
+def load_manifest(path: str | Path, *, name: str | None = None) -> TrainingSpec:
+    """Read a YAML manifest file (the first PopulationTraining document in it); `name` overrides
+    metadata.name."""
     import yaml
 
     p = Path(path)
@@ -512,4 +513,4 @@ def load_manifest(path: str | Path) -> TrainingSpec:
     docs = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == KIND] or docs[:1]
     if not docs:
         raise SpecError([f"{p}: contains no PopulationTraining document"])
-    return parse_manifest(docs[0], base_dir=p.resolve().parent)
+    return parse_manifest(docs[0], base_dir=p.resolve().parent, name=name)
