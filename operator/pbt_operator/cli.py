@@ -129,6 +129,21 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
+    """An argparse type: overrides get the same bounds as the spec fields they replace."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {v})")
+        return v
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pbt", description="Population Based Training, locally or on Kubernetes")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -137,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="run folder (default ./pbt-runs/NAME)")
     r.add_argument("--resume", action="store_true", help="continue a killed run without repeating segments")
     r.add_argument("--fresh", action="store_true", help="delete the run folder first")
-    r.add_argument("--seed", type=int, help="override spec.seed")
-    r.add_argument("--parallelism", type=int, help="override spec.parallelism")
+    r.add_argument("--seed", type=_int_at_least(0), help="override spec.seed")
+    r.add_argument("--parallelism", type=_int_at_least(1), help="override spec.parallelism")
     r.add_argument("--name", help="override metadata.name")
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--no-plot", action="store_true")
