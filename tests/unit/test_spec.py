@@ -372,3 +372,40 @@ def test_cli_process_exit_code(tmp_path: Path, make_doc: Any) -> None:
         assert "spec.hyperparameters.lr.min: must be > 0 when log: true (got -1)" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_cli_run_multi_document_manifest(tmp_path: Path, make_doc: Any, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`pbt validate` accepts a file holding a Secret and a PopulationTraining; `pbt run` must too."""
+    (tmp_path / "multimod.py").write_text("def fn(seg):\n    return float(seg.hyperparameters['lr'])\n")
+    doc = make_doc({"worker": {"function": "multimod:fn"}, "budget": {"segments": 2}, "population": 2})
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}, doc]))
+    assert cli.main(["validate", str(path)]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot"]) == 0
+    assert (out / "best.json").exists()
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet", "--no-plot", "--resume"]) == 0
+    monkeypatch.delitem(sys.modules, "multimod")
+
+
+def test_cli_name_override(tmp_path: Path, make_doc: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, make_doc())
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "missing.yaml"), "--name", "x", "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["run", str(path), "--name", "Not_A_Name", "--out", str(out)]) == 2
+    assert "metadata.name: must be a DNS label" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--parallelism", "0"), ("--parallelism", "-2"), ("--seed", "-1")])
+def test_cli_run_rejects_bad_overrides(tmp_path: Path, make_doc: Any, capsys: pytest.CaptureFixture[str],
+                                       flag: str, value: str) -> None:
+    path = _write(tmp_path, make_doc())
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["run", str(path), flag, value, "--out", str(out), "--quiet"])
+    assert ei.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists()
