@@ -76,6 +76,9 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
     from pbt_worker import Segment
 
     try:
+        # A function that returns None is credited with what it reported: never with the result file
+        # its member's previous segment left at the same path.
+        Path(contract["result"]).unlink(missing_ok=True)
         seg = Segment(contract, storage=storage) if storage is not None else Segment(contract)
         out = fn(seg)
         return _result_from_return(out, contract)
