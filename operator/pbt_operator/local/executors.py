@@ -65,8 +65,11 @@ def _result_from_return(out: Any, contract: Mapping[str, Any]) -> dict[str, Any]
         return {"score": float(out), "steps": contract["steps"]["start"] + contract["steps"]["budget"]}
     if isinstance(out, Mapping):
         d = dict(out)
-        if "metrics" not in d:
-            d = {"score": d.pop("score", None), "metrics": d}
+        if "metrics" not in d:  # flat: score and steps are what the result file calls them, the rest metrics
+            flat = {"score": d.pop("score", None), "metrics": d}
+            if "steps" in d:
+                flat["steps"] = d.pop("steps")
+            d = flat
         d.setdefault("steps", contract["steps"]["start"] + contract["steps"]["budget"])
         return d
     return {"error": f"function returned {type(out).__name__}; expected a number, a dict or None"}
