@@ -577,3 +577,41 @@ def test_resume_without_run_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="holds no run to resume"):
         LocalRunner(load_manifest(QUADRATIC), tmp_path / "nothing", resume=True).run()
 
+
+
+def test_inline_report_style_functions(make_spec: Any, tmp_path: Path, inline_module: Callable[[str], str]) -> None:
+    """An inline function may call seg.report() and return None; one that reports nothing fails its
+    segment - it must never be credited with the result its member reported in an earlier segment."""
+    mod = inline_module(
+        "def fn(seg):\n"
+        "    if seg.member == 0 and seg.index == 1:\n"
+        "        return None  # forgot to report\n"
+        "    seg.report(score=float(seg.index) + 0.1 * seg.member, loss=1.0)\n"
+    )
+    spec = make_spec({"population": 2, "budget": {"segments": 3}, "worker": {"function": f"{mod}:fn"},
+                      "exploit": {"strategy": "none"}, "failurePolicy": {"maxRetries": 0, "onExhausted": "fail"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    eng = LocalRunner(spec, tmp_path / "run", plot=False).run().engine
+    assert eng.records[(1, 0)].score == pytest.approx(0.1) and eng.records[(1, 0)].metrics == {"loss": 1.0}
+    assert eng.records[(0, 0)].score == pytest.approx(0.0)
+    assert (0, 1) not in eng.records
+    assert eng.failed is not None and "reported no result" in eng.failed
+
+
+def test_inline_return_values(make_spec: Any, tmp_path: Path, inline_module: Callable[[str], str]) -> None:
+    mod = inline_module(
+        "def fn(seg):\n"
+        "    if seg.member == 0:\n"
+        "        return {'score': 1.5, 'steps': seg.steps_end + 3, 'loss': 0.2}  # flat: extra keys are metrics\n"
+        "    if seg.member == 1:\n"
+        "        return {'score': 2.5, 'metrics': {'loss': 0.1}, 'steps': seg.steps_end}  # the result file's shape\n"
+        "    return 3.5\n"
+    )
+    spec = make_spec({"population": 3, "budget": {"segments": 1}, "segment": {"steps": 10},
+                      "worker": {"function": f"{mod}:fn"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    eng = LocalRunner(spec, tmp_path / "run", plot=False).run().engine
+    r0, r1, r2 = (eng.records[(m, 0)] for m in range(3))
+    assert (r0.score, r0.steps_end, dict(r0.metrics)) == (1.5, 13, {"loss": 0.2})
+    assert (r1.score, r1.steps_end, dict(r1.metrics)) == (2.5, 10, {"loss": 0.1})
+    assert (r2.score, r2.steps_end) == (3.5, 10)
