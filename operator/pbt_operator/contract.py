@@ -66,9 +66,13 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     score = doc.get("score") if metric == "score" or metric not in metrics else metrics.get(metric)
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return fail(f"result has no numeric score for metric {metric!r} (got {score!r})")
-    if not math.isfinite(float(score)):
+    try:
+        value = float(score)
+    except OverflowError:  # a JSON integer beyond float range: raising here would hang the driver
+        return fail(f"score is out of range ({str(score)[:40]}...)")
+    if not math.isfinite(value):
         return fail(f"score is {score} (not finite)")
     steps = doc.get("steps", sug.steps_start + sug.steps_budget)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < sug.steps_start:
         return fail(f"result.steps must be an integer >= {sug.steps_start} (got {steps!r})")
-    return SegmentResult(sug.member, sug.segment, float(score), steps, metrics, duration=duration)
+    return SegmentResult(sug.member, sug.segment, value, steps, metrics, duration=duration)
