@@ -130,7 +130,12 @@ class InlineExecutor:
                 return
             exc = f.exception()
             doc = {"error": f"{type(exc).__name__}: {exc}"} if exc is not None else f.result()
-            on_done(sug, _to_result(sug, doc, self.metric, dt))
+            try:
+                res = _to_result(sug, doc, self.metric, dt)
+            except Exception as e:  # raising here would lose the result and leave the run waiting forever
+                res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                    error=f"unreadable result: {type(e).__name__}: {e}"[:1000], duration=dt)
+            on_done(sug, res)
 
         fut.add_done_callback(done)
 
