@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import importlib
 import json
 import math
+import numbers
 import os
 import signal
 import subprocess
@@ -61,7 +62,7 @@ def _result_from_return(out: Any, contract: Mapping[str, Any]) -> dict[str, Any]
                 return json.load(f)  # type: ignore[no-any-return]
         except (OSError, ValueError):
             return {"error": "function returned None and reported no result"}
-    if isinstance(out, (int, float)) and not isinstance(out, bool):
+    if isinstance(out, numbers.Real) and not isinstance(out, bool):  # numpy scalars too
         return {"score": float(out), "steps": contract["steps"]["start"] + contract["steps"]["budget"]}
     if isinstance(out, Mapping):
         d = dict(out)
@@ -99,7 +100,20 @@ def _to_result(sug: Suggestion, doc: dict[str, Any], metric: str, duration: floa
     if isinstance(score, float) and not math.isfinite(score):
         return SegmentResult(sug.member, sug.segment, None, sug.steps_start, error=f"score is {score}",
                              duration=duration)
-    return parse_result(json.dumps(doc, allow_nan=True), sug, metric, duration)
+    return parse_result(json.dumps(doc, allow_nan=True, default=_json_scalar), sug, metric, duration)
+
+
+def _json_scalar(o: Any) -> Any:
+    """numpy / torch scalars in a returned dict become plain numbers (as the worker SDK's report() does)."""
+    item = getattr(o, "item", None)
+    if callable(item):
+        try:
+            v = item()
+        except (TypeError, ValueError):
+            v = None
+        if isinstance(v, (int, float, str, bool)):
+            return v
+    raise TypeError(f"{type(o).__name__} is not a number, string or bool")
 
 
 class InlineExecutor:
