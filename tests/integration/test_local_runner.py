@@ -615,3 +615,30 @@ def test_inline_return_values(make_spec: Any, tmp_path: Path, inline_module: Cal
     assert (r0.score, r0.steps_end, dict(r0.metrics)) == (1.5, 13, {"loss": 0.2})
     assert (r1.score, r1.steps_end, dict(r1.metrics)) == (2.5, 10, {"loss": 0.1})
     assert (r2.score, r2.steps_end) == (3.5, 10)
+
+
+@pytest.mark.timeout(30)
+def test_inline_numpy_results_and_unserialisable_metrics(make_spec: Any, tmp_path: Path,
+                                                        inline_module: Callable[[str], str]) -> None:
+    """ML code returns numpy scalars; a metric that is not JSON at all must fail its segment, not hang
+    the run (an exception in the completion callback used to swallow the result)."""
+    mod = inline_module(
+        "import numpy as np\n"
+        "def fn(seg):\n"
+        "    if seg.member == 0:\n"
+        "        return np.float32(0.25)\n"
+        "    if seg.member == 1:\n"
+        "        return {'score': np.float64(0.5), 'acc': np.float32(0.75), 'n': np.int64(3)}\n"
+        "    if seg.member == 2 and seg.index == 1:\n"
+        "        return {'score': 1.0, 'weird': object()}\n"
+        "    return 1.0\n"
+    )
+    spec = make_spec({"population": 3, "budget": {"segments": 2}, "worker": {"function": f"{mod}:fn"},
+                      "exploit": {"strategy": "none"}, "failurePolicy": {"maxRetries": 0, "onExhausted": "fail"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    eng = LocalRunner(spec, tmp_path / "run", plot=False).run().engine
+    assert eng.records[(0, 0)].score == 0.25
+    r1 = eng.records[(1, 0)]
+    assert r1.score == 0.5 and r1.metrics == {"acc": 0.75, "n": 3}
+    assert eng.failed is not None and "member 2 segment 1" in eng.failed and "object" in eng.failed
+    json.dumps([r.to_dict() for r in eng.records.values()])  # what results.jsonl holds is plain JSON
