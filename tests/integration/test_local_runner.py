@@ -642,3 +642,53 @@ def test_inline_numpy_results_and_unserialisable_metrics(make_spec: Any, tmp_pat
     assert r1.score == 0.5 and r1.metrics == {"acc": 0.75, "n": 3}
     assert eng.failed is not None and "member 2 segment 1" in eng.failed and "object" in eng.failed
     json.dumps([r.to_dict() for r in eng.records.values()])  # what results.jsonl holds is plain JSON
+
+
+class Crash(BaseException):
+    """Stands in for kill -9 at one exact point of the runner's loop."""
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The result of a segment is persisted, the decision it caused is not: --resume must still
+    continue that member (in synchronous mode: the whole next generation) and repeat nothing."""
+    spec = make_spec({"population": 4, "parallelism": 2, "mode": mode, "budget": {"segments": 4}})
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+    real = Suggestion.to_dict
+
+    def crashing(self: Suggestion) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 4 + 6:  # the 6th decision after the initial four is never written
+            raise Crash
+        return real(self)
+
+    fake = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=1)
+    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake)
+    monkeypatch.setattr(Suggestion, "to_dict", crashing)
+    with pytest.raises(Crash):
+        LocalRunner(spec, run_dir, plot=False).run()
+    fake.shutdown(True)
+    monkeypatch.setattr(Suggestion, "to_dict", real)
+    before = done_refs(run_dir)
+    assert before and len(before) < 16
+
+    fake2 = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=2)
+    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake2)
+    eng = LocalRunner(spec, run_dir, plot=False, resume=True).run().engine
+    refs = done_refs(run_dir)
+    assert len(refs) == len(set(refs)) == 16
+    assert eng.done and len(eng.records) == 16
+    resubmitted = {ref for kind, ref, _ in fake2.events if kind == "submit"}
+    assert not (resubmitted & set(before))
+
+
+def test_inline_process_pool(tmp_path: Path) -> None:
+    """spec.worker.pool: processes runs the function in child processes (file:// checkpoints)."""
+    spec = load_manifest(QUADRATIC)
+    spec = dataclasses.replace(spec, population=4, parallelism=2, budget=dataclasses.replace(spec.budget, segments=3),
+                               worker=dataclasses.replace(spec.worker, inline_pool="processes"))
+    summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
+    assert len(summary.engine.records) == 12 and summary.engine.failed is None
+    assert all(r.score is not None and r.score > -1 for r in summary.engine.records.values())
