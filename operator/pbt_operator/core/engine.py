@@ -74,10 +74,16 @@ class Engine:
                     member=m, segment=0, hyperparameters=hp, restore=None, steps_start=0,
                     steps_budget=self.spec.segment.steps, kind="start", reason="initial sample",
                 )
-        elif not (self.finished or self.failed) and (self.spec.mode == "asynchronous" or not self.pending):
-            for m in sorted(self.latest):
-                if m not in self.pending:
-                    self._next(m)
+        elif not (self.finished or self.failed):
+            # A pending segment whose failure is already recorded: the retry, replacement or failure
+            # of the training it caused was not (a training failure never is: nothing new to write).
+            for rec in list(self.failures):
+                if self.pending.get(rec.member) == rec.suggestion:
+                    self._after_failure(rec.suggestion, rec.error)
+            if not self.failed and (self.spec.mode == "asynchronous" or not self.pending):
+                for m in sorted(self.latest):
+                    if m not in self.pending:
+                        self._next(m)
         return sorted(self.pending.values(), key=lambda s: s.member)
 
     def tell(self, result: SegmentResult) -> list[Suggestion]:
@@ -271,6 +277,13 @@ class Engine:
     def _failed(self, sug: Suggestion, result: SegmentResult) -> list[Suggestion]:
         self._absorb(Record(sug, result.score, result.steps, dict(result.metrics), "failed",
                             result.error or "no score reported", result.duration))
+        return self._after_failure(sug, result.error)
+
+    def _after_failure(self, sug: Suggestion, error: str | None) -> list[Suggestion]:
+        """Retry, replace or fail after `sug` failed (its failure is already in self.failures)."""
+        if self.failed or self.finished:  # nothing new starts, and the first reason stays the reason
+            self.pending.pop(sug.member, None)
+            return []
         attempts = sum(1 for r in self.failures if r.ref == sug.ref)
         policy = self.spec.failure_policy
         # Failures come in rounds of maxRetries+1 attempts: the original member's round, then (with
@@ -284,7 +297,7 @@ class Engine:
             return [retry]
         del self.pending[sug.member]
         why = (f"member {sug.member} segment {sug.segment} failed {attempts} times "
-               f"(maxRetries {policy.max_retries}): {result.error}")
+               f"(maxRetries {policy.max_retries}): {error}")
         if policy.on_exhausted == "fail" or rnd >= 1:
             self.failed = f"SegmentFailed: {why}"
             return []
