@@ -109,11 +109,11 @@ class World:
     def rebuild(self, *, drop_last_decision: bool = False, last: list[Suggestion] | None = None) -> None:
         """Swap in an engine rebuilt from JSON-persisted state, reconstructed the way `pbt run --resume`
         does it: every record, and each member's last persisted suggestion unless that segment is done.
-        With `drop_last_decision`, the suggestions the last successful tell() returned were never
-        persisted (a crash between writing the result and writing the decision it caused)."""
+        With `drop_last_decision`, the suggestions the last tell() returned were never persisted (a
+        crash between writing the result - or failure - and writing the decision it caused)."""
         records = [Record.from_dict(roundtrip(r.to_dict())) for r in self.records]
         persisted = list(self.emitted)
-        if drop_last_decision and last and self.records and self.records[-1].status == "done":
+        if drop_last_decision and last:
             persisted = persisted[: len(persisted) - len(last)]
         latest: dict[int, Suggestion] = {}
         for s in persisted:
@@ -733,3 +733,52 @@ def test_best_schedule_matches_lineage(make_spec: Any) -> None:
     # member's budget; in steps it is always exactly the best checkpoint's training
     assert len(sched) == eng.best.steps_end // spec.segment.steps
     assert any(s["kind"] == "exploit" for s in sched) or len({s["member"] for s in sched}) == 1
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+@pytest.mark.parametrize("on_exhausted", ["replace", "fail"])
+def test_rebuild_at_every_point_of_a_run(make_spec: Any, mode: str, on_exhausted: str) -> None:
+    """Exhaustively: a rebuild after any tell, with or without the decision that tell caused having
+    been persisted, continues exactly like the uninterrupted run (failures and disruptions included)."""
+    checked = 0
+    for seed in range(3):
+        spec = spec_from_config(make_spec, {
+            "population": 3, "segments": 3, "mode": mode, "exploit": "truncation", "fraction": 0.34,
+            "explore": "perturb", "crossover": False, "significance": False, "direction": "max",
+            "max_retries": 1, "on_exhausted": on_exhausted, "seed": seed})
+        kw = {"seed": seed, "fail_rate": 0.3, "disrupt_rate": 0.2}
+        straight = World(Engine(spec), **kw)
+        straight.run()
+        want = [json.dumps(r.to_dict()) for r in straight.records]
+        for cut in range(straight.tells + 1):
+            for drop in (False, True):
+                resumed = World(Engine(spec), **kw)
+                resumed.run(rebuild_at=cut, drop_last_decision=drop)
+                assert [json.dumps(r.to_dict()) for r in resumed.records] == want, (seed, cut, drop)
+                assert resumed.engine.failed == straight.engine.failed
+                checked += 1
+    assert checked > 30
+
+
+def test_after_the_training_failed_nothing_new_starts(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=3, failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
+    eng = Engine(spec)
+    eng.start()
+    assert eng.tell(SegmentResult(2, 0, None, 0, error="first")) == []
+    reason = eng.failed
+    assert reason is not None and "member 2" in reason and "first" in reason
+    assert eng.tell(SegmentResult(0, 0, None, 0, error="second")) == []
+    assert eng.failed == reason  # the first failure stays the reason
+    assert 0 not in eng.pending
+    assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == []
+    assert eng.done
+
+
+def test_no_retry_after_the_target_was_reached(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=3, budget={"segments": 5, "targetScore": 1.0})
+    eng = Engine(spec)
+    eng.start()
+    eng.tell(SegmentResult(0, 0, 2.0, 10))
+    assert eng.finished
+    assert eng.tell(SegmentResult(1, 0, None, 0, error="boom")) == []
+    assert 1 not in eng.pending
