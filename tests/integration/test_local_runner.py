@@ -188,6 +188,14 @@ def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert all(set(s["hyperparameters"]) == {"h0", "h1"} for s in sched)
     assert any(s["kind"] == "exploit" for s in sched)
 
+    # garbage collection deleted dead checkpoints but kept the whole best lineage and every latest one
+    ck_root = ck.parents[1]
+    committed = {(int(p.parent.parent.name[1:]), int(p.parent.name)) for p in ck_root.glob("m*/*/_COMMITTED")}
+    assert len(committed) < total, "nothing was garbage-collected"
+    assert {(s["member"], s["segment"]) for s in sched} <= committed
+    latest = {m: max(k for mm, k in refs if mm == m) for m in range(spec.population)}
+    assert set(latest.items()) <= committed
+
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert len(lineage["nodes"]) == total
     assert lineage["best"] == [[s["member"], s["segment"]] for s in sched]
