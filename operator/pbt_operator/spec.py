@@ -366,9 +366,13 @@ def parse_spec(
         w.err("function", "is required when executor is inline (module:function)")
     if executor == "process" and not command_t and template is None:
         w.err("command", "is required when executor is process (or give spec.template with a container command)")
+    pool = w.str("pool", "threads", choices=("threads", "processes"))
+    if uri is not None and uri.startswith("mem://") and (executor != "inline" or pool != "threads"):
+        st.err("uri", f"mem:// keeps checkpoints in the runner's memory: it needs spec.worker.executor: inline "
+                      f"with pool: threads (got executor: {executor}, pool: {pool}); use file:// or s3://")
     worker = Worker(
         executor, command_t, function, {str(k): str(v) for k, v in env.items()},
-        w.str("workingDir", None), w.str("pool", "threads", choices=("threads", "processes")),
+        w.str("workingDir", None), pool,
     )
 
     f = s.sub("failurePolicy", ("maxRetries", "onExhausted"))
