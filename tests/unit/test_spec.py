@@ -68,6 +68,10 @@ def test_full_manifest_values(make_spec: Any) -> None:
     assert spec.failure_policy.on_exhausted == "fail"
 
 
+def test_mem_storage_with_inline_threads(make_spec: Any) -> None:
+    assert make_spec({"storage": {"uri": "mem://x"}}).storage.uri == "mem://x"
+
+
 def test_examples_parse() -> None:
     root = Path(__file__).resolve().parents[2]
     spec = load_manifest(root / "examples" / "quadratic" / "populationtraining.yaml")
@@ -109,6 +113,10 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
      ["spec.template.spec.containers: must be a non-empty list"]),
     ("storage-scheme", {"storage": {"uri": "/tmp/x"}}, ["spec.storage.uri: must start with file://, s3:// or mem://"]),
     ("storage-bucket", {"storage": {"uri": "s3://Bad_Bucket/x"}}, ["spec.storage.uri: must be s3://BUCKET"]),
+    ("storage-mem-process", {"storage": {"uri": "mem://x"}, "worker": {"executor": "process", "command": ["t"]}},
+     ["spec.storage.uri: mem:// keeps checkpoints in the runner's memory", "got executor: process"]),
+    ("storage-mem-pool", {"storage": {"uri": "mem://x"}, "worker": {"pool": "processes"}},
+     ["spec.storage.uri: mem:// keeps checkpoints", "pool: processes"]),
     # unknown fields, at every level
     ("unknown-spec", {"popluation": 3}, ["spec.popluation: unknown field"]),
     ("unknown-nested", {"budget": {"segmnts": 3}}, ["spec.budget.segmnts: unknown field"]),
