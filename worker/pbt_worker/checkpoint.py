@@ -46,7 +46,11 @@ def looks_like_torch(obj: Any, depth: int = 0) -> bool:
     torch = sys.modules.get("torch")
     if torch is None:
         return False
-    if isinstance(obj, torch.Tensor | torch.nn.Module | torch.optim.Optimizer):
+    try:
+        torch_types = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)
+    except AttributeError:  # torch half-imported (we are inside its import): nothing can be a tensor yet
+        return False
+    if isinstance(obj, torch_types):
         return True
     if depth >= 4:
         return False
