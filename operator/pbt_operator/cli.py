@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -42,12 +43,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     doc = next((d for d in docs if isinstance(d, dict) and d.get("kind") == "PopulationTraining"), docs[0])
     fp = spec_fingerprint({"doc": doc, "overrides": overrides})
     progress = None if args.quiet else Progress(spec)
+    # SIGTERM (timeout, docker stop, systemd) stops the run like Ctrl-C: workers run in their own
+    # sessions, so dying without stopping them would leave them training as orphans.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, progress=progress,
                               plot=not args.no_plot).run()
     except RunError as e:
         print(f"pbt run: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     eng: Engine = summary.engine
     if summary.interrupted:
         print(f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
@@ -70,6 +76,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{fmt_value(s['score']):>10}  {fmt_hp(s['hyperparameters'], 80)}")
     print(f"outputs: {run_dir}/results.jsonl lineage.json best.json" + ("" if args.no_plot else " plot.png"))
     return 1 if eng.failed else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
