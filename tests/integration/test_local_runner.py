@@ -117,6 +117,19 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
+def reap(tmp_path: Path) -> Iterator[Path]:
+    """The side-channel path for a test's toy workers; any still alive afterwards (a failed test) are
+    killed, by pid."""
+    log = tmp_path / "calls.jsonl"
+    yield log
+    for pid in workers_of(log):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
 def inline_module(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     """Write a uniquely named module into tmp_path; returns its name (for spec.worker.function)."""
     names: list[str] = []
@@ -500,8 +513,8 @@ def _pbt(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[st
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
-def test_resume_after_kill_repeats_no_finished_segment(tmp_path: Path) -> None:
-    log = tmp_path / "calls.jsonl"
+def test_resume_after_kill_repeats_no_finished_segment(tmp_path: Path, reap: Path) -> None:
+    log = reap
     manifest = process_manifest(tmp_path, population=4, segments=5, parallelism=2)
     run_dir = tmp_path / "run"
     env = {"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "0.1"}
@@ -536,8 +549,8 @@ def test_resume_after_kill_repeats_no_finished_segment(tmp_path: Path) -> None:
     assert (run_dir / "best.json").exists() and "best: member" in out
 
 
-def test_ctrl_c_stops_workers_and_exits_130(tmp_path: Path) -> None:
-    log = tmp_path / "calls.jsonl"
+def test_ctrl_c_stops_workers_and_exits_130(tmp_path: Path, reap: Path) -> None:
+    log = reap
     manifest = process_manifest(tmp_path, population=3, segments=3, parallelism=2)
     run_dir = tmp_path / "run"
     args = ["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]
@@ -700,3 +713,23 @@ def test_inline_process_pool(tmp_path: Path) -> None:
     summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
     assert len(summary.engine.records) == 12 and summary.engine.failed is None
     assert all(r.score is not None and r.score > -1 for r in summary.engine.records.values())
+
+
+def test_sigterm_stops_workers_too(tmp_path: Path, reap: Path) -> None:
+    """`timeout`, `docker stop` and systemd send SIGTERM: the workers must not be left running."""
+    log = reap
+    manifest = process_manifest(tmp_path, population=3, segments=3, parallelism=2)
+    run_dir = tmp_path / "run"
+    proc = _pbt(["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"],
+                {"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "60"})
+    try:
+        wait_for(lambda: len(workers_of(log)) >= 2 or proc.poll() is not None, 60, "two running workers")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "--resume" in err
+    wait_for(lambda: not workers_of(log), 10, "workers to stop")
