@@ -7,12 +7,13 @@ import json
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .spec import SpecError
+from .spec import SpecError, TrainingSpec
 
 
-def _load(path: str, name: str | None = None):  # type: ignore[no-untyped-def]
+def _load(path: str, name: str | None = None) -> TrainingSpec:
     from .spec import load_manifest
 
     return load_manifest(path, name=name)
@@ -139,7 +140,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: overrides get the same bounds as the spec fields they replace."""
 
     def parse(text: str) -> int:
