@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# PB2's linear algebra is many small problems: BLAS threads only add contention (seconds instead of
+# milliseconds per decision on a busy 2-core machine). Must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import json
 import shutil

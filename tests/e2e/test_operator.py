@@ -31,7 +31,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = dict(self.cluster.env, PBT_METRICS_PORT="0", PYTHONUNBUFFERED="1")
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen([sys.executable, "-m", "pbt_operator.cli", "operator", "--log-format", "plain",
                                       "--health-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -158,7 +158,8 @@ def test_population_runs_to_success(cluster: Cluster, namespace: str, operator: 
     members = cluster.kubectl("get", "pbtm", "-n", namespace).stdout
     assert "HYPERPARAMETERS" in members.splitlines()[0] and "h0=" in members
     events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    reasons = collections.Counter(e["reason"] for e in json.loads(events)["items"])
+    reasons = collections.Counter(e["reason"] for e in json.loads(events)["items"]
+                                  if e["involvedObject"]["kind"] in ("PopulationTraining", "PopulationMember"))
     assert reasons["Exploited"] >= 1 and reasons["Explored"] >= 1 and reasons["Completed"] == 1, reasons
     if explore["strategy"] == "pb2":
         msgs = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Explored"]
@@ -201,11 +202,15 @@ def test_eviction_reruns_segment_from_same_checkpoint(cluster: Cluster, namespac
     cluster.apply(training("evict", tmp_path / "ckpt", population=2, parallelism=2, segments=3,
                            env={"PBT_TEST_SLEEP": "3", "PBT_TEST_LOG": str(log)}), namespace)
 
-    def running_pod() -> dict[str, Any] | None:
-        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "pbt.dev/segment=1")["items"]
-        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+    def started_seg1() -> tuple[str, ...] | None:
+        # wait until a segment-1 worker has really started (it logs before its 3 s of training)
+        lines = log.read_text().split("\n")[:-1] if log.exists() else []
+        return next((tuple(r.split()) for r in lines if r.split()[1] == "1"), None)
 
-    pod = cluster.wait_for(running_pod, 120, interval=0.3, desc="a running segment-1 pod")
+    first = cluster.wait_for(started_seg1, 120, interval=0.2, desc="a segment-1 worker running")
+    pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l",
+                                f"pbt.dev/segment=1,pbt.dev/member={first[0]}")["items"]
+    pod = next(p for p in pods if p["status"].get("phase") == "Running")
     node_agent.evict_pod(namespace, pod["metadata"]["name"])
     obj = wait_phase(cluster, namespace, "evict", operator)
     check_finished(cluster, namespace, "evict", obj, 2, 3)
@@ -230,8 +235,9 @@ def test_operator_killed_mid_run_resumes_exactly_once(cluster: Cluster, namespac
         cluster.apply(training("crash", tmp_path / "ckpt", population=4, parallelism=4, segments=4,
                                mode="synchronous", env={"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "0.3"}),
                       namespace)
-        for _ in range(3):
-            cluster.wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 2 + _ * 4, 120,
+        for kill in range(3):
+            want = 2 + kill * 4
+            cluster.wait_for(lambda want=want: log.exists() and len(log.read_text().splitlines()) >= want, 120,
                              desc="segments running")
             op.kill9()
             time.sleep(1.0)

@@ -15,11 +15,10 @@ import re
 from typing import Any
 
 import pytest
-
+from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import LABEL_TRAINING, job_name, member_name
 from pbt_operator.kube.reconcile import job_outcome, plan
-from pbt_operator.core.types import Suggestion
 
 CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
 

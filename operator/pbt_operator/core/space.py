@@ -14,7 +14,7 @@ from typing import Literal, Union
 
 import numpy as np
 
-Value = Union[float, int, str]
+Value = Union[float, int, str]  # noqa: UP007 (a runtime alias; py3.10 needs Union here)
 Kind = Literal["float", "int", "categorical"]
 
 

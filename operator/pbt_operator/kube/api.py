@@ -59,7 +59,9 @@ class Api:
         for mname, seg in p.member_specs.items():
             self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})
         for job in p.create_jobs:
-            self._create(lambda body=job: self.batch.create_namespaced_job(ns, body))
+            # Through the generic path: the user's pod template goes to the API server as written
+            # (ints for quantities and ports are valid there), not through the client's models.
+            self._create(lambda body=job: self.custom.create_namespaced_custom_object("batch", "v1", ns, "jobs", body))
         if p.status:
             self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, TRAININGS, name, {"status": p.status})
 

@@ -1,5 +1,9 @@
 """The CustomResourceDefinitions, built in Python and written to crds/ by `pbt crds`.
 
+Both kinds share the category `pbt-all` (`kubectl get pbt-all`). DESIGN.md named the category `pbt`,
+but kubectl expands a category before a short name, so `kubectl get pbt NAME` would then ask for two
+kinds at once and fail.
+
 The schema repeats what `spec.parse_spec` checks wherever OpenAPI and CEL can say it, so most bad
 manifests are refused by `kubectl apply` itself; the operator still parses every object with the spec
 model and marks anything the schema let through as Failed with the field named. A test applies a
@@ -49,8 +53,9 @@ HYPERPARAMETER = _obj(
     required=["type"],
     **{
         "x-kubernetes-validations": [
-            {"rule": "self.type == 'categorical' ? has(self.choices) : (has(self.min) && has(self.max))",
-             "message": "float and int need min and max; categorical needs choices"},
+            # (choices holds untyped items, which CEL cannot see: the spec model checks categoricals)
+            {"rule": "self.type == 'categorical' || (has(self.min) && has(self.max))",
+             "message": "float and int need min and max"},
             {"rule": "self.type != 'categorical' || (!has(self.min) && !has(self.max) && !has(self.log))",
              "message": "min, max and log are not allowed for type: categorical (use choices)"},
             {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "max must be > min"},
@@ -154,7 +159,7 @@ def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: li
             "group": GROUP,
             "scope": "Namespaced",
             "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
-                      "shortNames": [short], "categories": ["pbt"]},
+                      "shortNames": [short], "categories": ["pbt-all"]},
             "versions": [{
                 "name": VERSION, "served": True, "storage": True,
                 "schema": {"openAPIV3Schema": schema},

@@ -134,7 +134,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
                                    progressing=(False, C.INVALID_SPEC, msg), succeeded=(False, C.INVALID_SPEC, msg),
                                    failed=(True, C.INVALID_SPEC, msg)),
         }
-        if not (_cond_true(training, C.FAILED) or {}).get("reason") == C.INVALID_SPEC:
+        if (_cond_true(training, C.FAILED) or {}).get("reason") != C.INVALID_SPEC:
             out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
         out.done = True
         return out

@@ -182,7 +182,7 @@ class ProcessExecutor:
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log", "wb")
+        log = open(self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log", "wb")  # noqa: SIM115 (closed by the waiter thread)
         t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -47,7 +47,7 @@ def plot_run(spec: TrainingSpec, engine: Engine, path: Path) -> Path:
     ax.set_xlabel("steps")
     ax.set_ylabel(spec.objective.metric)
     handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
+    uniq = dict(zip(labels, handles, strict=False))
     if len(uniq) <= 16:
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=4, loc="lower right")
     ax.grid(alpha=0.3)
@@ -57,7 +57,7 @@ def plot_run(spec: TrainingSpec, engine: Engine, path: Path) -> Path:
         if sched:
             xs = [s["steps_start"] for s in sched] + [sched[-1]["steps_end"]]
             vals = [s["hyperparameters"][name] for s in sched]
-            vals = vals + [vals[-1]]
+            vals = [*vals, vals[-1]]
             a.step(xs, vals, where="post", color="black")
             p = spec.space[name]
             if p.log:
