@@ -8,6 +8,7 @@ first, then the decided next segments into member specs, then the Jobs that run 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes import client, config
@@ -34,6 +35,7 @@ class Api:
         self.custom = client.CustomObjectsApi()
         self.batch = client.BatchV1Api()
         self.core = client.CoreV1Api()
+        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="pbt-api")
         self.sanitize = client.ApiClient().sanitize_for_serialization
 
     def training(self, ns: str, name: str) -> dict[str, Any] | None:
@@ -46,10 +48,19 @@ class Api:
 
     def world(self, ns: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         sel = f"{LABEL_TRAINING}={name}"
-        members = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, label_selector=sel)["items"]
-        jobs = self.sanitize(self.batch.list_namespaced_job(ns, label_selector=sel).items)
-        pods = self.sanitize(self.core.list_namespaced_pod(ns, label_selector=sel).items)
+        # Three independent reads, issued together: they sit on the path from a pod finishing to
+        # the next Job being created. Jobs and pods come back as plain dicts (the generic path).
+        futs = [
+            self.pool.submit(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel),
+            self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns, "jobs", label_selector=sel),
+            self.pool.submit(self.core_list_pods, ns, sel),
+        ]
+        members, jobs, pods = (f.result()["items"] for f in futs)
         return members, jobs, pods
+
+    def core_list_pods(self, ns: str, sel: str) -> dict[str, Any]:
+        items = self.core.list_namespaced_pod(ns, label_selector=sel).items
+        return {"items": self.sanitize(items)}
 
     def apply(self, ns: str, name: str, p: Plan) -> None:
         for m in p.create_members:

@@ -1,0 +1,194 @@
+"""Operator turnaround, throughput and footprint on the local test control plane.
+
+    .venv/bin/python benchmarks/operator_turnaround.py [--population 64] [--parallelism 16] [--segments 3]
+
+Starts its own control plane (hack/testcluster.sh), a node agent with enough GPUs, and the operator as
+a real process; applies PopulationTrainings whose workers sleep about 1 s per segment, and measures:
+- turnaround: from a segment's worker exiting to the next segment Job appearing in a watch (each new
+  Job is paired with the earliest unpaired finished segment before it: the slot it refills);
+- segments per minute; operator CPU seconds and peak resident memory (VmHWM);
+- GPU-busy fraction (worker running time over slots x wall time) in asynchronous vs synchronous
+  mode with segment durations varied +-50%.
+Prints tables; asserts nothing (tests never assert times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+from clusterlib import Cluster, NodeAgent, parse_env_file, run_testcluster  # noqa: E402
+
+WORKER = ROOT / "benchmarks" / "workers" / "sleepy_worker.py"
+
+
+def manifest(name: str, storage: Path, times: Path, population: int, parallelism: int, segments: int,
+             mode: str, seconds: float, jitter: float) -> dict[str, Any]:
+    env = {"PBT_BENCH_TIMES": str(times), "PBT_BENCH_SECONDS": str(seconds), "PBT_BENCH_JITTER": str(jitter)}
+    return {
+        "apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name},
+        "spec": {
+            "population": population, "parallelism": parallelism, "mode": mode, "seed": 1,
+            "segment": {"steps": 1}, "budget": {"segments": segments},
+            "hyperparameters": {"lr": {"type": "float", "min": 0.01, "max": 1.0, "log": True}},
+            "storage": {"uri": storage.as_uri()},
+            "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{
+                "name": "w", "image": "bench", "command": ["python", str(WORKER)],
+                "env": [{"name": k, "value": v} for k, v in env.items()],
+                "resources": {"limits": {"nvidia.com/gpu": 1}}}]}},
+        },
+    }
+
+
+class JobWatch(threading.Thread):
+    """Records the local time each segment Job is first seen."""
+
+    def __init__(self, cluster: Cluster, ns: str):
+        super().__init__(daemon=True)
+        from kubernetes import client, watch
+
+        self.api = client.BatchV1Api(cluster.api_client())
+        self.w = watch.Watch()
+        self.ns = ns
+        self.seen: dict[str, float] = {}
+
+    def run(self) -> None:
+        for ev in self.w.stream(self.api.list_namespaced_job, self.ns, timeout_seconds=3600):
+            name = ev["object"].metadata.name
+            if ev["type"] == "ADDED" and name not in self.seen:
+                self.seen[name] = time.time()
+
+    def stop(self) -> None:
+        self.w.stop()
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    import psutil
+
+    p = psutil.Process(pid)
+    cpu = p.cpu_times()
+    hwm = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024.0
+    return cpu.user + cpu.system, hwm
+
+
+def run_one(cluster: Cluster, ns: str, name: str, work: Path, **kw: Any) -> dict[str, Any]:
+    times = work / f"{name}.times"
+    cluster.kubectl("create", "namespace", ns)
+    watcher = JobWatch(cluster, ns)
+    watcher.start()
+    t0 = time.time()
+    cluster.apply(manifest(name, work / "ckpt", times, **kw), ns)
+
+    def done() -> bool:
+        obj = cluster.get("pbt", name, ns)
+        return ((obj or {}).get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+    cluster.wait_for(done, 1800, interval=0.5, desc=f"{name} finished")
+    wall = time.time() - t0
+    time.sleep(1.0)
+    watcher.stop()
+    rows = [line.split() for line in times.read_text().splitlines()]
+    runs = [(int(m), int(k), float(s), float(e)) for m, k, s, e in rows]
+    finishes = sorted(e for *_, e in runs)
+    first_jobs = sorted(watcher.seen.values())
+    # pair every Job after the first wave with the earliest unpaired finish before it
+    turn: list[float] = []
+    fi = 0
+    for t in first_jobs[kw["parallelism"]:]:
+        while fi < len(finishes) and finishes[fi] > t:
+            break
+        if fi < len(finishes) and finishes[fi] <= t:
+            turn.append(t - finishes[fi])
+            fi += 1
+    busy = sum(e - s for *_, s, e in runs)
+    span = max(e for *_, e in runs) - min(s for *_, s, _e in runs)
+    obj = cluster.get("pbt", name, ns)
+    return {"wall": wall, "segments": len(runs), "turnaround": turn, "busy": busy / (kw["parallelism"] * span),
+            "phase": obj["status"]["phase"]}
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--population", type=int, default=64)
+    ap.add_argument("--parallelism", type=int, default=16)
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--busy-population", type=int, default=16)
+    ap.add_argument("--busy-parallelism", type=int, default=8)
+    ap.add_argument("--busy-segments", type=int, default=4)
+    ap.add_argument("--busy-seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pbt-bench-"))
+    run_testcluster("build")
+    cdir = str(work / "cluster")
+    run_testcluster("up", cdir, env={"PBT_CLUSTER_OWNER_PID": str(os.getpid())}, timeout=600)
+    cluster = Cluster(cdir, parse_env_file(run_testcluster("env", cdir).stdout))
+    agent = NodeAgent(cluster, work / "agent", nodes=4, gpus=max(args.parallelism, args.busy_parallelism), prefix="bench")
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    import subprocess
+
+    env = dict(cluster.env, PBT_METRICS_PORT="0")
+    op_log = open(work / "operator.log", "wb")  # noqa: SIM115
+    op = subprocess.Popen([sys.executable, "-m", "pbt_operator.cli", "operator", "--log-format", "plain",
+                           "--health-port", "0"], env=env, stdout=op_log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)
+        cpu0, _ = proc_stats(op.pid)
+        main_run = run_one(cluster, "bench-turn", "turn", work, population=args.population,
+                           parallelism=args.parallelism, segments=args.segments, mode="asynchronous",
+                           seconds=args.seconds, jitter=0.0)
+        cpu1, hwm = proc_stats(op.pid)
+        busy = {}
+        for mode in ("asynchronous", "synchronous"):
+            busy[mode] = run_one(cluster, f"bench-{mode[:4]}", f"busy-{mode[:4]}", work,
+                                 population=args.busy_population, parallelism=args.busy_parallelism,
+                                 segments=args.busy_segments, mode=mode, seconds=args.busy_seconds, jitter=0.5)
+        _, hwm2 = proc_stats(op.pid)
+    finally:
+        op.terminate()
+        op.wait(20)
+        agent.stop()
+        run_testcluster("down", cdir, check=False, timeout=120)
+    t = main_run["turnaround"]
+    print(f"\nmachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}; control plane, node agent, operator and workers share it")
+    print(f"\nturnaround (population {args.population}, parallelism {args.parallelism}, "
+          f"{args.segments} segments of ~{args.seconds:g}s, asynchronous)")
+    print("| metric | value |\n|---|---|")
+    print(f"| segments | {main_run['segments']} ({main_run['phase']}) |")
+    print(f"| pod finished -> next Job created, median | {statistics.median(t):.3f} s |" if t else "| turnaround | n/a |")
+    print(f"| ... p95 | {pct(t, 0.95):.3f} s |")
+    print(f"| ... samples | {len(t)} |")
+    print(f"| segments per minute | {60 * main_run['segments'] / main_run['wall']:.1f} |")
+    print(f"| operator CPU during the run | {cpu1 - cpu0:.1f} s over {main_run['wall']:.0f} s wall |")
+    print(f"| operator peak memory (VmHWM) | {max(hwm, hwm2):.0f} MiB |")
+    print(f"\nGPU-busy fraction (population {args.busy_population}, parallelism {args.busy_parallelism}, "
+          f"{args.busy_segments} segments, durations {args.busy_seconds:g}s +-50%)")
+    print("| mode | busy fraction | wall s | phase |\n|---|---|---|---|")
+    for mode, r in busy.items():
+        print(f"| {mode} | {r['busy']:.3f} | {r['wall']:.1f} | {r['phase']} |")
+
+
+if __name__ == "__main__":
+    main()
