@@ -8,6 +8,7 @@ default and waste a GPU-day.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -183,8 +184,8 @@ class _Fields:
             return default
         return v
 
-    def str(self, key: str, default: str | None, *, choices: Sequence[str] | None = None,
-            required: bool = False) -> Any:
+    def str(self, key: builtins.str, default: builtins.str | None, *, choices: Sequence[builtins.str] | None = None,
+            required: builtins.bool = False) -> Any:
         if not self.has(key):
             if required:
                 self.err(key, "is required" + (f" (one of: {', '.join(choices)})" if choices else ""))
@@ -198,7 +199,7 @@ class _Fields:
             return default
         return v
 
-    def sub(self, key: str, allowed: Sequence[str]) -> _Fields:
+    def sub(self, key: builtins.str, allowed: Sequence[builtins.str]) -> _Fields:
         v = self.data.get(key)
         return _Fields(self.errors, f"{self.path}.{key}", {} if v is None else v, allowed)
 
@@ -472,7 +473,7 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
         ir = _Fields(errs, f"{path}.initial", initial, ("min", "max"))
         ilo = ir.float("min", None, required=True)
         ihi = ir.float("max", None, required=True)
-        if None not in (ilo, ihi, lo, hi) and not (lo <= ilo < ihi <= hi):  # type: ignore[operator]
+        if None not in (ilo, ihi, lo, hi) and not (lo <= ilo < ihi <= hi):
             ir.err("max", f"initial range must satisfy min <= initial.min < initial.max <= max "
                           f"(got [{_num(ilo)}, {_num(ihi)}] within [{_num(lo)}, {_num(hi)}])")
         if log and ilo is not None and ilo <= 0:

@@ -178,7 +178,7 @@ class Engine:
         if b.target_score is not None and s >= self._internal(b.target_score) and self.finished is None:
             self.finished = f"TargetReached: member {rec.member} scored {rec.score:.6g} (target {b.target_score:g})"
         if b.patience is not None and self._since_best >= b.patience * self.spec.population and not self.finished:
-            self.finished = (f"PatienceExhausted: best score {self.best.score:.6g} not improved in "  # type: ignore[union-attr]
+            self.finished = (f"PatienceExhausted: best score {self.best.score:.6g} not improved in "
                              f"{self._since_best} segments")
 
     def _member_done(self, m: int) -> bool:
@@ -251,7 +251,7 @@ class Engine:
         )
         s = Suggestion(
             member=m, segment=k, hyperparameters=hp, restore=drec.ref, steps_start=drec.steps_end,
-            steps_budget=spec.segment.steps, kind=kind, score_before=drec.score, donor=donor,  # type: ignore[arg-type]
+            steps_budget=spec.segment.steps, kind=kind, score_before=drec.score, donor=donor,
             reason=f"{reason}; explore: {why}",
         )
         self.pending[m] = s

@@ -54,7 +54,9 @@ class Param:
             v = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
         else:
             v = lo + u * (hi - lo)
-        return self.clip(v)
+        out = self.clip(v)
+        assert not isinstance(out, str)  # numeric params only
+        return out
 
     def clip(self, value: Value) -> Value:
         """Clamp into bounds; ints are rounded, categoricals must already be a choice."""
@@ -62,7 +64,7 @@ class Param:
             if value not in self.choices:
                 raise ValueError(f"{self.name}: {value!r} is not one of {list(self.choices)}")
             return value
-        v = min(self.high, max(self.low, float(value)))  # type: ignore[arg-type]
+        v = min(self.high, max(self.low, float(value)))
         if self.kind == "int":
             r = int(round(v))
             return min(int(self.high), max(int(math.ceil(self.low)), r))
@@ -110,7 +112,7 @@ class Param:
             if j < 0 or j >= n:
                 j = i - step
             return self.choices[j]
-        v = float(value)  # type: ignore[arg-type]
+        v = float(value)
         if self.log or (self.low >= 0 and v != 0.0):
             new = v * factor
         else:

@@ -8,8 +8,8 @@ first, then the decided next segments into member specs, then the Jobs that run 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -40,7 +40,7 @@ class Api:
 
     def training(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, TRAININGS, name)  # type: ignore[no-any-return]
+            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, TRAININGS, name))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -50,7 +50,7 @@ class Api:
         sel = f"{LABEL_TRAINING}={name}"
         # Three independent reads, issued together: they sit on the path from a pod finishing to
         # the next Job being created. Jobs and pods come back as plain dicts (the generic path).
-        futs = [
+        futs: list[Future[Any]] = [
             self.pool.submit(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel),
             self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns, "jobs", label_selector=sel),
             self.pool.submit(self.core_list_pods, ns, sel),

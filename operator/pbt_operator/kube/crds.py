@@ -142,7 +142,7 @@ CONDITIONS = {
 
 TRAINING_STATUS = _obj(
     {"conditions": CONDITIONS, "observedGeneration": _int, "running": _int, "queued": _int},
-    **{"x-kubernetes-preserve-unknown-fields": True},
+    None, **{"x-kubernetes-preserve-unknown-fields": True},
 )
 
 
@@ -177,7 +177,7 @@ def _cond(type_: str) -> str:
 def training_crd() -> dict[str, Any]:
     schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
                    "spec": TRAINING_SPEC, "status": TRAINING_STATUS}, required=["spec"])
-    cols = [
+    cols: list[dict[str, Any]] = [
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Gen", "type": "integer", "jsonPath": ".status.generation"},
         {"name": "Best", "type": "number", "jsonPath": ".status.best.score"},
@@ -197,7 +197,7 @@ def member_crd() -> dict[str, Any]:
         {"training": _str, "index": _min(0), "segment": _any},
         required=["training", "index"],
     )
-    status = _obj({"conditions": CONDITIONS}, **{"x-kubernetes-preserve-unknown-fields": True})
+    status = _obj({"conditions": CONDITIONS}, None, **{"x-kubernetes-preserve-unknown-fields": True})
     schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
                    "spec": spec, "status": status}, required=["spec"])
     cols = [

@@ -70,7 +70,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: EventSpec) -> None:
     target = training if ev.target == "training" else members.get(ev.target, training)
-    kopf.event(target, type=ev.type, reason=ev.reason, message=ev.message)
+    kopf.event(target, type=ev.type, reason=ev.reason, message=ev.message)  # type: ignore[arg-type]
     metrics.count_event(ev.reason, target["metadata"].get("namespace", ""), training["metadata"]["name"])
 
 
@@ -92,7 +92,7 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple
     return p.done, bool(p.create_members), p
 
 
-@kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)
+@kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                           **_: Any) -> None:
     wake = WAKEUPS.get(namespace, name)
@@ -125,12 +125,12 @@ def training_changed(name: str | None, namespace: str | None, **_: Any) -> None:
     WAKEUPS.wake(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_TRAINING: kopf.PRESENT}, id="job-events")
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_TRAINING: kopf.PRESENT}, id="job-events")  # type: ignore[arg-type]
 def job_changed(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
     WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_TRAINING: kopf.PRESENT}, id="pod-events")
+@kopf.on.event("", "v1", "pods", labels={LABEL_TRAINING: kopf.PRESENT}, id="pod-events")  # type: ignore[arg-type]
 def pod_changed(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
     WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
 

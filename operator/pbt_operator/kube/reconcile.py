@@ -286,15 +286,15 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
     # -- member statuses --------------------------------------------------------------------------
     for m_idx, mobj in by_index.items():
         hist = histories.get(m_idx, []) + new_history.get(m_idx, [])
-        sug = engine.pending.get(m_idx)
-        if sug is not None:
-            has_job = job_name(name, sug) in jobs_by_name or any(
-                j["metadata"]["name"] == job_name(name, sug) for j in out.create_jobs)
+        cur_sug = engine.pending.get(m_idx)
+        if cur_sug is not None:
+            has_job = job_name(name, cur_sug) in jobs_by_name or any(
+                j["metadata"]["name"] == job_name(name, cur_sug) for j in out.create_jobs)
             phase = "Running" if has_job else "Queued"
         else:
             phase = "Failed" if engine.failed else "Done"
         extra = {"disruptions": disruptions[m_idx]} if disruptions.get(m_idx) else {}
-        st = member_status(sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
+        st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
         if old.get("disruptions") and "disruptions" not in st:
@@ -303,7 +303,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
             out.member_statuses[member_name(name, m_idx)] = st
         if disruptions.get(m_idx, 0) > int(old.get("disruptions") or 0):
             out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_DISRUPTED,
-                                        f"segment {sug.segment if sug else '?'} pod disrupted (preemption, eviction or "
+                                        f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
                                         "node loss): it reruns from the same checkpoint, not counted as a failure"))
 
     # -- training status ------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def resolve_function(ref: str, search_path: list[str]) -> Callable[..., Any]:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"spec.worker.function: module {mod_name!r} has no function {fn_name!r}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _result_from_return(out: Any, contract: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def _result_from_return(out: Any, contract: Mapping[str, Any]) -> dict[str, Any]
     if out is None:
         try:
             with open(contract["result"]) as f:
-                return json.load(f)  # type: ignore[no-any-return]
+                return json.load(f)
         except (OSError, ValueError):
             return {"error": "function returned None and reported no result"}
     if isinstance(out, numbers.Real) and not isinstance(out, bool):  # numpy scalars too

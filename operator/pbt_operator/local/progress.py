@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 from ..core.engine import Engine
@@ -15,8 +16,8 @@ def fmt_value(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def fmt_hp(hp: dict[str, object] | object, limit: int = 48) -> str:
-    s = " ".join(f"{k}={fmt_value(v)}" for k, v in dict(hp).items())  # type: ignore[call-overload]
+def fmt_hp(hp: Mapping[str, object], limit: int = 48) -> str:
+    s = " ".join(f"{k}={fmt_value(v)}" for k, v in hp.items())
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
