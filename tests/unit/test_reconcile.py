@@ -210,6 +210,21 @@ def test_failed_segment_is_retried_then_replaced() -> None:
     assert C.EV_SEGMENT_FAILED in reasons and C.EV_MEMBER_REPLACED in reasons
 
 
+def test_retry_of_an_exploit_is_announced_as_a_retry_not_a_second_exploit() -> None:
+    base = FakeCluster(training_obj())
+    drive(base, random.Random(0))
+    m, k = next((h["suggestion"]["member"], h["suggestion"]["segment"]) for mo in base.members.values()
+                for h in mo["status"]["history"] if h["suggestion"]["kind"] == "exploit")
+    mname = f"toy-m{m:03d}"
+    c = FakeCluster(training_obj())
+    drive(c, random.Random(0), fail_jobs={f"toy-m{m:03d}-s{k:05d}-a0"})
+    assert c.training["status"]["phase"] == "Succeeded" and f"toy-m{m:03d}-s{k:05d}-a1" in c.jobs
+    mine = [e for e in c.events if e.target == mname]
+    assert [e.reason for e in mine].count(C.EV_SEGMENT_RETRIED) == 1
+    exploited = [e.reason for e in base.events if e.target == mname].count(C.EV_EXPLOITED)
+    assert [e.reason for e in mine].count(C.EV_EXPLOITED) == exploited  # the retry is not a new exploit
+
+
 def test_failure_policy_fail_marks_training_failed() -> None:
     c = FakeCluster(training_obj(failurePolicy={"maxRetries": 0, "onExhausted": "fail"}))
     drive(c, random.Random(0), fail_jobs={"toy-m001-s00000-a0"})

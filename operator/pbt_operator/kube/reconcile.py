@@ -184,9 +184,18 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
                     engine.pending[s.member] = s
                     new_members.append(s)
     decided: dict[int, Suggestion] = {}
+    retried: set[int] = set()  # members whose decision is a retry of the segment that just failed
+
+    def note(s: Suggestion, failed: Suggestion) -> None:
+        decided[s.member] = s
+        if s.member == failed.member and dataclasses.replace(s, attempt=failed.attempt) == failed:
+            retried.add(s.member)
+        else:
+            retried.discard(s.member)
+
     for rec in to_tell:
         for s in engine.tell(_result_of(rec)):
-            decided[s.member] = s
+            note(s, rec.suggestion)
 
     # -- read finished Jobs ---------------------------------------------------------------------
     # Results are told in completion order (then member index), the same order a rebuild after a
@@ -217,12 +226,15 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
                 out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
                                             f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
             for s in new:
-                decided[s.member] = s
+                note(s, sug)
 
     # -- events for decisions -------------------------------------------------------------------
     for s in decided.values():
         mname = member_name(name, s.member)
-        if s.kind == "exploit" and s.donor is not None:
+        if s.member in retried:  # a retry repeats its decision (exploit, replace...): do not announce it again
+            out.events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
+                                        f"segment {s.segment} retried (attempt {s.attempt})"))
+        elif s.kind == "exploit" and s.donor is not None:
             out.events.append(EventSpec(mname, "Normal", C.EV_EXPLOITED,
                                         f"member {s.member} copies member {s.donor} checkpoint s{s.restore[1] if s.restore else '?'} "
                                         f"(score {s.score_before}): {s.reason.split('; explore')[0]}"))
@@ -231,9 +243,6 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
                                         f"{describe_change(donor_hp, s.hyperparameters)} ({s.reason.split('explore: ')[-1]})"))
         elif s.kind == "replace":
             out.events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
-        elif s.attempt > 0 and s.kind not in ("replace",):
-            out.events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
-                                        f"segment {s.segment} retried (attempt {s.attempt})"))
 
     # -- members: create / patch ------------------------------------------------------------------
     for s in new_members:
