@@ -3,6 +3,9 @@ per process run. Runs on the CPU; the same script runs in a GPU Job in Kubernete
 
     PBT_SEGMENT='{...}' python train.py        # normally started by `pbt run` or by the operator
 
+`segment(seg)` trains one segment and is also usable inline (`worker: {executor: inline, function:
+train:segment}`), e.g. by benchmarks/search_quality.py; the data tensors are loaded once per process.
+
 The metrics it reports include a fingerprint of the weights it restored and of the weights it saved,
 so a test can prove that an exploit really copied the donor's weights, not only its hyperparameters.
 """
@@ -11,26 +14,34 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 import numpy as np
 import torch
+from pbt_worker import Segment
 from sklearn.datasets import load_digits
 from torch import nn
-
-from pbt_worker import Segment
 
 torch.set_num_threads(int(os.environ.get("PBT_TORCH_THREADS", "1")))
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("PBT_CPU") != "1" else "cpu"
 
 
+_DATA: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(x))  # a fixed split, the same for every member
-    x, y = x[order], y[order]
-    n_train = 1400
-    return (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]),
-            torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]))
+    """The fixed train/validation split, loaded once per process (inline runs call segment() many times).
+    Callers must not modify the tensors in place."""
+    global _DATA
+    if _DATA is None:
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32)
+        order = np.random.default_rng(0).permutation(len(x))  # a fixed split, the same for every member
+        x, y = x[order], y[order]
+        n_train = 1400
+        _DATA = (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]),
+                 torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]))
+    return _DATA
 
 
 def model() -> nn.Module:
@@ -44,8 +55,8 @@ def fingerprint(m: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def main() -> None:
-    seg = Segment.from_env()
+def segment(seg: Segment) -> dict[str, Any]:
+    """Train one segment from the restored checkpoint, save, and report; returns the reported result."""
     hp = seg.hyperparameters
     lr, momentum, batch = float(hp["lr"]), float(hp["momentum"]), int(hp["batch_size"])
     xtr, ytr, xva, yva = (t.to(DEVICE) for t in data())
@@ -74,8 +85,12 @@ def main() -> None:
         val_loss = float(loss_fn(logits, yva))
         val_acc = float((logits.argmax(1) == yva).float().mean())
     seg.save({"model": net.state_dict(), "optimizer": opt.state_dict()})
-    seg.report(score=val_acc, loss=val_loss, train_loss=float(loss.detach()), restored_weights=restored,
-               saved_weights=fingerprint(net))
+    return seg.report(score=val_acc, loss=val_loss, train_loss=float(loss.detach()), restored_weights=restored,
+                      saved_weights=fingerprint(net))
+
+
+def main() -> None:
+    segment(Segment.from_env())
 
 
 if __name__ == "__main__":
