@@ -272,3 +272,26 @@ def test_run_in_a_subprocess(tmp_path: Path) -> None:
 
     missing = _run_script(tmp_path, "import pbt_worker\npbt_worker.run(lambda s: 1.0)\n", None)
     assert missing.returncode == 2 and "PBT_SEGMENT is not set" in missing.stderr
+
+
+def test_mem_storage_is_thread_safe() -> None:
+    """The inline executor runs many members at once on one mem:// store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mem_storage().clear()
+    base = "mem://threads/"
+
+    def member(m: int) -> int:
+        for k in range(200):
+            seg = make(base, k, member=m, gc=[f"{base}t/m{m:03d}/{k - 2:05d}/"] if k >= 2 else [])
+            state = seg.restore() or {"n": 0, "member": m}
+            assert state["member"] == m
+            state["n"] += 1
+            seg.save(state)
+        final = make(base, 200, member=m).restore()
+        return int(final["n"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(member, range(16))) == [200] * 16
+    store = mem_storage()
+    assert all(len(store.list(f"{base}t/m{m:03d}/{k:05d}/")) == 0 for m in range(16) for k in range(198))

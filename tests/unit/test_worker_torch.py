@@ -1,0 +1,87 @@
+"""torch checkpoints through file:// and mem:// (CPU only)."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pbt_worker import Segment, mem_storage
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+
+def make(base: str, k: int) -> Segment:
+    return Segment({"version": 1, "training": "t", "member": 0, "segment": k, "hyperparameters": {},
+                    "steps": {"start": 0, "budget": 1}, "restore": f"{base}{k - 1}/" if k else None,
+                    "checkpoint": f"{base}{k}/", "result": None, "gc": []})
+
+
+def _state() -> dict[str, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": 3}
+
+
+def test_state_dict_round_trip_file(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    state = _state()
+    make(base, 0).save(state)
+    reader = make(base, 1).restored()
+    assert reader is not None and reader.entry("state").encoding == "torch"
+    back = make(base, 1).restore()
+    assert back["epoch"] == 3
+    for k, v in state["model"].items():
+        assert torch.equal(back["model"][k], v) and back["model"][k].device.type == "cpu"
+    assert back["opt"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_tensor_and_module(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    make(base, 0).save(torch.arange(5))
+    assert torch.equal(make(base, 1).restore(), torch.arange(5))
+    module = torch.nn.Linear(2, 2)
+    make(f"{base}m/", 0).save(module)
+    assert isinstance(make(f"{base}m/", 1).restore(), torch.nn.Linear)  # falls back to the full unpickler
+    with pytest.raises(pickle.UnpicklingError):
+        make(f"{base}m/", 1).restore(weights_only=True)
+
+
+def test_force_torch_encoding_and_map_location(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    make(base, 0).save({"plain": [1, 2]}, encoding="torch")
+    assert make(base, 1).restore(map_location="cpu") == {"plain": [1, 2]}
+
+
+def test_mem_keeps_a_private_copy() -> None:
+    mem_storage().clear()
+    base = "mem://torch/"
+    w = torch.zeros(3)
+    make(base, 0).save({"w": w})
+    w += 1  # in-place update after save must not reach the checkpoint
+    back = make(base, 1).restore()
+    assert torch.equal(back["w"], torch.zeros(3))
+    back["w"] += 5
+    assert torch.equal(make(base, 1).restore()["w"], torch.zeros(3))
+
+
+def test_torch_is_not_imported_for_plain_objects(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pbt_worker import Segment\n"
+        f"base = 'file://{tmp_path}/p/'\n"
+        "c = {'version': 1, 'training': 't', 'member': 0, 'segment': 0, 'hyperparameters': {},"
+        " 'steps': {'start': 0, 'budget': 1}, 'restore': None, 'checkpoint': base + '0/', 'result': None,"
+        " 'gc': []}\n"
+        "Segment(c).save({'a': 1})\n"
+        "c.update(segment=1, restore=base + '0/', checkpoint=base + '1/')\n"
+        "assert Segment(c).restore() == {'a': 1}\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
