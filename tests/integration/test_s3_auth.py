@@ -87,3 +87,18 @@ def test_access_denied_names_the_uri(auth_server: dict[str, Any], monkeypatch: p
         _segment("s3://forbidden/x/").save(b"x")
     assert time.monotonic() - start < 5
     assert "access denied" in str(info.value) and "s3://forbidden/x/" in str(info.value)
+
+
+def test_no_credentials_at_all(moto_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.endpoint)
+    reset_storage_cache()
+    try:
+        with pytest.raises(PermanentStorageError, match="no usable AWS credentials"):
+            _segment("s3://anything/x/").save(b"x")
+    finally:
+        reset_storage_cache()
