@@ -46,9 +46,39 @@ def _immutable(obj: Any, depth: int = 0) -> bool:
     return False
 
 
+def _copy(obj: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy`` with a fast path for plain dicts/lists of atoms (the usual inline state).
+
+    Shares ``memo`` with ``copy.deepcopy``, so aliasing and cycles are preserved exactly as deepcopy
+    would preserve them, and anything else (arrays, tensors, custom classes) is deep-copied as usual.
+    """
+    t = type(obj)
+    if t in _ATOMS:
+        return obj
+    found = memo.get(id(obj))
+    if found is not None:
+        return found
+    if t is dict:
+        d: dict[Any, Any] = {}
+        memo[id(obj)] = d
+        memo.setdefault(id(memo), []).append(obj)  # keep-alive, as deepcopy does
+        for k, v in obj.items():
+            d[k] = _copy(v, memo)
+        return d
+    if t is list:
+        lst: list[Any] = []
+        memo[id(obj)] = lst
+        memo.setdefault(id(memo), []).append(obj)
+        lst.extend(_copy(v, memo) for v in obj)
+        return lst
+    if _immutable(obj):
+        return obj
+    return copy.deepcopy(obj, memo)
+
+
 def private_copy(obj: Any) -> Any:
     """Return ``obj`` itself when it is known-immutable, else a deep copy."""
-    return obj if _immutable(obj) else copy.deepcopy(obj)
+    return obj if type(obj) in _ATOMS else _copy(obj, {})
 
 
 class MemStorage(Storage):
