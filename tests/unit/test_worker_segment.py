@@ -295,3 +295,18 @@ def test_mem_storage_is_thread_safe() -> None:
         assert list(pool.map(member, range(16))) == [200] * 16
     store = mem_storage()
     assert all(len(store.list(f"{base}t/m{m:03d}/{k:05d}/")) == 0 for m in range(16) for k in range(198))
+
+
+def test_mem_copy_preserves_aliasing_and_cycles() -> None:
+    import collections
+
+    mem_storage().clear()
+    shared = [1.0, 2.0]
+    state: dict[str, Any] = {"a": shared, "b": shared, "od": collections.OrderedDict(x=[1]), "t": (1, [2])}
+    state["self"] = state
+    make("mem://alias/", 0).save(state)
+    back = make("mem://alias/", 1).restore()
+    assert back["a"] is back["b"] and back["a"] is not shared and back["a"] == shared
+    assert back["self"] is back
+    assert back["od"] == state["od"] and back["od"]["x"] is not state["od"]["x"]
+    assert back["t"] == (1, [2]) and back["t"][1] is not state["t"][1]
