@@ -240,3 +240,22 @@ def test_persistent_503_gives_up_within_budget(s3_env: dict[str, str], fault_pro
     elapsed = time.monotonic() - start
     assert elapsed < 20, elapsed
     assert "ServiceUnavailable" in str(info.value) and base in str(info.value)
+
+
+@pytest.mark.parametrize("stored_size", [9 * MiB, 11 * MiB, 100])
+def test_object_of_wrong_size_is_corrupt_at_once(s3_env: dict[str, str], moto_server: Any, tmp_path: Path,
+                                                 stored_size: int) -> None:
+    base = s3_env["PBT_TEST_BASE"]
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(10 * MiB))  # two ranges on restore
+    seg = make(base, 0)
+    seg.save_file(src)
+    manifest = open_storage(base).manifest(seg.checkpoint_uri)
+    assert manifest is not None
+    key = "ck/t/m000/00000/" + manifest.objects["w.bin"].key
+    moto_server.client().put_object(Bucket=s3_env["PBT_TEST_BUCKET"], Key=key, Body=os.urandom(stored_size))
+    start = time.monotonic()
+    with pytest.raises(CheckpointCorruptError, match="commit marker"):
+        make(base, 1).restore_file(dest=tmp_path / "out.bin")
+    assert time.monotonic() - start < 10, "a corrupt object must not be retried"
+    assert not (tmp_path / "out.bin").exists()

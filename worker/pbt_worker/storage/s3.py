@@ -310,9 +310,9 @@ class S3Storage(Storage):
         try:
             ranges = [(off, min(self.part_size, size - off)) for off in range(0, size, self.part_size)]
             if len(ranges) <= 1:
-                sha = self._get(uri, lambda: self._get_range(bucket, name, fd, 0, size, True)).hexdigest()
+                sha = self._get(uri, lambda: self._get_range(bucket, name, fd, 0, size, True, size)).hexdigest()
             else:
-                sha = self._get_parallel(uri, bucket, name, fd, tmp, ranges)
+                sha = self._get_parallel(uri, bucket, name, fd, tmp, ranges, size)
             os.close(fd)
             fd = -1
             verify(uri, expect, size, sha)
@@ -325,11 +325,11 @@ class S3Storage(Storage):
         return target
 
     def _get_parallel(self, uri: str, bucket: str, name: str, fd: int, tmp: Path,
-                      ranges: list[tuple[int, int]]) -> str:
+                      ranges: list[tuple[int, int]], size: int) -> str:
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pbt-s3-get")
         try:
             futures = [pool.submit(self._get, uri, lambda o=off, n=n: self._get_range(bucket, name, fd, o, n,
-                                                                                       o == 0))
+                                                                                       o == 0, size))
                        for off, n in ranges]
             h = futures[0].result()  # the first range hashes itself while streaming
             buf = bytearray(CHUNK)
@@ -350,13 +350,23 @@ class S3Storage(Storage):
         return h.hexdigest()
 
     def _get_range(self, bucket: str, name: str, fd: int, offset: int, length: int,
-                   hash_inline: bool = False) -> Any:
+                   hash_inline: bool = False, expected_total: int | None = None) -> Any:
         """One (retryable) ranged GET into ``fd`` at ``offset``; returns a sha256 object of the range when
         ``hash_inline`` (used for the range starting at 0, whose hash can be computed as it streams)."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": name}
         if length:
             kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
-        body = self.client.get_object(**kwargs)["Body"]
+        response = self.client.get_object(**kwargs)
+        body = response["Body"]
+        # An object of another size than the marker says is corrupt: say so now instead of retrying
+        # short reads until the retry budget runs out.
+        content_range = str(response.get("ContentRange") or "")
+        total = content_range.rpartition("/")[2] if content_range else str(response.get("ContentLength", ""))
+        if total.isdigit() and expected_total is not None and int(total) != expected_total:
+            body.close()
+            uri = f"s3://{bucket}/{name}"
+            raise CheckpointCorruptError(
+                f"{uri}: object is {total} bytes, the commit marker says {expected_total}", uri)
         hasher = hashlib.sha256() if hash_inline else None  # fresh per attempt: a retry must not hash twice
         pos = offset
         try:
