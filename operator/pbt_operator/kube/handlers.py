@@ -65,6 +65,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # Watching given namespaces (the chart's namespaced RBAC: Roles only), kopf may not list namespaces
+    # or watch CRDs, which are cluster-scoped: without this it retries those 403s for a minute first.
+    settings.scanning.disabled = not settings.peering.clusterwide
     metrics.start_server_from_env()
 
 
@@ -118,6 +121,8 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
             await asyncio.wait_for(wake.wait(), timeout=IDLE_RESYNC)
         except asyncio.TimeoutError:
             pass
+    if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+        metrics.forget(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "populationtrainings", id="training-events")

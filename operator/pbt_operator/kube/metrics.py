@@ -1,4 +1,9 @@
-"""Prometheus metrics of the operator (served on PBT_METRICS_PORT, default 8000)."""
+"""Prometheus metrics of the operator (served on PBT_METRICS_PORT, default 8000; 0 turns them off).
+
+Per training (labels namespace, training): segments started / finished / failed / disrupted, exploit and
+explore decisions (label strategy), segment Job durations, running segments, queued members, best score,
+reconcile errors. Process-wide: the time one reconcile pass takes to plan (the core's decisions included).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,22 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-SEGMENTS_STARTED = Counter("pbt_segments_started_total", "Segment Jobs created", ["namespace", "training"])
-SEGMENTS_FINISHED = Counter("pbt_segments_finished_total", "Segments finished with a score", ["namespace", "training"])
-SEGMENTS_FAILED = Counter("pbt_segments_failed_total", "Segments that failed", ["namespace", "training"])
-SEGMENTS_DISRUPTED = Counter("pbt_segments_disrupted_total", "Segment pods disrupted (rerun, not failed)",
-                             ["namespace", "training"])
-EXPLOITS = Counter("pbt_exploits_total", "Exploit decisions", ["namespace", "training", "strategy"])
-EXPLORES = Counter("pbt_explores_total", "Explore decisions", ["namespace", "training", "strategy"])
-DECISION_SECONDS = Histogram("pbt_reconcile_plan_seconds", "Time to compute one reconcile plan (decisions included)",
-                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-SEGMENT_SECONDS = Histogram("pbt_segment_duration_seconds", "Segment Job duration",
-                            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600))
-RUNNING = Gauge("pbt_running_segments", "Segment Jobs running", ["namespace", "training"])
-QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", ["namespace", "training"])
-BEST = Gauge("pbt_best_score", "Best score so far", ["namespace", "training"])
-RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", ["namespace", "training"])
+_LABELS = ["namespace", "training"]
+SEGMENTS_STARTED = Counter("pbt_segments_started_total", "Segment Jobs created", _LABELS)
+SEGMENTS_FINISHED = Counter("pbt_segments_finished_total", "Segments finished with a score", _LABELS)
+SEGMENTS_FAILED = Counter("pbt_segments_failed_total", "Segments that failed", _LABELS)
+SEGMENTS_DISRUPTED = Counter("pbt_segments_disrupted_total", "Segment pods disrupted (rerun, not failed)", _LABELS)
+EXPLOITS = Counter("pbt_exploits_total", "Exploit decisions", [*_LABELS, "strategy"])
+EXPLORES = Counter("pbt_explores_total", "Explore decisions", [*_LABELS, "strategy"])
+DECISION_SECONDS = Histogram("pbt_reconcile_plan_seconds",
+                             "Decision latency: time to compute one reconcile plan (the core's decisions included)",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+SEGMENT_SECONDS = Histogram("pbt_segment_duration_seconds", "Segment Job duration (status.startTime to completion)",
+                            _LABELS, buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600))
+RUNNING = Gauge("pbt_running_segments", "Segment Jobs running", _LABELS)
+QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", _LABELS)
+BEST = Gauge("pbt_best_score", "Best score so far", _LABELS)
+RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", _LABELS)
 
 _EVENT_COUNTERS = {
     "SegmentFailed": SEGMENTS_FAILED,
@@ -56,9 +62,21 @@ def observe_plan(ns: str, name: str, seconds: float, plan: Any) -> None:
             EXPLORES.labels(ns, name, spec.explore.strategy).inc()
     if plan.finished:
         SEGMENTS_FINISHED.labels(ns, name).inc(plan.finished)
+    for secs in plan.segment_seconds:
+        SEGMENT_SECONDS.labels(ns, name).observe(secs)
 
 
 def count_event(reason: str, ns: str, name: str) -> None:
     c = _EVENT_COUNTERS.get(reason)
     if c is not None:
         c.labels(ns, name).inc()
+
+
+def forget(ns: str, name: str) -> None:
+    """A deleted training's gauges go away (its counters and histograms stay until the operator restarts,
+    as Prometheus counters should)."""
+    for g in (RUNNING, QUEUED, BEST):
+        try:
+            g.remove(ns, name)
+        except KeyError:
+            pass

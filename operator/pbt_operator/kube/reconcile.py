@@ -12,6 +12,7 @@ repeats nothing.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ class Plan:
     spec: TrainingSpec | None = None
     started: list[str] = field(default_factory=list)  # job names created this pass (metrics)
     finished: int = 0  # segments that finished with a score this pass (metrics)
+    segment_seconds: list[float] = field(default_factory=list)  # Job startTime -> completion, this pass (metrics)
 
 
 def storage_root(spec: TrainingSpec) -> str:
@@ -222,6 +224,9 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
             if not res.disrupted and engine.last is not None and engine.last.ref == sug.ref:
                 new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
             out.finished += int(res.ok)
+            secs = None if res.disrupted else job_seconds(jobs_by_name[jname], finished_at)
+            if secs is not None:
+                out.segment_seconds.append(secs)
             if not res.ok:
                 out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
                                             f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
@@ -327,6 +332,19 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
                                         f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
                                         f"score {b.score if b else '-'}"))
     return out
+
+
+def job_seconds(job: Mapping[str, Any], finished_at: str) -> float | None:
+    """A segment Job's duration: status.startTime to `finished_at` (its completionTime, or the time the
+    pass saw its pod succeed). None when the Job has no start time or a timestamp does not parse."""
+    start = (job.get("status") or {}).get("startTime")
+    if not start:
+        return None
+    try:
+        t0, t1 = (datetime.datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (start, finished_at))
+    except ValueError:
+        return None
+    return max(0.0, (t1 - t0).total_seconds())
 
 
 def _disruptions(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> int:

@@ -1,0 +1,83 @@
+{{/* Names and labels shared by the templates. */}}
+
+{{- define "pbt-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pbt-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pbt-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pbt-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pbt-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "pbt-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "pbt-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pbt-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* kopf peering is used only when several replicas run. */}}
+{{- define "pbt-operator.peering" -}}
+{{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
+{{- end -}}
+
+{{- define "pbt-operator.peeringName" -}}
+{{- default (include "pbt-operator.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/*
+The rules the operator needs in every namespace it watches (see operator/pbt_operator/kube/api.py and
+handlers.py). Only the verbs it uses: no Secrets (workers read storage credentials, the operator never
+does), no deletes (owner references and the garbage collector clean up), no wildcards.
+*/}}
+{{- define "pbt-operator.namespacedRules" -}}
+# PopulationTrainings: kopf lists/watches them and patches finalizers and annotations (its progress
+# storage); the reconcile pass reads one with get and writes its status.
+- apiGroups: ["pbt.dev"]
+  resources: ["populationtrainings"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["pbt.dev"]
+  resources: ["populationtrainings/status"]
+  verbs: ["patch"]
+# PopulationMembers: listed, created and patched (spec.segment, then status history) by the reconcile pass.
+- apiGroups: ["pbt.dev"]
+  resources: ["populationmembers"]
+  verbs: ["list", "create", "patch"]
+- apiGroups: ["pbt.dev"]
+  resources: ["populationmembers/status"]
+  verbs: ["patch"]
+# Members and Jobs carry ownerReferences with blockOwnerDeletion; clusters that enable the
+# OwnerReferencesPermissionEnforcement admission plugin require update on the owner's finalizers.
+- apiGroups: ["pbt.dev"]
+  resources: ["populationtrainings/finalizers", "populationmembers/finalizers"]
+  verbs: ["update"]
+# Segment Jobs: created (create-if-absent), listed, and watched to wake the training's reconcile.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create"]
+# Segment pods: read for termination messages and disruption conditions, watched for wake-ups.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# Events (Exploited, Explored, SegmentFailed, ...) posted by kopf (core v1 events).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}

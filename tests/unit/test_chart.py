@@ -1,0 +1,282 @@
+"""The Helm chart (charts/pbt-operator): CRDs identical to crds/, `helm lint`, and the objects
+`helm template` renders for the value combinations that change them (cluster-wide vs namespaced,
+replicas > 1 with peering, metrics on/off, ServiceMonitor). Server-side validation of the same output
+and an install that really runs a training are in tests/e2e/test_helm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "pbt-operator"
+HELM = Path(os.environ.get("PBT_HELM", Path.home() / ".cache" / "pbt-operator" / "v1.36.5" / "bin" / "helm"))
+KUBE_VERSION = "1.36.5"  # helm built from source reports v1.20 for template/lint without a cluster
+needs_helm = pytest.mark.skipif(not HELM.exists(), reason=f"no helm binary at {HELM} (hack/testcluster.sh build)")
+
+# (apiGroup, resource, verb) the operator uses in each namespace it watches: kube/api.py (get trainings,
+# list/create/patch members, list/create jobs, list pods, patch statuses), kube/handlers.py through kopf
+# (list/watch/patch trainings, watch jobs and pods, create events).
+NEEDED = {
+    ("pbt.dev", "populationtrainings", v) for v in ("get", "list", "watch", "patch")
+} | {
+    ("pbt.dev", "populationtrainings/status", "patch"),
+    ("pbt.dev", "populationmembers", "list"), ("pbt.dev", "populationmembers", "create"),
+    ("pbt.dev", "populationmembers", "patch"), ("pbt.dev", "populationmembers/status", "patch"),
+    ("batch", "jobs", "list"), ("batch", "jobs", "watch"), ("batch", "jobs", "create"),
+    ("", "pods", "list"), ("", "pods", "watch"),
+    ("", "events", "create"),
+}
+# Also granted, on purpose: update on the owners' finalizers (ownerReferences with blockOwnerDeletion
+# under OwnerReferencesPermissionEnforcement), kopf's CRD watch (cluster-wide), kopf peerings (replicas > 1).
+ALLOWED_EXTRA = {
+    ("pbt.dev", "populationtrainings/finalizers", "update"), ("pbt.dev", "populationmembers/finalizers", "update"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+} | {("kopf.dev", r, v) for r in ("clusterkopfpeerings", "kopfpeerings") for v in ("list", "watch", "patch")}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HELM_CACHE_HOME="/tmp/pbt-helm-unit/cache", HELM_CONFIG_HOME="/tmp/pbt-helm-unit/config",
+               HELM_DATA_HOME="/tmp/pbt-helm-unit/data")
+    p = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def render(*sets: str, values: dict[str, Any] | None = None, check: bool = True,
+           namespace: str = "pbt-system") -> list[dict[str, Any]] | subprocess.CompletedProcess[str]:
+    args = ["template", "pbt", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    if values is not None:
+        args += ["--set-json", ",".join(f"{k}={json.dumps(v)}" for k, v in values.items())]
+    p = helm(*args, check=check)
+    if not check:
+        return p
+    return [d for d in yaml.safe_load_all(p.stdout) if d]
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objs, kind)
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(objs)["env"]}
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+def check_least_privilege(role: dict[str, Any]) -> None:
+    for rule in role["rules"]:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key] and all("*" not in x for x in rule[key]), rule
+        assert not rule.get("nonResourceURLs") and not rule.get("resourceNames"), rule
+    g = grants(role)
+    assert not any(r in ("secrets", "configmaps", "serviceaccounts/token") for _, r, _ in g), g
+    assert not any(v in ("delete", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in g), g
+    assert g >= NEEDED, NEEDED - g
+    assert g <= NEEDED | ALLOWED_EXTRA, g - NEEDED - ALLOWED_EXTRA
+
+
+# -- no helm needed ---------------------------------------------------------------------------------
+
+def test_chart_crds_identical_to_top_level_crds() -> None:
+    top = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert top and chart == top, f"charts/pbt-operator/crds {chart} != crds {top}: cp crds/*.yaml charts/pbt-operator/crds/"
+    for name in top:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), \
+            f"charts/pbt-operator/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/pbt-operator/crds/"
+
+
+def test_chart_crds_are_what_the_code_generates() -> None:
+    from pbt_operator.kube.crds import render as render_crds
+
+    for fname, text in render_crds().items():
+        assert (CHART / "crds" / fname).read_text() == text, \
+            f"{fname} is stale: .venv/bin/pbt crds --write crds && cp crds/*.yaml charts/pbt-operator/crds/"
+
+
+def test_values_match_their_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) <= set(schema["properties"]), set(values) - set(schema["properties"])
+    assert values["watchNamespaces"] == [] and values["replicaCount"] == 1 and values["rbac"]["create"] is True
+
+
+# -- helm lint / template ---------------------------------------------------------------------------
+
+@needs_helm
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={team-a,team-b}", "replicaCount=3"),
+                                  ("metrics.enabled=false",), ("metrics.serviceMonitor.enabled=true",)])
+def test_helm_lint(sets: tuple[str, ...]) -> None:
+    args = ["lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args).stdout
+    assert "0 chart(s) failed" in out, out
+
+
+@needs_helm
+def test_default_render_cluster_wide() -> None:
+    objs = render()
+    assert isinstance(objs, list)
+    assert sorted(o["kind"] for o in objs) == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"])
+    assert all(o["metadata"].get("namespace") in (None, "pbt-system") for o in objs)
+    dep = one(objs, "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    pod = dep["spec"]["template"]["spec"]
+    sa = one(objs, "ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == sa
+    c = container(objs)
+    assert c["command"] == ["pbt", "operator"]
+    assert c["args"] == ["--log-format=json", "--health-port=8080"]  # no --namespace: cluster-wide
+    env = env_of(objs)
+    assert env["OPENBLAS_NUM_THREADS"] == "1" and env["PBT_METRICS_PORT"] == "8000"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"health": 8080, "metrics": 8000}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    # restricted pod security standard
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # writable scratch with a read-only root
+    # RBAC
+    role = one(objs, "ClusterRole")
+    check_least_privilege(role)
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") not in grants(role)  # no peering with one replica
+    binding = one(objs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "pbt-system"}]
+    # metrics Service selects the operator pod and targets the metrics port
+    svc = one(objs, "Service")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics", "protocol": "TCP"}]
+
+
+@needs_helm
+def test_namespaced_render_has_no_cluster_scope() -> None:
+    objs = render(values={"watchNamespaces": ["team-a", "team-b"]})
+    assert isinstance(objs, list)
+    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
+    roles = by_kind(objs, "Role")
+    bindings = by_kind(objs, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for r in roles:
+        check_least_privilege(r)
+        assert not any(res == "customresourcedefinitions" for _, res, _ in grants(r))
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        assert b["subjects"][0]["namespace"] == "pbt-system"  # the operator's SA lives in the release namespace
+    assert container(objs)["args"] == ["--log-format=json", "--health-port=8080", "--namespace=team-a",
+                                       "--namespace=team-b"]
+
+
+@needs_helm
+@pytest.mark.parametrize("namespaced", [False, True])
+def test_replicas_above_one_use_kopf_peering(namespaced: bool) -> None:
+    values: dict[str, Any] = {"replicaCount": 3}
+    if namespaced:
+        values["watchNamespaces"] = ["team-a"]
+    objs = render(values=values)
+    assert isinstance(objs, list)
+    dep = one(objs, "Deployment")
+    assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--peering=pbt-pbt-operator" in container(objs)["args"]
+    assert env_of(objs)["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # kopf's peer identity
+    if namespaced:
+        peering = one(objs, "KopfPeering")
+        assert peering["metadata"]["namespace"] == "team-a"
+        role = one(objs, "Role")
+        assert {("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")} <= grants(role)
+    else:
+        peering = one(objs, "ClusterKopfPeering")
+        role = one(objs, "ClusterRole")
+        assert {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")} <= grants(role)
+    check_least_privilege(role)
+    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == "pbt-pbt-operator"
+    named = render(values={"replicaCount": 2, "peering": {"name": "blue"}})
+    assert isinstance(named, list)
+    assert "--peering=blue" in container(named)["args"] and one(named, "ClusterKopfPeering")["metadata"]["name"] == "blue"
+
+
+@needs_helm
+def test_replicas_zero_renders_an_idle_deployment_without_peering() -> None:
+    objs = render("replicaCount=0")
+    assert isinstance(objs, list)
+    assert one(objs, "Deployment")["spec"]["replicas"] == 0
+    assert not any("--peering" in a for a in container(objs)["args"])
+    assert not by_kind(objs, "ClusterKopfPeering")
+
+
+@needs_helm
+def test_metrics_off_and_service_monitor() -> None:
+    off = render("metrics.enabled=false")
+    assert isinstance(off, list)
+    assert not by_kind(off, "Service") and not by_kind(off, "ServiceMonitor")
+    assert env_of(off)["PBT_METRICS_PORT"] == "0"
+    assert [p["name"] for p in container(off)["ports"]] == ["health"]
+    on = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom")
+    assert isinstance(on, list)
+    sm = one(on, "ServiceMonitor")
+    svc = one(on, "Service")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["pbt-system"]}
+    bad = render("metrics.enabled=false", "metrics.serviceMonitor.enabled=true", check=False)
+    assert isinstance(bad, subprocess.CompletedProcess)
+    assert bad.returncode != 0 and "serviceMonitor.enabled needs metrics.enabled" in bad.stderr
+
+
+@needs_helm
+def test_custom_ports_image_and_no_rbac() -> None:
+    objs = render("healthPort=9090", "metrics.port=9100", "image.tag=dev", "logFormat=plain", "verbose=true",
+                  "rbac.create=false", "serviceAccount.create=false", "serviceAccount.name=existing")
+    assert isinstance(objs, list)
+    c = container(objs)
+    assert c["image"] == "ghcr.io/pbt-operator/pbt-operator:dev"
+    assert c["args"] == ["--log-format=plain", "--health-port=9090", "--verbose"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 9090, "metrics": 9100}
+    assert env_of(objs)["PBT_METRICS_PORT"] == "9100"
+    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ServiceAccount")
+    assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+
+
+@needs_helm
+@pytest.mark.parametrize("sets", [("replicaCount=-1",), ("logFormat=xml",), ("noSuchValue=1",),
+                                  ("healthPort=0",), ("watchNamespaces={Bad_NS}",)])
+def test_schema_rejects_bad_values(sets: tuple[str, ...]) -> None:
+    p = render(*sets, check=False)
+    assert isinstance(p, subprocess.CompletedProcess)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
