@@ -6,7 +6,8 @@ There is no container runtime here, so the chart is installed with `replicaCount
 test starts the operator itself from the *installed* Deployment: its command, args and env, with a
 kubeconfig holding a token of the chart's ServiceAccount (`kubectl create token`). The PopulationTraining
 is applied by a namespaced user (a ServiceAccount with a Role that only allows PopulationTrainings in its
-namespace), through impersonation.
+namespace), through impersonation. The replicas > 1 test needs replicaCount 2, so there the pods are
+kept Pending instead (a nodeSelector no node matches) and two operator processes are started.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from clusterlib import Cluster, NodeAgent
-from test_operator import OperatorProcess, training, wait_phase
+from test_operator import OperatorProcess, check_finished, training, wait_phase
 
 pytestmark = pytest.mark.e2e
 
@@ -87,19 +88,26 @@ def sa_kubeconfig(cluster: Cluster, ns: str, sa: str, path: Path) -> Path:
 class ChartOperator(OperatorProcess):
     """`pbt operator` started from the installed Deployment's container: command, args, env."""
 
-    def __init__(self, cluster: Cluster, log_path: Path, deployment: dict[str, Any], kubeconfig: Path):
+    def __init__(self, cluster: Cluster, log_path: Path, deployment: dict[str, Any], kubeconfig: Path,
+                 pod_name: str = "pbt-operator-e2e", own_ports: bool = False):
         super().__init__(cluster, log_path)
         c = deployment["spec"]["template"]["spec"]["containers"][0]
         self.argv = [*c["command"], *c.get("args", [])]
+        self.ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if own_ports:  # a second replica on this host: pods would each have their own network namespace
+            self.ports = {name: free_port() for name in self.ports}
+            self.argv = [f"--health-port={self.ports['health']}" if a.startswith("--health-port=") else a
+                         for a in self.argv]
         self.env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     "KUBECONFIG": str(kubeconfig)}  # no admin credentials: only the ServiceAccount's token
         for e in c.get("env", []):
             if "value" in e:
                 self.env[e["name"]] = e["value"]
             elif (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
-                self.env[e["name"]] = "pbt-operator-e2e"
+                self.env[e["name"]] = pod_name
         self.env["HOME"] = str(log_path.parent)  # the pod's HOME is its /tmp emptyDir
-        self.ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if own_ports and "metrics" in self.ports:
+            self.env["PBT_METRICS_PORT"] = str(self.ports["metrics"])
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
@@ -148,11 +156,13 @@ def rbac_list(cluster: Cluster, user: str, ns: str) -> set[str]:
     return {re.sub(r"\s+", " ", line.strip()) for line in out.splitlines()[1:] if line.strip()}
 
 
-def install(cluster: Cluster, ns: str, *sets: str) -> subprocess.CompletedProcess[str]:
+def install(cluster: Cluster, ns: str, *sets: str, **json_values: Any) -> subprocess.CompletedProcess[str]:
     args = ["install", RELEASE, str(CHART), "-n", ns, "--set", "replicaCount=0", "--set", "logFormat=plain",
             "--set", f"healthPort={free_port()}", "--set", f"metrics.port={free_port()}"]
     for s in sets:
         args += ["--set", s]
+    for k, v in json_values.items():
+        args += ["--set-json", f"{k}={json.dumps(v)}"]
     return cluster.helm(*args)
 
 
@@ -299,3 +309,53 @@ def test_namespaced_install_watches_only_its_namespaces(
     # off, kube/handlers.py configure): nothing is denied, no startup delay
     log = op.log_path.read_text(errors="replace")
     assert "Forbidden" not in log and "Not enough permissions" not in log, op.tail(80)
+
+
+def test_two_replicas_with_peering_one_works_the_other_takes_over(
+        cluster: Cluster, node_agent: NodeAgent, op_namespace: str, tenant: Any, peering_crds: None,
+        tmp_path: Path) -> None:
+    """replicaCount 2: `--peering` and a ClusterKopfPeering from the chart. Each process draws its own
+    priority, so exactly one works; stopping it mid-training hands the training to the other."""
+    # Pending pods (no node matches) instead of replicaCount 0: peering needs replicaCount > 1.
+    install(cluster, op_namespace, "replicaCount=2", nodeSelector={"pbt.dev/e2e-no-such-node": "true"})
+    dep = installed_deployment(cluster, op_namespace, RELEASE)
+    assert f"--peering={FULLNAME}" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert cluster.get("clusterkopfpeering", FULLNAME) is not None
+    sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
+    kubeconfig = sa_kubeconfig(cluster, op_namespace, sa, tmp_path / "operator.kubeconfig")
+    ops = {name: ChartOperator(cluster, tmp_path / f"{name}.log", dep, kubeconfig, pod_name=name, own_ports=True)
+           for name in ("replica-a", "replica-b")}
+    ns, alice = tenant("ha")
+    try:
+        for op in ops.values():
+            op.start()
+
+        def peers() -> dict[str, Any] | None:
+            st = (cluster.get("clusterkopfpeering", FULLNAME) or {}).get("status") or {}
+            return st if set(ops) <= set(st) else None
+
+        st = cluster.wait_for(peers, 90, desc="both replicas in the peering")
+        prios = {name: st[name]["priority"] for name in ops}
+        assert len(set(prios.values())) == 2, prios  # equal priorities would pause both
+        active = max(prios, key=lambda n: prios[n])
+        standby = next(n for n in ops if n != active)
+        apply_as(cluster, alice, ns, training("ha", tmp_path / "ckpt", population=2, parallelism=2, segments=3,
+                                              env={"PBT_TEST_SLEEP": "2"}))
+
+        def status() -> dict[str, Any]:
+            return (cluster.get("pbt", "ha", ns) or {}).get("status") or {}
+
+        cluster.wait_for(lambda: status().get("segmentsDone", 0) >= 2, 120, desc="the active replica's segments")
+        ops[active].stop()  # SIGTERM: kopf leaves the peering and the standby resumes at once
+        assert status().get("phase") == "Running", status()
+        obj = wait_phase(cluster, ns, "ha", ops[standby], timeout=180)
+        _, text = ops[standby].get("metrics", "/metrics")
+        started = re.search(rf'^pbt_segments_started_total{{namespace="{ns}",training="ha"}} (\S+)$', text, re.M)
+        assert started and float(started.group(1)) >= 1, "the standby created no segment Jobs"
+    finally:
+        for op in ops.values():
+            op.stop()
+    check_finished(cluster, ns, "ha", obj, 2, 3)  # every segment exactly once across the handover
+    for op in ops.values():
+        log = op.log_path.read_text(errors="replace")
+        assert "Forbidden" not in log and "Pausing all operators" not in log, op.tail(60)

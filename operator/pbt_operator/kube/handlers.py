@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import random
 import time
 from typing import Any
 
@@ -68,6 +69,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Watching given namespaces (the chart's namespaced RBAC: Roles only), kopf may not list namespaces
     # or watch CRDs, which are cluster-scoped: without this it retries those 403s for a minute first.
     settings.scanning.disabled = not settings.peering.clusterwide
+    if settings.peering.mandatory:
+        # Several replicas (--peering): kopf pauses *all* peers of equal priority, so each process draws its
+        # own; the highest one works, the others stand by and take over when it leaves or its lease expires.
+        settings.peering.priority = random.SystemRandom().randrange(1, 2**31)
     metrics.start_server_from_env()
 
 
