@@ -1,0 +1,143 @@
+"""The CRD schema and the spec model must not drift: on a corpus of valid and invalid manifests, the API
+server (server-side dry run through the real kubectl) never accepts what the spec model refuses for a
+reason the schema can express, and never refuses what the spec model accepts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from clusterlib import Cluster
+from pbt_operator.spec import SpecError, parse_manifest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base() -> dict[str, Any]:
+    return {
+        "apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": "corpus"},
+        "spec": {
+            "population": 4, "parallelism": 2, "mode": "asynchronous", "seed": 1,
+            "objective": {"metric": "score", "direction": "max"},
+            "segment": {"steps": 5, "timeoutSeconds": 60}, "budget": {"segments": 3, "targetScore": 0.9},
+            "hyperparameters": {"lr": {"type": "float", "min": 1e-4, "max": 1.0, "log": True},
+                                "n": {"type": "int", "min": 1, "max": 8},
+                                "opt": {"type": "categorical", "choices": ["sgd", "adam"]}},
+            "exploit": {"strategy": "truncation", "fraction": 0.25},
+            "explore": {"strategy": "pb2", "pb2": {"parallel": "bucb"}},
+            "storage": {"uri": "s3://bucket/prefix", "credentialsSecret": "s3"},
+            "worker": {"executor": "process", "command": ["python", "train.py"]},
+            "template": {"spec": {"containers": [{"name": "t", "image": "x"}]}},
+            "failurePolicy": {"maxRetries": 1, "onExhausted": "replace"},
+        },
+    }
+
+
+def mutate(path: str, value: Any, delete: bool = False) -> dict[str, Any]:
+    doc = base()
+    keys = path.split(".")
+    node = doc
+    for k in keys[:-1]:
+        node = node[k]
+    if delete:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return doc
+
+
+VALID = [
+    base(),
+    mutate("spec.mode", "synchronous"),
+    mutate("spec.exploit", {"strategy": "tournament", "size": 3}),
+    mutate("spec.explore", {"strategy": "perturb", "factors": [0.5, 2.0], "resampleProbability": 0.0}),
+    mutate("spec.objective", {"metric": "loss", "direction": "min"}),
+    mutate("spec.hyperparameters.lr.initial", 0.01),
+    mutate("spec.hyperparameters.n.initial", {"min": 2, "max": 4}),
+    mutate("spec.budget", {"segments": 1}),
+    *[yaml.safe_load((ROOT / "examples" / ex / "populationtraining.yaml").read_text()) for ex in ("digits",)],
+]
+INVALID = [
+    mutate("spec.population", 1),
+    mutate("spec.population", "four"),
+    mutate("spec.parallelism", 0),
+    mutate("spec.mode", "sometimes"),
+    mutate("spec.seed", -1),
+    mutate("spec.objective.direction", "up"),
+    mutate("spec.segment.steps", 0),
+    mutate("spec.budget.segments", 0),
+    mutate("spec.hyperparameters", {}),
+    mutate("spec.hyperparameters.lr.min", 2.0),
+    mutate("spec.hyperparameters.lr.min", -1.0),
+    mutate("spec.hyperparameters.lr.type", "double"),
+    mutate("spec.hyperparameters.lr.max", None, delete=True),
+    mutate("spec.hyperparameters.opt.min", 0),
+    mutate("spec.exploit.fraction", 0.75),
+    mutate("spec.exploit.fraction", 0),
+    mutate("spec.exploit.strategy", "roulette"),
+    mutate("spec.exploit", {"strategy": "tournament", "size": 9}),
+    mutate("spec.explore.strategy", "bayes"),
+    mutate("spec.explore.resampleProbability", 1.5),
+    mutate("spec.explore.factors", []),
+    mutate("spec.explore.pb2.parallel", "async"),
+    mutate("spec.storage.uri", "ftp://x"),
+    mutate("spec.failurePolicy.onExhausted", "panic"),
+    mutate("spec.failurePolicy.maxRetries", -1),
+    mutate("spec.popluation", 4),  # a typo: an unknown field
+    mutate("spec.population", None, delete=True),
+]
+
+
+def server_accepts(cluster: Cluster, ns: str, doc: dict[str, Any]) -> tuple[bool, str]:
+    p = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(doc), check=False)
+    return p.returncode == 0, p.stderr
+
+
+def model_accepts(doc: dict[str, Any]) -> tuple[bool, str]:
+    try:
+        parse_manifest(copy.deepcopy(doc))
+        return True, ""
+    except SpecError as e:
+        return False, str(e)
+
+
+def test_schema_and_model_agree(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/populationtrainings.pbt.dev", "--timeout=60s")
+    for doc in VALID:
+        ok_model, why_model = model_accepts(doc)
+        ok_server, why_server = server_accepts(cluster, namespace, doc)
+        assert ok_model, why_model
+        assert ok_server, why_server
+    refused_by_server = 0
+    for doc in INVALID:
+        ok_model, _ = model_accepts(doc)
+        ok_server, why = server_accepts(cluster, namespace, doc)
+        assert not ok_model, json.dumps(doc["spec"])[:300]  # the model refuses every invalid manifest
+        refused_by_server += not ok_server
+        if not ok_server:
+            assert "spec" in why or "unknown field" in why, why
+    # The schema expresses all of these but the cross-field immutability rules (tested elsewhere).
+    assert refused_by_server == len(INVALID), refused_by_server
+
+
+def test_population_and_space_are_immutable(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    doc = base()
+    doc["spec"]["storage"]["uri"] = "s3://bucket/immutable"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    doc["spec"]["population"] = 6
+    p = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert p.returncode != 0 and "population is immutable" in p.stderr, p.stderr
+    doc["spec"]["population"] = 4
+    doc["spec"]["hyperparameters"]["lr"]["max"] = 0.5
+    p = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert p.returncode != 0 and "immutable" in p.stderr, p.stderr
+    doc["spec"]["hyperparameters"]["lr"]["max"] = 1.0
+    doc["spec"]["parallelism"] = 3  # allowed to change
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
