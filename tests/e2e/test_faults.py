@@ -562,7 +562,10 @@ def test_generated_invalid_manifests_are_rejected_or_failed(
                                                _content_type="application/apply-patch+yaml")
             accepted[name] = path
         except ApiException as e:
-            assert 400 <= e.status < 500, (path, e.status, e.body)
+            # Server-side apply answers a value of the wrong type for the schema with 500 "failed to create
+            # typed patch object" (the API server's own quirk, not a crash: it is the schema refusing it)
+            typed = e.status == 500 and "failed to create typed patch object" in (e.body or "")
+            assert 400 <= e.status < 500 or typed, (path, e.status, e.body)
             rejected[name] = path
     assert len(rejected) + len(accepted) == 240
 
