@@ -173,9 +173,10 @@ def test_larger_population_time_shares_slots(cluster: Cluster, namespace: str, o
     peak = 0
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        jobs = jobs_of(cluster, namespace, "wide")
-        active = sum(1 for j in jobs if not any(c.get("status") == "True" and c["type"] in ("Complete", "Failed")
-                                                for c in (j.get("status") or {}).get("conditions") or []))
+        # segments occupying a slot: pods not yet finished (a Job whose pod succeeded frees its slot
+        # at once, before the Job controller marks the Job Complete)
+        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "pbt.dev/training=wide")["items"]
+        active = sum(1 for p in pods if p["status"].get("phase") in ("Pending", "Running"))
         peak = max(peak, active)
         obj = cluster.get("pbt", "wide", namespace)
         if ((obj or {}).get("status") or {}).get("phase") == "Succeeded":

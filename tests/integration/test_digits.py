@@ -8,6 +8,7 @@ its own weights) fails this test.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -80,7 +81,7 @@ def test_digits_file_storage(tmp_path: Path) -> None:
     assert (Path(best["checkpoint"][len("file://"):]) / "_COMMITTED").exists()
     sched = best["schedule"]
     assert sched[0]["steps_start"] == 0 and sched[-1]["score"] == best["score"]
-    assert all(a["steps_end"] == b["steps_start"] for a, b in zip(sched, sched[1:]))  # one unbroken training
+    assert all(a["steps_end"] == b["steps_start"] for a, b in itertools.pairwise(sched))  # one unbroken training
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lineage = json.loads((out / "lineage.json").read_text())
     assert len(lineage["nodes"]) == 16
