@@ -119,10 +119,16 @@ class LocalRunner:
             def log_suggestions(sugs: list[Suggestion]) -> None:
                 for s in sugs:
                     sug_f.write(json.dumps(s.to_dict()) + "\n")
+
+            def persist() -> None:
+                # Results before the decisions they caused: a resumed run must never find a decided
+                # segment whose parent result is missing. Once per batch, before anything new starts.
+                res_f.flush()
                 sug_f.flush()
 
             queued = engine.start()
             log_suggestions([s for s in queued if s not in pending])  # fresh, or decisions owed after a crash
+            persist()
             dispatched = 0
             gc: list[str] = []
             try:
@@ -146,15 +152,18 @@ class LocalRunner:
                         break
                     if self.progress:
                         self.progress(engine, running, queued)
-                    sug, res = _get(inbox)
-                    del running[sug.member]
-                    new = engine.tell(res)
-                    if not res.disrupted and engine.last is not None:
-                        res_f.write(json.dumps(engine.last.to_dict()) + "\n")
-                        res_f.flush()
-                    new = [s for s in new if s not in queued]
-                    log_suggestions(new)
-                    queued = [q for q in queued if q.member not in {n.member for n in new}] + new
+                    batch = [_get(inbox)]
+                    while not inbox.empty():  # everything that finished meanwhile: one flush for all
+                        batch.append(inbox.get_nowait())
+                    for sug, res in batch:
+                        del running[sug.member]
+                        new = engine.tell(res)
+                        if not res.disrupted and engine.last is not None:
+                            res_f.write(json.dumps(engine.last.to_dict()) + "\n")
+                        new = [s for s in new if s not in queued]
+                        log_suggestions(new)
+                        queued = [q for q in queued if q.member not in {n.member for n in new}] + new
+                    persist()
             except KeyboardInterrupt:
                 interrupted = True
                 executor.shutdown(cancel=True)
