@@ -10,13 +10,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
-import json
 import shutil
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .results_cli import add_results_commands  # status, plot, export, replay
+from .results_cli import remember_manifest as _remember_manifest
 from .spec import SpecError, TrainingSpec
 
 
@@ -62,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+    _remember_manifest(run_dir, args.manifest, doc, spec.name, overrides)
     eng: Engine = summary.engine
     if summary.interrupted:
         print(f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
@@ -94,16 +96,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args.manifest)
     print(f"{args.manifest}: valid PopulationTraining {spec.name!r} (population {spec.population}, "
           f"{len(spec.space)} hyperparameters)")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    run_dir = Path(args.target)
-    best = run_dir / "best.json"
-    if not best.exists():
-        print(f"pbt status: {run_dir} has no best.json (is it a finished run folder?)", file=sys.stderr)
-        return 2
-    print(json.dumps(json.loads(best.read_text()), indent=2))
     return 0
 
 
@@ -179,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a manifest without running it")
     v.add_argument("manifest")
     v.set_defaults(fn=cmd_validate)
-    s = sub.add_parser("status", help="show a run's best member and schedule")
-    s.add_argument("target", help="a run folder")
-    s.set_defaults(fn=cmd_status)
+    add_results_commands(sub)
     o = sub.add_parser("operator", help="run the Kubernetes operator")
     o.add_argument("--namespace", "-n", action="append", help="watch only these namespaces (default: all)")
     o.add_argument("--peering", default="", help="kopf peering name (for several replicas)")

@@ -1,0 +1,396 @@
+"""Reading a run, wherever it lives: a local run folder (`pbt run`) or a PopulationTraining in a cluster.
+
+Every results command (`pbt status | plot | export | replay`) starts from `load_run(target, namespace)`,
+which returns the same `RunData` for both: the parsed spec, every finished (and failed) segment as a
+`Record`, an `Engine` rebuilt from them (best member, lineage, schedule) and the storage root that
+checkpoint URIs are built from. Nothing here writes anything.
+
+- Local: `results.jsonl` holds one Record per line in the order the runner told the engine. The spec
+  comes from `manifest.json` (written by `pbt run` since the results commands exist), from
+  `--manifest`, or, for older folders, is reconstructed from the records themselves (hyperparameter
+  names, types and observed ranges; objective from best.json) - enough for tables and plots.
+- Cluster: the PopulationTraining's spec and status plus every PopulationMember's `status.history`
+  (Record dicts with `finishedAt`), ordered as the operator orders them when it rebuilds its engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import checkpoint_uri, storage_root
+from .core.engine import Engine
+from .core.types import Record, Ref
+from .spec import SpecError, TrainingSpec, load_manifest, parse_manifest, parse_spec
+
+MANIFEST_FILE = "manifest.json"
+
+
+class SourceError(RuntimeError):
+    """The target is neither a readable run folder nor a training the cluster knows."""
+
+
+@dataclass
+class MemberInfo:
+    member: int
+    name: str | None = None
+    phase: str | None = None
+
+
+@dataclass
+class RunData:
+    spec: TrainingSpec
+    records: list[Record]
+    root: str  # storage root: checkpoint URIs are checkpoint_uri(root, spec.name, ref)
+    source: str  # "local:<dir>" or "cluster:<namespace>/<name>"
+    phase: str | None = None  # the training's phase (cluster), or what the local files say
+    status: Mapping[str, Any] = field(default_factory=dict)  # the cluster status (empty for local runs)
+    members: dict[int, MemberInfo] = field(default_factory=dict)
+    manifest_path: Path | None = None  # the manifest a local run was started from, when known
+    spec_inferred: bool = False  # True when the spec was reconstructed from the records
+    _engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.spec, self.records)
+        return self._engine
+
+    @property
+    def done(self) -> list[Record]:
+        return [r for r in self.records if r.status == "done"]
+
+    @property
+    def failures(self) -> list[Record]:
+        return [r for r in self.records if r.status != "done"]
+
+    @property
+    def best(self) -> Record | None:
+        return self.engine.best
+
+    def checkpoint(self, ref: Ref) -> str:
+        return checkpoint_uri(self.root, self.spec.name, ref)
+
+    def schedule(self, ref: Ref | None = None) -> list[dict[str, Any]]:
+        return self.engine.schedule(ref)
+
+    def export_document(self) -> dict[str, Any]:
+        """The best member, its checkpoint and its schedule: what `pbt export` prints and `pbt replay` reads."""
+        spec, eng = self.spec, self.engine
+        best = eng.best
+        doc: dict[str, Any] = {
+            "training": spec.name,
+            "source": self.source,
+            "metric": spec.objective.metric,
+            "direction": spec.objective.direction,
+        }
+        if spec.namespace:
+            doc["namespace"] = spec.namespace
+        if self.manifest_path is not None:
+            doc["manifest"] = str(self.manifest_path)
+        if best is None:
+            doc["best"] = None
+            return doc
+        doc.update({
+            "member": best.member,
+            "segment": best.segment,
+            "score": best.score,
+            "steps": best.steps_end,
+            "hyperparameters": dict(best.suggestion.hyperparameters),
+            "checkpoint": self.checkpoint(best.ref),
+            "schedule": eng.schedule(best.ref),
+        })
+        return doc
+
+
+def load_run(target: str, namespace: str | None = None, manifest: str | None = None) -> RunData:
+    """A run folder if `target` is an existing directory, otherwise a training name in the cluster."""
+    if Path(target).is_dir():
+        return load_local(Path(target), manifest)
+    return load_cluster(target, namespace, manifest)
+
+
+# -- local run folders -------------------------------------------------------------------------------
+def read_records(path: Path) -> list[Record]:
+    out: list[Record] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(Record.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write: the runner reruns that segment too
+    return out
+
+
+def load_local(run_dir: Path, manifest: str | None = None) -> RunData:
+    results = run_dir / "results.jsonl"
+    if not results.exists() and not (run_dir / "run.json").exists():
+        raise SourceError(f"{run_dir} is not a run folder (no results.jsonl or run.json)")
+    records = read_records(results)
+    meta = _json(run_dir / "run.json") or {}
+    best_doc = _json(run_dir / "best.json") or {}
+    manifest_path: Path | None = None
+    inferred = False
+    if manifest is not None:
+        spec = load_manifest(manifest, name=meta.get("name") or None)
+        manifest_path = Path(manifest).resolve()
+    elif (saved := _json(run_dir / MANIFEST_FILE)) is not None:
+        base = Path(saved["path"]).parent if saved.get("path") else None
+        spec = parse_manifest(saved["document"], base_dir=base)
+        manifest_path = Path(saved["path"]) if saved.get("path") else None
+    else:
+        spec = infer_spec(meta.get("name") or best_doc.get("training") or run_dir.name, records, best_doc)
+        inferred = True
+    root = meta.get("storage") or storage_root(spec.storage.uri, spec.name, run_dir)
+    phase = None
+    if best_doc:
+        phase = "Failed" if best_doc.get("failed") else "Succeeded"
+    elif records:
+        phase = "Incomplete"
+    return RunData(spec, records, root, f"local:{run_dir}", phase, {}, {}, manifest_path, inferred)
+
+
+def save_manifest(run_dir: Path, manifest: str, document: Mapping[str, Any]) -> None:
+    """Remember which manifest (as effectively run: overrides applied) produced a run folder."""
+    (run_dir / MANIFEST_FILE).write_text(json.dumps(
+        {"path": str(Path(manifest).resolve()), "document": document}, indent=2, default=str) + "\n")
+
+
+def infer_spec(name: str, records: Sequence[Record], best_doc: Mapping[str, Any] | None = None) -> TrainingSpec:
+    """A spec good enough to read a run whose manifest is unknown: observed members, segments and
+    hyperparameters (log scale when a positive range spans more than 1.5 decades)."""
+    best_doc = best_doc or {}
+    values: dict[str, list[Any]] = {}
+    for r in records:
+        for k, v in r.suggestion.hyperparameters.items():
+            values.setdefault(k, []).append(v)
+    space: dict[str, Any] = {}
+    for k, vs in values.items():
+        if any(isinstance(v, str) for v in vs):
+            space[k] = {"type": "categorical", "choices": sorted({str(v) for v in vs})}
+            continue
+        nums = [float(v) for v in vs]
+        kind = "int" if all(isinstance(v, int) for v in vs) else "float"
+        lo, hi = min(nums), max(nums)
+        if kind == "int":
+            lo, hi = math.floor(lo), math.ceil(hi)
+            hi = hi if hi > lo else lo + 1
+        elif hi <= lo:
+            hi = lo + (abs(lo) or 1.0)
+        log = lo > 0 and hi / lo > 10 ** 1.5
+        space[k] = {"type": kind, "min": lo, "max": hi, "log": log}
+    if not space:
+        space = {"x": {"type": "float", "min": 0.0, "max": 1.0}}
+    members = max((r.member for r in records), default=1) + 1
+    segments = max((r.segment for r in records), default=0) + 1
+    steps = max((r.suggestion.steps_budget for r in records), default=1)
+    doc = {
+        "apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": _dns(name)},
+        "spec": {
+            "population": max(2, members), "segment": {"steps": max(1, steps)}, "budget": {"segments": segments},
+            "objective": {"metric": best_doc.get("metric", "score"), "direction": best_doc.get("direction", "max")},
+            "hyperparameters": space,
+            "worker": {"executor": "process", "command": ["false"]},
+        },
+    }
+    return parse_manifest(doc)
+
+
+# -- clusters ----------------------------------------------------------------------------------------
+def load_cluster(name: str, namespace: str | None = None, manifest: str | None = None) -> RunData:
+    try:
+        from kubernetes import client, config
+        from kubernetes.client.exceptions import ApiException
+    except ImportError as e:  # pragma: no cover - the operator extra is missing
+        raise SourceError(f"{name!r} is not a directory, and reading a cluster needs the kubernetes client "
+                          f"(pip install 'pbt-operator[operator]'): {e}") from None
+    from .kube.api import MEMBERS, TRAININGS
+    from .kube.builders import LABEL_TRAINING
+    from .kube.crds import GROUP, VERSION
+
+    try:
+        config.load_kube_config()
+        if namespace is None:
+            _, active = config.list_kube_config_contexts()
+            namespace = (active or {}).get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError) as e:
+        raise SourceError(f"{name!r} is not a run folder, and no cluster is configured to look it up in "
+                          f"(kubeconfig: {e})") from None
+    api = client.CustomObjectsApi()
+    training: Any
+    listed: Any
+    try:
+        training = api.get_namespaced_custom_object(GROUP, VERSION, namespace, TRAININGS, name)
+        listed = api.list_namespaced_custom_object(GROUP, VERSION, namespace, MEMBERS,
+                                                   label_selector=f"{LABEL_TRAINING}={name}")
+    except ApiException as e:
+        if e.status == 404:
+            raise SourceError(f"{name!r} is not a run folder, and there is no PopulationTraining {name!r} in "
+                              f"namespace {namespace!r}") from None
+        raise SourceError(f"reading pbt/{name} in {namespace}: {e.status} {e.reason}") from None
+    except Exception as e:  # connection refused, TLS, timeouts: say where we looked
+        raise SourceError(f"reading pbt/{name} in {namespace}: {type(e).__name__}: {e}") from None
+    return from_cluster_objects(training, listed["items"], manifest)
+
+
+def from_cluster_objects(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
+                         manifest: str | None = None) -> RunData:
+    """Pure: a RunData from a PopulationTraining and its PopulationMembers as the API returns them."""
+    meta = training["metadata"]
+    name, ns = meta["name"], meta.get("namespace")
+    manifest_path = None
+    if manifest is not None:
+        spec = dataclasses.replace(load_manifest(manifest, name=name), namespace=ns)
+        manifest_path = Path(manifest).resolve()
+    else:
+        try:
+            spec = parse_spec(training.get("spec"), name=name, namespace=ns)
+        except SpecError as e:
+            raise SourceError(f"pbt/{name}: its spec does not parse: {e}") from None
+    entries = [h for m in members for h in ((m.get("status") or {}).get("history") or [])]
+    entries.sort(key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
+                                h["suggestion"].get("attempt", 0)))
+    records = [Record.from_dict(h) for h in entries]
+    info = {}
+    for m in members:
+        idx = int(m["spec"]["index"])
+        info[idx] = MemberInfo(idx, m["metadata"]["name"], (m.get("status") or {}).get("phase"))
+    status = dict(training.get("status") or {})
+    root = (spec.storage.uri or "").rstrip("/")
+    return RunData(spec, records, root, f"cluster:{ns}/{name}", status.get("phase"), status, info, manifest_path)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _dns(name: str) -> str:
+    import re
+
+    s = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return s[:63].strip("-") or "run"
+
+
+# -- export: copy a checkpoint out of storage --------------------------------------------------------
+def download_checkpoint(uri: str, dest: Path) -> list[str]:
+    """Copy a committed checkpoint (file:// or s3://, credentials from the environment the AWS way) into
+    `dest`, verifying every object against the commit marker; the marker is written last, so `dest` is a
+    checkpoint a worker can restore from (file://DEST/). Returns the object keys copied."""
+    from pbt_worker.storage import MARKER, open_storage
+
+    prefix = uri if uri.endswith("/") else uri + "/"
+    storage = open_storage(prefix)
+    manifest = storage.manifest(prefix)
+    if manifest is None:
+        raise SourceError(f"{prefix} holds no committed checkpoint (deleted by garbage collection, or never "
+                          f"written); stored there: {storage.list(prefix)[:10]}")
+    dest.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for entry in manifest.objects.values():
+        target = dest / entry.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        storage.get_file(prefix, entry.key, target, expect=entry.info())
+        keys.append(entry.key)
+    (dest / MARKER).write_bytes(manifest.to_json())
+    return sorted(keys)
+
+
+# -- replay: one model trained from scratch along a schedule ------------------------------------------
+@dataclass
+class ReplayStep:
+    index: int
+    member: int
+    segment: int
+    steps_start: int
+    steps_end: int
+    hyperparameters: dict[str, Any]
+    population_score: float | None
+    score: float | None = None
+    error: str | None = None
+    duration: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def replay(spec: TrainingSpec, schedule: Sequence[Mapping[str, Any]], out_dir: Path, *,
+           storage_uri: str | None = None, on_step: Any = None) -> list[ReplayStep]:
+    """Run each schedule entry as a segment with the manifest's worker, one after the other, each one
+    restoring the previous replay segment's checkpoint. Every segment is told the lineage's member and
+    segment index and starts at the lineage's step count, so a worker that seeds its data order from
+    (member, steps) sees the same minibatches as the population did. Stops at the first failure."""
+    import queue
+    import time
+
+    from .contract import build_contract
+    from .core.types import SegmentResult, Suggestion
+    from .local.runner import LocalRunner
+
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = storage_uri.rstrip("/") if storage_uri else (out_dir / "checkpoints").resolve().as_uri()
+    name = f"{spec.name}-replay"
+    runner = LocalRunner(dataclasses.replace(spec, parallelism=1), out_dir, plot=False)
+    executor = runner._executor()
+    inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
+    steps: list[ReplayStep] = []
+    prev: Ref | None = None
+    try:
+        for i, s in enumerate(schedule):
+            hp = dict(s["hyperparameters"])
+            sug = Suggestion(member=int(s["member"]), segment=int(s["segment"]), hyperparameters=hp, restore=prev,
+                             steps_start=int(s["steps_start"]), steps_budget=int(s["steps_end"]) - int(s["steps_start"]),
+                             kind="start" if prev is None else "continue", reason="replay")
+            contract = build_contract(name, sug, root, str(out_dir / "results" / f"step{i:03d}.json"))
+            t0 = time.perf_counter()
+            executor.submit(sug, contract, lambda a, b: inbox.put((a, b)))
+            while True:
+                try:
+                    _, res = inbox.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    continue
+            step = ReplayStep(i, sug.member, sug.segment, sug.steps_start, int(s["steps_end"]), hp,
+                              s.get("score"), res.score if res.ok else None, res.error,
+                              round(time.perf_counter() - t0, 3))
+            steps.append(step)
+            if on_step is not None:
+                on_step(step)
+            if not res.ok:
+                break
+            prev = sug.ref
+    except KeyboardInterrupt:
+        executor.shutdown(cancel=True)
+        raise
+    executor.shutdown(cancel=False)
+    (out_dir / "replay.json").write_text(json.dumps({
+        "training": spec.name, "storage": root, "steps": [st.to_dict() for st in steps],
+        "checkpoint": checkpoint_uri(root, name, prev) if prev is not None and steps and steps[-1].error is None else None,
+    }, indent=2) + "\n")
+    return steps
+
+
+def read_export(path: Path) -> dict[str, Any]:
+    """An export document written by `pbt export` (JSON or YAML)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as e:
+        raise SourceError(f"{path}: not a readable export (JSON or YAML): {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("schedule"), list):
+        raise SourceError(f"{path}: not an export document (no schedule); write one with `pbt export`")
+    return doc
