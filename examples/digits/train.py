@@ -44,8 +44,19 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _DATA
 
 
-def model() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+def model(seed: int) -> nn.Module:
+    """The network with initial weights drawn from its own generator (PyTorch's default uniform
+    ranges), so a member's first weights, and therefore a replayed schedule, are reproducible even
+    when several members train in threads of one process."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / layer.in_features ** 0.5
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+    return net
 
 
 def fingerprint(m: nn.Module) -> str:
@@ -60,7 +71,7 @@ def segment(seg: Segment) -> dict[str, Any]:
     hp = seg.hyperparameters
     lr, momentum, batch = float(hp["lr"]), float(hp["momentum"]), int(hp["batch_size"])
     xtr, ytr, xva, yva = (t.to(DEVICE) for t in data())
-    net = model().to(DEVICE)
+    net = model(seg.member).to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     state = seg.restore()
     restored = "none"

@@ -220,7 +220,7 @@ def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert w > 100 and h > 100
 
     capsys.readouterr()
-    assert cli.main(["status", str(run_dir)]) == 0
+    assert cli.main(["status", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["score"] == best["score"]
 
 
