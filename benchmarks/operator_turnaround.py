@@ -64,10 +64,13 @@ class JobWatch(threading.Thread):
         self.seen: dict[str, float] = {}
 
     def run(self) -> None:
-        for ev in self.w.stream(self.api.list_namespaced_job, self.ns, timeout_seconds=3600):
-            name = ev["object"].metadata.name
-            if ev["type"] == "ADDED" and name not in self.seen:
-                self.seen[name] = time.time()
+        try:
+            for ev in self.w.stream(self.api.list_namespaced_job, self.ns, timeout_seconds=3600):
+                name = ev["object"].metadata.name
+                if ev["type"] == "ADDED" and name not in self.seen:
+                    self.seen[name] = time.time()
+        except Exception:  # the stream ends when stop() closes it
+            pass
 
     def stop(self) -> None:
         self.w.stop()
