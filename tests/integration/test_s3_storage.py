@@ -162,12 +162,13 @@ def test_many_objects_delete_in_batches(s3_env: dict[str, str], tmp_path: Path) 
 
 # -- errors -------------------------------------------------------------------------------------------------
 
-def test_missing_bucket_fails_fast_and_names_it(s3_env: dict[str, str]) -> None:
+def test_missing_bucket_fails_fast_and_names_it(s3_env: dict[str, str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
     base = "s3://no-such-bucket-pbt/ck/"
     start = time.monotonic()
     with pytest.raises(PermanentStorageError) as info:
         make(base, 0).save(b"x")
-    assert time.monotonic() - start < 5
+    assert "retrying" not in caplog.text and time.monotonic() - start < 60
     assert "no-such-bucket-pbt" in str(info.value) and "bucket does not exist" in str(info.value)
     with pytest.raises(PermanentStorageError, match="bucket does not exist"):
         make(base, 1).restore()
@@ -181,7 +182,7 @@ def test_server_down_is_transient_and_bounded(s3_env: dict[str, str], moto_serve
         start = time.monotonic()
         with pytest.raises(TransientStorageError) as info:
             make(base, 0, storage=storage).save(b"x")
-        assert time.monotonic() - start < 30
+        assert time.monotonic() - start < 60  # budget 2 s + one last attempt, even on a loaded machine
         assert base in str(info.value) and "attempts" in str(info.value)
     finally:
         moto_server.start()
@@ -238,13 +239,13 @@ def test_persistent_503_gives_up_within_budget(s3_env: dict[str, str], fault_pro
     with pytest.raises(TransientStorageError) as info:
         make(base, 0, storage=storage).save(b"x")
     elapsed = time.monotonic() - start
-    assert elapsed < 20, elapsed
+    assert elapsed < 60, elapsed  # budget 3 s + one last attempt, even on a loaded machine
     assert "ServiceUnavailable" in str(info.value) and base in str(info.value)
 
 
 @pytest.mark.parametrize("stored_size", [9 * MiB, 11 * MiB, 100])
 def test_object_of_wrong_size_is_corrupt_at_once(s3_env: dict[str, str], moto_server: Any, tmp_path: Path,
-                                                 stored_size: int) -> None:
+                                                 caplog: pytest.LogCaptureFixture, stored_size: int) -> None:
     base = s3_env["PBT_TEST_BASE"]
     src = tmp_path / "w.bin"
     src.write_bytes(os.urandom(10 * MiB))  # two ranges on restore
@@ -257,5 +258,6 @@ def test_object_of_wrong_size_is_corrupt_at_once(s3_env: dict[str, str], moto_se
     start = time.monotonic()
     with pytest.raises(CheckpointCorruptError, match="commit marker"):
         make(base, 1).restore_file(dest=tmp_path / "out.bin")
-    assert time.monotonic() - start < 10, "a corrupt object must not be retried"
+    assert "retrying" not in caplog.text, "a corrupt object must not be retried"
+    assert time.monotonic() - start < 60
     assert not (tmp_path / "out.bin").exists()
