@@ -342,8 +342,8 @@ def test_two_replicas_with_peering_one_works_the_other_takes_over(
         assert len(set(prios.values())) == 2, prios  # equal priorities would pause both
         active = max(prios, key=lambda n: prios[n])
         standby = next(n for n in ops if n != active)
-        apply_as(cluster, alice, ns, training("ha", tmp_path / "ckpt", population=2, parallelism=2, segments=3,
-                                              env={"PBT_TEST_SLEEP": "2"}))
+        apply_as(cluster, alice, ns, training("ha", tmp_path / "ckpt", population=2, parallelism=2, segments=5,
+                                              env={"PBT_TEST_SLEEP": "3"}))
 
         def status() -> dict[str, Any]:
             return (cluster.get("pbt", "ha", ns) or {}).get("status") or {}
@@ -358,7 +358,7 @@ def test_two_replicas_with_peering_one_works_the_other_takes_over(
     finally:
         for op in ops.values():
             op.stop()
-    check_finished(cluster, ns, "ha", obj, 2, 3)  # every segment exactly once across the handover
+    check_finished(cluster, ns, "ha", obj, 2, 5)  # every segment exactly once across the handover
     for op in ops.values():
         log = op.log_path.read_text(errors="replace")
         assert "Forbidden" not in log and "Pausing all operators" not in log, op.tail(60)
