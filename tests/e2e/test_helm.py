@@ -208,6 +208,14 @@ def op_namespace(cluster: Cluster) -> Iterator[str]:
     {"replicaCount": 2, "watchNamespaces": "NS"},
     {"metrics": {"enabled": False}, "rbac": {"create": True}, "logFormat": "plain"},
 ], ids=["cluster-wide", "namespaced", "replicas-3", "replicas-2-namespaced", "metrics-off"])
+def rbac_denials(log: str) -> list[str]:
+    """Forbidden answers that mean missing permissions. A create refused because an earlier test's
+    namespace is still terminating is also a 403 (reason NamespaceTerminating) but says nothing
+    about RBAC: a cluster-wide operator may still see that namespace's training for a moment."""
+    return [line for line in log.splitlines() if "Forbidden" in line and "being terminated" not in line
+            and "NamespaceTerminating" not in line]
+
+
 def test_rendered_chart_passes_server_side_dry_run(cluster: Cluster, namespace: str, peering_crds: None,
                                                    sets: dict[str, Any]) -> None:
     values = {k: ([namespace] if v == "NS" else v) for k, v in sets.items()}
@@ -275,7 +283,7 @@ def test_installed_chart_runs_a_training_as_its_service_account(
     finally:
         op.stop()
     log = op.log_path.read_text(errors="replace")
-    assert "Forbidden" not in log and "Not enough permissions" not in log, op.tail(80)
+    assert not rbac_denials(log) and "Not enough permissions" not in log, op.tail(80)
 
 
 def test_namespaced_install_watches_only_its_namespaces(
@@ -311,7 +319,7 @@ def test_namespaced_install_watches_only_its_namespaces(
     # kopf does not try the cluster-scoped namespaces list and CRD watch in namespaced mode (its scanning is
     # off, kube/handlers.py configure): nothing is denied, no startup delay
     log = op.log_path.read_text(errors="replace")
-    assert "Forbidden" not in log and "Not enough permissions" not in log, op.tail(80)
+    assert not rbac_denials(log) and "Not enough permissions" not in log, op.tail(80)
 
 
 def test_two_replicas_with_peering_one_works_the_other_takes_over(
@@ -361,4 +369,4 @@ def test_two_replicas_with_peering_one_works_the_other_takes_over(
     check_finished(cluster, ns, "ha", obj, 2, 5)  # every segment exactly once across the handover
     for op in ops.values():
         log = op.log_path.read_text(errors="replace")
-        assert "Forbidden" not in log and "Pausing all operators" not in log, op.tail(60)
+        assert not rbac_denials(log) and "Pausing all operators" not in log, op.tail(60)
