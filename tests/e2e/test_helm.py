@@ -212,8 +212,14 @@ def rbac_denials(log: str) -> list[str]:
     """Forbidden answers that mean missing permissions. A create refused because an earlier test's
     namespace is still terminating is also a 403 (reason NamespaceTerminating) but says nothing
     about RBAC: a cluster-wide operator may still see that namespace's training for a moment."""
-    return [line for line in log.splitlines() if "Forbidden" in line and "being terminated" not in line
-            and "NamespaceTerminating" not in line]
+    lines = log.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if "Forbidden" in line:
+            window = " ".join(lines[i:i + 4])  # "Reason: Forbidden", headers, then the body
+            if "being terminated" not in window and "NamespaceTerminating" not in window:
+                out.append(line)
+    return out
 
 
 def test_rendered_chart_passes_server_side_dry_run(cluster: Cluster, namespace: str, peering_crds: None,
