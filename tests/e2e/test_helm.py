@@ -201,13 +201,6 @@ def op_namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-@pytest.mark.parametrize("sets", [
-    {},
-    {"watchNamespaces": "NS"},
-    {"replicaCount": 3},
-    {"replicaCount": 2, "watchNamespaces": "NS"},
-    {"metrics": {"enabled": False}, "rbac": {"create": True}, "logFormat": "plain"},
-], ids=["cluster-wide", "namespaced", "replicas-3", "replicas-2-namespaced", "metrics-off"])
 def rbac_denials(log: str) -> list[str]:
     """Forbidden answers that mean missing permissions. A create refused because an earlier test's
     namespace is still terminating is also a 403 (reason NamespaceTerminating) but says nothing
@@ -222,6 +215,13 @@ def rbac_denials(log: str) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("sets", [
+    {},
+    {"watchNamespaces": "NS"},
+    {"replicaCount": 3},
+    {"replicaCount": 2, "watchNamespaces": "NS"},
+    {"metrics": {"enabled": False}, "rbac": {"create": True}, "logFormat": "plain"},
+], ids=["cluster-wide", "namespaced", "replicas-3", "replicas-2-namespaced", "metrics-off"])
 def test_rendered_chart_passes_server_side_dry_run(cluster: Cluster, namespace: str, peering_crds: None,
                                                    sets: dict[str, Any]) -> None:
     values = {k: ([namespace] if v == "NS" else v) for k, v in sets.items()}
