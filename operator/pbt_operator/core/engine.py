@@ -10,8 +10,7 @@ run resumed with `--resume`, continues with exactly the decisions an uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -318,11 +317,3 @@ class Engine:
         new = dataclasses.replace(new, attempt=sug.attempt + 1)
         self.pending[sug.member] = new
         return [new]
-
-
-def records_from_dicts(rows: Iterable[Mapping[str, Any]]) -> list[Record]:
-    return [Record.from_dict(r) for r in rows]
-
-
-def is_finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))

@@ -16,7 +16,6 @@ from typing import Any
 
 import kopf
 
-from ..core.engine import Engine
 from . import metrics
 from .api import Api, load_config
 from .builders import LABEL_TRAINING
@@ -145,4 +144,4 @@ def pod_changed(labels: dict[str, str], namespace: str | None, **_: Any) -> None
     WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
 
 
-__all__ = ["Engine", "reconcile_once", "training_daemon"]
+__all__ = ["reconcile_once", "training_daemon"]

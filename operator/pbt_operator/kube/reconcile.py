@@ -26,7 +26,6 @@ from ..local.runner import pick_next
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from .builders import (
-    LABEL_MEMBER,
     build_job,
     build_member,
     job_name,
@@ -412,8 +411,4 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     return status
 
 
-def replace_suggestion(s: Suggestion, **kw: Any) -> Suggestion:
-    return dataclasses.replace(s, **kw)
-
-
-__all__ = ["LABEL_MEMBER", "EventSpec", "Plan", "job_outcome", "plan", "training_status"]
+__all__ = ["EventSpec", "Plan", "job_outcome", "plan", "training_status"]
