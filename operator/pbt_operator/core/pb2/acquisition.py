@@ -202,9 +202,11 @@ def _polish(domain: Domain, post: Posterior, tau: float, c: float, sqrt_beta: fl
     k, p = len(starts), domain.p
     h_fix = h_c[starts]
 
+    at = post.at(tau, c, h_fix)
+
     def neg(flat: np.ndarray) -> tuple[float, np.ndarray]:
         u = flat.reshape(k, p)
-        mu, var, dmu, dvar = post.value_grad_batch(tau, c, u, h_fix)
+        mu, var, dmu, dvar = at(u)
         s = np.sqrt(np.maximum(var, 1e-12))
         val = float(np.sum(mu + sqrt_beta * s))
         grad = dmu + sqrt_beta * dvar / (2.0 * s[:, None])

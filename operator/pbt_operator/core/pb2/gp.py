@@ -44,7 +44,7 @@ def cholesky(a: np.ndarray) -> np.ndarray:
     if info != 0:
         raise NotPositiveDefinite(f"dpotrf info={info}")
     # NaN/inf in `a` either stops dpotrf (info > 0) or propagates to the diagonal of the factor.
-    if not math.isfinite(float(np.sum(np.diagonal(low)))):
+    if not math.isfinite(low.trace()):
         raise NotPositiveDefinite("non-finite factor")
     return np.asarray(low)
 
@@ -73,62 +73,95 @@ def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: 
     d log p / d theta_i = 1/2 tr((alpha alpha^T - K^-1) dK/dtheta_i), alpha = K^-1 y, with
     dK/dlog s2 = K_f, dK/dlog l_j = s2 * time * dm/dk_x * k_x * d2_j / l_j^2,
     dK/dlog rho = -K_f * rho |dt| / 2, dK/dlogit lam = s2 * time * dm/dlam * lam (1 - lam),
-    dK/dlog noise = noise * I. All length-scale terms share one matrix, so they cost one product
-    with the precomputed squared differences. The elementwise work is vectorised over S (one numpy
-    call serves every restart); only the LAPACK factorisations loop.
+    dK/dlog noise = noise * I.
+
+    This runs ~40 times per decision on 40-row matrices, where numpy's per-call overhead, not
+    arithmetic, is the cost; hence the economies: s2 * k_x * time comes from one exp of one matrix
+    product (`Pairwise.d2t` stacks the squared differences with |dt|), the length-scale and decay
+    sums share one product, everything but the LAPACK calls is vectorised over S (one numpy call
+    serves every restart), and the trace pairs use V = alpha alpha^T - 2 tril(K^-1) + diag(K^-1)
+    instead of the full W = alpha alpha^T - K^-1: for a symmetric A, sum(V * A) = sum(W * A), and
+    dpotri returns exactly tril(K^-1).
     """
     s_count = thetas.shape[0]
     n = y.shape[0]
+    dx = layout.dx
     shape = (s_count, n, n)
-    signal = np.exp(thetas[:, layout.signal])
-    inv_l2 = np.exp(-2.0 * thetas[:, layout.lengthscales])  # (S, dx)
-    rho = np.exp(thetas[:, layout.decay])
+    log_s2 = thetas[:, layout.signal]
+    # [1/l_1^2 .. 1/l_dx^2, rho]: the length scales and the decay sit next to each other in theta.
+    rates = np.exp(thetas[:, 1 : dx + 2] * _RATE_SIGNS[dx])
+    inv_l2 = rates[:, :dx]
+    rho = rates[:, dx]
     noise = np.exp(thetas[:, layout.noise])
-    se = np.exp(-0.5 * (inv_l2 @ pw.d2)).reshape(shape)
-    time = np.exp((-0.5 * rho)[:, None, None] * pw.dt)
-    s3 = signal[:, None, None]
+    signal = np.exp(log_s2)
+    sxt = np.exp(log_s2[:, None] - 0.5 * (rates @ pw.d2t)).reshape(shape)  # s2 * k_x * time
     if layout.mix is not None:
         assert pw.hs is not None
         lam = 1.0 / (1.0 + np.exp(-thetas[:, layout.mix]))
-        l3 = lam[:, None, None]
-        se_hs = se * pw.hs
-        mixed = 0.5 * (1.0 - l3) * (se + pw.hs) + l3 * se_hs
-        dm_dse = 0.5 * (1.0 - l3) + l3 * pw.hs
-        dm_dlam = se_hs - 0.5 * (se + pw.hs)
+        half = (0.5 * (1.0 - lam))[:, None, None]
+        sth = np.exp(log_s2[:, None, None] - (0.5 * rho)[:, None, None] * pw.dt) * pw.hs  # s2 * time * k_h
+        kf = sxt * (half + lam[:, None, None] * pw.hs) + half * sth
     else:
-        mixed = se
-        dm_dse = None
-    st = s3 * time
-    kf = st * mixed
+        kf = sxt
+    kn = kf.copy()
+    kn.reshape(s_count, -1)[:, :: n + 1] += (noise + JITTERS[0] * signal)[:, None]  # the diagonals, as a view
     nll = np.empty(s_count)
-    w = np.empty(shape)
-    diag = np.arange(n)
+    v = np.empty(shape)
     for i in range(s_count):
-        k = kf[i].copy()
-        k[diag, diag] += noise[i] + JITTERS[0] * signal[i]
-        low = cholesky(k)
+        low = cholesky(kn[i])
         alpha, info = dpotrs(low, y, lower=1)
         if info != 0:
             raise NotPositiveDefinite("potrs")
-        nll[i] = 0.5 * float(y @ alpha) + float(np.sum(np.log(np.diagonal(low)))) + 0.5 * n * _LOG_2PI
+        nll[i] = 0.5 * float(y @ alpha) + float(np.log(low.diagonal()).sum()) + 0.5 * n * _LOG_2PI
         kinv_low, info = dpotri(low, lower=1)  # lower triangle of K^-1; the upper one stays zero
         if info != 0:
             raise NotPositiveDefinite("potri")
-        wi = np.outer(alpha, alpha)
-        wi -= kinv_low
-        wi -= kinv_low.T
-        wi[diag, diag] += np.diagonal(kinv_low)
-        w[i] = wi
+        vi = v[i]
+        np.multiply.outer(alpha, alpha, out=vi)
+        vi -= 2.0 * kinv_low
+        vi.reshape(-1)[:: n + 1] += kinv_low.diagonal()
     grad = np.empty(thetas.shape)
-    wk = w * kf
-    grad[:, layout.signal] = 0.5 * wk.sum(axis=(1, 2))
-    g = w * st * se if dm_dse is None else w * st * dm_dse * se
-    grad[:, layout.lengthscales] = 0.5 * (g.reshape(s_count, -1) @ pw.d2.T) * inv_l2
-    grad[:, layout.decay] = -0.25 * rho * (wk * pw.dt).sum(axis=(1, 2))
-    if layout.mix is not None:
-        grad[:, layout.mix] = 0.5 * (w * st * dm_dlam).sum(axis=(1, 2)) * lam * (1.0 - lam)
-    grad[:, layout.noise] = 0.5 * np.trace(w, axis1=1, axis2=2) * noise
+    vflat = v.reshape(s_count, -1)
+    if layout.mix is None:
+        vk = vflat * kf.reshape(s_count, -1)
+        sums = vk @ pw.d2t.T  # (S, dx + 1): length-scale sums, then the decay sum
+        grad[:, layout.signal] = 0.5 * vk.sum(axis=1)
+        grad[:, layout.lengthscales] = 0.5 * sums[:, :dx] * inv_l2
+        grad[:, layout.decay] = -0.25 * rho * sums[:, dx]
+    else:
+        # With P = V * s2 k_x time and Q = V * s2 time k_h (elementwise), and a = (1 - lam) / 2:
+        #   V * dK/dlog s2 = a P + lam P hs + a Q            (= V * K_f)
+        #   V * s2 time dm/dk_x k_x = a P + lam P hs          (length scales, times d2_j / l_j^2)
+        #   V * s2 time dm/dlam = P hs - P / 2 - Q / 2
+        # so every sum is a combination of P's sums against [d2, dt, d2 hs, dt hs, 1, hs] and Q's
+        # against [dt, 1]: two matrix products instead of one pass per hyperparameter.
+        assert pw.mix_design is not None
+        a = half[:, 0, 0]
+        sp = (vflat * sxt.reshape(s_count, -1)) @ pw.mix_design.T  # (S, 2 dx + 4)
+        sq = (vflat * sth.reshape(s_count, -1)) @ pw.dt_one.T  # (S, 2): [dt, 1]
+        k = dx + 1
+        a1, lam1 = a[:, None], lam[:, None]
+        plain, with_hs = sp[:, :k], sp[:, k : 2 * k]  # [d2.., dt] sums of P and of P * hs
+        p_sum, p_hs = sp[:, 2 * k], sp[:, 2 * k + 1]
+        len_dt = a1 * plain + lam1 * with_hs  # V * s2 time dm/dk_x k_x against [d2.., dt]
+        grad[:, layout.signal] = 0.5 * (a * p_sum + lam * p_hs + a * sq[:, 1])
+        grad[:, layout.lengthscales] = 0.5 * len_dt[:, :dx] * inv_l2
+        grad[:, layout.decay] = -0.25 * rho * (len_dt[:, dx] + a * sq[:, 0])
+        grad[:, layout.mix] = 0.5 * (p_hs - 0.5 * p_sum - 0.5 * sq[:, 1]) * lam * (1.0 - lam)
+    grad[:, layout.noise] = 0.5 * vflat[:, :: n + 1].sum(axis=1) * noise
     return nll, -grad
+
+
+class _RateSigns(dict[int, np.ndarray]):
+    """[-2] * dx + [1] per dx: exp(theta * signs) turns log length scales into 1/l^2 and log rho into rho."""
+
+    def __missing__(self, dx: int) -> np.ndarray:
+        signs = np.array([-2.0] * dx + [1.0])
+        self[dx] = signs
+        return signs
+
+
+_RATE_SIGNS = _RateSigns()
 
 
 @dataclass(frozen=True)
@@ -146,7 +179,9 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
     starts are optimised jointly: L-BFGS-B minimises the *sum* of their negative log likelihoods
     over the stacked parameters, which has the same optima as optimising each separately (the
     objective is separable), while every numpy call serves all starts (the same device as
-    BoTorch's batched multi-start optimisation). A trial point whose Cholesky fails is +inf, which
+    BoTorch's batched multi-start optimisation). The price is a shared line search and curvature
+    memory, which slow each start down within the iteration budget; hence one start by default
+    (`Pb2Settings.fit_restarts`). A trial point whose Cholesky fails is +inf, which
     makes L-BFGS-B backtrack; a start that fails at its initial point is dropped; only when every
     start fails does PB2 give up.
     """
@@ -181,10 +216,13 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
         res = minimize(objective, np.concatenate(alive), jac=True, method="L-BFGS-B",
                        bounds=layout.bounds() * s_count, options=FIT_OPTIONS)
     thetas = np.asarray(res.x, dtype=float).reshape(s_count, p)
-    try:
-        finals, _ = neg_log_marginal_batch(thetas, layout, pw, y)
-    except Pb2Fallback:
-        finals = np.full(s_count, math.inf)
+    if s_count == 1:  # the optimiser's value is the start's own
+        finals = np.array([float(res.fun)])
+    else:
+        try:
+            finals, _ = neg_log_marginal_batch(thetas, layout, pw, y)
+        except Pb2Fallback:
+            finals = np.full(s_count, math.inf)
     if not np.any(np.isfinite(finals)):  # cannot happen unless the optimiser ends on a failed point
         thetas, finals = np.stack(alive), np.array([neg_log_marginal(t, layout, pw, y)[0] for t in alive])
     best = int(np.argmin(np.where(np.isfinite(finals), finals, math.inf)))
@@ -265,30 +303,51 @@ class Posterior:
 
     def value_grad_batch(self, tau: float, c: float, u: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Mean (k,), variance (k,) and their gradients (k, p) w.r.t. the numeric hyperparameters
-        of k points sharing (tau, c); the analytic gradient L-BFGS-B uses to maximise UCB.
+        of k points sharing (tau, c); the analytic gradient L-BFGS-B uses to maximise UCB."""
+        return self.at(tau, c, h)(u)
 
-        dk_i/du_j = s2 * time_i * dm/dk_x * k_x,i * (-(u_j - X_ij) / l_j^2); column 0 of x (the
-        score c) is fixed, so it has no gradient.
+    def at(self, tau: float, c: float, h: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """`value_grad_batch` for k points with fixed (tau, c) and categorical rows `h` (k, q), as a
+        function of their numeric part u (k, p) alone.
+
+        The polish calls it dozens of times with only u moving, and at ~130 rows numpy's per-call
+        overhead, not arithmetic, is the cost; so everything that does not depend on u (the time
+        factor, the categorical overlap, the score's distance) is computed here once, and the
+        per-call work avoids (k, n, p) difference tensors altogether: with
+        dk_i/du_j = -coef_i * (u_j - X_ij) / l_j^2 (coef = s2 * time * dm/dk_x * k_x; column 0 of
+        x, the score, is fixed and has no gradient), sums over the rows i of a * dk_i/du_j are
+        -(u_j * sum_i a_i coef_i - sum_i a_i coef_i X_ij) / l_j^2, one matrix product.
         """
         d = self.data
         hp = self.hp
-        k_pts = u.shape[0]
-        x = np.column_stack([np.full(k_pts, c), u])  # (k, dx)
-        diff = x[:, None, :] - d.x[None, :, :]  # (k, n, dx)
-        se = np.exp(-0.5 * ((diff * diff) @ hp.inv_l2))  # (k, n)
-        time = np.exp(-0.5 * hp.rho * np.abs(d.tau - tau))  # (n,)
+        x_num = d.x[:, 1:]  # (n, p)
+        inv_l2 = hp.inv_l2[1:]
+        xs = x_num * inv_l2  # (n, p)
+        base = hp.inv_l2[0] * (c - d.x[:, 0]) ** 2 + np.sum(x_num * xs, axis=1)  # (n,): all but the u terms
+        time = hp.signal * np.exp(-0.5 * hp.rho * np.abs(d.tau - tau))  # (n,), times s2
         if self.layout.q:
-            hs = (d.h[None, :, :] == h[:, None, :]).mean(axis=2)  # (k, n)
-            mixed = 0.5 * (1.0 - hp.lam) * (se + hs) + hp.lam * se * hs
-            coef = hp.signal * time * (0.5 * (1.0 - hp.lam) + hp.lam * hs) * se
+            hs = (d.h[None, :, :] == np.asarray(h)[:, None, :]).mean(axis=2)  # (k, n)
+            slope = time * (0.5 * (1.0 - hp.lam) + hp.lam * hs)  # s2 * time * dm/dk_x
+            offset = time * (0.5 * (1.0 - hp.lam)) * hs  # the part of k not multiplied by k_x
         else:
-            mixed = se
-            coef = hp.signal * time * se
-        kv = hp.signal * mixed * time  # (k, n)
-        dk = -(coef[:, :, None] * diff[:, :, 1:] * hp.inv_l2[None, None, 1:])  # (k, n, p)
-        mu = kv @ self.alpha
-        dmu = np.einsum("knp,n->kp", dk, self.alpha)
-        w = kv @ self.kinv  # (k, n): K^-1 k for each point (K^-1 is symmetric)
-        var = self.prior_var - np.sum(kv * w, axis=1)
-        dvar = -2.0 * np.einsum("knp,kn->kp", dk, w)
-        return mu, var, dmu, dvar
+            slope = np.broadcast_to(time, (np.asarray(h).shape[0], time.shape[0]))
+            offset = None
+        alpha = self.alpha
+        kinv = self.kinv
+        prior = self.prior_var
+
+        def evaluate(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            r2 = base[None, :] + np.sum(u * u * inv_l2, axis=1)[:, None] - 2.0 * (u @ xs.T)  # (k, n)
+            coef = slope * np.exp(-0.5 * np.maximum(r2, 0.0))
+            kv = coef if offset is None else coef + offset
+            w = kv @ kinv  # (k, n): K^-1 k for each point (K^-1 is symmetric)
+            mu = kv @ alpha
+            var = prior - np.sum(kv * w, axis=1)
+            ca = coef * alpha
+            cw = coef * w
+            # d mu/du = -(u * sum(ca) - ca @ X) / l^2 ; d var/du = -2 k^T K^-1 dk/du = 2 (u * sum(cw) - cw @ X) / l^2
+            dmu = (ca @ x_num - u * ca.sum(axis=1)[:, None]) * inv_l2
+            dvar = 2.0 * (u * cw.sum(axis=1)[:, None] - cw @ x_num) * inv_l2
+            return mu, var, dmu, dvar
+
+        return evaluate
