@@ -135,7 +135,7 @@ def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: 
         #   V * s2 time dm/dlam = P hs - P / 2 - Q / 2
         # so every sum is a combination of P's sums against [d2, dt, d2 hs, dt hs, 1, hs] and Q's
         # against [dt, 1]: two matrix products instead of one pass per hyperparameter.
-        assert pw.mix_design is not None
+        assert pw.mix_design is not None and pw.dt_one is not None
         a = half[:, 0, 0]
         sp = (vflat * sxt.reshape(s_count, -1)) @ pw.mix_design.T  # (S, 2 dx + 4)
         sq = (vflat * sth.reshape(s_count, -1)) @ pw.dt_one.T  # (S, 2): [dt, 1]
