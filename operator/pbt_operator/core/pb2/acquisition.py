@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 from ..space import Space
 from .data import Pb2Fallback
 from .gp import Posterior, cholesky_jittered
+from .lbfgsb import minimize_box
 
 ENUMERATE_LIMIT = 64
 ANCHORS = 8  # best observed rows used as seeds of the candidate set
@@ -215,8 +215,7 @@ def _polish(domain: Domain, post: Posterior, tau: float, c: float, sqrt_beta: fl
         return -val, -grad.ravel()
 
     with np.errstate(all="ignore"):
-        res = minimize(neg, u_c[starts].ravel(), jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * (k * p),
-                       options={"maxiter": ACQ_MAXITER})
+        res = minimize_box(neg, u_c[starts].ravel(), np.zeros(k * p), np.ones(k * p), ACQ_MAXITER)
     u_new = domain.round(np.asarray(res.x, dtype=float).reshape(k, p))
     a, mu1, s1 = _ucb(post, tau, c, u_new, h_fix, sqrt_beta)
     i = int(np.argmax(np.where(np.isfinite(a), a, -np.inf)))

@@ -16,17 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_solve, lapack, solve_triangular
 from scipy.linalg.lapack import dpotri, dpotrs
-from scipy.optimize import minimize
 
 from .data import Encoded, Pb2Fallback
 from .kernel import Hyper, Layout, Pairwise, cross
+from .lbfgsb import minimize_box
 
 # Jitter relative to the signal variance, added on top of the fitted noise; retried larger on failure.
 JITTERS = (1e-8, 1e-6, 1e-4)
 FIT_MAXITER = 30
 # The marginal likelihood's optimum need not be precise: hyperparameters within a few percent give
 # the same posterior for choosing the next config, and loose tolerances halve the evaluations.
-FIT_OPTIONS = {"maxiter": FIT_MAXITER, "ftol": 1e-6, "gtol": 1e-3}
+FIT_FTOL = 1e-6
+FIT_GTOL = 1e-3
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -212,9 +213,9 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
             return math.inf, np.zeros_like(flat)
         return total, g.ravel()
 
+    lower, upper = np.array(layout.bounds() * s_count, dtype=float).T
     with np.errstate(all="ignore"):
-        res = minimize(objective, np.concatenate(alive), jac=True, method="L-BFGS-B",
-                       bounds=layout.bounds() * s_count, options=FIT_OPTIONS)
+        res = minimize_box(objective, np.concatenate(alive), lower, upper, FIT_MAXITER, FIT_FTOL, FIT_GTOL)
     thetas = np.asarray(res.x, dtype=float).reshape(s_count, p)
     if s_count == 1:  # the optimiser's value is the start's own
         finals = np.array([float(res.fun)])
