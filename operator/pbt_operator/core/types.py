@@ -132,15 +132,16 @@ class Pb2Settings:
     parallel: Literal["bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"] = "bucb"
     # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
     # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest (the most recent
-    # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 15-20 ms of CPU.
+    # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 10-16 ms of CPU
+    # (benchmarks/decision_latency.py).
     window: int | None = None
     max_rows: int = 128
     min_rows: int = 4
     # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
     # The starts are optimised as one stacked problem, whose shared line search slows each of them:
-    # measured on 24 synthetic 10-hyperparameter histories against a 512-candidate, 8-start,
-    # 200-iteration reference, 2 starts reach a median UCB 0.002 below it, 4 starts 0.004 below
-    # (benchmarks/README.md, "PB2 decision cost").
+    # on 24 synthetic 10-hyperparameter histories, against a 512-candidate, 8-start, 200-iteration
+    # reference, 2 starts end a median 0.002 (UCB, standardised) below it, 4 starts 0.004 below, and
+    # 1 start is as close in the median but 0.43 below in the worst tenth (benchmarks/pb2_convergence.py).
     candidates: int = 128
     restarts: int = 2
     # UCB exploration: beta_t = kappa * 0.02 * (GP-UCB / PB2 theorem beta_t, growing with t and the
@@ -150,7 +151,8 @@ class Pb2Settings:
     # GP's rows (each likelihood evaluation is O(fit_rows^3) and the fit needs dozens), with
     # `fit_restarts` L-BFGS-B starts (a neutral default plus random ones). One start is the default:
     # the stacked multi-start problem converges more slowly within the iteration budget, and from the
-    # neutral start alone the fit ends closer to the best likelihood found with many long runs
-    # (median gap 0.07 nats against 0.19 with two starts, same measurement as above).
+    # neutral start alone the fit ends closer to the best likelihood of 4 starts x 300 iterations
+    # (median gap 0.29 nats with 10 hyperparameters, 0.53 with two starts; none with 3), at 70% of
+    # the time (benchmarks/pb2_convergence.py).
     fit_rows: int = 40
     fit_restarts: int = 1
