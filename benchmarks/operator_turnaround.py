@@ -52,7 +52,9 @@ def manifest(name: str, storage: Path, times: Path, population: int, parallelism
 
 
 class JobWatch(threading.Thread):
-    """Records the local time each segment Job is first seen, and each pod is first seen Succeeded."""
+    """Records the local time each segment Job is first seen, and each pod is first seen Succeeded;
+    for pods also when each was first seen at all (created by the Job controller) and bound to a node
+    (scheduled), keyed by (member, segment), for the slot-refill breakdown."""
 
     def __init__(self, cluster: Cluster, ns: str, kind: str = "jobs"):
         super().__init__(daemon=True)
@@ -64,18 +66,31 @@ class JobWatch(threading.Thread):
         self.w = watch.Watch()
         self.ns = ns
         self.seen: dict[str, float] = {}
+        self.by_segment: dict[tuple[int, int], dict[str, float]] = {}  # (member, segment) -> event -> time
 
     def run(self) -> None:
         try:
             for ev in self.w.stream(self.lister, self.ns, timeout_seconds=3600):
+                now = time.time()
                 obj = ev["object"]
                 name = obj.metadata.name
+                labels = obj.metadata.labels or {}
+                key = (int(labels.get("pbt.dev/member", -1)), int(labels.get("pbt.dev/segment", -1)))
+                marks = self.by_segment.setdefault(key, {})
+                if self.kind == "jobs":
+                    marks.setdefault("job", now)
+                else:
+                    marks.setdefault("pod", now)
+                    if obj.spec is not None and obj.spec.node_name:
+                        marks.setdefault("bound", now)
+                    if obj.status is not None and obj.status.phase == "Succeeded":
+                        marks.setdefault("succeeded", now)
                 if name in self.seen:
                     continue
                 added = self.kind == "jobs" and ev["type"] == "ADDED"
                 succeeded = self.kind == "pods" and obj.status is not None and obj.status.phase == "Succeeded"
                 if added or succeeded:
-                    self.seen[name] = time.time()
+                    self.seen[name] = now
         except Exception:  # the stream ends when stop() closes it
             pass
 
@@ -125,7 +140,56 @@ def run_one(cluster: Cluster, ns: str, name: str, work: Path, **kw: Any) -> dict
     span = max(e for *_, e in runs) - min(s for *_, s, _e in runs)
     obj = cluster.get("pbt", name, ns)
     return {"wall": wall, "segments": len(runs), "turnaround": turn, "turnaround_api": turn_api, "busy": busy / (kw["parallelism"] * span),
-            "phase": obj["status"]["phase"]}
+            "phase": obj["status"]["phase"], "hops": hops(runs, watcher, pod_watcher, kw["parallelism"]),
+            "idle": idle_parts(runs, kw["parallelism"], span)}
+
+
+HOPS = ("worker exit -> pod Succeeded in the API", "-> next Job created (operator)", "-> its pod created (Job controller)",
+        "-> pod bound (scheduler)", "-> next worker started (node agent, process start)")
+
+
+def hops(runs: list[tuple[int, int, float, float]], jobs: JobWatch, pods: JobWatch, parallelism: int) -> list[list[float]]:
+    """The slot-refill chain, hop by hop: each new segment (in Job-creation order, after the first
+    `parallelism`) is paired with the earliest unpaired finished segment before it, as in `_pair`."""
+    start = {(m, k): s for m, k, s, _e in runs}
+    finished = sorted(runs, key=lambda r: r[3])
+    new = sorted((t["job"], key) for key, t in jobs.by_segment.items() if "job" in t)[parallelism:]
+    out: list[list[float]] = [[] for _ in HOPS]
+    fi = 0
+    for t_job, key in new:
+        if fi >= len(finished) or finished[fi][3] > t_job:
+            continue
+        m, k, _s, end = finished[fi]
+        fi += 1
+        old = pods.by_segment.get((m, k), {})
+        pod = pods.by_segment.get(key, {})
+        marks = [end, old.get("succeeded"), t_job, pod.get("pod"), pod.get("bound"), start.get(key)]
+        for i in range(len(HOPS)):
+            a, b = marks[i], marks[i + 1]
+            if a is not None and b is not None:
+                out[i].append(b - a)
+    return out
+
+
+def idle_parts(runs: list[tuple[int, int, float, float]], parallelism: int, span: float) -> dict[str, float]:
+    """Where slot time went that no worker used: gaps between segments while work remained, and the
+    tail (slots with nothing left to run while the last segments finish). As fractions of slot time."""
+    t0 = min(s for *_, s, _e in runs)
+    t_end = max(e for *_, e in runs)
+    events = sorted([(s, 1) for *_, s, _e in runs] + [(e, -1) for *_, e in runs])
+    last_start = max(s for *_, s, _e in runs)
+    busy_before_last_start = 0.0
+    running, prev = 0, t0
+    for t, d in events:
+        cut = min(t, last_start)
+        if cut > prev:
+            busy_before_last_start += running * (cut - prev)
+            prev = cut
+        running += d
+    gaps = parallelism * (last_start - t0) - busy_before_last_start
+    total_idle = parallelism * span - sum(e - s for *_, s, e in runs)
+    return {"gaps": gaps / (parallelism * span), "tail": (total_idle - gaps) / (parallelism * span),
+            "span": t_end - t0}
 
 
 def _pair(jobs: list[float], finishes: list[float]) -> list[float]:
@@ -207,9 +271,17 @@ def main() -> None:
     print(f"| operator peak memory (VmHWM) | {max(hwm, hwm2):.0f} MiB |")
     print(f"\nGPU-busy fraction (population {args.busy_population}, parallelism {args.busy_parallelism}, "
           f"{args.busy_segments} segments, durations {args.busy_seconds:g}s +-50%)")
-    print("| mode | busy fraction | wall s | phase |\n|---|---|---|---|")
+    print("| mode | busy fraction | idle: gaps between segments | idle: tail after the last start | wall s | phase |")
+    print("|---|---|---|---|---|---|")
     for mode, r in busy.items():
-        print(f"| {mode} | {r['busy']:.3f} | {r['wall']:.1f} | {r['phase']} |")
+        print(f"| {mode} | {r['busy']:.3f} | {r['idle']['gaps']:.3f} | {r['idle']['tail']:.3f} | {r['wall']:.1f} "
+              f"| {r['phase']} |")
+    for title, r in (("turnaround run", main_run), ("asynchronous GPU-busy run", busy["asynchronous"])):
+        print(f"\nslot refill, hop by hop ({title}): median and p95 in seconds")
+        print("| hop | median | p95 | samples |\n|---|---|---|---|")
+        for label, xs in zip(HOPS, r["hops"], strict=True):
+            if xs:
+                print(f"| {label} | {statistics.median(xs):.3f} | {pct(xs, 0.95):.3f} | {len(xs)} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import LABEL_TRAINING, job_name, member_name
-from pbt_operator.kube.reconcile import job_outcome, plan
+from pbt_operator.kube.reconcile import MAX_SELECTED_JOBS, job_outcome, plan, world_selectors
 
 CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
 
@@ -40,8 +40,25 @@ def training_obj(**spec_over: Any) -> dict[str, Any]:
             "metadata": {"name": "toy", "namespace": "ns", "uid": "u-toy", "generation": 1}, "spec": spec}
 
 
+def matches(selector: str, labels: dict[str, str]) -> bool:
+    """The label-selector forms the operator sends: `k=v` and `k in (a,b)`, comma-joined."""
+    for term in re.findall(r"[^,(]+\([^)]*\)|[^,]+", selector):
+        if " in (" in term:
+            key, values = term.split(" in (")
+            if labels.get(key.strip()) not in values.rstrip(")").split(","):
+                return False
+        else:
+            key, value = term.split("=")
+            if labels.get(key) != value:
+                return False
+    return True
+
+
 class FakeCluster:
-    def __init__(self, training: dict[str, Any]):
+    def __init__(self, training: dict[str, Any], select: bool = False):
+        """`select`: each pass reads only the Jobs and pods `world_selectors` asks for, as the
+        operator does; otherwise it gets everything."""
+        self.select = select
         self.training = training
         self.members: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -51,6 +68,7 @@ class FakeCluster:
         self.max_running = 0
         self.events: list[Any] = []
         self.collected: set[tuple[int, int]] = set()
+        self.read_sizes: list[tuple[int, int]] = []
 
     def now(self) -> str:
         self.clock += 1
@@ -108,12 +126,18 @@ class FakeCluster:
             term = {"exitCode": 0, "message": json.dumps({"score": score, "steps": c["steps"]["start"] + 5})}
             job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": t}
         self.pods.append({"metadata": {"name": job["metadata"]["name"] + "-p", "labels": {
-            "job-name": job["metadata"]["name"], LABEL_TRAINING: "toy"}},
+            "job-name": job["metadata"]["name"], "batch.kubernetes.io/job-name": job["metadata"]["name"],
+            LABEL_TRAINING: "toy"}},
             "status": {"containerStatuses": [{"state": {"terminated": term}}]}})
 
     def reconcile(self, limit: int | None = None) -> Any:
-        p = plan(self.training, list(self.members.values()), list(self.jobs.values()), self.pods, self.now(),
-                 self.collected)
+        members, jobs, pods = list(self.members.values()), list(self.jobs.values()), self.pods
+        if self.select:
+            job_sel, pod_sel = world_selectors("toy", members)
+            jobs = [j for j in jobs if job_sel is not None and matches(job_sel, j["metadata"]["labels"])]
+            pods = [q for q in pods if pod_sel is not None and matches(pod_sel, q["metadata"]["labels"])]
+            self.read_sizes.append((len(jobs), len(pods)))
+        p = plan(self.training, members, jobs, pods, self.now(), self.collected)
         self.apply(p, limit)
         self.max_running = max(self.max_running, len(self.running()))
         return p
@@ -198,6 +222,41 @@ def test_asynchronous_crashes_lose_and_repeat_nothing() -> None:
         drive(c, random.Random(seed), crash_every=2)
         assert c.training["status"]["phase"] == "Succeeded"
         assert segments(c) == sorted({(m, k) for m in range(6) for k in range(4)})
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_selective_reads_decide_exactly_as_full_reads(mode: str) -> None:
+    """Reading only the current segments' Jobs and pods changes nothing: with crashes and failures,
+    the same segments run once each and the same best member and schedule come out."""
+    bad = {"toy-m001-s00002-a0"}
+    ref = FakeCluster(training_obj(mode=mode))
+    drive(ref, random.Random(7), crash_every=3, fail_jobs=bad)
+    sel = FakeCluster(training_obj(mode=mode), select=True)
+    drive(sel, random.Random(7), crash_every=3, fail_jobs=bad)
+    assert sorted(sel.jobs) == sorted(ref.jobs)
+    assert sel.training["status"]["best"] == ref.training["status"]["best"]
+    assert sel.training["status"]["schedule"] == ref.training["status"]["schedule"]
+    assert sel.training["status"]["failures"] == ref.training["status"]["failures"] == 1
+    # ... while reading far less than everything once the history has grown
+    late_jobs, late_pods = sel.read_sizes[-1]
+    assert len(sel.jobs) == 6 * 4 + 1 and late_pods <= 6 and late_jobs < len(sel.jobs) // 2
+
+
+def test_world_selectors() -> None:
+    def member(i: int, seg: int, attempt: int = 0) -> dict[str, Any]:
+        sug = Suggestion(member=i, segment=seg, hyperparameters={"h0": 0.1}, restore=None, steps_start=0,
+                         steps_budget=5, kind="start", attempt=attempt)
+        return {"spec": {"segment": sug.to_dict()}}
+
+    assert world_selectors("toy", []) == (None, None)
+    jobs, pods = world_selectors("toy", [member(0, 3), member(1, 2, attempt=1), member(2, 3)])
+    assert jobs == f"{LABEL_TRAINING}=toy,pbt.dev/segment in (2,3)"
+    assert pods == (f"{LABEL_TRAINING}=toy,batch.kubernetes.io/job-name in "
+                    "(toy-m000-s00003-a0,toy-m001-s00002-a1,toy-m002-s00003-a0)")
+    many = [member(i, 1) for i in range(MAX_SELECTED_JOBS + 1)]
+    assert world_selectors("toy", many) == (f"{LABEL_TRAINING}=toy", f"{LABEL_TRAINING}=toy")
+    broken = [member(0, 1), {"spec": {"segment": {"member": 0}}}]
+    assert world_selectors("toy", broken) == (f"{LABEL_TRAINING}=toy", f"{LABEL_TRAINING}=toy")
 
 
 def test_failed_segment_is_retried_then_replaced() -> None:

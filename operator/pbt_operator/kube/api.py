@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
-from .reconcile import Plan
+from .reconcile import Plan, world_selectors
 
 log = logging.getLogger("pbt_operator")
 TRAININGS = "populationtrainings"
@@ -46,17 +46,27 @@ class Api:
                 return None
             raise
 
-    def world(self, ns: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    def world(self, ns: str, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]],
+                                                list[dict[str, Any]]]:
+        """The training (None once deleted), its members, and the Jobs and pods of their current
+        segments. Reads in two rounds of parallel requests (they sit on the path from a pod finishing
+        to the next Job being created): the training and its members, then the Jobs and pods those
+        members' current segments need (`reconcile.world_selectors`), rather than every Job and pod
+        the training ever had. Jobs and pods come back as plain dicts (the generic path)."""
         sel = f"{LABEL_TRAINING}={name}"
-        # Three independent reads, issued together: they sit on the path from a pod finishing to
-        # the next Job being created. Jobs and pods come back as plain dicts (the generic path).
-        futs: list[Future[Any]] = [
-            self.pool.submit(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel),
-            self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns, "jobs", label_selector=sel),
-            self.pool.submit(self.core_list_pods, ns, sel),
-        ]
-        members, jobs, pods = (f.result()["items"] for f in futs)
-        return members, jobs, pods
+        f_training: Future[Any] = self.pool.submit(self.training, ns, name)
+        f_members: Future[Any] = self.pool.submit(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel)
+        training, members = f_training.result(), f_members.result()["items"]
+        if training is None:
+            return None, [], [], []
+        job_sel, pod_sel = world_selectors(name, members)
+        if job_sel is None or pod_sel is None:  # no member has a segment yet: no Job to look at
+            return training, members, [], []
+        f_jobs: Future[Any] = self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns, "jobs",
+                                               label_selector=job_sel)
+        f_pods: Future[Any] = self.pool.submit(self.core_list_pods, ns, pod_sel)
+        return training, members, f_jobs.result()["items"], f_pods.result()["items"]
 
     def core_list_pods(self, ns: str, sel: str) -> dict[str, Any]:
         # Raw JSON: building the client's model objects for every pod and serialising them back was

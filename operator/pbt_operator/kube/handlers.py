@@ -84,10 +84,9 @@ def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: Even
 def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple[bool, bool, Any]:
     """Returns (done, again, plan): `again` when members were just created and need a second pass."""
     a = api()
-    training = a.training(ns, name)
+    training, members, jobs, pods = a.world(ns, name)
     if training is None:
         return True, False, None
-    members, jobs, pods = a.world(ns, name)
     t0 = time.perf_counter()
     p = plan(training, members, jobs, pods, _now(), collected)
     metrics.observe_plan(ns, name, time.perf_counter() - t0, p)

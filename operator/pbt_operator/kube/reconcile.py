@@ -26,6 +26,8 @@ from ..local.runner import pick_next
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from .builders import (
+    LABEL_SEGMENT,
+    LABEL_TRAINING,
     build_job,
     build_member,
     job_name,
@@ -116,6 +118,55 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
                          error=f"Job failed: {reason} {(failed or {}).get('message', '')}".strip())
 
 
+POD_JOB_LABEL = "batch.kubernetes.io/job-name"  # set on every pod by the Job controller
+# Above this many current Jobs the selectors would make URLs of several KiB: read by training instead.
+MAX_SELECTED_JOBS = 200
+
+
+def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tuple[str | None, str | None]:
+    """Label selectors for the Jobs and pods a pass over these members can need (None: none at all).
+
+    A pass only looks at the Jobs of the members' current segments (and their retries), and at those
+    Jobs' pods: listing every finished Job and pod of the training instead made each pass's reads,
+    mostly JSON decoding, grow with the whole history. Jobs are selected by segment number (every
+    attempt of a current segment; other members' Jobs with those numbers come along, harmlessly),
+    pods by their Job's name. A member whose segment does not parse selects everything: the pass
+    then reports it as it always did.
+    """
+    base = f"{LABEL_TRAINING}={training}"
+    names: list[str] = []
+    segments: set[int] = set()
+    for m in members:
+        seg = (m.get("spec") or {}).get("segment")
+        if not seg:
+            continue
+        try:
+            sug = Suggestion.from_dict(seg)
+        except (TypeError, ValueError, KeyError):
+            return base, base
+        names.append(job_name(training, sug))
+        segments.add(int(sug.segment))
+    if not names:
+        return None, None
+    if len(names) > MAX_SELECTED_JOBS:
+        return base, base
+    return (f"{base},{LABEL_SEGMENT} in ({','.join(str(k) for k in sorted(segments))})",
+            f"{base},{POD_JOB_LABEL} in ({','.join(sorted(names))})")
+
+
+def pods_by_job(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Pods grouped by the Job that owns them (label, or owner reference for pods without it)."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for p in pods:
+        meta = p.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        owners = {labels.get(POD_JOB_LABEL), labels.get("job-name")}
+        owners |= {o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind", "Job") == "Job"}
+        for owner in owners - {None}:
+            out.setdefault(str(owner), []).append(p)
+    return out
+
+
 def _result_of(rec: Record) -> SegmentResult:
     return SegmentResult(rec.member, rec.segment, rec.score, rec.steps_end, rec.metrics,
                          error=rec.error if rec.status != "done" else None, duration=rec.duration)
@@ -202,6 +253,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
     # Results are told in completion order (then member index), the same order a rebuild after a
     # crash uses, so both paths make the same decisions.
     jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
+    pods_of = pods_by_job(pods)
     told: set[str] = set()
     new_history: dict[int, list[dict[str, Any]]] = {}
     for _ in range(4):  # a told result may decide a retry whose Job already exists (after a crash)
@@ -211,7 +263,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
             job = jobs_by_name.get(jname)
             if job is None or jname in told:
                 continue
-            res = job_outcome(job, pods, sug, spec.objective.metric)
+            res = job_outcome(job, pods_of.get(jname, []), sug, spec.objective.metric)
             if res is not None:
                 finished_at = (job.get("status") or {}).get("completionTime") or now
                 outcomes.append((finished_at, m_idx, sug, res, jname))
@@ -267,9 +319,9 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
         job = jobs_by_name.get(jname)
         if job is None:
             waiting.append(sug)
-        elif jname not in told and job_outcome(job, pods, sug, spec.objective.metric) is None:
+        elif jname not in told and job_outcome(job, pods_of.get(jname, []), sug, spec.objective.metric) is None:
             running += 1
-            disruptions[m_idx] = _disruptions(job, pods)
+            disruptions[m_idx] = _disruptions(job, pods_of.get(jname, []))
     finished = engine.finished or engine.failed
     if finished:
         for s in waiting:
@@ -411,4 +463,4 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     return status
 
 
-__all__ = ["EventSpec", "Plan", "job_outcome", "plan", "training_status"]
+__all__ = ["EventSpec", "Plan", "job_outcome", "plan", "pods_by_job", "training_status", "world_selectors"]
