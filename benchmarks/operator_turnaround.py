@@ -8,7 +8,11 @@ a real process; applies PopulationTrainings whose workers sleep about 1 s per se
   Job is paired with the earliest unpaired finished segment before it: the slot it refills);
 - segments per minute; operator CPU seconds and peak resident memory (VmHWM);
 - GPU-busy fraction (worker running time over slots x wall time) in asynchronous vs synchronous
-  mode with segment durations varied +-50%.
+  mode with segment durations varied +-50%, for runs of 4 and 12 segments per member
+  (`--busy-segments`): the end of a run, when slots run dry one by one while the last segments
+  finish, weighs less the longer the run, so the table splits idle time into gaps between segments
+  (what the operator and the cluster cost per segment) and that final drain;
+- the slot-refill chain hop by hop (node agent, operator, Job controller, scheduler, process start).
 Prints tables; asserts nothing (tests never assert times).
 """
 
@@ -189,7 +193,7 @@ def idle_parts(runs: list[tuple[int, int, float, float]], parallelism: int, span
     gaps = parallelism * (last_start - t0) - busy_before_last_start
     total_idle = parallelism * span - sum(e - s for *_, s, e in runs)
     return {"gaps": gaps / (parallelism * span), "tail": (total_idle - gaps) / (parallelism * span),
-            "span": t_end - t0}
+            "span": t_end - t0, "steady": busy_before_last_start / max(1e-9, parallelism * (last_start - t0))}
 
 
 def _pair(jobs: list[float], finishes: list[float]) -> list[float]:
@@ -218,7 +222,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--busy-population", type=int, default=16)
     ap.add_argument("--busy-parallelism", type=int, default=8)
-    ap.add_argument("--busy-segments", type=int, default=4)
+    ap.add_argument("--busy-segments", default="4,12",
+                    help="segments per member for the GPU-busy runs; a comma-separated list runs each length")
     ap.add_argument("--busy-seconds", type=float, default=5.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pbt-bench-"))
@@ -241,11 +246,12 @@ def main() -> None:
                            parallelism=args.parallelism, segments=args.segments, mode="asynchronous",
                            seconds=args.seconds, jitter=0.0)
         cpu1, hwm = proc_stats(op.pid)
-        busy = {}
-        for mode in ("asynchronous", "synchronous"):
-            busy[mode] = run_one(cluster, f"bench-{mode[:4]}", f"busy-{mode[:4]}", work,
-                                 population=args.busy_population, parallelism=args.busy_parallelism,
-                                 segments=args.busy_segments, mode=mode, seconds=args.busy_seconds, jitter=0.5)
+        busy: dict[tuple[int, str], dict[str, Any]] = {}
+        for segs in (int(x) for x in str(args.busy_segments).split(",")):
+            for mode in ("asynchronous", "synchronous"):
+                busy[segs, mode] = run_one(cluster, f"bench-{mode[:4]}-{segs}", f"busy-{mode[:4]}-{segs}", work,
+                                           population=args.busy_population, parallelism=args.busy_parallelism,
+                                           segments=segs, mode=mode, seconds=args.busy_seconds, jitter=0.5)
         _, hwm2 = proc_stats(op.pid)
     finally:
         op.terminate()
@@ -270,13 +276,17 @@ def main() -> None:
     print(f"| operator CPU during the run | {cpu1 - cpu0:.1f} s over {main_run['wall']:.0f} s wall |")
     print(f"| operator peak memory (VmHWM) | {max(hwm, hwm2):.0f} MiB |")
     print(f"\nGPU-busy fraction (population {args.busy_population}, parallelism {args.busy_parallelism}, "
-          f"{args.busy_segments} segments, durations {args.busy_seconds:g}s +-50%)")
-    print("| mode | busy fraction | idle: gaps between segments | idle: tail after the last start | wall s | phase |")
-    print("|---|---|---|---|---|---|")
-    for mode, r in busy.items():
-        print(f"| {mode} | {r['busy']:.3f} | {r['idle']['gaps']:.3f} | {r['idle']['tail']:.3f} | {r['wall']:.1f} "
-              f"| {r['phase']} |")
-    for title, r in (("turnaround run", main_run), ("asynchronous GPU-busy run", busy["asynchronous"])):
+          f"durations {args.busy_seconds:g}s +-50%): worker running time over parallelism x (last end - first start);")
+    print("'steady' is the same up to the last segment start (before the final drain); the idle columns split")
+    print("the rest into gaps between segments while work remained and the drain after the last start")
+    print("| segments per member | mode | busy fraction | steady | idle: gaps | idle: drain | wall s | phase |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (segs, mode), r in busy.items():
+        i = r["idle"]
+        print(f"| {segs} | {mode} | {r['busy']:.3f} | {i['steady']:.3f} | {i['gaps']:.3f} | {i['tail']:.3f} "
+              f"| {r['wall']:.1f} | {r['phase']} |")
+    async_runs = [(segs, r) for (segs, mode), r in busy.items() if mode == "asynchronous"]
+    for title, r in [("turnaround run", main_run)] + [(f"asynchronous GPU-busy run, {s} segments", r) for s, r in async_runs]:
         print(f"\nslot refill, hop by hop ({title}): median and p95 in seconds")
         print("| hop | median | p95 | samples |\n|---|---|---|---|")
         for label, xs in zip(HOPS, r["hops"], strict=True):
