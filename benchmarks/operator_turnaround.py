@@ -247,7 +247,7 @@ def main() -> None:
                            seconds=args.seconds, jitter=0.0)
         cpu1, hwm = proc_stats(op.pid)
         busy: dict[tuple[int, str], dict[str, Any]] = {}
-        for segs in (int(x) for x in str(args.busy_segments).split(",")):
+        for segs in (int(x) for x in str(args.busy_segments).split(",") if x.strip()):
             for mode in ("asynchronous", "synchronous"):
                 busy[segs, mode] = run_one(cluster, f"bench-{mode[:4]}-{segs}", f"busy-{mode[:4]}-{segs}", work,
                                            population=args.busy_population, parallelism=args.busy_parallelism,

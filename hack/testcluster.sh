@@ -274,7 +274,7 @@ start_cluster() {
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --node-monitor-period 2s --node-monitor-grace-period "${PBT_NODE_GRACE:-20s}" \
-    --profiling=false --v="$v"
+    --profiling=false --v="$v" ${PBT_KCM_FLAGS:-}
   start_proc kube-scheduler "$BIN_DIR/kube-scheduler" \
     --kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
     --authentication-kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \

@@ -36,7 +36,7 @@ class Api:
         self.custom = client.CustomObjectsApi()
         self.batch = client.BatchV1Api()
         self.core = client.CoreV1Api()
-        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="pbt-api")
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pbt-api")
 
     def training(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
@@ -75,18 +75,40 @@ class Api:
         return cast(dict[str, Any], json.loads(resp.data))
 
     def apply(self, ns: str, name: str, p: Plan) -> None:
-        for m in p.create_members:
-            self._create(lambda body=m: self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body))
-        for mname, st in p.member_statuses.items():
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, MEMBERS, mname, {"status": st})
+        """The plan's writes, phase by phase in the write-ahead order. Within a phase, writes that
+        concern different members are independent and go out together, except the member specs:
+        they are written one by one in the plan's order, so that a crash leaves a prefix of them,
+        which is what lets a rebuilt synchronous engine decide the rest exactly as before (each
+        decision in a batch sees the earlier ones as pending)."""
+        self._together([lambda body=m: self._create(lambda: self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, MEMBERS, body)) for m in p.create_members])
+        self._together([lambda mname=mname, st=st: self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, MEMBERS, mname, {"status": st}) for mname, st in p.member_statuses.items()])
         for mname, seg in p.member_specs.items():
             self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})
-        for job in p.create_jobs:
-            # Through the generic path: the user's pod template goes to the API server as written
-            # (ints for quantities and ports are valid there), not through the client's models.
-            self._create(lambda body=job: self.custom.create_namespaced_custom_object("batch", "v1", ns, "jobs", body))
+        # Jobs go through the generic path: the user's pod template goes to the API server as written
+        # (ints for quantities and ports are valid there), not through the client's models. The
+        # training's status is a report, ordered after nothing but the specs: it goes with them.
+        writes: list[Any] = [lambda body=job: self._create(lambda: self.custom.create_namespaced_custom_object(
+            "batch", "v1", ns, "jobs", body)) for job in p.create_jobs]
         if p.status:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, TRAININGS, name, {"status": p.status})
+            writes.append(lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, TRAININGS, name, {"status": p.status}))
+        self._together(writes)
+
+    def _together(self, calls: list[Any]) -> None:
+        """Run independent writes concurrently; wait for all, then raise the first failure."""
+        if len(calls) == 1:
+            calls[0]()
+            return
+        errors: list[BaseException] = []
+        for f in [self.pool.submit(c) for c in calls]:
+            try:
+                f.result()
+            except Exception as e:  # every write must finish before the pass fails
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _create(fn: Any) -> None:
