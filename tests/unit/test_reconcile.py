@@ -330,3 +330,39 @@ def test_lastTransitionTime_kept_when_status_unchanged() -> None:
     c.reconcile()
     t2 = {x["type"]: x["lastTransitionTime"] for x in c.training["status"]["conditions"]}
     assert t1 == t2
+
+
+def test_a_pass_with_nothing_new_leaves_the_training_status_alone() -> None:
+    c = FakeCluster(training_obj())
+    c.reconcile()  # creates members
+    c.reconcile()  # creates Jobs
+    c.reconcile()
+    again = c.reconcile()
+    assert again.status == c.training["status"] and not again.status_changed
+    c.finish(c.running()[0])
+    assert c.reconcile().status_changed  # a finished segment changes the counters
+
+
+def test_only_watch_events_that_can_change_a_pass_wake_it() -> None:
+    from pbt_operator.kube.reconcile import job_event_matters, pod_event_matters
+
+    def cond(t: str, status: str = "True") -> dict[str, Any]:
+        return {"type": t, "status": status}
+
+    running_job = {"status": {"active": 1, "conditions": []}}
+    assert not job_event_matters("ADDED", {"metadata": {}})
+    assert not job_event_matters("MODIFIED", running_job)
+    assert not job_event_matters("MODIFIED", {"status": {"conditions": [cond("Suspended", "False")]}})
+    assert not job_event_matters("MODIFIED", {"status": {"conditions": [cond("Complete", "False")]}})
+    for t in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"):
+        assert job_event_matters("MODIFIED", {"status": {"conditions": [cond(t)]}}), t
+    assert job_event_matters("DELETED", running_job)
+    assert job_event_matters(None, {"status": {"conditions": [cond("Complete")]}})  # kopf's initial listing
+
+    assert not pod_event_matters("ADDED", {"status": {"phase": "Pending"}})
+    assert not pod_event_matters("MODIFIED", {"status": {"phase": "Running", "conditions": [cond("Ready")]}})
+    assert pod_event_matters("MODIFIED", {"status": {"phase": "Succeeded"}})
+    assert pod_event_matters("MODIFIED", {"status": {"phase": "Failed"}})
+    assert pod_event_matters("MODIFIED", {"status": {"phase": "Running", "conditions": [cond("DisruptionTarget")]}})
+    assert not pod_event_matters("MODIFIED", {"status": {"phase": "Running", "conditions": [cond("DisruptionTarget", "False")]}})
+    assert pod_event_matters("DELETED", {"status": {"phase": "Running"}})

@@ -91,7 +91,7 @@ class Api:
         # training's status is a report, ordered after nothing but the specs: it goes with them.
         writes: list[Any] = [lambda body=job: self._create(lambda: self.custom.create_namespaced_custom_object(
             "batch", "v1", ns, "jobs", body)) for job in p.create_jobs]
-        if p.status:
+        if p.status and p.status_changed:
             writes.append(lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, ns, TRAININGS, name, {"status": p.status}))
         self._together(writes)

@@ -20,7 +20,7 @@ from . import metrics
 from .api import Api, load_config
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
-from .reconcile import EventSpec, plan
+from .reconcile import EventSpec, job_event_matters, plan, pod_event_matters
 
 log = logging.getLogger("pbt_operator")
 IDLE_RESYNC = 30.0  # seconds between passes when nothing wakes the daemon (a safety net for missed events)
@@ -134,13 +134,15 @@ def training_changed(name: str | None, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_TRAINING: kopf.PRESENT}, id="job-events")  # type: ignore[arg-type]
-def job_changed(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
-    WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
+def job_changed(event: dict[str, Any], body: Any, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
+    if job_event_matters(event.get("type"), body):
+        WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_TRAINING: kopf.PRESENT}, id="pod-events")  # type: ignore[arg-type]
-def pod_changed(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
-    WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
+def pod_changed(event: dict[str, Any], body: Any, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
+    if pod_event_matters(event.get("type"), body):
+        WAKEUPS.wake(namespace, labels.get(LABEL_TRAINING))
 
 
 __all__ = ["reconcile_once", "training_daemon"]

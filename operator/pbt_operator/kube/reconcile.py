@@ -52,6 +52,7 @@ class Plan:
     member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
     create_jobs: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
+    status_changed: bool = True  # False: `status` equals what the training already has (no write)
     events: list[EventSpec] = field(default_factory=list)
     collected: set[tuple[int, int]] = field(default_factory=set)
     done: bool = False
@@ -152,6 +153,30 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
         return base, base
     return (f"{base},{LABEL_SEGMENT} in ({','.join(str(k) for k in sorted(segments))})",
             f"{base},{POD_JOB_LABEL} in ({','.join(sorted(names))})")
+
+
+TERMINAL_JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+def job_event_matters(event_type: str | None, job: Mapping[str, Any]) -> bool:
+    """Whether a watch event on a segment Job can change a pass's outcome: it ended, or it went
+    away. Its creation is the operator's own doing, and the Job controller's bookkeeping updates
+    (active counts, pod finalizers) decide nothing; waking a pass for each was most of the passes."""
+    if event_type == "DELETED":
+        return True
+    return any(c.get("type") in TERMINAL_JOB_CONDITIONS and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def pod_event_matters(event_type: str | None, pod: Mapping[str, Any]) -> bool:
+    """Whether a watch event on a segment pod can change a pass's outcome: it finished (a success
+    is read at once, without waiting for the Job), was marked as disrupted, or went away."""
+    if event_type == "DELETED":
+        return True
+    st = pod.get("status") or {}
+    if st.get("phase") in ("Succeeded", "Failed"):
+        return True
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in st.get("conditions") or [])
 
 
 def pods_by_job(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -374,6 +399,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
     # -- training status ------------------------------------------------------------------------
     out.done = engine.done
     out.status = training_status(spec, engine, old_status, now, generation, running, len(waiting), root)
+    out.status_changed = out.status != old_status
     if out.done and old_status.get("phase") not in ("Succeeded", "Failed"):
         if engine.failed:
             out.events.append(EventSpec("training", "Warning", C.EV_FAILED, engine.failed))
@@ -463,4 +489,5 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     return status
 
 
-__all__ = ["EventSpec", "Plan", "job_outcome", "plan", "pods_by_job", "training_status", "world_selectors"]
+__all__ = ["EventSpec", "Plan", "job_event_matters", "job_outcome", "plan", "pod_event_matters", "pods_by_job",
+           "training_status", "world_selectors"]
