@@ -243,8 +243,15 @@ class ProcessExecutor:
     def shutdown(self, cancel: bool) -> None:
         if cancel:
             self.stopping = True
-            with self.lock:
+            # Ctrl-C raises in the main thread wherever it is, possibly between `submit` taking the
+            # lock and the `with` block that would release it: never wait for the lock forever here
+            # (copying the dict is atomic under the GIL either way).
+            got = self.lock.acquire(timeout=2.0)
+            try:
                 procs = list(self.procs.values())
+            finally:
+                if got:
+                    self.lock.release()
             threads = [threading.Thread(target=self._stop, args=(p,)) for p in procs]
             for t in threads:
                 t.start()
