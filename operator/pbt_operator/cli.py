@@ -55,6 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM (timeout, docker stop, systemd) stops the run like Ctrl-C: workers run in their own
     # sessions, so dying without stopping them would leave them training as orphans.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # And SIGINT always means Ctrl-C: a shell starts background jobs (`pbt run ... &` in a script, a
+    # CI step) with SIGINT ignored, and Python keeps an inherited "ignore", so `kill -INT` would do
+    # nothing at all.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, progress=progress,
                               plot=not args.no_plot).run()
@@ -63,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     _remember_manifest(run_dir, args.manifest, doc, spec.name, overrides)
     eng: Engine = summary.engine
     if summary.interrupted:
