@@ -164,8 +164,7 @@ def job_event_matters(event_type: str | None, job: Mapping[str, Any]) -> bool:
     (active counts, pod finalizers) decide nothing; waking a pass for each was most of the passes."""
     if event_type == "DELETED":
         return True
-    return any(c.get("type") in TERMINAL_JOB_CONDITIONS and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
+    return any(_cond_true(job, t) for t in TERMINAL_JOB_CONDITIONS)
 
 
 def pod_event_matters(event_type: str | None, pod: Mapping[str, Any]) -> bool:
@@ -173,10 +172,9 @@ def pod_event_matters(event_type: str | None, pod: Mapping[str, Any]) -> bool:
     is read at once, without waiting for the Job), was marked as disrupted, or went away."""
     if event_type == "DELETED":
         return True
-    st = pod.get("status") or {}
-    if st.get("phase") in ("Succeeded", "Failed"):
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
         return True
-    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in st.get("conditions") or [])
+    return _cond_true(pod, "DisruptionTarget") is not None
 
 
 def pods_by_job(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -430,8 +428,7 @@ def _disruptions(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> i
     for p in pods:
         if (p.get("metadata", {}).get("labels") or {}).get("job-name") != name:
             continue
-        if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in (p.get("status") or {}).get("conditions") or []):
+        if _cond_true(p, "DisruptionTarget"):
             n += 1
     return n
 
