@@ -140,16 +140,21 @@ def overlap(ha: np.ndarray, hb: np.ndarray) -> np.ndarray:
 class Pairwise:
     """Input differences between two point sets, independent of theta (computed once per fit)."""
 
-    d2: np.ndarray  # (dx, na * nb) squared differences per continuous input, flattened pairs
     dt: np.ndarray  # (na, nb) |tau - tau'|
     hs: np.ndarray | None  # (na, nb) overlap similarity, None when q == 0
-    # (dx + 1, na * nb): d2 with |tau - tau'| as a last row, so that one matrix product gives the
-    # exponent of k_x * time (and one the length-scale and decay gradient sums).
+    # (dx + 1, na * nb): the squared differences per continuous input (flattened pairs) with
+    # |tau - tau'| as a last row, so that one matrix product gives the exponent of k_x * time (and
+    # one the length-scale and decay gradient sums).
     d2t: np.ndarray
     # (2 dx + 4, na * nb) when there are categoricals: [d2t, d2t * hs, 1, hs], so that the gradient
     # sums of the mixed kernel come from one matrix product (see gp.neg_log_marginal_batch).
     mix_design: np.ndarray | None
     dt_one: np.ndarray | None  # (2, na * nb): [dt, 1], the rows of mix_design the Q sums need
+
+    @property
+    def d2(self) -> np.ndarray:
+        """(dx, na * nb) squared differences per continuous input (a view of d2t)."""
+        return self.d2t[:-1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,7 +173,7 @@ class Pairwise:
             hs_flat = hs.reshape(1, -1)
             mix_design = np.vstack([d2t, d2t * hs_flat, np.ones_like(hs_flat), hs_flat])
             dt_one = np.vstack([d2t[-1:], np.ones_like(hs_flat)])
-        return Pairwise(d2=d2, dt=dt, hs=hs, d2t=d2t, mix_design=mix_design, dt_one=dt_one)
+        return Pairwise(dt=dt, hs=hs, d2t=d2t, mix_design=mix_design, dt_one=dt_one)
 
 
 @dataclass(frozen=True)
