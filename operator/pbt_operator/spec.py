@@ -14,8 +14,28 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from .core.choices import (
+    DIRECTIONS,
+    EXECUTORS,
+    EXPLOIT_STRATEGIES,
+    EXPLORE_STRATEGIES,
+    INLINE_POOLS,
+    MODES,
+    ON_EXHAUSTED,
+    PARAM_KINDS,
+    PB2_PARALLEL,
+    STORAGE_SCHEMES,
+    Direction,
+    Executor,
+    ExploitStrategy,
+    ExploreStrategy,
+    InlinePool,
+    Mode,
+    OnExhausted,
+    scheme_pattern,
+)
 from .core.space import Param, Space, Value
 from .core.types import Pb2Settings
 
@@ -23,7 +43,6 @@ API_VERSION = "pbt.dev/v1alpha1"
 KIND = "PopulationTraining"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-PB2_PARALLEL = ("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic")
 
 
 class SpecError(ValueError):
@@ -37,7 +56,7 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class Objective:
     metric: str = "score"
-    direction: Literal["max", "min"] = "max"
+    direction: Direction = "max"
 
     def internal(self, score: float) -> float:
         """Scores as the engine sees them: higher is always better."""
@@ -66,7 +85,7 @@ class Significance:
 
 @dataclass(frozen=True)
 class Exploit:
-    strategy: Literal["truncation", "tournament", "none"] = "truncation"
+    strategy: ExploitStrategy = "truncation"
     fraction: float = 0.25
     size: int = 2
     significance: Significance = field(default_factory=Significance)
@@ -74,7 +93,7 @@ class Exploit:
 
 @dataclass(frozen=True)
 class Explore:
-    strategy: Literal["perturb", "resample", "pb2"] = "perturb"
+    strategy: ExploreStrategy = "perturb"
     factors: tuple[float, ...] = (0.8, 1.2)
     resample_probability: float = 0.25
     crossover: bool = False
@@ -84,7 +103,7 @@ class Explore:
 @dataclass(frozen=True)
 class FailurePolicy:
     max_retries: int = 2
-    on_exhausted: Literal["replace", "fail"] = "replace"
+    on_exhausted: OnExhausted = "replace"
 
 
 @dataclass(frozen=True)
@@ -95,12 +114,12 @@ class Storage:
 
 @dataclass(frozen=True)
 class Worker:
-    executor: Literal["process", "inline"] = "process"
+    executor: Executor = "process"
     command: tuple[str, ...] = ()
     function: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
-    inline_pool: Literal["threads", "processes"] = "threads"
+    inline_pool: InlinePool = "threads"
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,7 @@ class TrainingSpec:
     namespace: str | None
     population: int
     parallelism: int
-    mode: Literal["asynchronous", "synchronous"]
+    mode: Mode
     seed: int
     objective: Objective
     segment: SegmentSpec
@@ -265,11 +284,11 @@ def parse_spec(
     if isinstance(population, int) and population > 1000:
         s.err("population", f"must be <= 1000 (got {population})")
     parallelism = s.int("parallelism", population, minimum=1)
-    mode = s.str("mode", "asynchronous", choices=("asynchronous", "synchronous"))
+    mode = s.str("mode", "asynchronous", choices=MODES)
     seed = s.int("seed", 0, minimum=0)
 
     o = s.sub("objective", ("metric", "direction"))
-    objective = Objective(o.str("metric", "score"), o.str("direction", "max", choices=("max", "min")))
+    objective = Objective(o.str("metric", "score"), o.str("direction", "max", choices=DIRECTIONS))
 
     g = s.sub("segment", ("steps", "timeoutSeconds"))
     segment = SegmentSpec(g.int("steps", 1, minimum=1), g.int("timeoutSeconds", None, minimum=1))
@@ -293,7 +312,7 @@ def parse_spec(
         sig.err("alpha", f"must be in (0, 1) (got {alpha})")
         alpha = 0.05
     exploit = Exploit(
-        e.str("strategy", "truncation", choices=("truncation", "tournament", "none")),
+        e.str("strategy", "truncation", choices=EXPLOIT_STRATEGIES),
         fraction, size,
         Significance(sig.bool("enabled", False), alpha, sig.int("window", 4, minimum=2)),
     )
@@ -327,20 +346,21 @@ def parse_spec(
         kappa=kappa,
     )
     explore = Explore(
-        x.str("strategy", "perturb", choices=("perturb", "resample", "pb2")),
+        x.str("strategy", "perturb", choices=EXPLORE_STRATEGIES),
         factors_t, rp, x.bool("crossover", False), pb2,
     )
 
     st = s.sub("storage", ("uri", "credentialsSecret"))
     uri = st.str("uri", None)
-    if uri is not None and not re.match(r"^(file|s3|mem)://", uri):
-        st.err("uri", f"must start with file://, s3:// or mem:// (got {_show(uri)})")
+    if uri is not None and not re.match(scheme_pattern(), uri):
+        *head, last = [f"{x}://" for x in STORAGE_SCHEMES]
+        st.err("uri", f"must start with {', '.join(head)} or {last} (got {_show(uri)})")
     if uri is not None and uri.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/|$)", uri):
         st.err("uri", f"must be s3://BUCKET[/PREFIX] with a valid bucket name (got {_show(uri)})")
     storage = Storage(uri, st.str("credentialsSecret", None))
 
     w = s.sub("worker", ("executor", "command", "function", "env", "workingDir", "pool"))
-    executor = w.str("executor", "process", choices=("process", "inline"))
+    executor = w.str("executor", "process", choices=EXECUTORS)
     command = w.raw("command")
     command_t: tuple[str, ...] = ()
     if command is not None:
@@ -367,7 +387,7 @@ def parse_spec(
         w.err("function", "is required when executor is inline (module:function)")
     if executor == "process" and not command_t and template is None:
         w.err("command", "is required when executor is process (or give spec.template with a container command)")
-    pool = w.str("pool", "threads", choices=("threads", "processes"))
+    pool = w.str("pool", "threads", choices=INLINE_POOLS)
     if uri is not None and uri.startswith("mem://") and (executor != "inline" or pool != "threads"):
         st.err("uri", f"mem:// keeps checkpoints in the runner's memory: it needs spec.worker.executor: inline "
                       f"with pool: threads (got executor: {executor}, pool: {pool}); use file:// or s3://")
@@ -377,7 +397,7 @@ def parse_spec(
     )
 
     f = s.sub("failurePolicy", ("maxRetries", "onExhausted"))
-    failure = FailurePolicy(f.int("maxRetries", 2, minimum=0), f.str("onExhausted", "replace", choices=("replace", "fail")))
+    failure = FailurePolicy(f.int("maxRetries", 2, minimum=0), f.str("onExhausted", "replace", choices=ON_EXHAUSTED))
 
     if len(errs) > start:
         raise SpecError(errs)
@@ -421,7 +441,7 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
     if not h.ok:
         return None
     before = len(errs)
-    kind = h.str("type", None, choices=("float", "int", "categorical"), required=True)
+    kind = h.str("type", None, choices=PARAM_KINDS, required=True)
     if kind is None:
         return None
     initial = h.raw("initial")

@@ -196,12 +196,8 @@ class Engine:
         spec = self.spec
         rng = rng_for(spec.seed, m, k, EXPLOIT)
         scores = self._scores()
-        if spec.exploit.strategy == "none":  # a baseline: every member trains alone (random search)
-            return self._continue(rec, "continue")
-        if spec.exploit.strategy == "truncation":
-            choice = exploit_mod.truncation(m, scores, spec.exploit.fraction, rng)
-        else:
-            choice = exploit_mod.tournament(m, scores, spec.exploit.size, rng)
+        choice = exploit_mod.choose(spec.exploit.strategy, m, scores, rng, fraction=spec.exploit.fraction,
+                                    size=spec.exploit.size)
         reason = choice.reason
         if choice.donor is not None and spec.exploit.significance.enabled:
             ok, why = exploit_mod.significantly_better(

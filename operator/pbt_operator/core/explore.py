@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
+from .choices import EXPLORE_STRATEGIES, check_table
 from .space import Space, Value
 from .types import Pb2Settings
 
@@ -30,29 +32,59 @@ def explore(
     crossover mixes PB2's proposal with the second parent, so the bandit's choice still dominates
     half the coordinates on average while good values of another top member can spread.
     """
+    fn = _STRATEGIES.get(strategy)
+    if fn is None:  # the spec refuses it at parse time: reaching here is a bug, not a reason to perturb
+        raise ValueError(f"unknown explore strategy {strategy!r} (one of: {', '.join(EXPLORE_STRATEGIES)})")
     base = dict(donor)
     notes: list[str] = []
     if crossover and second is not None and strategy != "pb2":
         base = space.crossover(donor, second, rng)
         notes.append("crossover")
-    if strategy == "resample":
-        out = space.sample(rng)
-        notes.append("resample")
-    elif strategy == "pb2" and pb2 is not None:
-        choice, why = pb2()
-        if choice is None:
-            out = space.perturb(base, rng, factors, resample_probability)
-            notes.append(f"{why}; perturb")
-        else:
-            out = choice
-            notes.append(why)
-            if crossover and second is not None:
-                out = space.crossover(out, second, rng)
-                notes.append("crossover with second parent")
-    else:
-        out = space.perturb(base, rng, factors, resample_probability)
-        notes.append("perturb")
+    out = fn(_Step(space, base, second, rng, factors, resample_probability, crossover, pb2, notes))
     return space.clip(out), "; ".join(notes)
+
+
+@dataclass
+class _Step:
+    """One explore step's inputs, and the notes that become the decision's explore reason."""
+
+    space: Space
+    base: dict[str, Value]
+    second: Mapping[str, Value] | None
+    rng: np.random.Generator
+    factors: tuple[float, ...]
+    resample_probability: float
+    crossover: bool
+    pb2: Pb2Fn | None
+    notes: list[str]
+
+
+def _perturb(x: _Step) -> dict[str, Value]:
+    x.notes.append("perturb")
+    return x.space.perturb(x.base, x.rng, x.factors, x.resample_probability)
+
+
+def _resample(x: _Step) -> dict[str, Value]:
+    x.notes.append("resample")
+    return x.space.sample(x.rng)
+
+
+def _pb2(x: _Step) -> dict[str, Value]:
+    choice, why = x.pb2() if x.pb2 is not None else (None, "pb2 not available here")
+    if choice is None:
+        x.notes.append(f"{why}; perturb")
+        return x.space.perturb(x.base, x.rng, x.factors, x.resample_probability)
+    x.notes.append(why)
+    if x.crossover and x.second is not None:
+        x.notes.append("crossover with second parent")
+        return x.space.crossover(choice, x.second, x.rng)
+    return choice
+
+
+_STRATEGIES: dict[str, Callable[[_Step], dict[str, Value]]] = {
+    "perturb": _perturb, "resample": _resample, "pb2": _pb2,
+}
+check_table("explore strategies", _STRATEGIES, EXPLORE_STRATEGIES)
 
 
 def describe_change(old: Mapping[str, Value], new: Mapping[str, Value]) -> str:

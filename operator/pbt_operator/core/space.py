@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Union
 
 import numpy as np
 
+from .choices import ParamKind
+
 Value = Union[float, int, str]  # noqa: UP007 (a runtime alias; py3.10 needs Union here)
-Kind = Literal["float", "int", "categorical"]
+Kind = ParamKind  # spec.hyperparameters.NAME.type (core/choices.py)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .choices import Pb2Parallel
 from .space import Value
 
 Ref = tuple[int, int]
@@ -129,7 +130,7 @@ class Record:
 class Pb2Settings:
     """Knobs of PB2's explore step (spec.explore.pb2)."""
 
-    parallel: Literal["bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"] = "bucb"
+    parallel: Pb2Parallel = "bucb"
     # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
     # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest (the most recent
     # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 10-16 ms of CPU

@@ -1,18 +1,31 @@
 """The CustomResourceDefinitions, built in Python and written to crds/ by `pbt crds`.
 
-Both kinds share the category `pbt-all` (`kubectl get pbt-all`). DESIGN.md named the category `pbt`,
-but kubectl expands a category before a short name, so `kubectl get pbt NAME` would then ask for two
-kinds at once and fail.
+Both kinds share the category `pbt-all` (`kubectl get pbt-all`), not `pbt`: kubectl expands a category
+before a short name, so `kubectl get pbt NAME` would then ask for two kinds at once and fail.
 
-The schema repeats what `spec.parse_spec` checks wherever OpenAPI and CEL can say it, so most bad
-manifests are refused by `kubectl apply` itself; the operator still parses every object with the spec
-model and marks anything the schema let through as Failed with the field named. A test applies a
-corpus of manifests to a real API server and checks that the two agree.
+The schema repeats what `spec.parse_spec` checks wherever OpenAPI and CEL can say it, and its enums
+come from core/choices.py as the spec's do, so most bad manifests are refused by `kubectl apply`
+itself; the operator still parses every object with the spec model and marks anything the schema let
+through as Failed with the field named. A test applies a corpus of manifests to a real API server and
+checks that the two agree.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..core.choices import (
+    DIRECTIONS,
+    EXECUTORS,
+    EXPLOIT_STRATEGIES,
+    EXPLORE_STRATEGIES,
+    INLINE_POOLS,
+    MODES,
+    ON_EXHAUSTED,
+    PARAM_KINDS,
+    PB2_PARALLEL,
+    scheme_pattern,
+)
 
 GROUP = "pbt.dev"
 VERSION = "v1alpha1"
@@ -42,7 +55,7 @@ def _min(n: int) -> dict[str, Any]:
 
 HYPERPARAMETER = _obj(
     {
-        "type": _enum("float", "int", "categorical"),
+        "type": _enum(*PARAM_KINDS),
         "min": _num,
         "max": _num,
         "log": {"type": "boolean"},
@@ -69,14 +82,14 @@ TRAINING_SPEC = _obj(
     {
         "population": {"type": "integer", "minimum": 2, "maximum": 1000},
         "parallelism": _min(1),
-        "mode": _enum("asynchronous", "synchronous"),
+        "mode": _enum(*MODES),
         "seed": _min(0),
-        "objective": _obj({"metric": _str, "direction": _enum("max", "min")}),
+        "objective": _obj({"metric": _str, "direction": _enum(*DIRECTIONS)}),
         "segment": _obj({"steps": _min(1), "timeoutSeconds": _min(1)}),
         "budget": _obj({"segments": _min(1), "targetScore": _num, "patience": _min(1)}),
         "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER},
         "exploit": _obj({
-            "strategy": _enum("truncation", "tournament", "none"),
+            "strategy": _enum(*EXPLOIT_STRATEGIES),
             "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
             "size": _min(2),
             "significance": _obj({
@@ -87,32 +100,32 @@ TRAINING_SPEC = _obj(
             }),
         }),
         "explore": _obj({
-            "strategy": _enum("perturb", "resample", "pb2"),
+            "strategy": _enum(*EXPLORE_STRATEGIES),
             "factors": {"type": "array", "minItems": 1,
                         "items": {"type": "number", "exclusiveMinimum": True, "minimum": 0}},
             "resampleProbability": {"type": "number", "minimum": 0, "maximum": 1},
             "crossover": {"type": "boolean"},
             "pb2": _obj({
-                "parallel": _enum("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic"),
+                "parallel": _enum(*PB2_PARALLEL),
                 "window": _min(1), "maxRows": _min(8), "minRows": _min(2), "candidates": _min(1),
                 "restarts": _min(0), "kappa": {"type": "number", "minimum": 0},
             }),
         }),
         "storage": _obj({
-            "uri": {"type": "string", "pattern": "^(file|s3|mem)://"},
+            "uri": {"type": "string", "pattern": scheme_pattern()},
             "credentialsSecret": _str,
         }),
         "worker": _obj({
-            "executor": _enum("process", "inline"),
+            "executor": _enum(*EXECUTORS),
             "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
             "function": _str,
             "env": {"type": "object", "additionalProperties": {"type": "string"}},
             "workingDir": _str,
-            "pool": _enum("threads", "processes"),
+            "pool": _enum(*INLINE_POOLS),
         }),
         # A PodTemplateSpec, kept as the user wrote it (GPU requests, tolerations, node selectors).
         "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "failurePolicy": _obj({"maxRetries": _min(0), "onExhausted": _enum("replace", "fail")}),
+        "failurePolicy": _obj({"maxRetries": _min(0), "onExhausted": _enum(*ON_EXHAUSTED)}),
     },
     required=["population", "hyperparameters"],
     **{

@@ -24,10 +24,11 @@ Nothing raises into the engine: every failure becomes Pb2Choice(None, "pb2 fallb
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..choices import PB2_PARALLEL, check_table
 from ..space import Space
 from ..types import Pb2Settings
 from .acquisition import Domain, beta_schedule, maximise_ucb, thompson
@@ -35,7 +36,7 @@ from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, p
 from .gp import Posterior, fit
 from .kernel import Hyper, Layout
 
-PARALLEL_MODES = ("bucb", "thompson", "liar-mean", "liar-optimistic", "liar-pessimistic")
+PARALLEL_MODES = PB2_PARALLEL  # spec.explore.pb2.parallel: core/choices.py holds the list
 
 
 def suggest(
@@ -83,7 +84,7 @@ def _suggest(
     fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], max(1, int(settings.fit_restarts)), rng)
     theta = fitted.theta
     n_pending = len(prep.pending)
-    if mode == "thompson" or n_pending == 0:
+    if _FILL[mode] is None or n_pending == 0:
         post = Posterior(theta, layout, prep.rows, prep.y)
     else:
         post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending), prep.y,
@@ -123,19 +124,25 @@ def _suggest(
     return Pb2Choice(hyperparameters, " ".join(parts))
 
 
+# How each parallel mode fills in the pending points' values (standardised units), given their
+# posterior mean under the finished rows alone; None: the mode conditions on finished rows only.
+_FILL: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray] | None] = {
+    "bucb": lambda mu, y: np.asarray(mu, dtype=float),
+    "thompson": None,
+    "liar-mean": lambda mu, y: np.full(mu.shape[0], float(np.mean(y))),
+    "liar-optimistic": lambda mu, y: np.full(mu.shape[0], float(np.max(y))),
+    "liar-pessimistic": lambda mu, y: np.full(mu.shape[0], float(np.min(y))),
+}
+check_table("pb2 parallel modes", _FILL, PB2_PARALLEL)
+
+
 def hallucinate(mode: str, mu_pending: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The values pending points are assumed to have (standardised units), given their posterior
     mean under the finished rows alone."""
-    m = mu_pending.shape[0]
-    if mode == "bucb":
-        return np.asarray(mu_pending, dtype=float)
-    if mode == "liar-mean":
-        return np.full(m, float(np.mean(y)))
-    if mode == "liar-optimistic":
-        return np.full(m, float(np.max(y)))
-    if mode == "liar-pessimistic":
-        return np.full(m, float(np.min(y)))
-    raise Pb2Fallback(f"no hallucination for mode {mode!r}")
+    fill = _FILL.get(mode)
+    if fill is None:
+        raise Pb2Fallback(f"no hallucination for mode {mode!r}")
+    return fill(mu_pending, y)
 
 
 __all__ = ["PARALLEL_MODES", "Pb2Choice", "Pb2Pending", "Pb2Row", "suggest"]
