@@ -1,10 +1,12 @@
 """A small torch classifier on scikit-learn's bundled digits (8x8 images, no download), one PBT segment
-per process run. Runs on the CPU; the same script runs in a GPU Job in Kubernetes.
+per run of the script. Runs on the CPU; the same script runs in a GPU Job in Kubernetes.
 
     PBT_SEGMENT='{...}' python train.py        # normally started by `pbt run` or by the operator
 
+`pbt run` runs it in warm workers: one interpreter per slot runs the script once per segment, so torch
+is imported once per slot, and the data tensors (`pbt_worker.cached`) are loaded once per slot too.
 `segment(seg)` trains one segment and is also usable inline (`worker: {executor: inline, function:
-train:segment}`), e.g. by benchmarks/search_quality.py; the data tensors are loaded once per process.
+train:segment}`), e.g. by benchmarks/search_quality.py.
 
 The metrics it reports include a fingerprint of the weights it restored and of the weights it saved,
 so a test can prove that an exploit really copied the donor's weights, not only its hyperparameters.
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pbt_worker import Segment
+from pbt_worker import Segment, cached
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -26,22 +28,24 @@ torch.set_num_threads(int(os.environ.get("PBT_TORCH_THREADS", "1")))
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("PBT_CPU") != "1" else "cpu"
 
 
-_DATA: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed train/validation split, loaded once per process (inline runs call segment() many times).
-    Callers must not modify the tensors in place."""
-    global _DATA
-    if _DATA is None:
-        x, y = load_digits(return_X_y=True)
-        x = (x / 16.0).astype(np.float32)
-        order = np.random.default_rng(0).permutation(len(x))  # a fixed split, the same for every member
-        x, y = x[order], y[order]
-        n_train = 1400
-        _DATA = (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]),
-                 torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]))
-    return _DATA
+def _load() -> Data:
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))  # a fixed split, the same for every member
+    x, y = x[order], y[order]
+    n_train = 1400
+    return (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]),
+            torch.from_numpy(x[n_train:]), torch.from_numpy(y[n_train:]))
+
+
+def data() -> Data:
+    """The fixed train/validation split, loaded once per process: a warm worker or an inline run
+    executes many segments in one process, and the script's module-level globals start afresh with
+    each run of the script, while `cached` values stay. Callers must not modify the tensors in place."""
+    return cached("digits-data", _load)
 
 
 def model(seed: int) -> nn.Module:

@@ -120,6 +120,7 @@ class Worker:
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     inline_pool: InlinePool = "threads"
+    warm: bool = True  # process executor: long-lived interpreters run segment after segment (local/warm.py)
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def parse_spec(
         st.err("uri", f"must be s3://BUCKET[/PREFIX] with a valid bucket name (got {_show(uri)})")
     storage = Storage(uri, st.str("credentialsSecret", None))
 
-    w = s.sub("worker", ("executor", "command", "function", "env", "workingDir", "pool"))
+    w = s.sub("worker", ("executor", "command", "function", "env", "workingDir", "pool", "warm"))
     executor = w.str("executor", "process", choices=EXECUTORS)
     command = w.raw("command")
     command_t: tuple[str, ...] = ()
@@ -393,7 +394,7 @@ def parse_spec(
                       f"with pool: threads (got executor: {executor}, pool: {pool}); use file:// or s3://")
     worker = Worker(
         executor, command_t, function, {str(k): str(v) for k, v in env.items()},
-        w.str("workingDir", None), pool,
+        w.str("workingDir", None), pool, w.bool("warm", True),
     )
 
     f = s.sub("failurePolicy", ("maxRetries", "onExhausted"))

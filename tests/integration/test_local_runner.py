@@ -397,9 +397,14 @@ def test_inline_function_errors_fail_the_segment(make_spec: Any, tmp_path: Path,
 # the process executor: real subprocesses, the real segment contract
 
 
-def test_process_executor_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [True, False])
+def test_process_executor_end_to_end(tmp_path: Path, warm: bool) -> None:
     log = tmp_path / "calls.jsonl"
     manifest = process_manifest(tmp_path, population=3, segments=3, env={"PBT_TEST_LOG": str(log)})
+    if not warm:
+        doc = yaml.safe_load(manifest.read_text())
+        doc["spec"]["worker"]["warm"] = False
+        manifest.write_text(yaml.safe_dump(doc))
     spec = load_manifest(manifest)
     run_dir = tmp_path / "run"
     summary = LocalRunner(spec, run_dir, plot=False).run()
@@ -410,7 +415,11 @@ def test_process_executor_end_to_end(tmp_path: Path) -> None:
     starts = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "start")
     ends = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "end")
     assert starts == ends == Counter({(m, k): 1 for m in range(3) for k in range(3)})
-    assert len({c["pid"] for c in calls if c["event"] == "start"}) == 9  # one process per segment
+    pids = {c["pid"] for c in calls if c["event"] == "start"}
+    if warm:  # one interpreter per slot, each running segment after segment
+        assert len(pids) == 2 and os.getpid() not in pids
+    else:
+        assert len(pids) == 9  # one process per segment
     # the worker restored exactly what the engine said, and its checkpoints are where the engine says
     for c in calls:
         if c["event"] != "start":
@@ -733,3 +742,125 @@ def test_sigterm_stops_workers_too(tmp_path: Path, reap: Path) -> None:
     assert proc.returncode != 0
     assert "--resume" in err
     wait_for(lambda: not workers_of(log), 10, "workers to stop")
+
+
+# --------------------------------------------------------------------------------------------------
+# warm workers (the process executor's default): reuse, isolation of failures, same results as cold
+
+
+def _set_warm(manifest: Path, warm: bool) -> Path:
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["worker"]["warm"] = warm
+    manifest.write_text(yaml.safe_dump(doc))
+    return manifest
+
+
+def _by_pid(calls: list[dict[str, Any]]) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for c in calls:
+        if c["event"] == "start":
+            out.setdefault(c["pid"], []).append((c["member"], c["segment"]))
+    return out
+
+
+def test_warm_results_equal_cold_and_workers_are_reused(tmp_path: Path) -> None:
+    """The same manifest warm and cold (synchronous, so the order segments end in cannot change a
+    decision): the same decisions, scores and checkpoints' contents; warm ran
+    every segment in one of `parallelism` interpreters, and the SDK's per-process cache survived from
+    one segment to the next there (never with a fresh process)."""
+    rows = {}
+    for warm in (True, False):
+        d = tmp_path / ("warm" if warm else "cold")
+        d.mkdir()
+        log = d / "calls.jsonl"
+        manifest = _set_warm(process_manifest(d, population=4, segments=4, parallelism=2,
+                                              env={"PBT_TEST_LOG": str(log)}, extra={"mode": "synchronous"}), warm)
+        LocalRunner(load_manifest(manifest), d / "run", plot=False).run()
+        rows[warm] = read_jsonl(d / "run" / "results.jsonl")
+        per_process = [r["metrics"]["process_segments"] for r in rows[warm]]
+        by_pid = _by_pid(side_channel(log))
+        if warm:
+            assert len(by_pid) == 2 and sum(map(len, by_pid.values())) == 16
+            assert max(per_process) > 1
+            # each worker's cache counted exactly the segments that worker ran
+            assert sorted(per_process) == sorted(i + 1 for segs in by_pid.values() for i in range(len(segs)))
+        else:
+            assert len(by_pid) == 16 and per_process == [1] * 16
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        s = r["suggestion"]
+        return (s["member"], s["segment"], s["kind"], s["restore"], json.dumps(s["hyperparameters"]),
+                r["score"], r["metrics"]["x"], r["steps_end"])
+
+    assert sorted(map(key, rows[True])) == sorted(map(key, rows[False]))
+    assert len(rows[True]) == 16
+
+
+def test_warm_crash_replaces_only_that_worker(tmp_path: Path) -> None:
+    """A segment whose process dies (SIGKILL: as a segfault or the OOM killer would) fails with its exit
+    status and is retried in a new worker; the other slot's worker carries on untouched."""
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=4, segments=4, parallelism=2,
+                                env={"PBT_TEST_LOG": str(log), "PBT_TEST_CRASH": "1:1"})
+    run_dir = tmp_path / "run"
+    eng = LocalRunner(load_manifest(manifest), run_dir, plot=False).run().engine
+    assert eng.done and eng.failed is None
+    rows = [r for r in read_jsonl(run_dir / "results.jsonl")
+            if (r["suggestion"]["member"], r["suggestion"]["segment"]) == (1, 1)]
+    assert [r["status"] for r in rows] == ["failed", "done"], rows
+    assert "exit code -9" in rows[0]["error"], rows
+    calls = side_channel(log)
+    by_pid = _by_pid(calls)
+    crashed = next(c["pid"] for c in calls if c["event"] == "start" and (c["member"], c["segment"]) == (1, 1))
+    assert not alive(crashed)
+    assert by_pid[crashed][-1] == (1, 1), "the crashed worker ran nothing after the crash"
+    # exactly one replacement: three interpreters in all, and one of them ran segments both before and
+    # after the crash (the other slot was never restarted)
+    assert len(by_pid) == 3, by_pid
+    order = [(c["pid"], (c["member"], c["segment"])) for c in calls if c["event"] == "start"]
+    crash_at = order.index((crashed, (1, 1)))
+    survivors = [p for p in by_pid if p != crashed and any(q == p for q, _ in order[:crash_at])
+                 and any(q == p for q, _ in order[crash_at + 1:])]
+    assert len(survivors) == 1, (order, crashed)
+
+
+def test_warm_hang_kills_only_that_worker(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=3, segments=3, parallelism=2,
+                                env={"PBT_TEST_LOG": str(log), "PBT_TEST_HANG": "0:1", "PBT_TEST_HANG_ONCE": "1",
+                                     "PBT_TEST_SLEEP": "0.05"},
+                                extra={"segment": {"steps": 5, "timeoutSeconds": 2},
+                                       "failurePolicy": {"maxRetries": 1, "onExhausted": "fail"}})
+    run_dir = tmp_path / "run"
+    eng = LocalRunner(load_manifest(manifest), run_dir, plot=False).run().engine
+    assert eng.done and eng.failed is None
+    failed = [r for r in read_jsonl(run_dir / "results.jsonl") if r["status"] == "failed"]
+    assert len(failed) == 1 and "timed out after 2s" in failed[0]["error"]
+    calls = side_channel(log)
+    hung = next(c["pid"] for c in calls if c["event"] == "start" and (c["member"], c["segment"]) == (0, 1))
+    wait_for(lambda: not alive(hung), 5, "the hung worker to be killed")
+    by_pid = _by_pid(calls)
+    assert by_pid[hung][-1] == (0, 1)
+    # while one slot hung, the other went on with its worker: it ran several segments in the meantime
+    t_hang = next(c["time"] for c in calls if c["event"] == "start" and c["pid"] == hung and c["segment"] == 1)
+    during = {c["pid"] for c in calls if c["event"] == "start" and t_hang < c["time"] < t_hang + 1.5}
+    assert during and hung not in during and len(during) == 1
+    retry = [c["pid"] for c in calls if c["event"] == "end" and (c["member"], c["segment"]) == (0, 1)]
+    assert len(retry) == 1 and retry[0] != hung  # the retry ran in another (idle or new) interpreter
+    assert len(by_pid) <= 3
+
+
+def test_warm_failure_retires_the_worker(tmp_path: Path) -> None:
+    """A segment that exits 1 may have left its interpreter in any state: its retry gets a new one."""
+    log = tmp_path / "calls.jsonl"
+    manifest = process_manifest(tmp_path, population=2, segments=3, parallelism=1,
+                                env={"PBT_TEST_LOG": str(log), "PBT_TEST_FAIL": "0:1", "PBT_TEST_FAIL_TIMES": "1"})
+    run_dir = tmp_path / "run"
+    eng = LocalRunner(load_manifest(manifest), run_dir, plot=False).run().engine
+    assert eng.done and eng.failed is None
+    starts = [(c["pid"], (c["member"], c["segment"])) for c in side_channel(log) if c["event"] == "start"]
+    i = next(i for i, (_, ref) in enumerate(starts) if ref == (0, 1))
+    assert starts[i + 1][1] == (0, 1) and starts[i + 1][0] != starts[i][0]
+    assert all(p == starts[0][0] for p, _ in starts[:i + 1])  # one slot: one worker until the failure
+    assert "failing member 0 segment 1 on purpose" in (run_dir / "logs" / "m000-s00001-a0.log").read_text()
+    assert not (run_dir / "logs" / "m000-s00000-a0.log").read_text().count("on purpose")

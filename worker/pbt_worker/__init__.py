@@ -7,12 +7,16 @@
     seg.save(state)                  # atomic; then the contract's gc prefixes are deleted
     seg.report(score=acc, loss=loss)
 
+``cached(key, factory)`` keeps a dataset or a compiled model for the life of the process, which under
+``pbt run``'s warm workers and the inline executor spans many segments.
+
 Dependencies are deliberately minimal: the standard library, boto3 only when an ``s3://`` URI is used,
 torch only when a torch object is saved or loaded.
 """
 
 from __future__ import annotations
 
+from .cache import cache_clear, cached
 from .checkpoint import CheckpointReader, CheckpointWriter
 from .contract import CONTRACT_VERSION, ENV_VAR, RESULT_MAX_BYTES, Contract, parse_contract
 from .errors import (
@@ -46,6 +50,8 @@ __all__ = [
     "Storage",
     "StorageError",
     "TransientStorageError",
+    "cache_clear",
+    "cached",
     "execute",
     "mem_storage",
     "open_storage",

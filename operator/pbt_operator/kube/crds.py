@@ -122,6 +122,7 @@ TRAINING_SPEC = _obj(
             "env": {"type": "object", "additionalProperties": {"type": "string"}},
             "workingDir": _str,
             "pool": _enum(*INLINE_POOLS),
+            "warm": {"type": "boolean"},
         }),
         # A PodTemplateSpec, kept as the user wrote it (GPU requests, tolerations, node selectors).
         "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from ..contract import parse_result
 from ..core.types import SegmentResult, Suggestion
+from .warm import WarmWorker, python_for, warm_target
 
 OnDone = Callable[[Suggestion, SegmentResult], None]
 
@@ -158,11 +159,18 @@ class InlineExecutor:
 
 
 class ProcessExecutor:
-    """One subprocess per segment, in its own process group so Ctrl-C reaches us first and we stop
-    the workers in order (SIGTERM, then SIGKILL after a grace period)."""
+    """The manifest's command with the real segment contract, in its own process group so Ctrl-C
+    reaches us first and we stop the workers in order (SIGTERM, then SIGKILL after a grace period).
+
+    Warm (the default, `spec.worker.warm`): a `python SCRIPT` / `python -m MODULE` command runs in a pool
+    of long-lived interpreters (`local/warm.py`, `pbt_worker.warm`), at most `slots` of them, each
+    running segment after segment; a segment that fails, crashes or times out takes its worker with it
+    and the next segment starts a new one. Cold (`warm=False`, or any other command): a fresh process
+    per segment. Both read the same result file and exit status, so a segment means the same either way.
+    """
 
     def __init__(self, command: list[str], env: Mapping[str, str], cwd: Path, log_dir: Path, metric: str,
-                 timeout: float | None = None, grace: float = 10.0):
+                 timeout: float | None = None, grace: float = 10.0, *, warm: bool = False, slots: int = 1):
         self.command = command
         self.env = dict(env)
         self.cwd = cwd
@@ -173,16 +181,52 @@ class ProcessExecutor:
         self.procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self.stopping = False
+        self.warm_target = warm_target(command, cwd) if warm else None
+        if warm and self.warm_target is None:
+            print(f"pbt run: spec.worker.command {command} is not `python SCRIPT` or `python -m MODULE`: "
+                  "each segment gets a fresh process (spec.worker.warm: false says so without this note)",
+                  file=sys.stderr)
+        self.slots = max(1, slots)
+        self.idle: list[WarmWorker] = []
+        self.live: set[WarmWorker] = set()
+        self.started_workers = 0
 
-    def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone) -> None:
-        env = {**os.environ, **self.env, "PBT_SEGMENT": json.dumps(contract)}
+    def _base_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
         # `python` in a manifest means the interpreter running pbt (its venv), not whatever is first on PATH.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        return env
+
+    def _log_path(self, sug: Suggestion) -> Path:
+        return self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log"
+
+    def _outcome(self, sug: Suggestion, returncode: int, result_path: Path, dt: float) -> SegmentResult:
+        """What a segment that ended with `returncode` produced: the same rules warm or cold."""
+        text = result_path.read_bytes() if result_path.exists() else None
+        res = parse_result(text, sug, self.metric, dt)
+        if returncode != 0 and res.ok:
+            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                error=f"exit code {returncode} after reporting a result", duration=dt)
+        elif returncode != 0 and text is None:
+            tail = _tail(self._log_path(sug))
+            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                error=f"exit code {returncode}: {tail}", duration=dt)
+        return res
+
+    def _timed_out(self, sug: Suggestion, dt: float) -> SegmentResult:
+        return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                             error=f"timed out after {self.timeout:g}s (spec.segment.timeoutSeconds)", duration=dt)
+
+    def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone) -> None:
         result_path = Path(contract["result"])
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log", "wb")  # noqa: SIM115 (closed by the waiter thread)
+        if self.warm_target is not None:
+            self._submit_warm(sug, contract, on_done, result_path)
+            return
+        env = {**self._base_env(), "PBT_SEGMENT": json.dumps(contract)}
+        log = open(self._log_path(sug), "wb")  # noqa: SIM115 (closed by the waiter thread)
         t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -209,21 +253,95 @@ class ProcessExecutor:
             if self.stopping:
                 return
             dt = time.perf_counter() - t0
-            if timed_out:
-                res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                                    error=f"timed out after {self.timeout:g}s (spec.segment.timeoutSeconds)",
-                                    duration=dt)
-            else:
-                text = result_path.read_bytes() if result_path.exists() else None
-                res = parse_result(text, sug, self.metric, dt)
-                if proc.returncode != 0 and res.ok:
-                    res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                                        error=f"exit code {proc.returncode} after reporting a result", duration=dt)
-                elif proc.returncode != 0 and text is None:
-                    tail = _tail(self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log")
-                    res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                                        error=f"exit code {proc.returncode}: {tail}", duration=dt)
+            res = self._timed_out(sug, dt) if timed_out else self._outcome(sug, proc.returncode, result_path, dt)
             on_done(sug, res)
+
+        threading.Thread(target=wait, name=f"pbt-seg-{sug.member}-{sug.segment}", daemon=True).start()
+
+    # -- warm workers -----------------------------------------------------------------------------
+    def _start_worker(self) -> WarmWorker:
+        assert self.warm_target is not None
+        env = self._base_env()
+        with self.lock:
+            self.started_workers += 1
+            n = self.started_workers
+        worker = WarmWorker(python_for(self.command[0], env["PATH"]), self.warm_target, env, self.cwd,
+                            self.log_dir / f"worker-{n:03d}.log")
+        with self.lock:
+            self.live.add(worker)
+        return worker
+
+    def _hand_to_worker(self, contract: dict[str, Any], log_path: Path) -> WarmWorker:
+        """An idle worker (a new one if none is idle, or if the idle one died meanwhile) now running
+        the segment."""
+        with self.lock:
+            worker = self.idle.pop() if self.idle else None
+        for _ in range(2):
+            if worker is None:
+                worker = self._start_worker()
+            try:
+                worker.send({"PBT_SEGMENT": json.dumps(contract)}, log_path)
+                return worker
+            except OSError:
+                self._drop(worker)
+                worker = None
+        worker = self._start_worker()
+        worker.send({"PBT_SEGMENT": json.dumps(contract)}, log_path)
+        return worker
+
+    def _drop(self, worker: WarmWorker, *, kill: bool = False) -> None:
+        with self.lock:
+            self.live.discard(worker)
+        if kill:
+            worker.kill(self.grace)
+        else:
+            worker.retire(self.grace)
+        worker.close()
+
+    def _submit_warm(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone, result_path: Path) -> None:
+        log_path = self._log_path(sug)
+        log_path.write_bytes(b"")
+        t0 = time.perf_counter()
+        try:
+            worker = self._hand_to_worker(contract, log_path)
+        except OSError as e:
+            on_done(sug, SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                       error=f"cannot start {self.command[0]!r}: {e}"))
+            return
+
+        def wait() -> None:
+            try:
+                code = worker.wait(self.timeout)
+            except TimeoutError:
+                if self.stopping:
+                    return
+                self._drop(worker, kill=True)
+                if not self.stopping:
+                    on_done(sug, self._timed_out(sug, time.perf_counter() - t0))
+                return
+            if self.stopping:
+                return
+            if code is None:  # the worker itself ended: a crash, os._exit, a signal
+                code = worker.returncode(self.grace)
+                if code == 0:
+                    code = 1  # it exited without answering: never a clean segment end
+                self._drop(worker)
+                if _empty(log_path):
+                    _copy_tail(worker.log, log_path)
+            elif code != 0:
+                # A failed program may have left its interpreter in any state: the next segment
+                # gets a fresh one, as a fresh process per segment would.
+                threading.Thread(target=self._drop, args=(worker,), daemon=True).start()
+            else:
+                with self.lock:
+                    keep = len(self.idle) < self.slots and not self.stopping
+                    if keep:
+                        self.idle.append(worker)
+                if not keep:
+                    threading.Thread(target=self._drop, args=(worker,), daemon=True).start()
+            if self.stopping:
+                return
+            on_done(sug, self._outcome(sug, code, result_path, time.perf_counter() - t0))
 
         threading.Thread(target=wait, name=f"pbt-seg-{sug.member}-{sug.segment}", daemon=True).start()
 
@@ -249,14 +367,40 @@ class ProcessExecutor:
             got = self.lock.acquire(timeout=2.0)
             try:
                 procs = list(self.procs.values())
+                workers = list(self.live)
+                self.live.clear()
+                self.idle.clear()
             finally:
                 if got:
                     self.lock.release()
             threads = [threading.Thread(target=self._stop, args=(p,)) for p in procs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            threads += [threading.Thread(target=w.kill, args=(self.grace,)) for w in workers]
+        else:
+            with self.lock:
+                workers = list(self.live)
+                self.live.clear()
+                self.idle.clear()
+            threads = [threading.Thread(target=w.retire, args=(self.grace,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return True
+
+
+def _copy_tail(src: Path, dst: Path, limit: int = 4000) -> None:
+    """A worker that died before its segment could write anything (a bad interpreter, a missing
+    pbt_worker) said why in its own log: put that where the segment's error message looks."""
+    try:
+        dst.write_bytes(src.read_bytes()[-limit:])
+    except OSError:
+        pass
 
 
 def _tail(path: Path, limit: int = 300) -> str:

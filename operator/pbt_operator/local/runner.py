@@ -100,7 +100,7 @@ class LocalRunner:
                                   w.inline_pool, storage=self.storage)
         command = list(w.command) or _template_command(spec)
         return ProcessExecutor(command, w.env, cwd, self.run_dir / "logs", spec.objective.metric,
-                               timeout=spec.segment.timeout_seconds)
+                               timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:

@@ -8,16 +8,22 @@ Test knobs come through the environment (what a manifest's `spec.worker.env` set
   PBT_TEST_FAIL       "always", or "M:S,M:S" segments that exit 1 ...
   PBT_TEST_FAIL_TIMES ... only on their first N attempts (counted from the side channel)
   PBT_TEST_HANG       "M:S,..." segments that sleep for an hour (for timeouts)
+  PBT_TEST_HANG_ONCE  "1": ... only on their first attempt
+  PBT_TEST_CRASH      "M:S,..." segments whose process kills itself with SIGKILL, on their first attempt
+
+The metric `process_segments` counts the segments this process has run (a `pbt_worker.cached` value):
+always 1 with a fresh process per segment, more in a warm worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
-from pbt_worker import Segment
+from pbt_worker import Segment, cached
 
 
 def log(event: str, seg: Segment) -> None:
@@ -53,7 +59,11 @@ def listed(var: str, seg: Segment) -> bool:
 def main() -> int:
     seg = Segment.from_env()
     log("start", seg)
-    if listed("PBT_TEST_HANG", seg):
+    runs = cached("toy-process-segments", lambda: [0])
+    runs[0] += 1
+    if listed("PBT_TEST_CRASH", seg) and starts(seg) <= 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if listed("PBT_TEST_HANG", seg) and (os.environ.get("PBT_TEST_HANG_ONCE") != "1" or starts(seg) <= 1):
         time.sleep(3600)
     time.sleep(float(os.environ.get("PBT_TEST_SLEEP", "0")))
     if listed("PBT_TEST_FAIL", seg) and starts(seg) <= int(os.environ.get("PBT_TEST_FAIL_TIMES", "1000000")):
@@ -65,7 +75,7 @@ def main() -> int:
     for _ in range(seg.steps_budget):
         x += lr * (3.0 - x)
     seg.save({"x": x})
-    seg.report(score=-((x - 3.0) ** 2), x=x)
+    seg.report(score=-((x - 3.0) ** 2), x=x, process_segments=runs[0])
     log("end", seg)
     return 0
 
