@@ -409,11 +409,23 @@ def parse_spec(
     )
 
 
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
+
 def _check_template(errs: list[str], template: Mapping[str, Any]) -> None:
     spec = template.get("spec")
     containers = spec.get("containers") if isinstance(spec, Mapping) else None
     if not isinstance(containers, list) or not containers or not all(isinstance(c, Mapping) for c in containers):
         errs.append("spec.template.spec.containers: must be a non-empty list of containers")
+        return
+    # With sidecars, the trainer is named by the annotation kubectl also uses to pick a pod's main container.
+    meta = template.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    want = annotations.get(DEFAULT_CONTAINER) if isinstance(annotations, Mapping) else None
+    names = [c.get("name") for c in containers]
+    if want is not None and want not in names:
+        errs.append(f"spec.template.metadata.annotations[{DEFAULT_CONTAINER}]: names the trainer container, but "
+                    f"spec.template.spec.containers has no container {_show(want)} (have: {', '.join(map(str, names))})")
 
 
 def _parse_space(errs: list[str], raw: object) -> Space:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
-from pbt_operator.kube.builders import LABEL_TRAINING, job_name, member_name
+from pbt_operator.kube.builders import DEFAULT_CONTAINER, LABEL_TRAINING, job_name, member_name
 from pbt_operator.kube.reconcile import MAX_SELECTED_JOBS, job_outcome, plan, world_selectors
 
 CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
@@ -366,3 +366,59 @@ def test_only_watch_events_that_can_change_a_pass_wake_it() -> None:
     assert pod_event_matters("MODIFIED", {"status": {"phase": "Running", "conditions": [cond("DisruptionTarget")]}})
     assert not pod_event_matters("MODIFIED", {"status": {"phase": "Running", "conditions": [cond("DisruptionTarget", "False")]}})
     assert pod_event_matters("DELETED", {"status": {"phase": "Running"}})
+
+
+def test_sidecars_the_trainer_is_named_by_the_default_container_annotation() -> None:
+    sidecar = {"name": "log-shipper", "image": "s", "command": ["sleep", "1"]}
+    trainer = {"name": "trainer", "image": "x", "command": ["python", "w.py"]}
+    native = {"name": "proxy", "image": "p", "restartPolicy": "Always"}
+    tmpl = {"metadata": {"annotations": {DEFAULT_CONTAINER: "trainer"}},
+            "spec": {"initContainers": [native], "containers": [sidecar, trainer]}}
+    c = FakeCluster(training_obj(template=tmpl))
+    c.reconcile()
+    c.reconcile()
+    job = c.jobs[job_name("toy", Suggestion(0, 0, {}, None, 0, 5, "start"))]
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["annotations"][DEFAULT_CONTAINER] == "trainer"
+    by_name = {ct["name"]: ct for ct in pod["spec"]["containers"]}
+    assert "PBT_SEGMENT" in {e["name"] for e in by_name["trainer"]["env"]}
+    assert "env" not in by_name["log-shipper"] and [ct["name"] for ct in pod["spec"]["containers"]] == [
+        "log-shipper", "trainer"]
+    assert pod["spec"]["initContainers"] == [native]
+    # without the annotation the first container is the trainer, and the Job says so
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    c.reconcile()
+    job = c.jobs[job_name("toy", Suggestion(0, 0, {}, None, 0, 5, "start"))]
+    assert job["spec"]["template"]["metadata"]["annotations"][DEFAULT_CONTAINER] == "w"
+
+
+def test_the_result_comes_from_the_trainer_by_name_in_any_status_order() -> None:
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    trainer = {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": '{"score": 0.5}'}}}
+    sidecar = {"name": "a-sidecar", "state": {"terminated": {"exitCode": 0, "message": '{"score": -999}'}}}
+    for statuses in ([sidecar, trainer], [trainer, sidecar]):
+        pod = {"metadata": {"labels": {"job-name": "j"}, "annotations": {DEFAULT_CONTAINER: "trainer"}},
+               "status": {"phase": "Succeeded", "containerStatuses": statuses}}
+        res = job_outcome(job, [pod], sug, "score")
+        assert res is not None and res.ok and res.score == 0.5, res
+        # also before the Job controller marks the Job complete (the pod decides)
+        res = job_outcome({"metadata": {"name": "j"}, "status": {}}, [pod], sug, "score")
+        assert res is not None and res.score == 0.5
+
+
+def test_an_oom_killed_trainer_fails_the_segment_with_the_kubelets_reason() -> None:
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "PodFailurePolicy"}]}}
+    pod = {"metadata": {"labels": {"job-name": "j"}, "annotations": {DEFAULT_CONTAINER: "w"}},
+           "status": {"phase": "Failed", "containerStatuses": [
+               {"name": "w", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                                      "message": "allocating 512 MiB"}}}]}}
+    res = job_outcome(job, [pod], sug, "score")
+    assert res is not None and not res.ok
+    assert res.error == "exit code 137 (OOMKilled): allocating 512 MiB"
+    pod["status"]["containerStatuses"][0]["state"]["terminated"].update(reason="Error", message="")
+    res = job_outcome(job, [pod], sug, "score")
+    assert res is not None and res.error == "exit code 137: Error"

@@ -417,3 +417,17 @@ def test_cli_run_rejects_bad_overrides(tmp_path: Path, make_doc: Any, capsys: py
     assert ei.value.code == 2
     assert flag in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_trainer_annotation_must_name_a_container(make_doc) -> None:
+    tmpl = {"metadata": {"annotations": {"kubectl.kubernetes.io/default-container": "trainr"}},
+            "spec": {"containers": [{"name": "sidecar", "image": "s"}, {"name": "trainer", "image": "t"}]}}
+    doc = make_doc({"worker": {"executor": "process", "function": None, "command": ["python", "t.py"]},
+                    "storage": {"uri": "s3://bucket/p"}, "template": tmpl})
+    with pytest.raises(SpecError) as err:
+        parse_manifest(doc)
+    msg = str(err.value)
+    assert "spec.template.metadata.annotations[kubectl.kubernetes.io/default-container]" in msg
+    assert "'trainr'" in msg and "sidecar, trainer" in msg
+    doc["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] = "trainer"
+    assert parse_manifest(doc).template is not None

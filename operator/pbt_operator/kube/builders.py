@@ -14,6 +14,7 @@ from typing import Any
 from ..contract import build_contract
 from ..core.types import Record, Suggestion
 from ..local.progress import fmt_hp
+from ..spec import DEFAULT_CONTAINER
 from .crds import API_VERSION
 
 LABEL_TRAINING = "pbt.dev/training"
@@ -21,6 +22,9 @@ LABEL_MEMBER = "pbt.dev/member"
 LABEL_SEGMENT = "pbt.dev/segment"
 LABEL_ATTEMPT = "pbt.dev/attempt"
 TERMINATION_LOG = "/dev/termination-log"
+# The pod's main container (kubectl logs/exec pick it): here, the trainer. A template with sidecars names
+# its trainer with this annotation; without it the first container is the trainer. Results are read from
+# the trainer's status by this name, never by the order of the container statuses.
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
 
 
@@ -32,6 +36,27 @@ def job_name(training: str, sug: Suggestion) -> str:
     """Deterministic: the same decision always maps to the same Job, so a create after a crash is a
     409 (already done), never a second run of the segment."""
     return f"{training}-m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}"
+
+
+def trainer_index(template: Mapping[str, Any]) -> int:
+    """Index of the trainer in the template's containers (the default-container annotation, else 0)."""
+    containers = (template.get("spec") or {}).get("containers") or []
+    want = ((template.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
+    for i, c in enumerate(containers):
+        if want is not None and c.get("name") == want:
+            return i
+    return 0
+
+
+def trainer_name(pod: Mapping[str, Any]) -> str | None:
+    """The trainer container's name in a segment pod (the annotation the Job's template carries)."""
+    name = ((pod.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
+    if name:
+        return str(name)
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if any(e.get("name") == "PBT_SEGMENT" for e in c.get("env") or []):
+            return str(c.get("name"))
+    return None
 
 
 def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,14 +92,17 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     labels = {LABEL_TRAINING: tname, LABEL_MEMBER: str(sug.member), LABEL_SEGMENT: str(sug.segment),
               LABEL_ATTEMPT: str(sug.attempt)}
     pod = copy.deepcopy(dict(template))
+    idx = trainer_index(pod)
     meta = dict(pod.get("metadata") or {})
     meta["labels"] = {**(meta.get("labels") or {}), **labels}
-    pod["metadata"] = meta
     pspec = dict(pod.get("spec") or {})
     pspec["restartPolicy"] = "Never"
     pspec["automountServiceAccountToken"] = False
     containers = [dict(c) for c in pspec.get("containers") or []]
-    main = containers[0]
+    main = containers[idx]
+    if main.get("name"):
+        meta["annotations"] = {**(meta.get("annotations") or {}), DEFAULT_CONTAINER: main["name"]}
+    pod["metadata"] = meta
     env = [e for e in main.get("env") or [] if e.get("name") != "PBT_SEGMENT"]
     env.append({"name": "PBT_SEGMENT", "value": json.dumps(contract, separators=(",", ":"))})
     if credentials_secret:
@@ -86,7 +114,7 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     main["env"] = env
     main.setdefault("terminationMessagePath", TERMINATION_LOG)
     main.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
-    containers[0] = main
+    containers[idx] = main
     pspec["containers"] = containers
     pod["spec"] = pspec
     job: dict[str, Any] = {

@@ -34,6 +34,7 @@ from .builders import (
     member_name,
     member_status,
     record_entry,
+    trainer_name,
 )
 
 
@@ -86,9 +87,12 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
             or any(o.get("name") == name for o in p.get("metadata", {}).get("ownerReferences") or [])]
     terminated = []
     for p in mine:
+        # only the trainer's status counts: sidecars write termination messages and exit codes too,
+        # and the kubelet orders container statuses by name, not as the template lists them
+        trainer = trainer_name(p)
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             t = (cs.get("state") or {}).get("terminated")
-            if t:
+            if t and (trainer is None or cs.get("name") == trainer):
                 terminated.append((p, t))
     if not complete and not failed:
         # A pod that succeeded decides its Job (backoffLimit 0, one completion): reading it directly
@@ -113,8 +117,11 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
     if terminated:
         t = terminated[-1][1]
         msg = (t.get("message") or "").strip()
+        why = t.get("reason") or ""
+        # the kubelet's reason says what the exit code cannot (OOMKilled, ContainerCannotRun, ...)
+        head = f"exit code {t.get('exitCode')}" + (f" ({why})" if why and why not in ("Error", "Completed") else "")
         return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                             error=f"exit code {t.get('exitCode')}: {msg[-300:] or t.get('reason', '')}")
+                             error=f"{head}: {msg[-300:] or why}")
     return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                          error=f"Job failed: {reason} {(failed or {}).get('message', '')}".strip())
 
