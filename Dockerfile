@@ -2,8 +2,10 @@
 # The operator image: `pbt operator` (kopf) with the `operator` extra only (no torch, no training code).
 #   docker build -t ghcr.io/pbt-operator/pbt-operator:0.1.0 .
 # Base images are pinned by version; pin them by digest too (FROM image:tag@sha256:...) for reproducible builds.
+# BASE_IMAGE: the tests build a stand-in of the same Debian release under this name (hack/realnode.sh).
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
-FROM python:3.11.14-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -16,7 +18,7 @@ RUN python -m venv /opt/pbt \
  && /opt/pbt/bin/python -m compileall -q /opt/pbt/lib \
  && /opt/pbt/bin/pbt --help >/dev/null
 
-FROM python:3.11.14-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="pbt-operator" \
       org.opencontainers.image.description="Population Based Training (PBT/PB2) as a Kubernetes operator" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -18,7 +18,23 @@ PINNED = re.compile(r"^[\w.\-/]+:(?=[^:]*\d+\.\d+\.\d+)[\w.\-]+(@sha256:[0-9a-f]
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped; FROM lines with the
+    defaults of the ARGs declared before the first FROM substituted (the base image is a build argument
+    whose default is the real public image)."""
+    out: list[tuple[str, str]] = []
+    args: dict[str, str] = {}
+    for word, rest in _raw_instructions(path):
+        if word == "ARG" and not any(w == "FROM" for w, _ in out):
+            name, _, default = rest.partition("=")
+            args[name.strip()] = default.strip()
+            continue
+        if word == "FROM":
+            rest = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest)
+        out.append((word, rest))
+    return out
+
+
+def _raw_instructions(path: Path) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     buf = ""
     for line in path.read_text().splitlines():
@@ -56,7 +72,7 @@ def check_pinned(instrs: list[tuple[str, str]]) -> None:
             image = base_image(a)
             if image.lower() in names:
                 continue  # FROM an earlier stage
-            # written out (not ${ARG}-substituted) with a version tag
+            # a version tag (written out, or as the default of the ARG it is substituted from)
             assert PINNED.match(image) and ":latest" not in image, f"base image not pinned by version: {image}"
 
 
@@ -146,3 +162,27 @@ def test_digits_worker_image() -> None:
     assert any("examples/digits/train.py" in a and a.split()[-1] == "/app/train.py" for a in copies), copies
     manifest = (ROOT / "examples" / "digits" / "populationtraining.yaml").read_text()
     assert "/app/train.py" in manifest  # the Job's command runs the file the image copies
+
+
+# -- the quadratic worker image (built and run by the real-node tests) ------------------------------
+
+def test_quadratic_worker_image() -> None:
+    instrs = instructions(ROOT / "examples" / "quadratic" / "Dockerfile")
+    check_pinned(instrs)
+    st = stages(instrs)
+    assert re.match(r"python:3\.11\.\d+-slim-", base_image(st[0][0][1]))
+    check_non_root(final_user(st[-1]))
+    runs = " ".join(a for i, a in instrs if i == "RUN")
+    assert ".[worker]" in runs and "[operator]" not in runs and "[local]" not in runs and "torch" not in runs
+    cmd = json.loads([a for i, a in instrs if i == "CMD"][-1])
+    copies = " ".join(a for i, a in instrs if i == "COPY")
+    assert cmd[-1] == "/app/worker.py" and "examples/quadratic/worker.py" in copies
+
+
+def test_base_images_are_build_arguments() -> None:
+    """The tests build the images on a locally made stand-in base; the default stays the public image."""
+    for path in (ROOT / "Dockerfile", ROOT / "examples" / "digits" / "Dockerfile",
+                 ROOT / "examples" / "quadratic" / "Dockerfile"):
+        raw = _raw_instructions(path)
+        assert raw[0][0] == "ARG" and raw[0][1].startswith("BASE_IMAGE="), (path, raw[0])
+        assert all(a.startswith("${BASE_IMAGE}") for i, a in raw if i == "FROM"), path
