@@ -350,6 +350,11 @@ def parse_spec(
         x.str("strategy", "perturb", choices=EXPLORE_STRATEGIES),
         factors_t, rp, x.bool("crossover", False), pb2,
     )
+    if explore.crossover and explore.strategy == "resample":
+        # resample draws every value afresh from the prior: the crossed values would be thrown away
+        # while the decision's reason still claimed a crossover.
+        x.err("crossover", "has no effect with strategy: resample (every value is drawn afresh from the prior); "
+                           "use strategy: perturb or pb2 with crossover, or crossover: false")
 
     st = s.sub("storage", ("uri", "credentialsSecret"))
     uri = st.str("uri", None)

@@ -8,6 +8,7 @@ swap the engine for one rebuilt from the persisted records and pending suggestio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -173,7 +174,7 @@ def spec_from_config(make_spec: Any, c: dict[str, Any]) -> Any:
         "hyperparameters": SPACE,
         "exploit": {"strategy": c["exploit"], "fraction": c["fraction"], "size": 2,
                     "significance": {"enabled": c["significance"], "window": 3}},
-        "explore": {"strategy": c["explore"], "crossover": c["crossover"]},
+        "explore": {"strategy": c["explore"], "crossover": c["crossover"] and c["explore"] != "resample"},
         "failurePolicy": {"maxRetries": c["max_retries"], "onExhausted": c["on_exhausted"]},
     })
 
@@ -381,9 +382,9 @@ def test_truncation_bottom_copies_top(scores: dict[int, float], fraction: float,
     q = max(1, int(np.floor(n * fraction + 1e-9)))
     for m in scores:
         ch = exploit_mod.truncation(m, scores, fraction, np.random.default_rng(seed))
-        if order.index(m) >= n - q:  # bottom fraction
+        if order.index(m) >= n - q and any(scores[d] > scores[m] for d in order[:q]):  # bottom fraction
             assert ch.donor is not None and ch.donor in order[:q] and ch.donor != m
-            assert scores[ch.donor] >= scores[m]
+            assert scores[ch.donor] > scores[m]
             assert ch.second is None or (ch.second != ch.donor and ch.second != m)
         else:
             assert ch.donor is None
@@ -408,15 +409,58 @@ def test_tournament_loser_copies_winner(scores: dict[int, float], size: int, see
         ch = exploit_mod.tournament(m, scores, size, np.random.default_rng(seed))
         if ch.donor is None:
             continue
-        assert ch.donor != m and (scores[ch.donor] > scores[m] or
-                                  (scores[ch.donor] == scores[m] and ch.donor < m))
+        assert ch.donor != m and scores[ch.donor] > scores[m]
         assert "tournament" in ch.reason
     assert exploit_mod.tournament(best, scores, size, np.random.default_rng(seed)).donor is None
     # a tournament of everyone: every other member copies the best
     n = len(scores)
     for m in scores:
         ch = exploit_mod.tournament(m, scores, n, np.random.default_rng(seed))
-        assert ch.donor == (None if m == best else best)
+        assert ch.donor == (None if scores[m] == scores[best] else best)
+
+
+def test_ties_never_exploit() -> None:
+    """Equal scores are no evidence (a plateau: accuracy 0 early on, equal RL returns): nobody copies."""
+    flat = {m: 0.0 for m in range(8)}
+    for m in flat:
+        for seed in range(5):
+            assert exploit_mod.truncation(m, flat, 0.25, np.random.default_rng(seed)).donor is None
+            assert exploit_mod.tournament(m, flat, 2, np.random.default_rng(seed)).donor is None
+            assert exploit_mod.tournament(m, flat, 8, np.random.default_rng(seed)).donor is None
+    # tied with the top: the bottom member copies only the strictly better one
+    scores = {0: 1.0, 1: 1.0, 2: 5.0, 3: 0.5}
+    # member 2 is in the bottom half; of the top half, member 1 only ties with it
+    assert {exploit_mod.truncation(2, {0: 5.0, 1: 3.0, 2: 3.0, 3: 0.0}, 0.5, np.random.default_rng(s)).donor
+            for s in range(20)} == {0}
+    assert exploit_mod.truncation(3, scores, 0.25, np.random.default_rng(0)).donor == 2
+
+
+def test_crossover_with_a_tournament_of_two_mixes_two_parents(make_spec: Any) -> None:
+    """A 2-way tournament has no second entrant: crossover used to be a silent no-op there."""
+    spec = spec_for(make_spec, population=4, exploit={"strategy": "tournament", "size": 2},
+                    explore={"strategy": "perturb", "factors": [1.0], "resampleProbability": 0.0,
+                             "crossover": True},
+                    hyperparameters={f"h{i}": {"type": "float", "min": 0.0, "max": 1.0} for i in range(6)})
+    mixed = 0
+    for seed in range(4):
+        eng = Engine(dataclasses.replace(spec, seed=seed))
+        sugs = eng.start()
+        first = {s.member: dict(s.hyperparameters) for s in sugs}
+        for s in sugs[1:]:
+            eng.tell(SegmentResult(s.member, 0, 10.0 + s.member, 10))
+        for _ in range(4):
+            out = eng.tell(SegmentResult(0, eng.pending[0].segment, 0.0, 10))
+            (s,) = out
+            if s.kind != "exploit":
+                continue
+            assert "crossover" in s.reason
+            donor = first[s.donor]
+            others = {k for k, v in s.hyperparameters.items() if v != donor[k]}
+            if others:
+                mixed += 1
+                assert all(any(first[p][k] == s.hyperparameters[k] for p in first if p not in (0, s.donor))
+                           for k in others)
+    assert mixed > 0
 
 
 def test_engine_exploit_copies_donor_checkpoint(make_spec: Any) -> None:
