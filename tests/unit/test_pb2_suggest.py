@@ -248,3 +248,34 @@ def test_pb2_learns_a_clear_optimum() -> None:
         assert ch.hyperparameters is not None, ch.reason
         hits += abs(float(ch.hyperparameters["x"]) - 0.7) < 0.1
     assert hits >= 0.7 * trials, hits
+
+
+def test_one_diverged_segment_does_not_blind_the_gp() -> None:
+    """Rates of +-0.01 around a clear optimum, plus one segment that diverged (rate -1) far away:
+    with mean/std scaling that one row owns the standard deviation and PB2 chooses almost at random
+    (issue 14); winsorised rates keep it pointing at the optimum."""
+    space = Space((Param("x", "float", 0.0, 1.0),))
+    misses = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        rows = []
+        for i in range(40):
+            x = float(rng.uniform(0.0, 1.0))
+            rate = 0.01 * (1.0 - 8.0 * (x - 0.7) ** 2) + 0.0005 * rng.standard_normal()
+            rows.append(Pb2Row(t=float(10 * (i // 4)), c=0.0, hyperparameters={"x": x}, rate=rate))
+        rows.append(Pb2Row(t=90.0, c=0.0, hyperparameters={"x": 0.02}, rate=-1.0))
+        ch = suggest(space, rows, [], 100.0, 0.0, replace(SETTINGS, kappa=0.1), np.random.default_rng(seed))
+        assert ch.hyperparameters is not None, ch.reason
+        misses.append(abs(float(ch.hyperparameters["x"]) - 0.7))
+    assert max(misses) < 0.12, misses
+
+
+def test_a_plateau_of_equal_rates_keeps_their_order() -> None:
+    from pbt_operator.core.pb2.data import robust_rates
+
+    r = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.3, -5.0])
+    out = robust_rates(r)
+    assert np.all(np.isfinite(out)) and len(set(out[:5])) == 1
+    assert out[6] < out[0] < out[5]
+    wide = robust_rates(np.array([0.01, -0.01, 0.02, 0.0, -1.0]))
+    assert wide.min() > -0.1  # the diverged rate is clipped to a few MADs below the median

@@ -27,6 +27,8 @@ RECENT_FRACTION = 0.75
 # Pending points beyond this many are ignored (the newest by time are kept): each one is one more
 # row in the GP, and a population is rarely larger.
 MAX_PENDING = 64
+# Rates further than this many robust standard deviations (MADs) from the median are clipped.
+WINSOR_K = 3.0
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,8 @@ def prepare(
     Rows with a non-finite t, c or rate are dropped and counted; the hyperparameter dicts are
     validated only for the rows the subsample keeps (that is what bounds the cost), so a row with a
     NaN hyperparameter is counted only when it was drawn. t and c are scaled to [0, 1] over the
-    kept rows, the pending points and the donor together; rates are standardised.
+    kept rows, the pending points and the donor together; rates are winsorised (`robust_rates`)
+    and standardised.
     """
     try:
         qt, qc = _as_float(t), _as_float(c)
@@ -293,11 +296,12 @@ def prepare(
     t_rows, c_rows, r_rows = tt[keep], cc[keep], rr[keep]
     tnorm = Affine.fit(np.concatenate([t_rows, pt, [qt]]))
     cnorm = Affine.fit(np.concatenate([c_rows, pc, [qc]]))
-    y_mean = float(np.mean(r_rows))
-    y_std = float(np.std(r_rows))
+    robust = robust_rates(r_rows)
+    y_mean = float(np.mean(robust))
+    y_std = float(np.std(robust))
     if not (y_std > 0.0 and math.isfinite(y_std)):
         y_std = 1.0
-    y = (r_rows - y_mean) / y_std
+    y = (robust - y_mean) / y_std
 
     enc_rows = Encoded(tnorm(t_rows), np.column_stack([cnorm(c_rows), u]), h)
     enc_pend = Encoded(tnorm(pt), np.column_stack([cnorm(pc), pu]), ph)
@@ -316,6 +320,27 @@ def prepare(
         ignored_pending=ignored,
         notes=notes,
     )
+
+
+def robust_rates(r: np.ndarray) -> np.ndarray:
+    """Improvement rates with outliers tamed, before standardising.
+
+    One diverged segment (a rate of -1 among rates of +-0.01) would otherwise own the standard
+    deviation: every other row would sit within a few hundredths of a unit of the others, the GP
+    would explain their differences as noise, and UCB would choose almost at random. Rates are
+    therefore winsorised at median +- WINSOR_K MADs (scaled to a normal's standard deviation).
+    When more than half the rates are equal (a plateau: MAD 0) they are replaced by their ranks
+    (ties share one), which keeps the order and nothing else.
+    """
+    r = np.asarray(r, dtype=float)
+    if r.size == 0:
+        return r
+    med = float(np.median(r))
+    mad = 1.4826 * float(np.median(np.abs(r - med)))
+    if mad > 0.0 and math.isfinite(mad):
+        return np.clip(r, med - WINSOR_K * mad, med + WINSOR_K * mad)
+    _, inverse = np.unique(r, return_inverse=True)
+    return inverse.astype(float)
 
 
 def _safe_t(p: Pb2Pending, default: float) -> float:
