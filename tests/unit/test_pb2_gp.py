@@ -60,7 +60,7 @@ def test_bucb_hallucination_shrinks_variance_at_pending_point_and_keeps_mean() -
     th = layout.default()
     rows_only = Posterior(th, layout, data, y)
     pend = Encoded(np.array([0.9]), np.array([[0.5, 0.37]]), np.zeros((1, 0), dtype=np.int64))
-    both = Posterior(th, layout, Encoded.concat(data, pend), y, fill=lambda mu: hallucinate("bucb", mu, y))
+    both = Posterior(th, layout, Encoded.concat(data, pend), y, fill=lambda mu, var: hallucinate("bucb", mu, var, y, 1.0))
     # the hallucinated value is the rows-only posterior mean, computed from the shared factorisation
     assert both.y[-1] == pytest.approx(rows_only.predict(pend.tau, pend.x, pend.h)[0][0], abs=1e-9)
 
@@ -76,11 +76,25 @@ def test_bucb_hallucination_shrinks_variance_at_pending_point_and_keeps_mean() -
     assert np.all(v1 <= v0 + 1e-12)
 
 
-@pytest.mark.parametrize(("mode", "pick"), [("liar-mean", np.mean), ("liar-optimistic", np.max),
-                                            ("liar-pessimistic", np.min)])
-def test_liars_use_observed_statistics(mode: str, pick) -> None:
+def test_constant_liar_uses_the_observed_mean() -> None:
     layout = Layout(dx=2, q=0)
     data, y = _data(10, 2, 0)
     pend = Encoded(np.zeros(3), np.full((3, 2), 0.5), np.zeros((3, 0), dtype=np.int64))
-    post = Posterior(layout.default(), layout, Encoded.concat(data, pend), y, fill=lambda mu: hallucinate(mode, mu, y))
-    np.testing.assert_allclose(post.y[-3:], np.full(3, pick(y)))
+    post = Posterior(layout.default(), layout, Encoded.concat(data, pend), y,
+                     fill=lambda mu, var: hallucinate("liar-mean", mu, var, y, 1.0))
+    np.testing.assert_allclose(post.y[-3:], np.full(3, np.mean(y)))
+
+
+@pytest.mark.parametrize(("mode", "sign"), [("liar-optimistic", 1.0), ("liar-pessimistic", -1.0)])
+def test_optimistic_and_pessimistic_liars_use_the_surrogates_bounds(mode: str, sign: float) -> None:
+    """The slide's liars hallucinate the surrogate's optimistic / pessimistic value at the pending
+    point, mu +- sqrt(beta) sigma, not the best / worst rate observed anywhere."""
+    layout = Layout(dx=2, q=0)
+    data, y = _data(12, 2, 0, seed=3)
+    th = layout.default()
+    pend = Encoded(np.array([0.2, 0.95]), np.array([[0.5, 0.1], [0.1, 0.9]]), np.zeros((2, 0), dtype=np.int64))
+    mu, var = Posterior(th, layout, data, y).predict(pend.tau, pend.x, pend.h)
+    post = Posterior(th, layout, Encoded.concat(data, pend), y,
+                     fill=lambda m, v: hallucinate(mode, m, v, y, 1.7))
+    np.testing.assert_allclose(post.y[-2:], mu + sign * 1.7 * np.sqrt(var), rtol=1e-6, atol=1e-9)
+    assert not np.allclose(post.y[-2:], np.max(y) if sign > 0 else np.min(y))

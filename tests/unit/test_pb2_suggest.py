@@ -279,3 +279,35 @@ def test_a_plateau_of_equal_rates_keeps_their_order() -> None:
     assert out[6] < out[0] < out[5]
     wide = robust_rates(np.array([0.01, -0.01, 0.02, 0.0, -1.0]))
     assert wide.min() > -0.1  # the diverged rate is clipped to a few MADs below the median
+
+
+def test_last_segment_is_greedy_and_earlier_ones_explore() -> None:
+    """Budget-aware exploration: on a member's last segment beta is 0 (the posterior mean's argmax,
+    whatever kappa says); with segments left the exploration weight is the schedule's."""
+    from pbt_operator.core.pb2.decide import budget_factor
+
+    assert budget_factor(1) == 0.0 and budget_factor(2) < budget_factor(3) < budget_factor(4) == 1.0
+    assert budget_factor(None) == 1.0 and budget_factor(50) == 1.0
+    space = mixed_space()
+    rows = history(space, 30)
+    greedy = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, kappa=0.0), np.random.default_rng(3))
+    last = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, kappa=25.0), np.random.default_rng(3), remaining=1)
+    early = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, kappa=25.0), np.random.default_rng(3), remaining=10)
+    assert last.hyperparameters == greedy.hyperparameters and "beta=0 " in last.reason
+    assert early.hyperparameters != greedy.hyperparameters
+    ts = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, parallel="thompson"), np.random.default_rng(3),
+                 remaining=1)
+    assert ts.reason.startswith("pb2 thompson: ucb=") and "beta=0 " in ts.reason
+
+
+def test_randomized_draws_its_own_exploration_weight() -> None:
+    space = mixed_space()
+    rows = history(space, 30)
+    pend = [Pb2Pending(t=1000.0, c=0.3, hyperparameters=space.sample(np.random.default_rng(9)))]
+    s = replace(SETTINGS, parallel="randomized")
+    betas = set()
+    for seed in range(6):
+        ch = suggest(space, rows, pend, *t_c(rows), s, np.random.default_rng(seed))
+        assert ch.hyperparameters is not None and space.contains(ch.hyperparameters), ch.reason
+        betas.add(ch.reason.split("beta=")[1].split()[0])
+    assert len(betas) == 6

@@ -265,7 +265,7 @@ class Engine:
         ]
         choice = suggest(
             self.spec.space, rows, pend, float(drec.steps_end), self._internal(drec.score),  # type: ignore[arg-type]
-            self.spec.explore.pb2, rng_for(self.spec.seed, m, k, PB2),
+            self.spec.explore.pb2, rng_for(self.spec.seed, m, k, PB2), remaining=self.spec.budget.segments - k,
         )
         return choice.hyperparameters, choice.reason
 

@@ -7,13 +7,27 @@ Pending configurations (segments running or decided but not finished) are what m
 ("Challenge I" on the slides): without them every member exploited in the same round would get the
 same answer.
 
+The modes follow the slide's list ("Challenge I"):
+
 * `bucb` (GP-BUCB, Desautels et al. 2014): pending points join the GP with their posterior mean as
-  the observed value. The mean is unchanged, but the variance around them collapses, so UCB moves
-  elsewhere. This is PB2's own choice.
-* `liar-mean` / `liar-optimistic` / `liar-pessimistic` (constant liar): pending points join with the
-  mean / best / worst observed (standardised) rate, which also moves the mean.
+  the observed value ("in expectation of the current surrogate"). The mean is unchanged, but the
+  variance around them collapses, so UCB moves elsewhere. This is PB2's own choice.
+* `liar-optimistic` / `liar-pessimistic`: pending points join with the surrogate's own optimistic /
+  pessimistic value for them, mu +- sqrt(beta) sigma (the same beta as the acquisition). The
+  pessimistic lie also lowers the mean around a running configuration, pushing choices away from
+  it; the optimistic one raises it, pulling choices towards (and so exploiting near) it.
+* `liar-mean` (constant liar, Ginsbourger et al. 2010): pending points join with the mean observed
+  rate, whatever the surrogate thinks of them.
 * `thompson` (asynchronous parallel TS, Kandasamy et al. 2018): no hallucination; each choice
   maximises its own posterior sample, and different samples give different choices.
+* `randomized` (randomised GP-UCB, Berk et al. 2020): no hallucination; each choice draws its own
+  beta from a Gamma distribution with the schedule's beta as its mean, so concurrent choices trade
+  exploration for exploitation differently.
+
+Budget-aware exploration: exploring pays off only in the segments a member still has to train, so
+beta is scaled by `budget_factor(remaining)`: 0 on a member's last segment (pure exploitation of the
+posterior mean; Thompson sampling also switches to the mean there), 1/3 and 2/3 on the two before,
+unscaled before that.
 
 The GP's kernel hyperparameters are fitted on the finished rows only: liars are a device of the
 acquisition, not data, and refitting per pending set would double the cost.
@@ -37,6 +51,18 @@ from .gp import Posterior, fit
 from .kernel import Hyper, Layout
 
 PARALLEL_MODES = PB2_PARALLEL  # spec.explore.pb2.parallel: core/choices.py holds the list
+# beta reaches its full value this many segments before a member's last one.
+BUDGET_HORIZON = 3
+# Shape of the Gamma distribution `randomized` draws beta from (1: exponential; mean = the schedule's).
+RANDOM_SHAPE = 1.0
+
+
+def budget_factor(remaining: int | None) -> float:
+    """Scale of the exploration weight for a member with `remaining` segments to train, the one being
+    decided included (None: unknown, no scaling)."""
+    if remaining is None:
+        return 1.0
+    return min(1.0, max(0.0, (int(remaining) - 1) / BUDGET_HORIZON))
 
 
 def suggest(
@@ -47,14 +73,16 @@ def suggest(
     c: float,
     settings: Pb2Settings,
     rng: np.random.Generator,
+    remaining: int | None = None,
 ) -> Pb2Choice:
-    """New hyperparameters for a member that restarts from a donor at time `t` with score `c`.
+    """New hyperparameters for a member that restarts from a donor at time `t` with score `c` and
+    has `remaining` segments left to train (this one included; None: unknown).
 
     Deterministic given the arguments and the state of `rng`. Never raises.
     """
     try:
         with np.errstate(all="ignore"):
-            return _suggest(space, rows, pending, t, c, settings, rng)
+            return _suggest(space, rows, pending, t, c, settings, rng, remaining)
     except Pb2Fallback as e:
         return Pb2Choice(None, f"pb2 fallback: {e}")
     except Exception as e:  # nothing may reach the engine: it falls back to perturb instead
@@ -69,6 +97,7 @@ def _suggest(
     c: float,
     settings: Pb2Settings,
     rng: np.random.Generator,
+    remaining: int | None = None,
 ) -> Pb2Choice:
     mode = settings.parallel
     if mode not in PARALLEL_MODES:
@@ -84,14 +113,19 @@ def _suggest(
     fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], max(1, int(settings.fit_restarts)), rng)
     theta = fitted.theta
     n_pending = len(prep.pending)
+    beta_full = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
     if _FILL[mode] is None or n_pending == 0:
         post = Posterior(theta, layout, prep.rows, prep.y)
     else:
+        sqrt_full = math.sqrt(beta_full)
         post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending), prep.y,
-                         fill=lambda mu_pending: hallucinate(mode, mu_pending, prep.y))
+                         fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, prep.y, sqrt_full))
 
-    beta = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
-    if mode == "thompson":
+    factor = budget_factor(remaining)
+    beta = beta_full * factor
+    if mode == "randomized":
+        beta *= float(rng.gamma(RANDOM_SHAPE, 1.0 / RANDOM_SHAPE))
+    if mode == "thompson" and factor > 0.0:
         pick = thompson(domain, post, prep.y, prep.query_tau, prep.query_c, settings.candidates, rng)
     else:
         pick = maximise_ucb(domain, post, prep.y, prep.query_tau, prep.query_c, math.sqrt(beta),
@@ -104,7 +138,7 @@ def _suggest(
     hp = Hyper.of(theta, layout)
     mu = pick.mu * prep.y_std + prep.y_mean
     sigma = pick.sigma * prep.y_std
-    head = (f"pb2 {mode}: sample={pick.score:.3g}" if mode == "thompson"
+    head = (f"pb2 {mode}: sample={pick.score:.3g}" if mode == "thompson" and factor > 0.0
             else f"pb2 {mode}: ucb={pick.score:.3g} beta={beta:.3g}")
     parts = [
         f"{head} mu={mu:.4g} sigma={sigma:.3g} (rate)",
@@ -125,24 +159,28 @@ def _suggest(
 
 
 # How each parallel mode fills in the pending points' values (standardised units), given their
-# posterior mean under the finished rows alone; None: the mode conditions on finished rows only.
-_FILL: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray] | None] = {
-    "bucb": lambda mu, y: np.asarray(mu, dtype=float),
+# posterior mean and variance under the finished rows alone, the observed values and sqrt(beta);
+# None: the mode conditions on finished rows only.
+_Fill = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+_FILL: dict[str, _Fill | None] = {
+    "bucb": lambda mu, var, y, sb: np.asarray(mu, dtype=float),
+    "liar-optimistic": lambda mu, var, y, sb: mu + sb * np.sqrt(np.maximum(var, 0.0)),
+    "liar-pessimistic": lambda mu, var, y, sb: mu - sb * np.sqrt(np.maximum(var, 0.0)),
+    "liar-mean": lambda mu, var, y, sb: np.full(mu.shape[0], float(np.mean(y))),
     "thompson": None,
-    "liar-mean": lambda mu, y: np.full(mu.shape[0], float(np.mean(y))),
-    "liar-optimistic": lambda mu, y: np.full(mu.shape[0], float(np.max(y))),
-    "liar-pessimistic": lambda mu, y: np.full(mu.shape[0], float(np.min(y))),
+    "randomized": None,
 }
 check_table("pb2 parallel modes", _FILL, PB2_PARALLEL)
 
 
-def hallucinate(mode: str, mu_pending: np.ndarray, y: np.ndarray) -> np.ndarray:
+def hallucinate(mode: str, mu_pending: np.ndarray, var_pending: np.ndarray, y: np.ndarray,
+                sqrt_beta: float) -> np.ndarray:
     """The values pending points are assumed to have (standardised units), given their posterior
-    mean under the finished rows alone."""
+    mean and variance under the finished rows alone."""
     fill = _FILL.get(mode)
     if fill is None:
         raise Pb2Fallback(f"no hallucination for mode {mode!r}")
-    return fill(mu_pending, y)
+    return fill(np.asarray(mu_pending, dtype=float), np.asarray(var_pending, dtype=float), y, sqrt_beta)
 
 
 __all__ = ["PARALLEL_MODES", "Pb2Choice", "Pb2Pending", "Pb2Row", "suggest"]

@@ -234,13 +234,13 @@ class Posterior:
     """The GP conditioned on (data, y) with fixed theta; latent-function predictions.
 
     When `y` is shorter than `data`, the trailing points are hallucinated (pending configurations):
-    `fill` receives their posterior mean given the leading points alone and returns the values to
-    condition on. One factorisation serves both, because the leading block of the Cholesky factor
+    `fill` receives their posterior mean and variance given the leading points alone and returns
+    the values to condition on. One factorisation serves both, because the leading block of the Cholesky factor
     of K is the Cholesky factor of K's leading block.
     """
 
     def __init__(self, theta: np.ndarray, layout: Layout, data: Encoded, y: np.ndarray,
-                 fill: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 fill: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> None:
         self.theta = theta
         self.layout = layout
         self.data = data
@@ -254,8 +254,11 @@ class Posterior:
         if n_obs < n:
             if fill is None:
                 raise ValueError("fewer targets than points and nothing to fill them with")
-            a_obs = cho_solve((self.low[:n_obs, :n_obs], True), y, check_finite=False)
-            y = np.concatenate([y, fill(k[n_obs:, :n_obs] @ a_obs)])
+            low_obs = self.low[:n_obs, :n_obs]
+            a_obs = cho_solve((low_obs, True), y, check_finite=False)
+            v = solve_triangular(low_obs, k[:n_obs, n_obs:], lower=True, check_finite=False)
+            var = np.maximum(self.hp.signal - np.sum(v * v, axis=0), 1e-12)
+            y = np.concatenate([y, fill(k[n_obs:, :n_obs] @ a_obs, var)])
         self.y = y
         self.alpha = cho_solve((self.low, True), y, check_finite=False)
         self._kinv: np.ndarray | None = None
