@@ -864,3 +864,56 @@ def test_warm_failure_retires_the_worker(tmp_path: Path) -> None:
     assert all(p == starts[0][0] for p, _ in starts[:i + 1])  # one slot: one worker until the failure
     assert "failing member 0 segment 1 on purpose" in (run_dir / "logs" / "m000-s00001-a0.log").read_text()
     assert not (run_dir / "logs" / "m000-s00000-a0.log").read_text().count("on purpose")
+
+
+# --------------------------------------------------------------------------------------------------
+# durability: one barrier per batch (local/durability.py) instead of fsyncs in every save
+
+
+def test_file_checkpoints_are_made_durable_before_the_decisions_they_cause(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With file:// checkpoints the runner syncs after writing a batch's results and before starting
+    any segment decided from them; workers skip their own fsyncs."""
+    from pbt_operator.local import durability, executors, runner
+
+    spec = load_manifest(QUADRATIC)
+    spec = dataclasses.replace(spec, population=4, parallelism=2, budget=dataclasses.replace(spec.budget, segments=4))
+    run_dir = tmp_path / "run"
+    events: list[tuple[str, int]] = []
+    synced_paths: list[list[Path]] = []
+
+    def on_disk() -> int:
+        return len(read_jsonl(run_dir / "results.jsonl"))
+
+    def fake_sync(paths: Any) -> None:
+        synced_paths.append(list(paths))
+        events.append(("sync", on_disk()))
+
+    real_submit = executors.InlineExecutor.submit
+
+    def submit(self: Any, sug: Suggestion, contract: dict[str, Any], on_done: Any) -> None:
+        assert getattr(self.storage, "fsync", None) is False  # the worker's saves skip fsync
+        events.append(("submit", on_disk()))
+        real_submit(self, sug, contract, on_done)
+
+    monkeypatch.setattr(runner, "sync_filesystems", fake_sync)
+    monkeypatch.setattr(executors.InlineExecutor, "submit", submit)
+    eng = LocalRunner(spec, run_dir, plot=False).run().engine
+    assert eng.done and len(eng.records) == 16
+    last_sync = -1
+    for kind, n in events:
+        if kind == "sync":
+            last_sync = n
+        else:  # nothing starts while a result it may depend on is not yet durable
+            assert n == last_sync, events
+    assert sum(k == "sync" for k, _ in events) >= 2
+    assert all(run_dir.resolve() in p for p in synced_paths)
+
+    # PBT_FILE_FSYNC=0 (scratch runs) turns the barrier off too
+    events.clear()
+    scratch = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, env={"PBT_FILE_FSYNC": "0"}))
+    monkeypatch.setattr(executors.InlineExecutor, "submit", real_submit)
+    LocalRunner(scratch, tmp_path / "scratch", plot=False).run()
+    assert events == []
+    assert durability.fsync_enabled({}) and not durability.fsync_enabled({"PBT_FILE_FSYNC": "off"})
+    durability.sync_filesystems([tmp_path / "does" / "not" / "exist", tmp_path])  # real syncfs, no error

@@ -92,6 +92,14 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         return {"error": tb[:1000]}
 
 
+def _child_init(file_fsync: bool) -> None:
+    if not file_fsync:
+        from pbt_worker.storage import reset_storage_cache
+
+        os.environ["PBT_FILE_FSYNC"] = "0"
+        reset_storage_cache()  # a forked child may hold the parent's backend, built before this
+
+
 def _call_in_child(fn_ref: str, search_path: list[str], contract: dict[str, Any]) -> dict[str, Any]:
     return call_inline(resolve_function(fn_ref, search_path), contract)
 
@@ -119,15 +127,21 @@ def _json_scalar(o: Any) -> Any:
 
 class InlineExecutor:
     def __init__(self, fn_ref: str, search_path: list[str], workers: int, metric: str,
-                 pool: str = "threads", storage: Any = None):
+                 pool: str = "threads", storage: Any = None, file_fsync: bool = True):
         self.metric = metric
         self.fn_ref = fn_ref
         self.search_path = search_path
+        if storage is None and not file_fsync and pool != "processes":
+            # the runner makes file:// checkpoints durable once per batch (local/durability.py)
+            from pbt_worker.storage import FileStorage
+
+            storage = FileStorage(fsync=False)
         self.storage = storage
         self.fn = resolve_function(fn_ref, search_path)
         self.pool: cf.Executor
         if pool == "processes":
-            self.pool = cf.ProcessPoolExecutor(max_workers=workers)
+            self.pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
+                                               initargs=(file_fsync,))
         else:
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pbt-inline")
         self.processes = pool == "processes"

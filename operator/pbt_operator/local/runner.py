@@ -22,6 +22,7 @@ from ..contract import build_contract
 from ..core.engine import Engine
 from ..core.types import Record, SegmentResult, Suggestion
 from ..spec import TrainingSpec
+from .durability import fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor
 from .results import write_outputs
 
@@ -63,6 +64,9 @@ class LocalRunner:
         self.plot = plot
         self.storage = storage
         self.root = storage_root(spec.storage.uri, spec.name, run_dir)
+        # file:// checkpoints: one durability barrier per batch in persist() instead of fsyncs in every
+        # save (local/durability.py); the workers are told to skip theirs.
+        self.barrier = self.root.startswith("file://") and storage is None and fsync_enabled(dict(spec.worker.env))
 
     # -- persistence ------------------------------------------------------------------------------
     def _prepare(self) -> tuple[list[Record], list[Suggestion]]:
@@ -97,9 +101,10 @@ class LocalRunner:
         if w.executor == "inline":
             assert w.function is not None
             return InlineExecutor(w.function, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
-                                  w.inline_pool, storage=self.storage)
+                                  w.inline_pool, storage=self.storage, file_fsync=not self.barrier)
         command = list(w.command) or _template_command(spec)
-        return ProcessExecutor(command, w.env, cwd, self.run_dir / "logs", spec.objective.metric,
+        env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
+        return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -125,6 +130,8 @@ class LocalRunner:
                 # segment whose parent result is missing. Once per batch, before anything new starts.
                 res_f.flush()
                 sug_f.flush()
+                if self.barrier:
+                    sync_filesystems([self.run_dir, Path(self.root[len("file://"):])])
 
             queued = engine.start()
             log_suggestions([s for s in queued if s not in pending])  # fresh, or decisions owed after a crash

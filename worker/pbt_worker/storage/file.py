@@ -73,12 +73,16 @@ class FileStorage(Storage):
     def _atomic_write(self, target: Path, fill: Callable[[], Iterable[bytes | memoryview]],
                       fsync: bool | None = None) -> tuple[int, str]:
         """Write via ``fill(file)`` into a temp sibling, fsync, rename. Returns size and sha256."""
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         h = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as out:
+            try:
+                out = open(tmp, "wb")  # noqa: SIM115 (closed by the with below)
+            except FileNotFoundError:  # the folder is usually there already: mkdir only when it is not
+                target.parent.mkdir(parents=True, exist_ok=True)
+                out = open(tmp, "wb")  # noqa: SIM115
+            with out:
                 for chunk in fill():
                     h.update(chunk)
                     size += len(chunk)
