@@ -12,7 +12,13 @@ reports. Per segment it reports, as medians over the repeats:
   decision  `Engine.tell` (the decision and its bookkeeping in the engine), measured in the runner
   ckpt      restore + save inside the segment (reported by the worker)
   rest      total - decision - ckpt: results/suggestions journal, contract, executor hand-off
-            (thread or process pool, a warm interpreter's pipe, or a fresh interpreter), gc
+            (thread or process pool, a warm interpreter's pipe, or a fresh interpreter), gc,
+            and the runner's durability barrier (one syncfs per batch with file://)
+  cpu       CPU time (user + system) of the runner and of every worker process / segments: what
+            the framework costs per segment whatever else the machine is doing. On a shared,
+            oversubscribed machine the wall-clock columns mostly measure the neighbours (a process
+            that gets a fifth of a core takes five times as long); `cpu` does not, but it leaves out
+            waiting for the disk (fsync/syncfs), which only the wall-clock total shows.
 
 Configurations: the inline executor with threads (`mem://` and `file://`) and with a process pool
 (`file://` only: `mem://` lives in the runner's memory), and the process executor warm and cold
@@ -28,6 +34,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import resource
 import shutil
 import statistics
 import sys
@@ -110,6 +117,12 @@ class TellTimer:
         Engine.tell = self.real  # type: ignore[method-assign]
 
 
+def _cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_once(config: str, strategy: str, population: int, segments: int, parallelism: int,
              seed: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="pbt-overhead-"))
@@ -117,16 +130,18 @@ def run_once(config: str, strategy: str, population: int, segments: int, paralle
         spec = parse_manifest(manifest(config, strategy, population, segments, parallelism, tmp, seed),
                               base_dir=HERE / "workers")
         with TellTimer() as timer:
+            c0 = _cpu()
             t0 = time.perf_counter()
             summary = LocalRunner(spec, tmp / "run", plot=False).run()
             wall = time.perf_counter() - t0
+            cpu = _cpu() - c0  # the workers have exited by now: their CPU time is in RUSAGE_CHILDREN
         eng = summary.engine
         if eng.failed:
             raise SystemExit(f"{config}/{strategy}: the run failed: {eng.failed}")
         n = len(eng.records)
         ck = sum(float(r.metrics.get("ck_ms", 0.0)) for r in eng.records.values()) / 1e3
         return {"segments": n, "total": wall / n * 1e3, "decision": timer.seconds / n * 1e3,
-                "ckpt": ck / n * 1e3, "rest": (wall - timer.seconds - ck) / n * 1e3}
+                "ckpt": ck / n * 1e3, "rest": (wall - timer.seconds - ck) / n * 1e3, "cpu": cpu / n * 1e3}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -156,8 +171,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"# population {a.population}, parallelism {a.parallelism}, asynchronous; medians of "
           f"{a.repeats} runs; {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("| configuration | strategy | segments | total ms/seg | decision | ckpt | rest |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| configuration | strategy | segments | total ms/seg | decision | ckpt | rest | cpu ms/seg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for config in a.only.split(","):
         for strategy in a.strategies.split(","):
             segs = a.cold_segments if config == "process-cold-file" else a.segments
@@ -165,7 +180,7 @@ def main() -> None:
                     for seed in range(a.repeats)]
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             print(f"| {config} | {strategy} | {int(med['segments'])} | {med['total']:.3f} | "
-                  f"{med['decision']:.3f} | {med['ckpt']:.3f} | {med['rest']:.3f} |", flush=True)
+                  f"{med['decision']:.3f} | {med['ckpt']:.3f} | {med['rest']:.3f} | {med['cpu']:.3f} |", flush=True)
     load = os.getloadavg()
     print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
