@@ -917,3 +917,18 @@ def test_file_checkpoints_are_made_durable_before_the_decisions_they_cause(tmp_p
     assert events == []
     assert durability.fsync_enabled({}) and not durability.fsync_enabled({"PBT_FILE_FSYNC": "off"})
     durability.sync_filesystems([tmp_path / "does" / "not" / "exist", tmp_path])  # real syncfs, no error
+
+
+def test_warm_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """An interpreter that dies before its first segment fails that segment with its own last words."""
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'this interpreter is broken' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    doc = yaml.safe_load(process_manifest(tmp_path, population=2, segments=1).read_text())
+    doc["spec"]["worker"]["command"] = [str(fake), str(TOY)]
+    doc["spec"]["failurePolicy"] = {"maxRetries": 0, "onExhausted": "fail"}
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    eng = LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run().engine
+    assert eng.failed is not None and "this interpreter is broken" in eng.failed and "3" in eng.failed

@@ -290,17 +290,21 @@ class ProcessExecutor:
         the segment."""
         with self.lock:
             worker = self.idle.pop() if self.idle else None
-        for _ in range(2):
-            if worker is None:
-                worker = self._start_worker()
+        payload = {"PBT_SEGMENT": json.dumps(contract)}
+        if worker is not None:
             try:
-                worker.send({"PBT_SEGMENT": json.dumps(contract)}, log_path)
+                worker.send(payload, log_path)
                 return worker
-            except OSError:
+            except OSError:  # it died while idle
                 self._drop(worker)
-                worker = None
         worker = self._start_worker()
-        worker.send({"PBT_SEGMENT": json.dumps(contract)}, log_path)
+        try:
+            worker.send(payload, log_path)
+        except OSError as e:  # it could not even start (a broken interpreter, no pbt_worker)
+            code = worker.returncode(self.grace)
+            self._drop(worker)
+            _copy_tail(worker.log, log_path)
+            raise OSError(f"the worker exited with code {code} before its first segment: {_tail(log_path)}") from e
         return worker
 
     def _drop(self, worker: WarmWorker, *, kill: bool = False) -> None:
