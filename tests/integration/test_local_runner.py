@@ -814,14 +814,12 @@ def test_warm_crash_replaces_only_that_worker(tmp_path: Path) -> None:
     crashed = next(c["pid"] for c in calls if c["event"] == "start" and (c["member"], c["segment"]) == (1, 1))
     assert not alive(crashed)
     assert by_pid[crashed][-1] == (1, 1), "the crashed worker ran nothing after the crash"
-    # exactly one replacement: three interpreters in all, and one of them ran segments both before and
-    # after the crash (the other slot was never restarted)
-    assert len(by_pid) == 3, by_pid
-    order = [(c["pid"], (c["member"], c["segment"])) for c in calls if c["event"] == "start"]
-    crash_at = order.index((crashed, (1, 1)))
-    survivors = [p for p in by_pid if p != crashed and any(q == p for q, _ in order[:crash_at])
-                 and any(q == p for q, _ in order[crash_at + 1:])]
-    assert len(survivors) == 1, (order, crashed)
+    # at most one replacement: the two first interpreters and, when two segments ran at once after the
+    # crash, one new one (the crash ended no other worker: a pool restarted wholesale starts two)
+    started = sorted(p.name for p in (run_dir / "logs").glob("worker-*.log"))
+    assert len(by_pid) == len(started) <= 3, (by_pid, started)
+    retry = [c["pid"] for c in calls if c["event"] == "end" and (c["member"], c["segment"]) == (1, 1)]
+    assert len(retry) == 1 and retry[0] != crashed
 
 
 def test_warm_hang_kills_only_that_worker(tmp_path: Path) -> None:
@@ -841,10 +839,13 @@ def test_warm_hang_kills_only_that_worker(tmp_path: Path) -> None:
     wait_for(lambda: not alive(hung), 5, "the hung worker to be killed")
     by_pid = _by_pid(calls)
     assert by_pid[hung][-1] == (0, 1)
-    # while one slot hung, the other went on with its worker: it ran several segments in the meantime
-    t_hang = next(c["time"] for c in calls if c["event"] == "start" and c["pid"] == hung and c["segment"] == 1)
-    during = {c["pid"] for c in calls if c["event"] == "start" and t_hang < c["time"] < t_hang + 1.5}
-    assert during and hung not in during and len(during) == 1
+    # while one slot hung, the other went on with its own worker: between the hang and its retry
+    # every segment (if the others had any left) started in that one other interpreter
+    starts = [c for c in calls if c["event"] == "start"]
+    i_hang = next(i for i, c in enumerate(starts) if c["pid"] == hung and (c["member"], c["segment"]) == (0, 1))
+    i_retry = next(i for i, c in enumerate(starts) if i > i_hang and (c["member"], c["segment"]) == (0, 1))
+    during = {c["pid"] for c in starts[i_hang + 1:i_retry]}
+    assert len(during) <= 1 and hung not in during, starts
     retry = [c["pid"] for c in calls if c["event"] == "end" and (c["member"], c["segment"]) == (0, 1)]
     assert len(retry) == 1 and retry[0] != hung  # the retry ran in another (idle or new) interpreter
     assert len(by_pid) <= 3
