@@ -1,6 +1,8 @@
 """The operator's only contact with the API server: read a training's world, apply a Plan.
 
-Creates are create-if-absent (409 means an earlier pass, perhaps before a crash, already did it).
+Creates are create-if-absent: a 409 means an earlier pass, perhaps before a crash, already did it, but
+only when the object that exists is ours (same owner UID); otherwise it is a `ForeignChild`. Children
+are read through their owners' UIDs (`ownership`), never by label alone.
 Writes go in the order that keeps the write-ahead promise: finished segments into member status
 first, then the decided next segments into member specs, then the Jobs that run them.
 """
@@ -10,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from .apierrors import ApiError, classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
+from .ownership import ForeignChild, names, owner_uids, split_owned, uid_of
 from .reconcile import Plan, world_selectors
 
 log = logging.getLogger("pbt_operator")
@@ -29,6 +33,17 @@ def load_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+
+
+class World(NamedTuple):
+    """What one pass reads. `leftovers` maps a kind to the names of objects that carry this training's
+    label but belong to another owner; it is only looked at while the training has no member yet."""
+
+    training: dict[str, Any] | None
+    members: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]
+    pods: list[dict[str, Any]]
+    leftovers: dict[str, list[str]]
 
 
 class Api:
@@ -46,42 +61,66 @@ class Api:
                 return None
             raise
 
-    def world(self, ns: str, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]],
-                                                list[dict[str, Any]]]:
+    def world(self, ns: str, name: str) -> World:
         """The training (None once deleted), its members, and the Jobs and pods of their current
         segments. Reads in two rounds of parallel requests (they sit on the path from a pod finishing
         to the next Job being created): the training and its members, then the Jobs and pods those
         members' current segments need (`reconcile.world_selectors`), rather than every Job and pod
-        the training ever had. Jobs and pods come back as plain dicts (the generic path)."""
+        the training ever had. Jobs and pods come back as plain dicts (the generic path).
+
+        Only children owned by this very training (by UID, down the chain member -> Job -> pod) are
+        returned: a previous training of the same name may still have members and Jobs with our
+        labels and names. While the training has no member of its own, those are its `leftovers`."""
         sel = f"{LABEL_TRAINING}={name}"
         f_training: Future[Any] = self.pool.submit(self.training, ns, name)
         f_members: Future[Any] = self.pool.submit(
             self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel)
-        training, members = f_training.result(), f_members.result()["items"]
+        training, all_members = f_training.result(), f_members.result()["items"]
         if training is None:
-            return None, [], [], []
+            return World(None, [], [], [], {})
+        members, foreign = split_owned(all_members, [uid_of(training)])
+        if not members:
+            # Before creating anything: no Job of an earlier training of this name may be left, or
+            # the new members would meet its Jobs under the same names.
+            # Pods too: a deleted Job's pods outlive it by their grace period, and would still write
+            # checkpoints under the names the new training is about to use.
+            f_jobs_left: Future[Any] = self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns,
+                                                        "jobs", label_selector=sel, limit=20)
+            pods_left = self.core_list_pods(ns, sel, limit=20)["items"]
+            return World(training, [], [], [], {"PopulationMember": names(foreign),
+                                                "Job": names(f_jobs_left.result()["items"]), "Pod": names(pods_left)})
         job_sel, pod_sel = world_selectors(name, members)
         if job_sel is None or pod_sel is None:  # no member has a segment yet: no Job to look at
-            return training, members, [], []
+            return World(training, cast(list[dict[str, Any]], members), [], [], {})
         f_jobs: Future[Any] = self.pool.submit(self.custom.list_namespaced_custom_object, "batch", "v1", ns, "jobs",
                                                label_selector=job_sel)
         f_pods: Future[Any] = self.pool.submit(self.core_list_pods, ns, pod_sel)
-        return training, members, f_jobs.result()["items"], f_pods.result()["items"]
+        jobs, _ = split_owned(f_jobs.result()["items"], [uid_of(m) for m in members])
+        pods, _ = split_owned(f_pods.result()["items"], [uid_of(j) for j in jobs])
+        return World(training, cast(list[dict[str, Any]], members), cast(list[dict[str, Any]], jobs),
+                     cast(list[dict[str, Any]], pods), {})
 
-    def core_list_pods(self, ns: str, sel: str) -> dict[str, Any]:
+    def core_list_pods(self, ns: str, sel: str, limit: int | None = None) -> dict[str, Any]:
         # Raw JSON: building the client's model objects for every pod and serialising them back was
         # most of a reconcile pass's CPU with a few hundred pods.
-        resp: Any = self.core.list_namespaced_pod(ns, label_selector=sel, _preload_content=False)
+        kw: dict[str, Any] = {"limit": limit} if limit else {}
+        resp: Any = self.core.list_namespaced_pod(ns, label_selector=sel, _preload_content=False, **kw)
         return cast(dict[str, Any], json.loads(resp.data))
 
-    def apply(self, ns: str, name: str, p: Plan) -> None:
+    def apply(self, ns: str, name: str, p: Plan) -> list[tuple[dict[str, Any], ApiError]]:
         """The plan's writes, phase by phase in the write-ahead order. Within a phase, writes that
         concern different members are independent and go out together, except the member specs:
         they are written one by one in the plan's order, so that a crash leaves a prefix of them,
         which is what lets a rebuilt synchronous engine decide the rest exactly as before (each
-        decision in a batch sees the earlier ones as pending)."""
-        self._together([lambda body=m: self._create(lambda: self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, MEMBERS, body)) for m in p.create_members])
+        decision in a batch sees the earlier ones as pending).
+
+        Returns the Jobs the API server refused (`apierrors`: invalid, forbidden, over quota) with the
+        reason; every other failure raises once all writes of its phase are done."""
+        self._together([lambda body=m: self._create(
+            "PopulationMember", body, lambda: self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, MEMBERS, body),
+            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body["metadata"]["name"]))
+            for m in p.create_members])
         self._together([lambda mname=mname, st=st: self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ns, MEMBERS, mname, {"status": st}) for mname, st in p.member_statuses.items()])
         for mname, seg in p.member_specs.items():
@@ -89,12 +128,41 @@ class Api:
         # Jobs go through the generic path: the user's pod template goes to the API server as written
         # (ints for quantities and ports are valid there), not through the client's models. The
         # training's status is a report, ordered after nothing but the specs: it goes with them.
-        writes: list[Any] = [lambda body=job: self._create(lambda: self.custom.create_namespaced_custom_object(
-            "batch", "v1", ns, "jobs", body)) for job in p.create_jobs]
+        refused: list[tuple[dict[str, Any], ApiError]] = []
+
+        def create_job(body: dict[str, Any]) -> None:
+            try:
+                self._create("Job", body,
+                             lambda: self.custom.create_namespaced_custom_object("batch", "v1", ns, "jobs", body),
+                             lambda: self.custom.get_namespaced_custom_object("batch", "v1", ns, "jobs",
+                                                                              body["metadata"]["name"]))
+            except ApiException as e:
+                err = classify(e)
+                if not err.refused:
+                    raise
+                refused.append((body, err))
+
+        writes: list[Any] = [lambda body=job: create_job(body) for job in p.create_jobs]
         if p.status and p.status_changed:
             writes.append(lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, ns, TRAININGS, name, {"status": p.status}))
         self._together(writes)
+        return refused
+
+    def patch_training_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, TRAININGS, name, {"status": status})
+
+    def patch_member_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, MEMBERS, name, {"status": status})
+
+    def dry_run(self, ns: str, obj: dict[str, Any]) -> None:
+        """Create `obj` (a Job or a Pod) as a server-side dry run: validation and every admission step,
+        nothing stored. Raises the API server's refusal."""
+        if obj["kind"] == "Pod":
+            # a plain dict goes out as written (the generic path), the reply is not decoded
+            self.core.create_namespaced_pod(ns, cast(Any, obj), dry_run="All", _preload_content=False)
+        else:
+            self.custom.create_namespaced_custom_object("batch", "v1", ns, "jobs", obj, dry_run="All")
 
     def _together(self, calls: list[Any]) -> None:
         """Run independent writes concurrently; wait for all, then raise the first failure."""
@@ -111,9 +179,19 @@ class Api:
             raise errors[0]
 
     @staticmethod
-    def _create(fn: Any) -> None:
+    def _create(kind: str, body: dict[str, Any], create: Any, get: Any) -> None:
+        """Create-if-absent. A 409 is "already done" only when the existing object has the owner the new
+        one would have; anything else of that name is someone else's and raises ForeignChild."""
         try:
-            fn()
+            create()
         except ApiException as e:
             if e.status != 409:
                 raise
+            try:
+                existing = get()
+            except ApiException as e2:
+                if e2.status == 404:  # gone in between (being deleted): the next pass creates it
+                    return
+                raise
+            if not owner_uids(existing) & owner_uids(body):
+                raise ForeignChild(kind, body["metadata"]["name"], owner_uids(existing)) from None

@@ -10,6 +10,10 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+# False while the API server refuses this training's children (a segment Job refused as invalid, over
+# quota or by an admission webhook; a child's name held by another owner); True again once one is
+# accepted. Absent until the first refusal. The reconcile plan never writes it.
+JOBS_ACCEPTED = "JobsAccepted"
 
 # Reasons
 MEMBERS_CREATED = "MembersCreated"
@@ -23,6 +27,10 @@ SEGMENT_FAILED = "SegmentFailed"
 COMPLETED = "Completed"
 NOT_FINISHED = "NotFinished"
 NO_FAILURE = "NoFailure"
+ACCEPTED = "Accepted"
+JOB_REFUSED = "JobRefused"
+QUOTA_EXCEEDED = "QuotaExceeded"
+NAME_CONFLICT = "NameConflict"
 
 # Event reasons
 EV_MEMBER_CREATED = "MemberCreated"
@@ -37,6 +45,8 @@ EV_CHECKPOINT_MISSING = "CheckpointMissing"
 EV_COMPLETED = "Completed"
 EV_FAILED = "TrainingFailed"
 EV_INVALID = "InvalidSpec"
+EV_JOB_REFUSED = "JobRefused"
+EV_NAME_CONFLICT = "NameConflict"
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,

@@ -16,14 +16,29 @@ from typing import Any
 
 import kopf
 
-from . import metrics
-from .api import Api, load_config
+from ..spec import SpecError, parse_spec
+from . import conditions as C
+from . import lifecycle, metrics
+from .admission import cluster_problems, probe_job, probe_pod
+from .api import Api, World, load_config
+from .apierrors import classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
-from .reconcile import EventSpec, job_event_matters, plan, pod_event_matters
+from .ownership import ForeignChild, leftovers_message
+from .reconcile import EventSpec, job_event_matters, plan, pod_event_matters, storage_root
 
 log = logging.getLogger("pbt_operator")
 IDLE_RESYNC = 30.0  # seconds between passes when nothing wakes the daemon (a safety net for missed events)
+LEFTOVER_RETRY = 1.0  # seconds between looks while an earlier training's children are being deleted
+QUOTA_RETRY = 10.0  # seconds between dry runs while a ResourceQuota refuses the first segment
+
+
+class Retry(Exception):
+    """Not an error: look again after `after` seconds (a wait the training's status already explains)."""
+
+    def __init__(self, after: float):
+        super().__init__(f"retry in {after} s")
+        self.after = after
 
 
 def _now() -> str:
@@ -82,20 +97,108 @@ def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: Even
 
 
 def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple[bool, bool, Any]:
-    """Returns (done, again, plan): `again` when members were just created and need a second pass."""
+    """Returns (done, again, plan): `again` when members were just created, or a refused Job was just
+    recorded as a failed attempt, and a second pass should follow at once. Raises Retry for a wait."""
     a = api()
-    training, members, jobs, pods = a.world(ns, name)
+    w = a.world(ns, name)
+    training = w.training
     if training is None:
         return True, False, None
+    if not w.members:
+        done = before_start(a, ns, w)
+        if done is not None:
+            return done, False, None
     t0 = time.perf_counter()
-    p = plan(training, members, jobs, pods, _now(), collected)
+    p = plan(training, w.members, w.jobs, w.pods, _now(), collected)
     metrics.observe_plan(ns, name, time.perf_counter() - t0, p)
-    a.apply(ns, name, p)
+    by_name = {m["metadata"]["name"]: m for m in w.members}
+    try:
+        refused = a.apply(ns, name, p)
+    except ForeignChild as e:
+        _accepted(a, training, p.status, False, C.NAME_CONFLICT, str(e), EventSpec(
+            "training", "Warning", C.EV_NAME_CONFLICT, str(e)))
+        raise Retry(LEFTOVER_RETRY * 5) from None
     collected |= p.collected
-    by_name = {m["metadata"]["name"]: m for m in members}
     for ev in p.events:
         _post(training, by_name, ev)
-    return p.done, bool(p.create_members), p
+    again = bool(p.create_members)
+    for job, err in refused:
+        mname = job["metadata"]["ownerReferences"][0]["name"]
+        member = by_name.get(mname)
+        rec = lifecycle.refused_segment(member, p.member_statuses.get(mname), job, err, _now()) if member else None
+        if rec is None:
+            continue
+        a.patch_member_status(ns, mname, rec[0])
+        _post(training, by_name, rec[1])
+        again = True
+    if refused:
+        job, err = refused[0]
+        _accepted(a, training, p.status, False, lifecycle.refusal_reason(err),
+                  f"the API server refused Job {job['metadata']['name']}: {err.summary()}", None)
+    elif p.create_jobs:
+        _accepted(a, training, p.status, True, C.ACCEPTED, "segment Jobs are accepted", None)
+    return p.done, again, p
+
+
+def _accepted(a: Api, training: dict[str, Any], status: dict[str, Any] | None, ok: bool, reason: str, message: str,
+              event: EventSpec | None) -> None:
+    patch = lifecycle.jobs_accepted(training, status, ok, reason, message, _now())
+    if patch is not None:
+        meta = training["metadata"]
+        a.patch_training_status(meta["namespace"], meta["name"], patch)
+        if event is not None:
+            _post(training, {}, event)
+
+
+def before_start(a: Api, ns: str, w: World) -> bool | None:
+    """A training without members of its own yet. Waits (Retry) while children of an earlier training
+    of the same name are still there; refuses at once, as InvalidSpec, a spec the cluster cannot run
+    (`admission`: checks and a server-side dry run of the first segment's Job and pod); waits while a
+    ResourceQuota refuses it. None: go ahead with the plan (which also reports unparseable specs)."""
+    training = w.training
+    assert training is not None
+    name = training["metadata"]["name"]
+    msg = leftovers_message(w.leftovers)
+    if msg is not None:
+        status, events = lifecycle.waiting_for_leftovers(training, msg, _now())
+        if status is not None:
+            a.patch_training_status(ns, name, status)
+        for ev in events:
+            _post(training, {}, ev)
+        raise Retry(LEFTOVER_RETRY)
+    try:
+        spec = parse_spec(training.get("spec"), name=name, namespace=ns)
+        root = storage_root(spec)
+    except SpecError:
+        return None  # the plan says what is wrong, field by field
+    if spec.template is None:
+        return None
+    problems = cluster_problems(name, spec)
+    if not problems:
+        job = probe_job(training, spec, root)
+        for obj in (job, probe_pod(job)):
+            try:
+                a.dry_run(ns, obj)
+            except Exception as e:  # classified below; transient ones propagate and are retried
+                err = classify(e)
+                if not err.refused:
+                    raise
+                what = f"the API server refuses the first segment's {obj['kind']} (server-side dry run): {err.summary()}"
+                if err.quota:  # quota may free up: wait and say why, rather than fail
+                    _accepted(a, training, None, False, C.QUOTA_EXCEEDED, what,
+                              EventSpec("training", "Warning", C.EV_JOB_REFUSED, what[:1000]))
+                    raise Retry(QUOTA_RETRY) from None
+                problems.append(what)
+                break
+    if not problems:
+        _accepted(a, training, None, True, C.ACCEPTED, "the first segment's Job and pod pass a server-side dry run",
+                  None)
+        return None
+    status, events = lifecycle.invalid_spec(training, "; ".join(problems), _now())
+    a.patch_training_status(ns, name, status)
+    for ev in events:
+        _post(training, {}, ev)
+    return True
 
 
 @kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)  # type: ignore[arg-type]
@@ -109,6 +212,12 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
         try:
             done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected)
             failures = 0
+        except Retry as r:  # a wait the training's status explains: look again soon, or when woken
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=r.after)
+            except asyncio.TimeoutError:
+                pass
+            continue
         except Exception as e:  # an API hiccup must not kill the daemon; back off and retry
             failures += 1
             metrics.RECONCILE_ERRORS.labels(namespace, name).inc()

@@ -1,0 +1,102 @@
+"""Pure status documents for what happens around the reconcile plan rather than inside it: a training
+that may not start yet (leftovers of an earlier training of its name), a spec the cluster refuses
+(dry run), and segment Jobs the API server refused while running.
+
+A refused Job is recorded as a failed attempt of its segment in the member's history, exactly as if
+the segment had run and failed: the next pass tells it to the engine, which then follows
+spec.failurePolicy (retry, then replace the member or fail the training). Nothing else has to know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..core.types import Record, Suggestion
+from . import conditions as C
+from .apierrors import ApiError
+from .builders import LABEL_ATTEMPT, LABEL_MEMBER, LABEL_SEGMENT, record_entry
+from .reconcile import EventSpec
+
+
+def _conds(training: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list((training.get("status") or {}).get("conditions") or [])
+
+
+def _cond(conds: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any]:
+    return next((c for c in conds if c.get("type") == type_), {})
+
+
+def invalid_spec(training: Mapping[str, Any], message: str, now: str) -> tuple[dict[str, Any], list[EventSpec]]:
+    """Failed with reason InvalidSpec (the same conditions the plan writes for a spec it cannot parse),
+    and a Warning Event the first time."""
+    gen = (training.get("metadata") or {}).get("generation")
+    conds = _conds(training)
+    already = _cond(conds, C.FAILED).get("reason") == C.INVALID_SPEC and _cond(conds, C.FAILED).get("status") == "True"
+    for type_, value in ((C.READY, False), (C.PROGRESSING, False), (C.SUCCEEDED, False), (C.FAILED, True)):
+        conds = C.set_condition(conds, type_, value, C.INVALID_SPEC, message, now, gen)
+    status = {"phase": "Failed", "observedGeneration": gen, "conditions": conds}
+    events = [] if already else [EventSpec("training", "Warning", C.EV_INVALID, message[:1000])]
+    return status, events
+
+
+def waiting_for_leftovers(training: Mapping[str, Any], message: str, now: str
+                          ) -> tuple[dict[str, Any] | None, list[EventSpec]]:
+    """Pending, Ready=False and Progressing=False with reason NameConflict while an earlier training's
+    children are still there; (None, []) when that is already what the training says."""
+    gen = (training.get("metadata") or {}).get("generation")
+    conds = _conds(training)
+    if _cond(conds, C.READY).get("reason") == C.NAME_CONFLICT and _cond(conds, C.READY).get("message") == message[:1024]:
+        return None, []
+    for type_ in (C.READY, C.PROGRESSING):
+        conds = C.set_condition(conds, type_, False, C.NAME_CONFLICT, message, now, gen)
+    status = {"phase": "Pending", "observedGeneration": gen, "conditions": conds}
+    return status, [EventSpec("training", "Warning", C.EV_NAME_CONFLICT, message[:1000])]
+
+
+def jobs_accepted(training: Mapping[str, Any], status: Mapping[str, Any] | None, ok: bool, reason: str,
+                  message: str, now: str) -> dict[str, Any] | None:
+    """The training's conditions with JobsAccepted set, as a status patch; None when nothing changes.
+    `status` is the status this pass just wrote (or None: the training's own)."""
+    gen = (training.get("metadata") or {}).get("generation")
+    conds = list((status or training.get("status") or {}).get("conditions") or [])
+    cur = _cond(conds, C.JOBS_ACCEPTED)
+    if ok and cur.get("status") != "False":
+        return None  # absent or already True: nothing to say
+    if cur and cur.get("status") == ("True" if ok else "False") and cur.get("reason") == reason \
+            and cur.get("message") == message[:1024]:
+        return None
+    return {"conditions": C.set_condition(conds, C.JOBS_ACCEPTED, ok, reason, message, now, gen)}
+
+
+def refusal_reason(err: ApiError) -> str:
+    return C.QUOTA_EXCEEDED if err.quota else C.JOB_REFUSED
+
+
+def refused_segment(member: Mapping[str, Any], member_status: Mapping[str, Any] | None, job: Mapping[str, Any],
+                    err: ApiError, now: str) -> tuple[dict[str, Any], EventSpec] | None:
+    """A failed attempt for the segment whose Job was refused, appended to the member's history (a
+    status patch), and the Warning Event. None when the member's current segment is no longer that Job's
+    (a later pass already moved on)."""
+    seg = (member.get("spec") or {}).get("segment")
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    if not seg:
+        return None
+    sug = Suggestion.from_dict(seg)
+    if (str(sug.member), str(sug.segment), str(sug.attempt)) != (
+            labels.get(LABEL_MEMBER), labels.get(LABEL_SEGMENT), labels.get(LABEL_ATTEMPT)):
+        return None
+    st = dict(member_status if member_status is not None else member.get("status") or {})
+    history = list(st.get("history") or [])
+    jname = job["metadata"]["name"]
+    if any(h.get("job") == jname for h in history):
+        return None
+    error = f"the API server refused the segment Job: {err.summary()}"
+    rec = Record(sug, None, sug.steps_start, status="failed", error=error[:1000])
+    st["history"] = [*history, record_entry(rec, now, jname)]
+    ev = EventSpec(member["metadata"]["name"], "Warning", C.EV_JOB_REFUSED,
+                   f"segment {sug.segment} attempt {sug.attempt}: {error}"[:1000])
+    return st, ev
+
+
+__all__ = ["invalid_spec", "jobs_accepted", "refusal_reason", "refused_segment", "waiting_for_leftovers"]

@@ -1,0 +1,185 @@
+"""Lifecycle pieces around the reconcile plan: ownership by UID, API error classification, the checks and
+dry-run objects used when a training is created, and refused Jobs recorded as failed attempts (which
+the plan then handles under spec.failurePolicy). The API server side is in tests/e2e/test_lifecycle.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pbt_operator.core.types import Suggestion
+from pbt_operator.kube import conditions as C
+from pbt_operator.kube import lifecycle
+from pbt_operator.kube.admission import MAX_NAME, cluster_problems, probe_job, probe_pod
+from pbt_operator.kube.apierrors import classify
+from pbt_operator.kube.builders import job_name, member_name
+from pbt_operator.kube.ownership import ForeignChild, leftovers_message, owner_uids, split_owned
+from pbt_operator.kube.reconcile import plan
+from pbt_operator.spec import parse_spec
+from test_reconcile import FakeCluster, training_obj
+
+
+def obj(name: str, *owners: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": "u-" + name,
+                         "ownerReferences": [{"uid": o, "name": "x", "kind": "K", "apiVersion": "v"} for o in owners]}}
+
+
+def test_children_are_ours_only_through_owner_uids() -> None:
+    mine, other = split_owned([obj("a", "t1"), obj("b", "t0"), obj("c"), obj("d", "t0", "t1")], ["t1", None])
+    assert [o["metadata"]["name"] for o in mine] == ["a", "d"]
+    assert [o["metadata"]["name"] for o in other] == ["b", "c"]
+    assert owner_uids(obj("d", "t0", "t1")) == {"t0", "t1"}
+    assert split_owned([obj("a", "t1")], []) == ([], [obj("a", "t1")])
+
+
+def test_leftovers_message_names_what_is_left() -> None:
+    assert leftovers_message({"PopulationMember": [], "Job": []}) is None
+    msg = leftovers_message({"PopulationMember": ["x-m000", "x-m001", "x-m002", "x-m003"], "Job": ["x-m000-s00000-a0"]})
+    assert msg is not None
+    assert "4 PopulationMember(s) (x-m000, x-m001, x-m002 and 1 more)" in msg and "1 Job(s)" in msg
+    assert "segment 0" in msg
+    e = ForeignChild("Job", "x-m000-s00000-a0", {"u-old"})
+    assert "x-m000-s00000-a0" in str(e) and "u-old" in str(e)
+
+
+class FakeApiException(Exception):
+    def __init__(self, status: int, body: Any, reason: str = ""):
+        super().__init__(reason)
+        self.status, self.body, self.reason = status, body, reason
+
+
+def status_body(code: int, reason: str, message: str, causes: list[dict[str, str]] | None = None) -> str:
+    return json.dumps({"kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message,
+                       "details": {"causes": causes or []}})
+
+
+def test_classify_tells_refusals_from_transient_errors() -> None:
+    inv = classify(FakeApiException(422, status_body(422, "Invalid", "Job.batch \"x\" is invalid", [
+        {"field": "spec.template.spec.containers[0].resources.limits[cpu]", "message": "Invalid value: \"lots\""}])))
+    assert inv.refused and not inv.quota and inv.reason == "Invalid"
+    assert "spec.template.spec.containers[0].resources.limits[cpu]: Invalid value: \"lots\"" in inv.message
+    quota = classify(FakeApiException(403, status_body(403, "Forbidden", 'pods "x" is forbidden: exceeded quota: q, '
+                                                                         "requested: pods=1, used: pods=0, limited: pods=0")))
+    assert quota.refused and quota.quota and "exceeded quota" in quota.summary()
+    hook = classify(FakeApiException(403, status_body(403, "Forbidden", 'admission webhook "p" denied the request')))
+    assert hook.refused and not hook.quota
+    rbac = classify(FakeApiException(403, status_body(403, "Forbidden", 'jobs.batch is forbidden: User "op" cannot '
+                                                                        'create resource "jobs" in API group "batch"')))
+    assert not rbac.refused  # the installation's problem: retried, not charged to the training
+    young = classify(FakeApiException(403, status_body(403, "Forbidden", 'pods "x" is forbidden: error looking up '
+                                                                         'service account ns/default: not found')))
+    assert not young.refused
+    for code in (429, 500, 503, 504):
+        assert not classify(FakeApiException(code, status_body(code, "TooManyRequests", "later"))).refused
+    assert not classify(ConnectionResetError("reset")).refused
+    assert classify(FakeApiException(400, b"not json", "Bad Request")).message == "Bad Request"
+
+
+def test_cluster_problems_name_the_field() -> None:
+    def spec(**over: Any) -> Any:
+        t = training_obj(**over)
+        return parse_spec(t["spec"], name="toy")
+
+    assert cluster_problems("toy", spec()) == []
+    long = "a" * (MAX_NAME + 15)
+    assert any(p.startswith("metadata.name: must be at most 40") for p in cluster_problems(long, spec()))
+    mem = cluster_problems("toy", spec(storage={"uri": "mem://x/"}, worker={"executor": "inline", "function": "m:f"}))
+    assert len(mem) == 1 and mem[0].startswith("spec.storage.uri: mem://")
+    unmounted = cluster_problems("toy", spec(storage={"uri": "file:///data/ckpt"}))
+    assert len(unmounted) == 1 and "mount a shared volume" in unmounted[0] and "/data/ckpt" in unmounted[0]
+    t = training_obj(storage={"uri": "file:///data/ckpt"})
+    t["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "d", "mountPath": "/data"}]
+    assert cluster_problems("toy", parse_spec(t["spec"], name="toy")) == []
+    t["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "d", "mountPath": "/dat"}]
+    assert len(cluster_problems("toy", parse_spec(t["spec"], name="toy"))) == 1
+
+
+def test_probe_objects_are_the_first_segment_as_it_will_run() -> None:
+    t = training_obj()
+    sp = parse_spec(t["spec"], name="toy", namespace="ns")
+    job = probe_job(t, sp, "s3://bucket/runs")
+    assert job["metadata"]["name"] == "toy-m000-s00000-a0"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-toy"
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    c.reconcile()
+    real = c.jobs["toy-m000-s00000-a0"]
+    assert job["spec"] == real["spec"]  # the dry run judges exactly what will be created
+    pod = probe_pod(job)
+    assert pod["kind"] == "Pod" and pod["metadata"]["namespace"] == "ns"
+    assert pod["spec"] == job["spec"]["template"]["spec"]
+    assert pod["metadata"]["labels"]["pbt.dev/training"] == "toy"
+
+
+def test_refused_job_is_a_failed_attempt_under_the_failure_policy() -> None:
+    c = FakeCluster(training_obj(failurePolicy={"maxRetries": 1, "onExhausted": "fail"}))
+    c.reconcile()
+    p = c.reconcile()
+    refused = next(j for j in p.create_jobs if j["metadata"]["name"] == "toy-m000-s00000-a0")
+    del c.jobs[refused["metadata"]["name"]]  # the API server said no: it does not exist
+    err = classify(FakeApiException(403, status_body(403, "Forbidden", "exceeded quota: gpus")))
+    mname = member_name("toy", 0)
+    st, ev = lifecycle.refused_segment(c.members[mname], None, refused, err, "2026-01-01T00:10:00Z")  # type: ignore[misc]
+    assert ev.reason == C.EV_JOB_REFUSED and ev.target == mname and "exceeded quota: gpus" in ev.message
+    assert st["history"][-1]["status"] == "failed" and st["history"][-1]["job"] == refused["metadata"]["name"]
+    assert lifecycle.refused_segment(c.members[mname], st, refused, err, "t") is None  # recorded once
+    c.members[mname]["status"] = st
+    p = c.reconcile()
+    retry = [j["metadata"]["name"] for j in p.create_jobs]
+    assert retry == ["toy-m000-s00000-a1"]  # the plan retried it: attempt 1 (maxRetries 1)
+    del c.jobs["toy-m000-s00000-a1"]
+    st, _ = lifecycle.refused_segment(c.members[mname], None, p.create_jobs[0], err, "t")  # type: ignore[misc]
+    c.members[mname]["status"] = st
+    c.reconcile()
+    assert c.training["status"]["phase"] == "Failed"  # onExhausted: fail
+    assert "exceeded quota" in next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)["message"]
+
+
+def test_refusal_of_an_outdated_job_is_ignored() -> None:
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    c.reconcile()
+    job = c.jobs[job_name("toy", Suggestion(0, 0, {}, None, 0, 5, "start"))]
+    member = c.members[member_name("toy", 0)]
+    member["spec"]["segment"]["attempt"] = 1  # the member moved on
+    assert lifecycle.refused_segment(member, None, job, classify(FakeApiException(422, "{}")), "t") is None
+
+
+def test_conditions_for_waits_and_refusals() -> None:
+    t = training_obj()
+    st, evs = lifecycle.waiting_for_leftovers(t, "waiting for 2 PopulationMember(s)", "t1")
+    assert st is not None and st["phase"] == "Pending" and [e.reason for e in evs] == [C.EV_NAME_CONFLICT]
+    conds = {x["type"]: x for x in st["conditions"]}
+    assert conds[C.READY]["status"] == "False" and conds[C.READY]["reason"] == C.NAME_CONFLICT
+    t["status"] = st
+    assert lifecycle.waiting_for_leftovers(t, "waiting for 2 PopulationMember(s)", "t2") == (None, [])
+
+    t = training_obj()
+    assert lifecycle.jobs_accepted(t, None, True, C.ACCEPTED, "ok", "t") is None  # nothing to recover from
+    patch = lifecycle.jobs_accepted(t, None, False, C.QUOTA_EXCEEDED, "exceeded quota", "t")
+    assert patch is not None
+    t["status"] = patch
+    assert lifecycle.jobs_accepted(t, None, False, C.QUOTA_EXCEEDED, "exceeded quota", "t") is None
+    back = lifecycle.jobs_accepted(t, None, True, C.ACCEPTED, "ok", "t2")
+    assert back is not None and next(x for x in back["conditions"] if x["type"] == C.JOBS_ACCEPTED)["status"] == "True"
+
+    st, evs = lifecycle.invalid_spec(training_obj(), "spec.template...: Invalid value", "t")
+    assert st["phase"] == "Failed" and [e.reason for e in evs] == [C.EV_INVALID]
+    t = training_obj()
+    t["status"] = st
+    assert lifecycle.invalid_spec(t, "spec.template...: Invalid value", "t")[1] == []  # one Event, not one a pass
+
+
+def test_plan_never_reads_a_foreign_member_as_its_own() -> None:
+    """The handler hands the plan only owned members (api.World); a plan over none starts from 0."""
+    t = training_obj()
+    p = plan(t, [], [], [], "t")
+    assert sorted(m["metadata"]["name"] for m in p.create_members) == [member_name("toy", i) for i in range(6)]
+    assert all(m["metadata"]["ownerReferences"][0]["uid"] == "u-toy" for m in p.create_members)
+    assert all(m["spec"]["segment"]["segment"] == 0 for m in p.create_members)
+
+
+@pytest.mark.parametrize("code", [400, 413, 422])
+def test_invalid_requests_are_refusals(code: int) -> None:
+    assert classify(FakeApiException(code, status_body(code, "Invalid", "bad"))).refused
