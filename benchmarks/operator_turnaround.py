@@ -50,7 +50,9 @@ def manifest(name: str, storage: Path, times: Path, population: int, parallelism
             "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{
                 "name": "w", "image": "bench", "command": ["python", str(WORKER)],
                 "env": [{"name": k, "value": v} for k, v in env.items()],
-                "resources": {"limits": {"nvidia.com/gpu": 1}}}]}},
+                "volumeMounts": [{"name": "checkpoints", "mountPath": str(storage)}],  # file:// needs a volume
+                "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+                "volumes": [{"name": "checkpoints", "hostPath": {"path": str(storage)}}]}},
         },
     }
 

@@ -239,7 +239,7 @@ def test_rendered_chart_passes_server_side_dry_run(cluster: Cluster, namespace: 
 def test_installed_chart_runs_a_training_as_its_service_account(
         cluster: Cluster, node_agent: NodeAgent, op_namespace: str, tenant: Any, tmp_path: Path) -> None:
     notes = install(cluster, op_namespace).stdout
-    assert "examples/digits/populationtraining.yaml" in notes and "kubectl apply" in notes, notes
+    assert "examples/digits/populationtraining-k8s.yaml" in notes and "kubectl apply" in notes, notes
     for plural in ("populationtrainings", "populationmembers"):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.pbt.dev", "--timeout=60s")
     dep = installed_deployment(cluster, op_namespace, RELEASE)

@@ -76,8 +76,11 @@ def operator(cluster: Cluster, crds: None, node_agent: NodeAgent,
 def training(name: str, storage: Path, *, population: int = 4, parallelism: int = 4, mode: str = "asynchronous",
              segments: int = 3, explore: dict | None = None, env: dict[str, str] | None = None,
              gpus: int = 1, **extra: Any) -> dict[str, Any]:
+    # file:// storage on a cluster must be a volume mounted in the pod (the node agent's pods share the
+    # test's filesystem, so the hostPath is what a real node would mount).
     container = {
         "name": "train", "image": "example.invalid/quadratic:1", "command": ["python", str(WORKER)],
+        "volumeMounts": [{"name": "checkpoints", "mountPath": str(storage)}],
         "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         "resources": {"limits": {"nvidia.com/gpu": gpus}},
     }
@@ -89,7 +92,8 @@ def training(name: str, storage: Path, *, population: int = 4, parallelism: int 
         "exploit": {"strategy": "truncation", "fraction": 0.25},
         "explore": explore or {"strategy": "perturb"},
         "storage": {"uri": storage.as_uri()},
-        "template": {"spec": {"terminationGracePeriodSeconds": 5, "containers": [container]}},
+        "template": {"spec": {"terminationGracePeriodSeconds": 5, "containers": [container],
+                              "volumes": [{"name": "checkpoints", "hostPath": {"path": str(storage)}}]}},
     }
     spec.update(extra)
     return {"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name},

@@ -21,16 +21,18 @@ KUBE_VERSION = "1.36.5"  # helm built from source reports v1.20 for template/lin
 needs_helm = pytest.mark.skipif(not HELM.exists(), reason=f"no helm binary at {HELM} (hack/testcluster.sh build)")
 
 # (apiGroup, resource, verb) the operator uses in each namespace it watches: kube/api.py (get trainings,
-# list/create/patch members, list/create jobs, list pods, patch statuses), kube/handlers.py through kopf
-# (list/watch/patch trainings, watch jobs and pods, create events).
+# get/list/create/patch members, get/list/create jobs, list pods, create one dry-run Job and pod per new
+# training, patch statuses), kube/handlers.py through kopf (list/watch/patch trainings, watch jobs and
+# pods, create events).
 NEEDED = {
     ("pbt.dev", "populationtrainings", v) for v in ("get", "list", "watch", "patch")
 } | {
     ("pbt.dev", "populationtrainings/status", "patch"),
+    ("pbt.dev", "populationmembers", "get"),
     ("pbt.dev", "populationmembers", "list"), ("pbt.dev", "populationmembers", "create"),
     ("pbt.dev", "populationmembers", "patch"), ("pbt.dev", "populationmembers/status", "patch"),
-    ("batch", "jobs", "list"), ("batch", "jobs", "watch"), ("batch", "jobs", "create"),
-    ("", "pods", "list"), ("", "pods", "watch"),
+    ("batch", "jobs", "get"), ("batch", "jobs", "list"), ("batch", "jobs", "watch"), ("batch", "jobs", "create"),
+    ("", "pods", "list"), ("", "pods", "watch"), ("", "pods", "create"),
     ("", "events", "create"),
 }
 # Also granted, on purpose: update on the owners' finalizers (ownerReferences with blockOwnerDeletion
@@ -64,8 +66,17 @@ def render(*sets: str, values: dict[str, Any] | None = None, check: bool = True,
     return [d for d in yaml.safe_load_all(p.stdout) if d]
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def aggregated(o: dict[str, Any]) -> bool:
+    """One of the ClusterRoles for users (aggregated into view/edit/admin), not the operator's."""
+    return any(k.startswith(AGGREGATE) for k in (o["metadata"].get("labels") or {}))
+
+
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
+    """Objects of that kind; ClusterRoles: the operator's only (see aggregated)."""
+    return [o for o in objs if o["kind"] == kind and not (kind == "ClusterRole" and aggregated(o))]
 
 
 def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -142,7 +153,7 @@ def test_helm_lint(sets: tuple[str, ...]) -> None:
 def test_default_render_cluster_wide() -> None:
     objs = render()
     assert isinstance(objs, list)
-    assert sorted(o["kind"] for o in objs) == sorted(
+    assert sorted(o["kind"] for o in objs if not aggregated(o)) == sorted(
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"])
     assert all(o["metadata"].get("namespace") in (None, "pbt-system") for o in objs)
     dep = one(objs, "Deployment")
@@ -280,3 +291,45 @@ def test_schema_rejects_bad_values(sets: tuple[str, ...]) -> None:
     p = render(*sets, check=False)
     assert isinstance(p, subprocess.CompletedProcess)
     assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
+
+
+@needs_helm
+@pytest.mark.parametrize("namespaced", [False, True])
+def test_namespace_users_get_trainings_through_aggregated_roles(namespaced: bool) -> None:
+    objs = render(values={"watchNamespaces": ["team-a"]} if namespaced else None)
+    assert isinstance(objs, list)
+    user_roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ClusterRole" and aggregated(o)}
+    view, edit = user_roles["pbt-pbt-operator-view"], user_roles["pbt-pbt-operator-edit"]
+    for role, into in ((view, {"view", "edit", "admin"}), (edit, {"edit", "admin"})):
+        assert {k[len(AGGREGATE):] for k, v in role["metadata"]["labels"].items()
+                if k.startswith(AGGREGATE) and v == "true"} == into
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == ["pbt.dev"] and "*" not in rule["verbs"], rule
+    assert {("pbt.dev", r, "list") for r in ("populationtrainings", "populationmembers")} <= grants(view)
+    assert not any(v not in ("get", "list", "watch") for _, _, v in grants(view))
+    assert ("pbt.dev", "populationtrainings", "create") in grants(edit)
+    assert ("pbt.dev", "populationtrainings/scale", "update") in grants(edit)
+    assert not any(r.startswith("populationmembers") for _, r, _ in grants(edit))  # the operator's bookkeeping
+    assert not any(o["kind"] in ("ClusterRoleBinding", "RoleBinding") and o["roleRef"]["name"] in user_roles
+                   for o in objs)  # binds no one: the default roles' bindings do
+    off = render("rbac.aggregateToDefaultRoles=false")
+    assert isinstance(off, list) and not any(o["kind"] == "ClusterRole" and aggregated(o) for o in off)
+
+
+@needs_helm
+def test_optional_network_policy_for_the_metrics_port() -> None:
+    objs = render()
+    assert isinstance(objs, list) and not by_kind(objs, "NetworkPolicy")
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objs = render(values={"networkPolicy": {"enabled": True, "metricsFrom": [peer]}})
+    assert isinstance(objs, list)
+    pol = one(objs, "NetworkPolicy")
+    labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r for r in pol["spec"]["ingress"]}
+    assert set(rules) == {"health", "metrics"}
+    assert "from" not in rules["health"] and rules["metrics"]["from"] == [peer]
+    closed = render(values={"networkPolicy": {"enabled": True}})
+    assert isinstance(closed, list)
+    assert [r["ports"][0]["port"] for r in one(closed, "NetworkPolicy")["spec"]["ingress"]] == ["health"]

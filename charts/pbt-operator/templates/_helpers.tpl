@@ -56,10 +56,11 @@ does), no deletes (owner references and the garbage collector clean up), no wild
 - apiGroups: ["pbt.dev"]
   resources: ["populationtrainings/status"]
   verbs: ["patch"]
-# PopulationMembers: listed, created and patched (spec.segment, then status history) by the reconcile pass.
+# PopulationMembers: listed, created and patched (spec.segment, then status history) by the reconcile pass;
+# get when a create meets an existing name (is it ours, by owner UID, or a previous training's?).
 - apiGroups: ["pbt.dev"]
   resources: ["populationmembers"]
-  verbs: ["list", "create", "patch"]
+  verbs: ["get", "list", "create", "patch"]
 - apiGroups: ["pbt.dev"]
   resources: ["populationmembers/status"]
   verbs: ["patch"]
@@ -68,14 +69,17 @@ does), no deletes (owner references and the garbage collector clean up), no wild
 - apiGroups: ["pbt.dev"]
   resources: ["populationtrainings/finalizers", "populationmembers/finalizers"]
   verbs: ["update"]
-# Segment Jobs: created (create-if-absent), listed, and watched to wake the training's reconcile.
+# Segment Jobs: created (create-if-absent; get checks the owner of one that exists), listed, and watched
+# to wake the training's reconcile. A new training's first Job is also created as a server-side dry run.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create"]
-# Segment pods: read for termination messages and disruption conditions, watched for wake-ups.
+  verbs: ["get", "list", "watch", "create"]
+# Segment pods: read for termination messages and disruption conditions, watched for wake-ups. create
+# is for one server-side dry run (dryRun=All, nothing is stored) per new training, which asks quota,
+# LimitRange, Pod Security and webhooks about its pods at once; creating Jobs already runs pods.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "create"]
 # Events (Exploited, Explored, SegmentFailed, ...) posted by kopf (core v1 events).
 - apiGroups: [""]
   resources: ["events"]

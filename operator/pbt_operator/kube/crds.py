@@ -114,7 +114,11 @@ TRAINING_SPEC = _obj(
         "storage": _obj({
             "uri": {"type": "string", "pattern": scheme_pattern()},
             "credentialsSecret": _str,
-        }),
+        }, None, **{"x-kubernetes-validations": [
+            {"rule": "!has(self.uri) || !self.uri.startsWith('mem://')",
+             "message": "mem:// keeps checkpoints in the memory of `pbt run` and means nothing on a cluster: use "
+                        "s3://BUCKET/PREFIX (or file:// on a volume mounted in spec.template)"},
+        ]}),
         "worker": _obj({
             "executor": _enum(*EXECUTORS),
             "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
@@ -136,6 +140,12 @@ TRAINING_SPEC = _obj(
              "message": "hyperparameters (the search space) are immutable"},
             {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
              "message": "exploit.size must be <= population"},
+            # spec.worker configures `pbt run`; on a cluster the segment is spec.template, so a worker
+            # section there would be silently ignored: refused instead, saying so.
+            {"rule": "!has(self.worker)",
+             "message": "spec.worker configures `pbt run` only and means nothing on a cluster, where each segment "
+                        "runs spec.template: remove it (the process executor of `pbt run` defaults to the "
+                        "template container's command)"},
         ]
     },
 )
@@ -188,9 +198,17 @@ def _cond(type_: str) -> str:
     return f'.status.conditions[?(@.type=="{type_}")].status'
 
 
+# Member and Job names are derived from the training's (NAME-m000-s00000-a0, a label value on its pods:
+# at most 63 bytes): longer names would be accepted and then never run.
+NAME_RULE = {"rule": "self.metadata.name.size() <= 40",
+             "message": "metadata.name must be at most 40 characters: segment Job names (NAME-m000-s00000-a0) "
+                        "must fit in 63"}
+
+
 def training_crd() -> dict[str, Any]:
     schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
-                   "spec": TRAINING_SPEC, "status": TRAINING_STATUS}, required=["spec"])
+                   "spec": TRAINING_SPEC, "status": TRAINING_STATUS}, required=["spec"],
+                  **{"x-kubernetes-validations": [NAME_RULE]})
     cols: list[dict[str, Any]] = [
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Gen", "type": "integer", "jsonPath": ".status.generation"},
