@@ -147,3 +147,28 @@ def test_a_job_name_held_by_someone_else_is_reported(cluster: Cluster, namespace
     obj = wait_phase(cluster, namespace, "held", operator)
     assert obj["status"]["segmentsDone"] == 2
     print(json.dumps(condition(obj, "Ready")))
+
+
+def test_kubectl_explain_and_defaults(cluster: Cluster, namespace: str, crds: None, tmp_path: Path) -> None:  # noqa: F811
+    out = cluster.kubectl("explain", "populationtraining.spec").stdout
+    assert "<no description>" not in out and "<empty>" not in out, out
+    assert "generation barrier" in out and "FIELDS:" in out, out
+    frac = cluster.kubectl("explain", "pbt.spec.exploit.fraction").stdout
+    assert "bottom fraction copies a member of the top fraction" in frac, frac
+    member = cluster.kubectl("explain", "populationmember.spec").stdout
+    assert "<no description>" not in member, member
+    # Defaults from the schema: the METRIC and MODE columns show what the operator will use.
+    doc = training("plain", tmp_path / "ckpt")
+    for key in ("mode", "exploit", "explore"):
+        del doc["spec"][key]
+    cluster.apply({**doc, "spec": {**doc["spec"], "population": 2}}, namespace)
+    obj = cluster.get("pbt", "plain", namespace)
+    assert obj["spec"]["objective"] == {"metric": "score", "direction": "max"}
+    assert obj["spec"]["mode"] == "asynchronous" and obj["spec"]["explore"]["strategy"] == "perturb"
+    header, line = cluster.kubectl("get", "pbt", "plain", "-n", namespace).stdout.splitlines()[:2]
+
+    def column(name: str) -> str:  # columns are aligned; empty ones (GEN, BEST) are blank
+        start = header.index(name)
+        return line[start:].split()[0]
+
+    assert column("MODE") == "asynchronous" and column("METRIC") == "score", (header, line)

@@ -12,6 +12,8 @@ checks that the two agree.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from ..core.choices import (
@@ -26,6 +28,9 @@ from ..core.choices import (
     PB2_PARALLEL,
     scheme_pattern,
 )
+from .. import spec as S
+from ..core.types import Pb2Settings
+from ..fielddocs import CONDITION_FIELDS, MEMBER_FIELDS, crd_description
 
 GROUP = "pbt.dev"
 VERSION = "v1alpha1"
@@ -170,6 +175,65 @@ TRAINING_STATUS = _obj(
 )
 
 
+# Schema defaults: the spec model's own defaults (its dataclasses), so `kubectl get -o yaml` and the
+# printer columns (METRIC, MODE) show what the operator will use. An object default ({}) on a section
+# lets the defaults inside it apply when the section is left out. Nothing in spec.worker (refused on a
+# cluster) or where a default depends on other fields (parallelism = population).
+DEFAULTS: dict[str, Any] = {
+    "spec.mode": "asynchronous", "spec.seed": 0,
+    "spec.objective": {}, "spec.objective.metric": S.Objective().metric, "spec.objective.direction": S.Objective().direction,
+    "spec.segment": {}, "spec.segment.steps": S.SegmentSpec().steps,
+    "spec.budget": {}, "spec.budget.segments": S.Budget().segments,
+    "spec.exploit": {}, "spec.exploit.strategy": S.Exploit().strategy, "spec.exploit.fraction": S.Exploit().fraction,
+    "spec.exploit.size": S.Exploit().size, "spec.exploit.significance": {},
+    "spec.exploit.significance.enabled": S.Significance().enabled,
+    "spec.exploit.significance.alpha": S.Significance().alpha,
+    "spec.exploit.significance.window": S.Significance().window,
+    "spec.explore": {}, "spec.explore.strategy": S.Explore().strategy,
+    "spec.explore.factors": list(S.Explore().factors),
+    "spec.explore.resampleProbability": S.Explore().resample_probability,
+    "spec.explore.crossover": S.Explore().crossover, "spec.explore.pb2": {},
+    "spec.explore.pb2.parallel": Pb2Settings.parallel, "spec.explore.pb2.maxRows": Pb2Settings.max_rows,
+    "spec.explore.pb2.minRows": Pb2Settings.min_rows, "spec.explore.pb2.candidates": Pb2Settings.candidates,
+    "spec.explore.pb2.restarts": Pb2Settings.restarts, "spec.explore.pb2.kappa": Pb2Settings.kappa,
+    "spec.failurePolicy": {}, "spec.failurePolicy.maxRetries": S.FailurePolicy().max_retries,
+    "spec.failurePolicy.onExhausted": S.FailurePolicy().on_exhausted,
+}
+
+
+def annotate(schema: dict[str, Any], path: str, describe: Callable[[str], str | None],
+             defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of `schema` with a description on every property (`describe(path)`, paths like
+    spec.exploit.fraction; map values as NAME, condition items from CONDITION_FIELDS) and the defaults."""
+    out = dict(schema)
+
+    # Schema fragments are shared between properties (_str, _any...): copy each node before writing to it.
+    def walk(node: dict[str, Any], p: str) -> None:
+        if p:
+            text = describe(p)
+            if text:
+                node["description"] = text
+            if defaults and p in defaults:
+                node["default"] = copy.deepcopy(defaults[p])
+                if "enum" in node:  # the docs table lists an enum's values only: say the default here
+                    node["description"] = f"{node.get('description', '')} Default: {defaults[p]}.".strip()
+        if p.endswith("conditions") and "items" in node:
+            node["items"] = items = dict(node["items"])
+            items["properties"] = {k: {**sub, "description": CONDITION_FIELDS[k]}
+                                   for k, sub in items.get("properties", {}).items()}
+            return
+        if node.get("properties"):
+            node["properties"] = props = {k: dict(sub) for k, sub in node["properties"].items()}
+            for k, sub in props.items():
+                walk(sub, f"{p}.{k}" if p else k)
+        if isinstance(node.get("additionalProperties"), dict):
+            node["additionalProperties"] = dict(node["additionalProperties"])
+            walk(node["additionalProperties"], f"{p}.NAME")
+
+    walk(out, path)
+    return out
+
+
 def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: list[dict[str, Any]],
          scale: bool) -> dict[str, Any]:
     subresources: dict[str, Any] = {"status": {}}
@@ -205,10 +269,20 @@ NAME_RULE = {"rule": "self.metadata.name.size() <= 40",
                         "must fit in 63"}
 
 
+_META = {
+    "apiVersion": {"type": "string", "description": "The versioned schema of this object: pbt.dev/v1alpha1."},
+    "kind": {"type": "string", "description": "The kind of this object."},
+    "metadata": {"type": "object", "description": "Standard object metadata."},
+}
+
+
 def training_crd() -> dict[str, Any]:
-    schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
-                   "spec": TRAINING_SPEC, "status": TRAINING_STATUS}, required=["spec"],
+    schema = _obj({**_META, "spec": annotate(TRAINING_SPEC, "spec", crd_description, DEFAULTS),
+                   "status": annotate(TRAINING_STATUS, "status", crd_description)}, required=["spec"],
                   **{"x-kubernetes-validations": [NAME_RULE]})
+    schema["description"] = ("PopulationTraining: Population Based Training (PBT) or PB2 of a population of models, "
+                             "each segment a Job from spec.template. Creating one runs that pod template in its "
+                             "namespace.")
     cols: list[dict[str, Any]] = [
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Gen", "type": "integer", "jsonPath": ".status.generation"},
@@ -230,8 +304,9 @@ def member_crd() -> dict[str, Any]:
         required=["training", "index"],
     )
     status = _obj({"conditions": CONDITIONS}, None, **{"x-kubernetes-preserve-unknown-fields": True})
-    schema = _obj({"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
-                   "spec": spec, "status": status}, required=["spec"])
+    schema = _obj({**_META, "spec": annotate(spec, "spec", MEMBER_FIELDS.get),
+                   "status": annotate(status, "status", MEMBER_FIELDS.get)}, required=["spec"])
+    schema["description"] = "PopulationMember: one model of a PopulationTraining's population (operator-managed)."
     cols = [
         {"name": "Training", "type": "string", "jsonPath": ".spec.training"},
         {"name": "Segment", "type": "integer", "jsonPath": ".status.segment"},

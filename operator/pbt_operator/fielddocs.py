@@ -1,0 +1,202 @@
+"""What every manifest field means: one source for the CRD's descriptions (`kubectl explain`) and the
+table in docs/manifest.md, so the two cannot say different things.
+
+Each entry: the field's path, its type and default as the table shows them, what it means, and whether
+it is a row of the table (sub-fields of a row such as `spec.objective.metric` only describe the CRD).
+Enumerations come from core/choices.py. `python -m pbt_operator.fielddocs --write docs/manifest.md`
+regenerates the table; a unit test fails when either output is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .core.choices import (
+    DIRECTIONS,
+    EXECUTORS,
+    EXPLOIT_STRATEGIES,
+    EXPLORE_STRATEGIES,
+    INLINE_POOLS,
+    MODES,
+    ON_EXHAUSTED,
+    PARAM_KINDS,
+    PB2_PARALLEL,
+)
+
+
+@dataclass(frozen=True)
+class Field:
+    path: str  # e.g. spec.exploit.fraction; NAME stands for a map key
+    kind: str  # type and default, as the docs table shows them (enumerations: exactly their values)
+    meaning: str
+    row: bool = True  # a row of the docs table (else: only a CRD description)
+
+
+def _alts(values: tuple[str, ...]) -> str:
+    return " \\| ".join(f"`{v}`" for v in values)
+
+
+WARM = ("process executor: a `python SCRIPT` or `python -m MODULE` command runs in one long-lived interpreter per "
+        "slot, segment after segment (imports and `pbt_worker.cached` values are kept; a failed, crashed or "
+        "timed-out segment ends its interpreter); `false`: a fresh process per segment, as a Kubernetes Job. Other "
+        "commands always get a fresh process. See [worker.md](worker.md#warm-workers-pbt-run)")
+
+FIELDS: tuple[Field, ...] = (
+    Field("metadata.name", "DNS label, <= 40 chars",
+          "names the run folder, members (`NAME-m003`) and Jobs (`NAME-m003-s00005-a0`)"),
+    Field("spec", "", "a population-based training: members, search space, exploit/explore strategy, budget, "
+          "and the pod template each segment runs", row=False),
+    Field("spec.population", "int >= 2, required", "number of members (immutable in Kubernetes)"),
+    Field("spec.parallelism", "int >= 1, = population",
+          "segments running at once; a larger population time-shares slots, least-progressed member first; "
+          "`kubectl scale pbt/NAME --replicas=N`"),
+    Field("spec.mode", _alts(MODES), "decide each member when its segment ends, or at a generation barrier"),
+    Field("spec.seed", "int >= 0, 0", "every random draw derives from (seed, member, segment)"),
+    Field("spec.objective", "", "which reported number is the score, and whether higher is better", row=False),
+    Field("spec.objective.metric", "string, `score`", "which reported number is the score"),
+    Field("spec.objective.direction", _alts(DIRECTIONS), "`min` for losses"),
+    Field("spec.segment", "", "one segment: train for a bit from a checkpoint, then save and report", row=False),
+    Field("spec.segment.steps", "int >= 1, 1", "steps per segment (`steps.budget` in the contract)"),
+    Field("spec.segment.timeoutSeconds", "int, none", "a segment running longer is killed and counts as failed"),
+    Field("spec.budget", "", "when the training ends", row=False),
+    Field("spec.budget.segments", "int >= 1, 10", "segments per member"),
+    Field("spec.budget.targetScore", "number, none", "the training finishes when any member reaches it"),
+    Field("spec.budget.patience", "int, none",
+          "finish when the best score has not improved for patience x population segments"),
+    Field("spec.hyperparameters", "map, required", "the search space: hyperparameter name -> definition",
+          row=False),
+    Field("spec.hyperparameters.NAME", "see below, required", "the search space (immutable in Kubernetes)"),
+    Field("spec.hyperparameters.NAME.type", _alts(PARAM_KINDS), "with `min`, `max`, `log` (numbers) or `choices`"),
+    Field("spec.hyperparameters.NAME.min", "number", "lower bound (float and int)", row=False),
+    Field("spec.hyperparameters.NAME.max", "number", "upper bound, > min (float and int)", row=False),
+    Field("spec.hyperparameters.NAME.log", "bool, false", "sample and perturb on a log scale (min > 0)", row=False),
+    Field("spec.hyperparameters.NAME.choices", "list", "the values of a categorical", row=False),
+    Field("spec.hyperparameters.NAME.initial", "value or {min, max} or {choices}",
+          "the first value, or a narrower range or subset to draw the first values from", row=False),
+    Field("spec.exploit", "", "how poor members copy better ones", row=False),
+    Field("spec.exploit.strategy", _alts(EXPLOIT_STRATEGIES), "`none`: members train alone (a random-search baseline)"),
+    Field("spec.exploit.fraction", "(0, 0.5], 0.25",
+          "truncation: the bottom fraction copies a member of the top fraction"),
+    Field("spec.exploit.size", "int >= 2, 2", "tournament size: the loser copies the winner"),
+    Field("spec.exploit.significance", "`{enabled: false, alpha: 0.05, window: 4}`",
+          "only copy when Welch's t-test over the last `window` scores says the donor is better"),
+    Field("spec.exploit.significance.enabled", "bool, false", "test before copying", row=False),
+    Field("spec.exploit.significance.alpha", "(0, 1), 0.05", "the test's significance level", row=False),
+    Field("spec.exploit.significance.window", "int >= 2, 4", "how many recent scores per member the test uses",
+          row=False),
+    Field("spec.explore", "", "how the copied hyperparameters change", row=False),
+    Field("spec.explore.strategy", _alts(EXPLORE_STRATEGIES), "how the copied hyperparameters change"),
+    Field("spec.explore.factors", "list of positive numbers, [0.8, 1.2]",
+          "perturbation factors (log-scale aware; ints always move; categoricals go to a neighbouring choice)"),
+    Field("spec.explore.resampleProbability", "[0, 1], 0.25",
+          "per hyperparameter, draw from the prior instead of perturbing"),
+    Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
+    Field("spec.explore.pb2", "`{parallel: bucb, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
+          "kappa: 1}`", "PB2's settings"),
+    Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL), "how PB2 accounts for segments decided but not finished"),
+    Field("spec.explore.pb2.window", "int >= 1, none", "only rows within this many steps of the newest are used",
+          row=False),
+    Field("spec.explore.pb2.maxRows", "int >= 8, 128", "the GP's largest number of rows (older ones subsampled)",
+          row=False),
+    Field("spec.explore.pb2.minRows", "int >= 2, 4", "below this many rows PB2 perturbs instead", row=False),
+    Field("spec.explore.pb2.candidates", "int >= 1, 128", "random candidates scored by the acquisition", row=False),
+    Field("spec.explore.pb2.restarts", "int >= 0, 2", "L-BFGS-B starts from the best candidates", row=False),
+    Field("spec.explore.pb2.kappa", "number >= 0, 1", "UCB exploration weight", row=False),
+    Field("spec.storage", "", "where checkpoints live", row=False),
+    Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
+          "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "
+          "or `file://` on a volume mounted in the template; not `mem://`)"),
+    Field("spec.storage.credentialsSecret", "Secret name",
+          "Kubernetes: AWS_* keys passed to segment pods by reference"),
+    Field("spec.worker", "", "`pbt run` only (refused on a cluster, where segments run spec.template)", row=False),
+    Field("spec.worker.executor", _alts(EXECUTORS),
+          "`pbt run` only (refused on a cluster): a subprocess per segment, or a Python function in this process"),
+    Field("spec.worker.command", "list of strings", "process executor (default: the template container's command)"),
+    Field("spec.worker.function", "`module:function`", "inline executor; the module is looked up next to the manifest"),
+    Field("spec.worker.env", "map", "environment of the worker process", row=False),
+    Field("spec.worker.workingDir", "path", "folder of the worker process (relative to the manifest)", row=False),
+    Field("spec.worker.env, workingDir", "", "environment, folder (relative to the manifest)"),
+    Field("spec.worker.pool", _alts(INLINE_POOLS), "inline executor: run the function in threads or in worker processes"),
+    Field("spec.worker.warm", "bool, true", WARM),
+    Field("spec.template", "PodTemplateSpec",
+          "Kubernetes: the segment pod, kept as written (GPU requests, tolerations, node selectors)"),
+    Field("spec.failurePolicy", "", "what happens when a segment fails", row=False),
+    Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment"),
+    Field("spec.failurePolicy.onExhausted", _alts(ON_EXHAUSTED),
+          "then the member copies the best member (`replace`), or the training fails"),
+)
+
+# The CRDs' other fields (status, PopulationMember): descriptions only, not manifest rows.
+STATUS_FIELDS: dict[str, str] = {
+    "status": "What the operator observed: phase, conditions, counts, the best member and, once finished, its "
+              "hyperparameter schedule.",
+    "status.conditions": "Ready, Progressing, Succeeded, Failed and JobsAccepted, per the Kubernetes API conventions.",
+    "status.observedGeneration": "The spec generation the status describes.",
+    "status.running": "Segment Jobs running now.",
+    "status.queued": "Members waiting for a slot (spec.parallelism).",
+}
+MEMBER_FIELDS: dict[str, str] = {
+    "spec": "One member of a PopulationTraining; written by the operator, not by users.",
+    "spec.training": "The PopulationTraining this member belongs to.",
+    "spec.index": "The member's number in its population.",
+    "spec.segment": "The decided next segment: hyperparameters, checkpoint to restore, steps, attempt.",
+    "status": "The member's finished segments (history), current phase, score and hyperparameters.",
+    "status.conditions": "Conditions per the Kubernetes API conventions.",
+}
+CONDITION_FIELDS: dict[str, str] = {
+    "type": "Condition type (Ready, Progressing, Succeeded, Failed, JobsAccepted).",
+    "status": "True, False or Unknown.",
+    "reason": "A CamelCase reason (the constants in pbt_operator/kube/conditions.py).",
+    "message": "Human-readable detail; for refusals, the API server's own message.",
+    "lastTransitionTime": "When status last changed.",
+    "observedGeneration": "The spec generation this condition describes.",
+}
+
+
+def crd_description(path: str) -> str | None:
+    """A CRD property's description; `path` as in FIELDS (map values as NAME)."""
+    for f in FIELDS:
+        if f.path == path:
+            text = f.meaning[0].upper() + f.meaning[1:] + (f" ({f.kind})" if f.kind else "")
+            return text.replace("\\|", "|")
+    return STATUS_FIELDS.get(path)
+
+
+BEGIN = "<!-- fields: generated by `python -m pbt_operator.fielddocs --write docs/manifest.md` -->"
+END = "<!-- end of fields -->"
+
+
+def table() -> str:
+    lines = ["| field | type, default | meaning |", "|---|---|---|"]
+    for f in FIELDS:
+        if f.row:
+            path = f"`{f.path}`" if "," not in f.path else "`" + f.path.replace(", ", "`, `") + "`"
+            lines.append(f"| {path} | {f.kind} | {f.meaning} |")
+    return "\n".join(lines)
+
+
+def render_doc(text: str) -> str:
+    """`text` (docs/manifest.md) with the table between the markers replaced."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"docs/manifest.md has no {BEGIN} ... {END} block")
+    return pattern.sub(lambda _: f"{BEGIN}\n{table()}\n{END}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--write", type=Path, help="rewrite the table in this markdown file")
+    args = ap.parse_args(argv)
+    if args.write:
+        args.write.write_text(render_doc(args.write.read_text()))
+    else:
+        sys.stdout.write(table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
