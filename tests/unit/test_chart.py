@@ -166,6 +166,7 @@ def test_default_render_cluster_wide() -> None:
     assert c["args"] == ["--log-format=json", "--health-port=8080"]  # no --namespace: cluster-wide
     env = env_of(objs)
     assert env["OPENBLAS_NUM_THREADS"] == "1" and env["PBT_METRICS_PORT"] == "8000"
+    assert env["PBT_JOB_TTL_SECONDS"] == "900"  # finished segment Jobs are cleaned up
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"health": 8080, "metrics": 8000}
     for probe in ("livenessProbe", "readinessProbe"):

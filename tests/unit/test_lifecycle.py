@@ -106,6 +106,7 @@ def test_probe_objects_are_the_first_segment_as_it_will_run() -> None:
     c.reconcile()
     real = c.jobs["toy-m000-s00000-a0"]
     assert job["spec"] == real["spec"]  # the dry run judges exactly what will be created
+    assert real["spec"]["ttlSecondsAfterFinished"] == 900  # finished segment Jobs are cleaned up
     pod = probe_pod(job)
     assert pod["kind"] == "Pod" and pod["metadata"]["namespace"] == "ns"
     assert pod["spec"] == job["spec"]["template"]["spec"]
@@ -183,3 +184,21 @@ def test_plan_never_reads_a_foreign_member_as_its_own() -> None:
 @pytest.mark.parametrize("code", [400, 413, 422])
 def test_invalid_requests_are_refusals(code: int) -> None:
     assert classify(FakeApiException(code, status_body(code, "Invalid", "bad"))).refused
+
+
+def test_job_and_pod_watches_select_our_labels_on_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kopf
+    from kopf._cogs.structs.references import Resource
+    from pbt_operator.kube import builders
+    from pbt_operator.kube.handlers import configure
+
+    monkeypatch.setenv("PBT_METRICS_PORT", "0")
+    monkeypatch.setenv("PBT_JOB_TTL_SECONDS", "0")
+    monkeypatch.setattr(builders, "JOB_TTL_SECONDS", 900)
+    settings = kopf.OperatorSettings()
+    configure(settings=settings)
+    assert builders.JOB_TTL_SECONDS is None  # 0: keep finished Jobs
+    sel = settings.watching.label_selectors
+    assert list(sel.collect(Resource("batch", "v1", "jobs"))) == ["pbt.dev/training"]
+    assert list(sel.collect(Resource("", "v1", "pods"))) == ["pbt.dev/training"]
+    assert not list(sel.collect(Resource("pbt.dev", "v1alpha1", "populationtrainings")))

@@ -22,6 +22,12 @@ LABEL_MEMBER = "pbt.dev/member"
 LABEL_SEGMENT = "pbt.dev/segment"
 LABEL_ATTEMPT = "pbt.dev/attempt"
 TERMINATION_LOG = "/dev/termination-log"
+# Finished segment Jobs, and their pods with them, are deleted this long after they end (the TTL-after-
+# finished controller), so a long training does not keep thousands. By then the operator has long
+# recorded the segment in its member's status and never reads the Job again; only an operator stopped
+# for longer than this, between a pod's success and that record, would find the Job gone and run the
+# segment again (from the same checkpoint). None keeps them. Set from PBT_JOB_TTL_SECONDS at startup.
+JOB_TTL_SECONDS: int | None = 900
 # The pod's main container (kubectl logs/exec pick it): here, the trainer. A template with sidecars names
 # its trainer with this annotation; without it the first container is the trainer. Results are read from
 # the trainer's status by this name, never by the order of the container statuses.
@@ -137,6 +143,8 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     }
     if timeout_seconds:
         job["spec"]["activeDeadlineSeconds"] = timeout_seconds
+    if JOB_TTL_SECONDS:
+        job["spec"]["ttlSecondsAfterFinished"] = JOB_TTL_SECONDS
     return job
 
 

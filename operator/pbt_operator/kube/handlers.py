@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 import kopf
 
 from ..spec import SpecError, parse_spec
+from . import builders, lifecycle, metrics
 from . import conditions as C
-from . import lifecycle, metrics
 from .admission import cluster_problems, probe_job, probe_pod
 from .api import Api, World, load_config
 from .apierrors import classify
@@ -78,6 +79,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="pbt.dev", key="last-handled-configuration")
     settings.posting.level = logging.INFO
+    # Server-side label selectors on the Job and pod watches: only our segments' objects come over the
+    # wire (the handlers' `labels=` filters alone are applied by kopf after receiving every pod and Job
+    # of the cluster).
+    settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_TRAINING
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_TRAINING
+    ttl = os.environ.get("PBT_JOB_TTL_SECONDS", "").strip()
+    if ttl:
+        builders.JOB_TTL_SECONDS = int(ttl) or None
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # Watching given namespaces (the chart's namespaced RBAC: Roles only), kopf may not list namespaces
