@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from . import metrics
 from .apierrors import ApiError, classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
@@ -46,11 +47,24 @@ class World(NamedTuple):
     leftovers: dict[str, list[str]]
 
 
+def _counted(api_client: Any) -> Any:
+    """Every request through this client counts in pbt_api_requests_total (API load per segment)."""
+    call = api_client.call_api
+
+    def call_api(method: str, *args: Any, **kwargs: Any) -> Any:
+        metrics.API_REQUESTS.labels(str(method).upper()).inc()
+        return call(method, *args, **kwargs)
+
+    api_client.call_api = call_api
+    return api_client
+
+
 class Api:
     def __init__(self) -> None:
-        self.custom = client.CustomObjectsApi()
-        self.batch = client.BatchV1Api()
-        self.core = client.CoreV1Api()
+        shared = _counted(client.ApiClient())
+        self.custom = client.CustomObjectsApi(shared)
+        self.batch = client.BatchV1Api(shared)
+        self.core = client.CoreV1Api(shared)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pbt-api")
 
     def training(self, ns: str, name: str) -> dict[str, Any] | None:

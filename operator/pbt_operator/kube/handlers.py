@@ -210,6 +210,16 @@ def before_start(a: Api, ns: str, w: World) -> bool | None:
     return True
 
 
+PASS_LOG = os.environ.get("PBT_PASS_LOG")  # benchmarks: a file that gets "unix-time seconds ns/name" per pass
+
+
+def _pass_done(ns: str, name: str, seconds: float) -> None:
+    metrics.PASS_SECONDS.observe(seconds)
+    if PASS_LOG:
+        with open(PASS_LOG, "a") as f:
+            f.write(f"{time.time():.3f} {seconds:.4f} {ns}/{name}\n")
+
+
 @kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                           **_: Any) -> None:
@@ -219,7 +229,9 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
     while not stopped:
         wake.clear()
         try:
+            t0 = time.perf_counter()
             done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected)
+            _pass_done(namespace, name, time.perf_counter() - t0)
             failures = 0
         except Retry as r:  # a wait the training's status explains: look again soon, or when woken
             try:

@@ -28,6 +28,10 @@ RUNNING = Gauge("pbt_running_segments", "Segment Jobs running", _LABELS)
 QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", _LABELS)
 BEST = Gauge("pbt_best_score", "Best score so far", _LABELS)
 RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", _LABELS)
+PASS_SECONDS = Histogram("pbt_reconcile_pass_seconds", "One whole reconcile pass: reads, plan and writes",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+API_REQUESTS = Counter("pbt_api_requests_total", "Requests the reconcile passes sent to the API server "
+                       "(kopf's own watches, finalizers and Events not included)", ["verb"])
 
 _EVENT_COUNTERS = {
     "SegmentFailed": SEGMENTS_FAILED,
