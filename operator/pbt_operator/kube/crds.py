@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from .. import spec as S
 from ..core.choices import (
     DIRECTIONS,
     EXECUTORS,
@@ -28,7 +29,6 @@ from ..core.choices import (
     PB2_PARALLEL,
     scheme_pattern,
 )
-from .. import spec as S
 from ..core.types import Pb2Settings
 from ..fielddocs import CONDITION_FIELDS, MEMBER_FIELDS, crd_description
 
