@@ -93,8 +93,21 @@ def test_refusals_are_reported_at_once_and_others_keep_running(
         print(f"InvalidSpec after {time.monotonic() - t0:.1f} s")
         assert obj["status"]["phase"] == "Failed" and condition(obj, "Ready")["status"] == "False"
         msg = condition(obj, "Failed")["message"]
-        assert "dry run" in msg and "lots" in msg, msg
+        assert "spec.template.spec.containers[0].resources.limits[cpu]: 'lots' is not a quantity" in msg, msg
         assert not cluster.kubectl_json("get", "pbtm", "-n", namespace, "-l", "pbt.dev/training=lots")["items"]
+        # ... and one only the API server's validation knows about: its message, with the field path.
+        bad = training("badname", tmp_path / "badname")
+        bad["spec"]["template"]["spec"]["containers"][0]["name"] = "Not_A_Label"
+        cluster.apply(bad, namespace)
+
+        def invalid_name() -> dict[str, Any] | None:
+            obj = cluster.get("pbt", "badname", namespace)
+            return obj if condition(obj, "Failed").get("reason") == "InvalidSpec" else None
+
+        obj = cluster.wait_for(invalid_name, REPORTED_WITHIN, interval=0.3, desc="InvalidSpec for a container name")
+        msg = condition(obj, "Failed")["message"]
+        assert "dry run" in msg and "spec.template.spec.containers[0].name" in msg and "Not_A_Label" in msg, msg
+        assert any(e["reason"] == "InvalidSpec" for e in events_for(cluster, namespace, "badname"))
 
         # 3. A ResourceQuota that refuses the segment pods: said at once, and the training waits.
         cluster.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-gpus"},

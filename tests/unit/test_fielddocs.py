@@ -24,6 +24,9 @@ def undescribed(node: dict[str, Any], path: str = "") -> list[str]:
     out = []
     for k, sub in (node.get("properties") or {}).items():
         p = f"{path}.{k}" if path else k
+        if p == "metadata":  # the API server forbids anything but type there; kubectl explain knows ObjectMeta
+            assert sub == {"type": "object"}, sub
+            continue
         if not sub.get("description"):
             out.append(p)
         out += undescribed(sub, p)

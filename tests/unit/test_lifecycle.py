@@ -93,6 +93,12 @@ def test_cluster_problems_name_the_field() -> None:
     assert cluster_problems("toy", parse_spec(t["spec"], name="toy")) == []
     t["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "d", "mountPath": "/dat"}]
     assert len(cluster_problems("toy", parse_spec(t["spec"], name="toy"))) == 1
+    t = training_obj()
+    t["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"cpu": "lots", "memory": "1Gi",
+                                                                             "nvidia.com/gpu": 1},
+                                                                  "requests": {"cpu": "500m"}}
+    assert cluster_problems("toy", parse_spec(t["spec"], name="toy")) == [
+        "spec.template.spec.containers[0].resources.limits[cpu]: 'lots' is not a quantity (e.g. 500m, 2, 1Gi)"]
 
 
 def test_probe_objects_are_the_first_segment_as_it_will_run() -> None:

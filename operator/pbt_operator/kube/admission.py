@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import posixpath
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -22,6 +23,9 @@ from ..core.engine import Engine
 from ..spec import TrainingSpec
 from .builders import build_job
 
+# The API server's own pattern for resource quantities ("500m", "1Gi", "2"). A value that does not match
+# fails the whole Job at decoding, with a message that names neither the field nor the value.
+QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 MAX_NAME = 40  # <name>-m000-s00000-a0 must stay a 63-byte label value (the Job name is a label on its pods)
 
 
@@ -33,6 +37,7 @@ def cluster_problems(name: str, spec: TrainingSpec) -> list[str]:
     if len(name) > MAX_NAME:
         out.append(f"metadata.name: must be at most {MAX_NAME} characters on a cluster, so that Job names "
                    f"(NAME-m000-s00000-a0) stay within 63 (got {len(name)})")
+    out += quantity_problems(spec.template or {})
     uri = spec.storage.uri or ""
     if uri.startswith("mem://"):
         out.append("spec.storage.uri: mem:// keeps checkpoints in the memory of `pbt run`; on a cluster use "
@@ -45,6 +50,25 @@ def cluster_problems(name: str, spec: TrainingSpec) -> list[str]:
                        "(a ReadWriteMany PersistentVolumeClaim) with a volumeMount in spec.template's first "
                        f"container whose mountPath contains {path} (mounted: {', '.join(mounts) or 'none'}), "
                        "or use s3://BUCKET/PREFIX")
+    return out
+
+
+def quantity_problems(template: Mapping[str, Any]) -> list[str]:
+    """Resource requests and limits that are not quantities, each with its field path (the API server
+    only says "quantities must match the regular expression ..." for the whole Job)."""
+    out: list[str] = []
+    pod = template.get("spec")
+    if not isinstance(pod, Mapping):
+        return out
+    for group in ("initContainers", "containers"):
+        for i, c in enumerate(pod.get(group) or []):
+            res = c.get("resources") if isinstance(c, Mapping) else None
+            for kind in ("requests", "limits"):
+                values = res.get(kind) if isinstance(res, Mapping) else None
+                for name, v in (values or {}).items() if isinstance(values, Mapping) else ():
+                    if isinstance(v, bool) or not QUANTITY.match(str(v)):
+                        out.append(f"spec.template.spec.{group}[{i}].resources.{kind}[{name}]: {v!r} is not a "
+                                   "quantity (e.g. 500m, 2, 1Gi)")
     return out
 
 
@@ -74,4 +98,4 @@ def probe_pod(job: Mapping[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": tmpl.get("spec") or {}}
 
 
-__all__ = ["MAX_NAME", "cluster_problems", "probe_job", "probe_pod"]
+__all__ = ["MAX_NAME", "cluster_problems", "probe_job", "probe_pod", "quantity_problems"]

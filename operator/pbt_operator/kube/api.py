@@ -173,8 +173,17 @@ class Api:
         """Create `obj` (a Job or a Pod) as a server-side dry run: validation and every admission step,
         nothing stored. Raises the API server's refusal."""
         if obj["kind"] == "Pod":
-            # a plain dict goes out as written (the generic path), the reply is not decoded
-            self.core.create_namespaced_pod(ns, cast(Any, obj), dry_run="All", _preload_content=False)
+            # The generic path, as for Jobs: the dict goes out as written (the typed client would refuse
+            # an int GPU limit, which the API server accepts), errors come back as ApiException.
+            api = self.core.api_client
+            request = api.param_serialize(
+                method="POST", resource_path="/api/v1/namespaces/{namespace}/pods", path_params={"namespace": ns},
+                query_params=[("dryRun", "All")], body=obj, auth_settings=["BearerToken"],
+                header_params={"Content-Type": "application/json", "Accept": "application/json"})
+            response = api.call_api(*request)
+            response.read()
+            api.response_deserialize(response_data=response, response_types_map={
+                "200": "object", "201": "object", "202": "object"})
         else:
             self.custom.create_namespaced_custom_object("batch", "v1", ns, "jobs", obj, dry_run="All")
 

@@ -272,7 +272,7 @@ NAME_RULE = {"rule": "self.metadata.name.size() <= 40",
 _META = {
     "apiVersion": {"type": "string", "description": "The versioned schema of this object: pbt.dev/v1alpha1."},
     "kind": {"type": "string", "description": "The kind of this object."},
-    "metadata": {"type": "object", "description": "Standard object metadata."},
+    "metadata": {"type": "object"},  # the API server allows nothing else here (kubectl explain describes it)
 }
 
 
