@@ -254,7 +254,11 @@ def test_installed_chart_runs_a_training_as_its_service_account(
         assert not can_i(cluster, operator_user, "get", "secrets", *where)
         assert not can_i(cluster, operator_user, "list", "secrets", *where)
     assert not can_i(cluster, operator_user, "delete", "jobs.batch", "-n", ns)
-    assert not can_i(cluster, operator_user, "create", "pods", "-n", ns)
+    # pods: create is granted for one server-side dry run per new training (quota, LimitRange, Pod Security
+    # and webhooks judge pods); creating Jobs already lets the operator run pods, but it cannot touch others'
+    assert can_i(cluster, operator_user, "create", "pods", "-n", ns)
+    assert not can_i(cluster, operator_user, "delete", "pods", "-n", ns)
+    assert not can_i(cluster, operator_user, "create", "pods", "--subresource=exec", "-n", ns)
     assert can_i(cluster, operator_user, "create", "jobs.batch", "-n", ns)
     assert can_i(cluster, operator_user, "patch", "populationtrainings.pbt.dev", "--subresource=status", "-n", ns)
     assert not can_i(cluster, operator_user, "update", "populationtrainings.pbt.dev", "-n", ns)
@@ -266,6 +270,20 @@ def test_installed_chart_runs_a_training_as_its_service_account(
     assert not any(line.startswith("secrets") for line in granted), granted
     names = {line.split()[0] for line in granted}
     assert {"populationtrainings.pbt.dev", "populationmembers.pbt.dev", "jobs.batch", "pods", "events"} <= names, names
+
+    # -- users: namespace view/edit get trainings through the chart's aggregated ClusterRoles ------------
+    for who, role in (("viewer", "view"), ("editor", "edit")):
+        cluster.kubectl("create", "serviceaccount", who, "-n", ns)
+        cluster.kubectl("create", "rolebinding", who, f"--clusterrole={role}", f"--serviceaccount={ns}:{who}",
+                        "-n", ns)
+    viewer, editor = sa_user(ns, "viewer"), sa_user(ns, "editor")
+    cluster.wait_for(lambda: can_i(cluster, viewer, "list", "populationtrainings.pbt.dev", "-n", ns)
+                     and can_i(cluster, editor, "create", "populationtrainings.pbt.dev", "-n", ns), 60,
+                     desc="aggregated roles")
+    assert can_i(cluster, viewer, "list", "populationmembers.pbt.dev", "-n", ns)
+    assert not can_i(cluster, viewer, "create", "populationtrainings.pbt.dev", "-n", ns)
+    assert can_i(cluster, editor, "patch", "populationtrainings.pbt.dev", "--subresource=scale", "-n", ns)
+    assert not can_i(cluster, editor, "create", "populationmembers.pbt.dev", "-n", ns)  # the operator's
 
     # -- the operator process, as the chart's ServiceAccount ---------------------------------------
     op = ChartOperator(cluster, tmp_path / "operator.log", dep, sa_kubeconfig(cluster, op_namespace, sa,

@@ -265,8 +265,9 @@ def test_invalid_training_rejected_or_failed(cluster: Cluster, namespace: str, o
     p = cluster.apply(bad, namespace, check=False)
     assert p.returncode != 0 and "max must be > min" in p.stderr, p.stderr
     bad2 = training("bad2", tmp_path / "ckpt")
-    bad2["spec"]["worker"] = {"executor": "inline"}  # passes the schema, fails the spec model
+    # passes the schema (it cannot see into choices), fails the spec model
+    bad2["spec"]["hyperparameters"]["opt"] = {"type": "categorical", "choices": ["sgd", "sgd"]}
     cluster.apply(bad2, namespace)
     obj = wait_phase(cluster, namespace, "bad2", operator, phase="Failed", timeout=60)
     failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "InvalidSpec" and "spec.worker.function" in failed["message"]
+    assert failed["reason"] == "InvalidSpec" and "spec.hyperparameters.opt.choices" in failed["message"]
