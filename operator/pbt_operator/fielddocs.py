@@ -97,7 +97,8 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
     Field("spec.explore.pb2", "`{parallel: bucb, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
           "kappa: 1}`", "PB2's settings"),
-    Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL), "how PB2 accounts for segments decided but not finished"),
+    Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
+          "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),
     Field("spec.explore.pb2.window", "int >= 1, none", "only rows within this many steps of the newest are used",
           row=False),
     Field("spec.explore.pb2.maxRows", "int >= 8, 128", "the GP's largest number of rows (older ones subsampled)",
