@@ -10,7 +10,7 @@ worker draws it from torch's unseeded global RNG), so replays are compared with 
 schedule is replayed `--repeats` times to show the replay-to-replay spread.
 
     .venv/bin/python benchmarks/replay_digits.py                    # 3 seeds, inline worker
-    .venv/bin/python benchmarks/replay_digits.py --executor process # one subprocess per segment, as `pbt run`
+    .venv/bin/python benchmarks/replay_digits.py --executor process # the manifest's command in warm workers, as `pbt run`
     .venv/bin/python benchmarks/replay_digits.py --seeded-init      # weight init seeded by member: exact?
     .venv/bin/python benchmarks/replay_digits.py --plot docs/digits-plot.png   # also save seed 0's plot
 
@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--segments", type=int, default=None, help="override spec.budget.segments (default: manifest's)")
     ap.add_argument("--parallelism", type=int, default=2)
     ap.add_argument("--executor", choices=("inline", "process"), default="inline",
-                    help="inline: train:segment in threads (fast); process: the manifest's command per segment")
+                    help="inline: train:segment in threads (fast); process: the manifest's command (warm workers)")
     ap.add_argument("--seeded-init", action="store_true",
                     help="inline only: seed torch's global RNG from the member before each segment (weight init "
                          "then depends on the member alone), to show what remains of the replay difference")

@@ -115,7 +115,8 @@ FIELDS: tuple[Field, ...] = (
           "Kubernetes: AWS_* keys passed to segment pods by reference"),
     Field("spec.worker", "", "`pbt run` only (refused on a cluster, where segments run spec.template)", row=False),
     Field("spec.worker.executor", _alts(EXECUTORS),
-          "`pbt run` only (refused on a cluster): a subprocess per segment, or a Python function in this process"),
+          "`pbt run` only (refused on a cluster): the command in subprocesses (warm workers, see `warm`), or a Python "
+          "function in this process"),
     Field("spec.worker.command", "list of strings", "process executor (default: the template container's command)"),
     Field("spec.worker.function", "`module:function`", "inline executor; the module is looked up next to the manifest"),
     Field("spec.worker.env", "map", "environment of the worker process", row=False),

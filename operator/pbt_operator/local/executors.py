@@ -2,8 +2,9 @@
 
 `InlineExecutor` calls a Python function in this process (threads) or a process pool: no process start
 per segment, so toy objectives and benchmarks reach thousands of segments per second.
-`ProcessExecutor` runs the manifest's command as a subprocess with the real segment contract
-(`PBT_SEGMENT`, a result file): exactly what a Kubernetes Job would run.
+`ProcessExecutor` runs the manifest's command with the real segment contract (`PBT_SEGMENT`, a result
+file, the exit status): exactly what a Kubernetes Job would run, in a fresh process per segment or, for a
+`python SCRIPT` command by default, in warm interpreters that run segment after segment (`warm.py`).
 Both report each finished segment through a callback; neither decides anything.
 """
 
