@@ -30,8 +30,9 @@ def _load(path: str, name: str | None = None) -> TrainingSpec:
 def cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
+    from .core.display import fmt_hp, fmt_value
     from .core.engine import Engine
-    from .local.progress import Progress, fmt_hp, fmt_value
+    from .local.progress import Progress
     from .local.runner import LocalRunner, RunError, spec_fingerprint
 
     spec = _load(args.manifest, args.name)

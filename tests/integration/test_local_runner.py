@@ -24,8 +24,9 @@ import pytest
 import yaml
 from pbt_operator import cli
 from pbt_operator.core.engine import Engine
+from pbt_operator.core.policy import pick_next
 from pbt_operator.core.types import SegmentResult, Suggestion
-from pbt_operator.local.runner import LocalRunner, RunError, pick_next
+from pbt_operator.local.runner import LocalRunner, RunError
 from pbt_operator.spec import Exploit, load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

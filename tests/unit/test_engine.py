@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pbt_operator.core import exploit as exploit_mod
 from pbt_operator.core.engine import Engine
 from pbt_operator.core.lineage import chain, collectable, keep_set
+from pbt_operator.core.policy import rebuild
 from pbt_operator.core.types import Record, Ref, SegmentResult, Suggestion
 
 SETTINGS = settings(max_examples=50, deadline=None,
@@ -108,8 +109,8 @@ class World:
         return new
 
     def rebuild(self, *, drop_last_decision: bool = False, last: list[Suggestion] | None = None) -> None:
-        """Swap in an engine rebuilt from JSON-persisted state, reconstructed the way `pbt run --resume`
-        does it: every record, and each member's last persisted suggestion unless that segment is done.
+        """Swap in an engine rebuilt from JSON-persisted state the way both drivers do it
+        (core/policy.rebuild): every record in tell order, and each member's last persisted suggestion.
         With `drop_last_decision`, the suggestions the last tell() returned were never persisted (a
         crash between writing the result - or failure - and writing the decision it caused)."""
         records = [Record.from_dict(roundtrip(r.to_dict())) for r in self.records]
@@ -119,9 +120,7 @@ class World:
         latest: dict[int, Suggestion] = {}
         for s in persisted:
             latest[s.member] = Suggestion.from_dict(roundtrip(s.to_dict()))
-        done = {r.ref for r in records if r.status == "done"}
-        pending = [s for s in latest.values() if s.ref not in done]
-        self.engine = Engine(self.engine.spec, records, pending)
+        self.engine = rebuild(self.engine.spec, records, latest).engine
         self.inflight = {}
         self.start()
 
@@ -269,8 +268,8 @@ def test_determinism_same_seed_same_suggestions(make_spec: Any, c: dict[str, Any
 @given(configs, st.integers(0, 60), st.booleans())
 def test_rebuilt_engine_makes_the_same_decisions(make_spec: Any, c: dict[str, Any], cut: int,
                                                  drop_last_decision: bool) -> None:
-    """Engine(spec, records, pending) mid-run continues exactly as the uninterrupted engine - also when
-    the crash came after a result was persisted but before the decision it caused was."""
+    """An engine rebuilt mid-run (core/policy.rebuild) continues exactly as the uninterrupted engine -
+    also when the crash came after a result was persisted but before the decision it caused was."""
     spec = spec_from_config(make_spec, c)
     straight = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"])
     straight.run()

@@ -3,8 +3,10 @@
 Drivers call `start()` once, run what it suggests, and `tell()` it each result; `tell` returns the
 suggestions that became runnable (none, one member's next segment in asynchronous mode, or a whole
 generation at a synchronous barrier). The engine's state is just the records and the pending
-suggestions, and `Engine(spec, records, pending)` rebuilds it: an operator that crashed, or a local
-run resumed with `--resume`, continues with exactly the decisions an uninterrupted run would make.
+suggestions, and `Engine(spec, records, pending)` rebuilds it; `core/policy.rebuild` does that from a
+driver's journal, re-telling the results whose decisions were never persisted, so an operator that
+crashed, or a local run resumed with `--resume`, continues with exactly the decisions an uninterrupted
+run would make (docs/architecture.md, "The driver policy").
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from .explore import explore
 from .lineage import collectable, schedule
 from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, rng_for
 from .space import Value
-from .types import DecisionKind, Record, Ref, SegmentResult, Suggestion
+from .types import (
+    BUDGET_EXHAUSTED,
+    PATIENCE_EXHAUSTED,
+    SEGMENT_FAILED,
+    TARGET_REACHED,
+    DecisionKind,
+    Finish,
+    Record,
+    Ref,
+    SegmentResult,
+    Suggestion,
+)
 
 if TYPE_CHECKING:
     from ..spec import TrainingSpec
@@ -47,12 +60,11 @@ class Engine:
         self.order: list[Ref] = []  # completion order, for patience and reporting
         self.latest: dict[int, Record] = {}
         self.pending: dict[int, Suggestion] = {}
-        self.finished: str | None = None
-        self.failed: str | None = None
+        self.finish: Finish | None = None  # stopped early: target reached, patience exhausted
+        self.failure: Finish | None = None  # the training failed (the first failure stays the reason)
         self.best: Record | None = None
         self._since_best = 0
         self._rows: list[Any] = []  # PB2 rows, built incrementally
-        self.collected: set[Ref] = set()
         self.last: Record | None = None  # the record the latest tell() produced, for drivers to persist
         for rec in records:
             self._absorb(rec)
@@ -60,29 +72,40 @@ class Engine:
             self.pending[s.member] = s
 
     # -- public API -------------------------------------------------------------------------------
+    @property
+    def finished(self) -> str | None:
+        """`finish` as one line ("TargetReached: member 3 scored ..."), or None."""
+        return str(self.finish) if self.finish is not None else None
+
+    @property
+    def failed(self) -> str | None:
+        """`failure` as one line ("SegmentFailed: member 0 segment 2 failed ..."), or None."""
+        return str(self.failure) if self.failure is not None else None
+
+    @property
+    def outcome(self) -> Finish | None:
+        """How the training ended, once it has: failed, stopped early, or every member used its
+        budget; None while it runs."""
+        if self.failure is not None:
+            return self.failure
+        if not self.done:
+            return None
+        return self.finish or Finish(BUDGET_EXHAUSTED, f"every member trained {self.spec.budget.segments} segments")
+
     def start(self) -> list[Suggestion]:
-        """Initial segments on a fresh run; on a rebuilt engine, whatever was pending plus any decision
-        still owed: a driver that crashed after persisting a result but before persisting the
-        suggestion it caused would otherwise never continue that member (or, in synchronous mode,
-        the whole population). The owed decision is the one the uninterrupted engine made."""
-        if not self.records and not self.failures and not self.pending:
+        """An initial segment for each member that has neither a record nor a pending segment (every
+        member, on a fresh run), then every pending segment, by member. Decisions a rebuilt engine
+        still owes are not made here: `core/policy.rebuild` re-tells the results that caused them."""
+        if not (self.finish or self.failure):
+            tried = {r.member for r in self.failures}
             for m in range(self.spec.population):
-                rng = rng_for(self.spec.seed, m, 0, INITIAL)
-                hp = self.spec.space.sample(rng, initial=True)
-                self.pending[m] = Suggestion(
-                    member=m, segment=0, hyperparameters=hp, restore=None, steps_start=0,
-                    steps_budget=self.spec.segment.steps, kind="start", reason="initial sample",
-                )
-        elif not (self.finished or self.failed):
-            # A pending segment whose failure is already recorded: the retry, replacement or failure
-            # of the training it caused was not (a training failure never is: nothing new to write).
-            for rec in list(self.failures):
-                if self.pending.get(rec.member) == rec.suggestion:
-                    self._after_failure(rec.suggestion, rec.error)
-            if not self.failed and (self.spec.mode == "asynchronous" or not self.pending):
-                for m in sorted(self.latest):
-                    if m not in self.pending:
-                        self._next(m)
+                if m not in self.pending and m not in self.latest and m not in tried:
+                    rng = rng_for(self.spec.seed, m, 0, INITIAL)
+                    hp = self.spec.space.sample(rng, initial=True)
+                    self.pending[m] = Suggestion(
+                        member=m, segment=0, hyperparameters=hp, restore=None, steps_start=0,
+                        steps_budget=self.spec.segment.steps, kind="start", reason="initial sample",
+                    )
         return sorted(self.pending.values(), key=lambda s: s.member)
 
     def tell(self, result: SegmentResult) -> list[Suggestion]:
@@ -98,7 +121,7 @@ class Engine:
         rec = Record(sug, result.score, result.steps, dict(result.metrics), "done", None, result.duration)
         del self.pending[result.member]
         self._absorb(rec)
-        if self.finished or self.failed:
+        if self.finish or self.failure:
             return []
         if self.spec.mode == "asynchronous":
             nxt = self._next(result.member)
@@ -119,7 +142,7 @@ class Engine:
     def done(self) -> bool:
         if self.pending:
             return False
-        if self.failed or self.finished:
+        if self.failure or self.finish:
             return True
         return all(self._member_done(m) for m in range(self.spec.population))
 
@@ -138,14 +161,13 @@ class Engine:
         target = ref if ref is not None else (self.best.ref if self.best else None)
         return schedule(self.records, target) if target is not None else []
 
-    def garbage(self) -> list[Ref]:
-        """Checkpoints that may be deleted now; marks them collected so each is listed once."""
-        refs = collectable(
+    def garbage(self, exclude: Iterable[Ref] = ()) -> list[Ref]:
+        """Checkpoints that may be deleted now, but those in `exclude` (already handed out for
+        deletion: `core/policy.garbage_batch` keeps that memory, so it survives a rebuilt engine)."""
+        return collectable(
             self.records, {m: r.ref for m, r in self.latest.items()}, self.pending.values(),
-            self.best.ref if self.best else None, self.collected,
+            self.best.ref if self.best else None, exclude,
         )
-        self.collected.update(refs)
-        return refs
 
     # -- internals --------------------------------------------------------------------------------
     def _internal(self, score: float) -> float:
@@ -174,11 +196,11 @@ class Engine:
             self._rows.append((rec.suggestion.steps_start, self._internal(before), rec.suggestion.hyperparameters,
                                (s - self._internal(before)) / dt))
         b = self.spec.budget
-        if b.target_score is not None and s >= self._internal(b.target_score) and self.finished is None:
-            self.finished = f"TargetReached: member {rec.member} scored {rec.score:.6g} (target {b.target_score:g})"
-        if b.patience is not None and self._since_best >= b.patience * self.spec.population and not self.finished:
-            self.finished = (f"PatienceExhausted: best score {self.best.score:.6g} not improved in "
-                             f"{self._since_best} segments")
+        if b.target_score is not None and s >= self._internal(b.target_score) and self.finish is None:
+            self.finish = Finish(TARGET_REACHED, f"member {rec.member} scored {rec.score:.6g} (target {b.target_score:g})")
+        if b.patience is not None and self._since_best >= b.patience * self.spec.population and not self.finish:
+            self.finish = Finish(PATIENCE_EXHAUSTED, f"best score {self.best.score:.6g} not improved in "
+                                                     f"{self._since_best} segments")
 
     def _member_done(self, m: int) -> bool:
         rec = self.latest.get(m)
@@ -247,7 +269,7 @@ class Engine:
         s = Suggestion(
             member=m, segment=k, hyperparameters=hp, restore=drec.ref, steps_start=drec.steps_end,
             steps_budget=spec.segment.steps, kind=kind, score_before=drec.score, donor=donor,
-            reason=f"{reason}; explore: {why}",
+            reason=f"{reason}; explore: {why}", exploit_reason=reason, explore_reason=why,
         )
         self.pending[m] = s
         return s
@@ -276,7 +298,7 @@ class Engine:
 
     def _after_failure(self, sug: Suggestion, error: str | None) -> list[Suggestion]:
         """Retry, replace or fail after `sug` failed (its failure is already in self.failures)."""
-        if self.failed or self.finished:  # nothing new starts, and the first reason stays the reason
+        if self.failure or self.finish:  # nothing new starts, and the first reason stays the reason
             self.pending.pop(sug.member, None)
             return []
         attempts = sum(1 for r in self.failures if r.ref == sug.ref)
@@ -294,7 +316,7 @@ class Engine:
         why = (f"member {sug.member} segment {sug.segment} failed {attempts} times "
                f"(maxRetries {policy.max_retries}): {error}")
         if policy.on_exhausted == "fail" or rnd >= 1:
-            self.failed = f"SegmentFailed: {why}"
+            self.failure = Finish(SEGMENT_FAILED, why)
             return []
         scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
         purpose = REPLACE_PURPOSE + attempts

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .choices import EXPLORE_STRATEGIES, check_table
+from .display import describe_change  # re-exported: its old home
 from .space import Space, Value
 from .types import Pb2Settings
 
@@ -85,16 +86,6 @@ _STRATEGIES: dict[str, Callable[[_Step], dict[str, Value]]] = {
     "perturb": _perturb, "resample": _resample, "pb2": _pb2,
 }
 check_table("explore strategies", _STRATEGIES, EXPLORE_STRATEGIES)
-
-
-def describe_change(old: Mapping[str, Value], new: Mapping[str, Value]) -> str:
-    """'lr 0.01->0.012, opt sgd->adam' for Events and logs."""
-    parts = [f"{k} {_fmt(old.get(k))}->{_fmt(v)}" for k, v in new.items() if old.get(k) != v]
-    return ", ".join(parts) if parts else "unchanged"
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 __all__ = ["Pb2Settings", "describe_change", "explore"]

@@ -36,6 +36,12 @@ class Suggestion:
     donor: int | None = None
     reason: str = ""
     attempt: int = 0
+    # An exploit's reason in its two parts (`reason` joins them): why this member copies the donor,
+    # and how its hyperparameters changed. Set by the engine on the decisions it makes, for the
+    # drivers' Events and logs; not persisted (the joined `reason` is) and not part of equality, so a
+    # decision read back from a journal equals the one the engine made.
+    exploit_reason: str = field(default="", compare=False)
+    explore_reason: str = field(default="", compare=False)
 
     @property
     def ref(self) -> Ref:
@@ -56,6 +62,26 @@ class Suggestion:
         d = dict(d)
         d["restore"] = tuple(d["restore"]) if d.get("restore") is not None else None
         return cls(**d)
+
+
+# How a training ends (Finish.reason): early (a target reached, patience exhausted), failed, or with
+# every member's budget used. CamelCase: the operator shows them as condition reasons unchanged.
+TARGET_REACHED = "TargetReached"
+PATIENCE_EXHAUSTED = "PatienceExhausted"
+SEGMENT_FAILED = "SegmentFailed"
+BUDGET_EXHAUSTED = "BudgetExhausted"
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a training ended (or is ending): a machine-readable reason and a message for people.
+    `str()` gives "Reason: message", the one-line form logs, results files and conditions show."""
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
 
 
 @dataclass(frozen=True)

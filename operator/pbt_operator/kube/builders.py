@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..contract import build_contract
+from ..core.display import fmt_hp
 from ..core.types import Record, Suggestion
-from ..local.progress import fmt_hp
 from ..spec import DEFAULT_CONTAINER
 from .crds import API_VERSION
 

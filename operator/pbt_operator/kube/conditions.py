@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core import types as core_types
+
 # Types
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -16,14 +18,9 @@ FAILED = "Failed"
 JOBS_ACCEPTED = "JobsAccepted"
 
 # Reasons
-MEMBERS_CREATED = "MembersCreated"
 SEGMENTS_RUNNING = "SegmentsRunning"
 WAITING_FOR_SLOTS = "WaitingForSlots"
-BUDGET_EXHAUSTED = "BudgetExhausted"
-TARGET_REACHED = "TargetReached"
-PATIENCE_EXHAUSTED = "PatienceExhausted"
 INVALID_SPEC = "InvalidSpec"
-SEGMENT_FAILED = "SegmentFailed"
 COMPLETED = "Completed"
 NOT_FINISHED = "NotFinished"
 NO_FAILURE = "NoFailure"
@@ -31,17 +28,18 @@ ACCEPTED = "Accepted"
 JOB_REFUSED = "JobRefused"
 QUOTA_EXCEEDED = "QuotaExceeded"
 NAME_CONFLICT = "NameConflict"
+# How a training ended is the engine's typed outcome (core/types.py Finish): its reason (TargetReached,
+# PatienceExhausted, BudgetExhausted, SegmentFailed) becomes the Succeeded/Failed condition's reason.
+SEGMENT_FAILED = core_types.SEGMENT_FAILED
 
 # Event reasons
 EV_MEMBER_CREATED = "MemberCreated"
 EV_EXPLOITED = "Exploited"
 EV_EXPLORED = "Explored"
-EV_SEGMENT_STARTED = "SegmentStarted"
 EV_SEGMENT_FAILED = "SegmentFailed"
 EV_SEGMENT_RETRIED = "SegmentRetried"
 EV_MEMBER_REPLACED = "MemberReplaced"
 EV_DISRUPTED = "SegmentDisrupted"
-EV_CHECKPOINT_MISSING = "CheckpointMissing"
 EV_COMPLETED = "Completed"
 EV_FAILED = "TrainingFailed"
 EV_INVALID = "InvalidSpec"

@@ -2,16 +2,19 @@
 
 `plan(training, members, jobs, pods, now)` returns every write to make: members to create, member
 spec and status patches, Jobs to create, the training's status, and Events. The state it reads is
-the whole state: member specs hold the decided next segment (written before its Job exists), member
-statuses hold finished segments (written before the next decision). Rebuilding the engine from them
-and re-telling any finished segment whose decision was not persisted yet reproduces exactly the
-decisions an uninterrupted operator would have made, so a kill -9 at any point loses nothing and
-repeats nothing.
+the whole state, this driver's journal: member specs hold the decided next segment (written before
+its Job exists), member statuses hold finished segments (written before the next decision). The
+engine is rebuilt from them by the driver policy (core/policy.py), which re-tells any finished
+segment whose decision was not persisted yet and so reproduces exactly the decisions an
+uninterrupted operator would have made: a kill -9 at any point loses nothing and repeats nothing.
+
+`plan` is a sequence of phases over one `Pass`, each a function with its own unit tests:
+parse_training (or invalid_spec), rebuild_pass, tell_finished_jobs, decision_events, write_members,
+admit_segments, write_member_statuses, finish_pass. docs/architecture.md puts them in context.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +22,10 @@ from typing import Any
 
 from ..checkpoints import checkpoint_uri
 from ..contract import parse_result
+from ..core.display import describe_change
 from ..core.engine import Engine
-from ..core.explore import describe_change
+from ..core.policy import Decision, admit, garbage_batch, rebuild
 from ..core.types import Record, SegmentResult, Suggestion
-from ..local.runner import pick_next
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from .builders import (
@@ -197,223 +200,257 @@ def pods_by_job(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str
     return out
 
 
-def _result_of(rec: Record) -> SegmentResult:
-    return SegmentResult(rec.member, rec.segment, rec.score, rec.steps_end, rec.metrics,
-                         error=rec.error if rec.status != "done" else None, duration=rec.duration)
+@dataclass
+class Pass:
+    """One reconcile pass: what it read, the rebuilt engine, and what the phases found so far.
+
+    The phases of `plan` run in order over one Pass; each reads what earlier ones left here and adds
+    its writes to `out`."""
+
+    training: Mapping[str, Any]
+    spec: TrainingSpec
+    root: str
+    now: str
+    out: Plan
+    engine: Engine
+    by_index: dict[int, Mapping[str, Any]]  # member index -> PopulationMember
+    histories: dict[int, list[dict[str, Any]]]  # member index -> status.history as read
+    current: dict[int, Suggestion]  # member index -> spec.segment as read (its latest persisted decision)
+    jobs_by_name: dict[str, Mapping[str, Any]]
+    pods_of: dict[str, list[Mapping[str, Any]]]
+    new_members: list[Suggestion] = field(default_factory=list)  # members to create, with their first segment
+    decided: dict[int, Decision] = field(default_factory=dict)  # each member's latest decision this pass
+    told: set[str] = field(default_factory=set)  # Jobs whose outcome was told this pass
+    new_history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    running: int = 0
+    waiting: list[Suggestion] = field(default_factory=list)
+    disruptions: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.training["metadata"]["name"])
+
+    def decide(self, decisions: Sequence[Decision]) -> None:
+        for d in decisions:
+            self.decided[d.suggestion.member] = d
+
+    def result(self, jname: str, job: Mapping[str, Any], sug: Suggestion) -> SegmentResult | None:
+        """The segment's result read from its Job and pods; None while it runs."""
+        return job_outcome(job, self.pods_of.get(jname, []), sug, self.spec.objective.metric)
 
 
 def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs: Sequence[Mapping[str, Any]],
          pods: Sequence[Mapping[str, Any]], now: str, collected: set[tuple[int, int]] | None = None) -> Plan:
     out = Plan(collected=set(collected or ()))
-    meta = training["metadata"]
-    name = meta["name"]
-    generation = meta.get("generation")
-    old_status = training.get("status") or {}
-    conds = list(old_status.get("conditions") or [])
     try:
-        spec = parse_spec(training.get("spec"), name=name, namespace=meta.get("namespace"))
-        root = storage_root(spec)
-        if spec.template is None:
-            raise SpecError(["spec.template: is required in Kubernetes (a pod template with the training container)"])
+        spec, root = parse_training(training)
     except SpecError as e:
-        msg = "; ".join(e.problems)
-        out.status = {
-            "phase": "Failed", "observedGeneration": generation,
-            "conditions": _set_all(conds, now, generation, ready=(False, C.INVALID_SPEC, msg),
-                                   progressing=(False, C.INVALID_SPEC, msg), succeeded=(False, C.INVALID_SPEC, msg),
-                                   failed=(True, C.INVALID_SPEC, msg)),
-        }
-        if (_cond_true(training, C.FAILED) or {}).get("reason") != C.INVALID_SPEC:
-            out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
-        out.done = True
-        return out
+        return invalid_spec(training, e, now, out)
     out.spec = spec
+    p = rebuild_pass(training, spec, root, members, jobs, pods, now, out)
+    tell_finished_jobs(p)
+    out.events += decision_events(p)
+    write_members(p)
+    admit_segments(p)
+    write_member_statuses(p)
+    finish_pass(p)
+    return out
 
-    by_index: dict[int, Mapping[str, Any]] = {}
-    for m in members:
-        by_index[int(m["spec"]["index"])] = m
-    histories: dict[int, list[dict[str, Any]]] = {i: list((m.get("status") or {}).get("history") or [])
-                                                  for i, m in by_index.items()}
 
-    # -- rebuild the engine ---------------------------------------------------------------------
-    entries = sorted((h for hs in histories.values() for h in hs),
-                     key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
-                                    h["suggestion"].get("attempt", 0)))
+def parse_training(training: Mapping[str, Any]) -> tuple[TrainingSpec, str]:
+    """The spec and the storage root, or SpecError for anything that cannot run in Kubernetes."""
+    meta = training["metadata"]
+    spec = parse_spec(training.get("spec"), name=meta["name"], namespace=meta.get("namespace"))
+    root = storage_root(spec)
+    if spec.template is None:
+        raise SpecError(["spec.template: is required in Kubernetes (a pod template with the training container)"])
+    return spec, root
+
+
+def invalid_spec(training: Mapping[str, Any], e: SpecError, now: str, out: Plan) -> Plan:
+    """A training whose spec does not parse: Failed with every problem in the conditions, one Event
+    when it becomes so, and nothing else touched."""
+    generation = training["metadata"].get("generation")
+    conds = list((training.get("status") or {}).get("conditions") or [])
+    msg = "; ".join(e.problems)
+    out.status = {
+        "phase": "Failed", "observedGeneration": generation,
+        "conditions": _set_all(conds, now, generation, ready=(False, C.INVALID_SPEC, msg),
+                               progressing=(False, C.INVALID_SPEC, msg), succeeded=(False, C.INVALID_SPEC, msg),
+                               failed=(True, C.INVALID_SPEC, msg)),
+    }
+    if (_cond_true(training, C.FAILED) or {}).get("reason") != C.INVALID_SPEC:
+        out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
+    out.done = True
+    return out
+
+
+def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, members: Sequence[Mapping[str, Any]],
+                 jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], now: str, out: Plan) -> Pass:
+    """Read this driver's journal (member statuses hold finished segments, member specs the latest
+    decisions) and rebuild the engine from it with the driver policy; members that do not exist yet
+    (a fresh training, a member deleted by hand, a crash between creates) are created with their
+    first segment."""
+    by_index: dict[int, Mapping[str, Any]] = {int(m["spec"]["index"]): m for m in members}
+    histories = {i: list((m.get("status") or {}).get("history") or []) for i, m in by_index.items()}
     current: dict[int, Suggestion] = {}
     for i, m in by_index.items():
         seg = (m.get("spec") or {}).get("segment")
         if seg:
             current[i] = Suggestion.from_dict(seg)
-    to_tell: list[Record] = []
-    records: list[Record] = []
-    for h in entries:
-        rec = Record.from_dict(h)
-        cur = current.get(rec.member)
-        if cur is not None and cur.ref == rec.ref and cur.attempt == rec.suggestion.attempt:
-            to_tell.append(rec)  # finished, but its decision was never persisted: tell it again
-        else:
-            records.append(rec)
-    engine = Engine(spec, records, current.values())
-    new_members: list[Suggestion] = []
-    if not by_index:
-        new_members = engine.start()
-    else:
-        missing = [i for i in range(spec.population) if i not in by_index]
-        if missing:  # a member deleted by hand, or a crash between creates: recreate from the start
-            fresh = Engine(spec).start()
-            for s in fresh:
-                if s.member in missing:
-                    engine.pending[s.member] = s
-                    new_members.append(s)
-    decided: dict[int, Suggestion] = {}
-    retried: set[int] = set()  # members whose decision is a retry of the segment that just failed
+    # Completion order (then member index): the order results were told in, here and in a pass
+    # that read the Jobs, so a rebuild makes the same decisions.
+    entries = sorted((h for hs in histories.values() for h in hs),
+                     key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
+                                    h["suggestion"].get("attempt", 0)))
+    rebuilt = rebuild(spec, (Record.from_dict(h) for h in entries), current)
+    p = Pass(training, spec, root, now, out, rebuilt.engine, by_index, histories, current,
+             {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods))
+    p.new_members = [s for s in rebuilt.started if s.member not in by_index]
+    p.decide(rebuilt.decisions)
+    return p
 
-    def note(s: Suggestion, failed: Suggestion) -> None:
-        decided[s.member] = s
-        if s.member == failed.member and dataclasses.replace(s, attempt=failed.attempt) == failed:
-            retried.add(s.member)
-        else:
-            retried.discard(s.member)
 
-    for rec in to_tell:
-        for s in engine.tell(_result_of(rec)):
-            note(s, rec.suggestion)
-
-    # -- read finished Jobs ---------------------------------------------------------------------
-    # Results are told in completion order (then member index), the same order a rebuild after a
-    # crash uses, so both paths make the same decisions.
-    jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
-    pods_of = pods_by_job(pods)
-    told: set[str] = set()
-    new_history: dict[int, list[dict[str, Any]]] = {}
+def tell_finished_jobs(p: Pass) -> None:
+    """Tell the engine every pending segment whose Job ended, in completion order (then member index),
+    the order a rebuild after a crash uses too; record each in its member's new history entries."""
+    engine, out = p.engine, p.out
     for _ in range(4):  # a told result may decide a retry whose Job already exists (after a crash)
         outcomes = []
         for m_idx, sug in engine.pending.items():
-            jname = job_name(name, sug)
-            job = jobs_by_name.get(jname)
-            if job is None or jname in told:
+            jname = job_name(p.name, sug)
+            job = p.jobs_by_name.get(jname)
+            if job is None or jname in p.told:
                 continue
-            res = job_outcome(job, pods_of.get(jname, []), sug, spec.objective.metric)
-            if res is not None:
-                finished_at = (job.get("status") or {}).get("completionTime") or now
-                outcomes.append((finished_at, m_idx, sug, res, jname))
+            res = p.result(jname, job, sug)
+            if res is None:
+                continue
+            finished_at = (job.get("status") or {}).get("completionTime") or p.now
+            outcomes.append((finished_at, m_idx, sug, res, jname))
         if not outcomes:
             break
         for finished_at, m_idx, sug, res, jname in sorted(outcomes, key=lambda o: (o[0], o[1])):
-            told.add(jname)
+            p.told.add(jname)
             new = engine.tell(res)
             if not res.disrupted and engine.last is not None and engine.last.ref == sug.ref:
-                new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
+                p.new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
             out.finished += int(res.ok)
-            secs = None if res.disrupted else job_seconds(jobs_by_name[jname], finished_at)
+            secs = None if res.disrupted else job_seconds(p.jobs_by_name[jname], finished_at)
             if secs is not None:
                 out.segment_seconds.append(secs)
             if not res.ok:
-                out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
+                out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
                                             f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
-            for s in new:
-                note(s, sug)
+            p.decide([Decision(s, sug) for s in new])
 
-    # -- events for decisions -------------------------------------------------------------------
-    for s in decided.values():
-        mname = member_name(name, s.member)
-        if s.member in retried:  # a retry repeats its decision (exploit, replace...): do not announce it again
-            out.events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
-                                        f"segment {s.segment} retried (attempt {s.attempt})"))
+
+def decision_events(p: Pass) -> list[EventSpec]:
+    """One Event per decision this pass (two for an exploit: the copy, and the new hyperparameters)."""
+    events = []
+    for d in p.decided.values():
+        s = d.suggestion
+        mname = member_name(p.name, s.member)
+        if d.retry:  # a retry repeats its decision (exploit, replace...): do not announce it again
+            events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
+                                    f"segment {s.segment} retried (attempt {s.attempt})"))
         elif s.kind == "exploit" and s.donor is not None:
-            out.events.append(EventSpec(mname, "Normal", C.EV_EXPLOITED,
-                                        f"member {s.member} copies member {s.donor} checkpoint s{s.restore[1] if s.restore else '?'} "
-                                        f"(score {s.score_before}): {s.reason.split('; explore')[0]}"))
-            donor_hp = next((r.suggestion.hyperparameters for r in [engine.latest.get(s.donor)] if r), {})
-            out.events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
-                                        f"{describe_change(donor_hp, s.hyperparameters)} ({s.reason.split('explore: ')[-1]})"))
+            events.append(EventSpec(mname, "Normal", C.EV_EXPLOITED,
+                                    f"member {s.member} copies member {s.donor} checkpoint s{s.restore[1] if s.restore else '?'} "
+                                    f"(score {s.score_before}): {s.exploit_reason}"))
+            donor = p.engine.latest.get(s.donor)
+            donor_hp = donor.suggestion.hyperparameters if donor is not None else {}
+            events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
+                                    f"{describe_change(donor_hp, s.hyperparameters)} ({s.explore_reason})"))
         elif s.kind == "replace":
-            out.events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
+            events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
+    return events
 
-    # -- members: create / patch ------------------------------------------------------------------
-    for s in new_members:
-        out.create_members.append(build_member(training, s))
+
+def write_members(p: Pass) -> None:
+    """Create missing members with their first segment; patch the spec of every member whose latest
+    decision changed (written before its Job exists: the decision is persisted first)."""
+    out = p.out
+    for s in p.new_members:
+        out.create_members.append(build_member(p.training, s))
         out.events.append(EventSpec("training", "Normal", C.EV_MEMBER_CREATED,
                                     f"member {s.member} created: {describe_change({}, s.hyperparameters)}"))
-    for m_idx, s in engine.pending.items():
-        prev = current.get(m_idx)
-        if m_idx in by_index and (prev is None or prev.to_dict() != s.to_dict()):
-            out.member_specs[member_name(name, m_idx)] = s.to_dict()
+    for m_idx, s in p.engine.pending.items():
+        prev = p.current.get(m_idx)
+        if m_idx in p.by_index and (prev is None or prev.to_dict() != s.to_dict()):
+            out.member_specs[member_name(p.name, m_idx)] = s.to_dict()
 
-    # -- admit segments up to parallelism -------------------------------------------------------
+
+def admit_segments(p: Pass) -> None:
+    """Count the running segments, start waiting ones up to parallelism (driver policy), and hand the
+    first started Job a batch of checkpoints to delete."""
+    engine, out, spec = p.engine, p.out, p.spec
     waiting: list[Suggestion] = []
-    running = 0
-    disruptions: dict[int, int] = {}
     for m_idx, sug in engine.pending.items():
-        jname = job_name(name, sug)
-        job = jobs_by_name.get(jname)
+        jname = job_name(p.name, sug)
+        job = p.jobs_by_name.get(jname)
         if job is None:
             waiting.append(sug)
-        elif jname not in told and job_outcome(job, pods_of.get(jname, []), sug, spec.objective.metric) is None:
-            running += 1
-            disruptions[m_idx] = _disruptions(job, pods_of.get(jname, []))
-    finished = engine.finished or engine.failed
-    if finished:
-        for s in waiting:
-            engine.cancel(s.member)
-        waiting = []
-    slots = max(0, spec.parallelism - running)
-    to_start: list[Suggestion] = []
-    while waiting and len(to_start) < slots:
-        s = pick_next(waiting)
-        waiting.remove(s)
-        to_start.append(s)
+        elif jname not in p.told and p.result(jname, job, sug) is None:
+            p.running += 1
+            p.disruptions[m_idx] = _disruptions(job, p.pods_of.get(jname, []))
+    to_start, p.waiting = admit(engine, waiting, p.running, spec.parallelism)
     gc_uris: list[str] = []
     if to_start:
-        engine.collected = set(out.collected)
-        refs = engine.garbage()[:64]  # the rest stay uncollected and come up again next time
-        out.collected |= set(refs)
-        gc_uris = [checkpoint_uri(root, name, r) for r in refs]
+        gc_uris = [checkpoint_uri(p.root, p.name, r) for r in garbage_batch(engine, out.collected)]
     for i, s in enumerate(to_start):
-        mobj = by_index.get(s.member)
+        mobj = p.by_index.get(s.member)
         if mobj is None:
             continue  # created this pass; its Job follows next pass, once the member has a uid
-        out.create_jobs.append(build_job(training, mobj, s, root, gc_uris if i == 0 else [], spec.template or {},
+        out.create_jobs.append(build_job(p.training, mobj, s, p.root, gc_uris if i == 0 else [], spec.template or {},
                                          spec.storage.credentials_secret, spec.segment.timeout_seconds))
-        out.started.append(job_name(name, s))
-    running += len(out.create_jobs)
+        out.started.append(job_name(p.name, s))
+    p.running += len(out.create_jobs)
 
-    # -- member statuses --------------------------------------------------------------------------
-    for m_idx, mobj in by_index.items():
-        hist = histories.get(m_idx, []) + new_history.get(m_idx, [])
+
+def write_member_statuses(p: Pass) -> None:
+    """Each member's status: its history with this pass's results, phase, disruptions; written only
+    when it changed. A newly disrupted pod gets a Warning."""
+    engine, out = p.engine, p.out
+    created = {j["metadata"]["name"] for j in out.create_jobs}
+    for m_idx, mobj in p.by_index.items():
+        hist = p.histories.get(m_idx, []) + p.new_history.get(m_idx, [])
         cur_sug = engine.pending.get(m_idx)
         if cur_sug is not None:
-            has_job = job_name(name, cur_sug) in jobs_by_name or any(
-                j["metadata"]["name"] == job_name(name, cur_sug) for j in out.create_jobs)
-            phase = "Running" if has_job else "Queued"
+            jname = job_name(p.name, cur_sug)
+            phase = "Running" if jname in p.jobs_by_name or jname in created else "Queued"
         else:
-            phase = "Failed" if engine.failed else "Done"
-        extra = {"disruptions": disruptions[m_idx]} if disruptions.get(m_idx) else {}
+            phase = "Failed" if engine.failure else "Done"
+        extra = {"disruptions": p.disruptions[m_idx]} if p.disruptions.get(m_idx) else {}
         st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
         if old.get("disruptions") and "disruptions" not in st:
             st["disruptions"] = old["disruptions"]
         if st != old:
-            out.member_statuses[member_name(name, m_idx)] = st
-        if disruptions.get(m_idx, 0) > int(old.get("disruptions") or 0):
-            out.events.append(EventSpec(member_name(name, m_idx), "Warning", C.EV_DISRUPTED,
+            out.member_statuses[member_name(p.name, m_idx)] = st
+        if p.disruptions.get(m_idx, 0) > int(old.get("disruptions") or 0):
+            out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_DISRUPTED,
                                         f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
                                         "node loss): it reruns from the same checkpoint, not counted as a failure"))
 
-    # -- training status ------------------------------------------------------------------------
+
+def finish_pass(p: Pass) -> None:
+    """The training's status (written only when it changed), and one Event when the training ends."""
+    engine, out = p.engine, p.out
+    old_status = p.training.get("status") or {}
     out.done = engine.done
-    out.status = training_status(spec, engine, old_status, now, generation, running, len(waiting), root)
+    out.status = training_status(p.spec, engine, old_status, p.now, p.training["metadata"].get("generation"),
+                                 p.running, len(p.waiting), p.root)
     out.status_changed = out.status != old_status
-    if out.done and old_status.get("phase") not in ("Succeeded", "Failed"):
-        if engine.failed:
-            out.events.append(EventSpec("training", "Warning", C.EV_FAILED, engine.failed))
+    fin = engine.outcome
+    if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed"):
+        if engine.failure:
+            out.events.append(EventSpec("training", "Warning", C.EV_FAILED, str(fin)))
         else:
             b = engine.best
             out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
                                         f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
                                         f"score {b.score if b else '-'}"))
-    return out
 
 
 def job_seconds(job: Mapping[str, Any], finished_at: str) -> float | None:
@@ -452,15 +489,16 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     st = engine.state()
     best = engine.best
     conds = list(old.get("conditions") or [])
-    if engine.failed:
+    fin = engine.outcome
+    if engine.failure is not None:
         phase = "Failed"
-        conds = _set_all(conds, now, generation, ready=(False, C.SEGMENT_FAILED, engine.failed),
-                         progressing=(False, C.SEGMENT_FAILED, engine.failed),
-                         succeeded=(False, C.SEGMENT_FAILED, engine.failed), failed=(True, C.SEGMENT_FAILED, engine.failed))
-    elif engine.done:
+        reason, msg = engine.failure.reason, str(engine.failure)
+        conds = _set_all(conds, now, generation, ready=(False, reason, msg), progressing=(False, reason, msg),
+                         succeeded=(False, reason, msg), failed=(True, reason, msg))
+    elif fin is not None:
         phase = "Succeeded"
-        reason = (engine.finished or "").split(":")[0] or C.BUDGET_EXHAUSTED
-        msg = engine.finished or f"every member trained {spec.budget.segments} segments"
+        # An early stop's message starts with its reason ("TargetReached: member 3 scored ..."), as ever.
+        reason, msg = fin.reason, engine.finished or fin.message
         conds = _set_all(conds, now, generation, ready=(True, C.COMPLETED, msg), progressing=(False, reason, msg),
                          succeeded=(True, reason, msg), failed=(False, C.NO_FAILURE, "no failure"))
     else:
@@ -493,5 +531,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     return status
 
 
-__all__ = ["EventSpec", "Plan", "job_event_matters", "job_outcome", "plan", "pod_event_matters", "pods_by_job",
-           "training_status", "world_selectors"]
+__all__ = ["EventSpec", "Pass", "Plan", "admit_segments", "decision_events", "finish_pass", "invalid_spec",
+           "job_event_matters", "job_outcome", "parse_training", "plan", "pod_event_matters", "pods_by_job",
+           "rebuild_pass", "tell_finished_jobs", "training_status", "world_selectors", "write_member_statuses",
+           "write_members"]

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
 from typing import TextIO
 
+from ..core.display import fmt_hp, fmt_value
 from ..core.engine import Engine
 from ..core.types import Suggestion
 from ..spec import TrainingSpec
-
-
-def fmt_value(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def fmt_hp(hp: Mapping[str, object], limit: int = 48) -> str:
-    s = " ".join(f"{k}={fmt_value(v)}" for k, v in hp.items())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def member_table(spec: TrainingSpec, engine: Engine, running: dict[int, Suggestion]) -> list[str]:

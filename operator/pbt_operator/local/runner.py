@@ -1,9 +1,10 @@
 """`pbt run`: drive the engine with a local executor, persist every step, resume after a kill.
 
 Persistence is write-ahead: a suggestion is appended to `suggestions.jsonl` before it is dispatched,
-and a finished segment to `results.jsonl` the moment it is told to the engine. Rebuilding the engine
-from those two files therefore never repeats a finished segment and never invents a new decision for
-one that was already made.
+and a finished segment to `results.jsonl` the moment it is told to the engine. Those two files are this
+driver's journal; `core/policy.rebuild` turns them back into the engine, so a resumed run never repeats
+a finished segment and makes exactly the decisions an uninterrupted run would. Admission and checkpoint
+garbage collection follow the same driver policy as the operator (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 from ..checkpoints import checkpoint_uri, storage_root
 from ..contract import build_contract
 from ..core.engine import Engine
-from ..core.types import Record, SegmentResult, Suggestion
+from ..core.policy import admit, garbage_batch, rebuild
+from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import TrainingSpec
 from .durability import fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor
@@ -41,11 +43,6 @@ class RunSummary:
     @property
     def best(self) -> Record | None:
         return self.engine.best
-
-
-def pick_next(queued: list[Suggestion]) -> Suggestion:
-    """Least-progressed member first: a population larger than the slots time-shares them fairly."""
-    return min(queued, key=lambda s: (s.steps_start, s.segment, s.member))
 
 
 def spec_fingerprint(doc: Any) -> str:
@@ -69,7 +66,9 @@ class LocalRunner:
         self.barrier = self.root.startswith("file://") and storage is None and fsync_enabled(dict(spec.worker.env))
 
     # -- persistence ------------------------------------------------------------------------------
-    def _prepare(self) -> tuple[list[Record], list[Suggestion]]:
+    def _prepare(self) -> tuple[list[Record], dict[int, Suggestion]]:
+        """The journal: every finished attempt in the order it was told, and each member's latest
+        decision."""
         d = self.run_dir
         meta = d / "run.json"
         if meta.exists() and not self.resume:
@@ -90,9 +89,7 @@ class LocalRunner:
         for line in _lines(d / "suggestions.jsonl"):
             s = Suggestion.from_dict(json.loads(line))
             last[s.member] = s
-        done = {r.ref for r in records if r.status == "done"}
-        pending = [s for s in last.values() if s.ref not in done]
-        return records, pending
+        return records, last
 
     def _executor(self) -> Executor:
         spec, w = self.spec, self.spec.worker
@@ -113,8 +110,9 @@ class LocalRunner:
             executor = self._executor()  # first: an unimportable function must not leave a run folder
         except ValueError as e:
             raise RunError(str(e)) from None
-        records, pending = self._prepare()
-        engine = Engine(self.spec, records, pending)
+        records, decided = self._prepare()
+        rebuilt = rebuild(self.spec, records, decided)
+        engine = rebuilt.engine
         inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
         running: dict[int, Suggestion] = {}
         t0 = time.perf_counter()
@@ -134,21 +132,19 @@ class LocalRunner:
                     sync_filesystems([self.run_dir, Path(self.root[len("file://"):])])
 
             queued = engine.start()
-            log_suggestions([s for s in queued if s not in pending])  # fresh, or decisions owed after a crash
+            # fresh, or decided by the rebuild (initial segments of members that had none, owed decisions)
+            log_suggestions([s for s in queued if decided.get(s.member) != s])
             persist()
             dispatched = 0
             gc: list[str] = []
+            handed_out: set[Ref] = set()
             try:
                 while True:
-                    if engine.finished or engine.failed:
-                        for s in queued:
-                            engine.cancel(s.member)
-                        queued = []
-                    while queued and len(running) < self.spec.parallelism:
-                        sug = pick_next(queued)
-                        queued.remove(sug)
-                        if dispatched % self.spec.population == 0:
-                            gc = [checkpoint_uri(self.root, self.spec.name, r) for r in engine.garbage()]
+                    to_start, queued = admit(engine, queued, len(running), self.spec.parallelism)
+                    for sug in to_start:
+                        if dispatched % self.spec.population == 0:  # a batch per population's worth of segments
+                            refs = garbage_batch(engine, handed_out, limit=None)
+                            gc = [checkpoint_uri(self.root, self.spec.name, r) for r in refs]
                         contract = build_contract(self.spec.name, sug, self.root,
                                                   str(self.run_dir / "results" / f"m{sug.member:03d}.json"), gc)
                         gc = []

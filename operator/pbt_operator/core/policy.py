@@ -1,0 +1,132 @@
+"""The driver policy: what both drivers do around the engine, written once.
+
+`pbt run` (local/runner.py) and the operator (kube/reconcile.py) differ in where they keep their
+journal (two JSONL files; member specs and statuses in the API server) and in how segments run (an
+executor; Jobs). Everything else about driving the engine is here, pure, and the same for both:
+
+- `rebuild`: an engine from the journal: the finished segments in completion order and each member's
+  latest persisted decision. A result whose decision was never persisted (a crash in between) is told
+  again, in its place in the order, so the owed decision is exactly the one an uninterrupted run
+  made; a member with no decision and no record gets its initial segment.
+- `admit`: which waiting segments start now: least-progressed member first, up to parallelism, and
+  nothing new once the training finished or failed.
+- `garbage_batch`: checkpoints to hand to a starting segment for deletion, a bounded batch at a time,
+  each one once.
+- `Decision`: a decision with the segment that caused it, so a driver can tell a retry (same segment,
+  next attempt) from a new decision when it reports them.
+
+The drivers never write the engine's fields; they call `tell`, `cancel` and these functions.
+docs/architecture.md describes the journal each driver keeps and why this order is crash-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .engine import Engine
+from .types import Record, Ref, SegmentResult, Suggestion
+
+if TYPE_CHECKING:
+    from ..spec import TrainingSpec
+
+GC_BATCH = 64
+"""At most this many checkpoints ride along with one segment for deletion: the list travels in the
+segment's contract (an environment variable in Kubernetes), so it must stay small; the rest come up
+again in the next batch."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A suggestion the engine made, and the segment whose result (or failure) caused it."""
+
+    suggestion: Suggestion
+    cause: Suggestion
+
+    @property
+    def retry(self) -> bool:
+        """The same segment again, at the next attempt: not a new decision (exploit, replace...)."""
+        s, c = self.suggestion, self.cause
+        return s.member == c.member and dataclasses.replace(s, attempt=c.attempt) == c
+
+
+@dataclass
+class Rebuilt:
+    """An engine rebuilt from a journal, and what the rebuild decided that the journal lacks."""
+
+    engine: Engine
+    started: list[Suggestion] = field(default_factory=list)  # initial segments of members that had none
+    decisions: list[Decision] = field(default_factory=list)  # owed decisions, in the order they were made
+
+
+def result_of(rec: Record) -> SegmentResult:
+    """The result that, told to the engine, produces `rec` again."""
+    return SegmentResult(rec.member, rec.segment, rec.score, rec.steps_end, rec.metrics,
+                         error=rec.error if rec.status != "done" else None, duration=rec.duration)
+
+
+def rebuild(spec: TrainingSpec, records: Iterable[Record], decided: Mapping[int, Suggestion]) -> Rebuilt:
+    """The engine an uninterrupted driver would have now.
+
+    `records`: every finished attempt (done or failed), in the order the driver told them; `decided`:
+    each member's latest persisted decision. Both drivers persist a result before the decision it
+    causes, so a record whose segment and attempt are still its member's latest decision is a
+    result whose decision was lost: it is told again (after the rest are absorbed, in journal
+    order), and the engine makes that decision again, identically.
+    """
+    owed: list[Record] = []
+    kept: list[Record] = []
+    for rec in records:
+        cur = decided.get(rec.member)
+        if cur is not None and cur.ref == rec.ref and cur.attempt == rec.suggestion.attempt:
+            owed.append(rec)
+        else:
+            kept.append(rec)
+    done = {r.ref for r in kept if r.status == "done"}
+    pending = [s for s in decided.values() if s.ref not in done]
+    engine = Engine(spec, kept, pending)
+    had = {s.member for s in pending}
+    out = Rebuilt(engine, [s for s in engine.start() if s.member not in had])
+    for rec in owed:
+        out.decisions += [Decision(s, rec.suggestion) for s in engine.tell(result_of(rec))]
+    return out
+
+
+def progress_key(s: Suggestion) -> tuple[int, int, int]:
+    return (s.steps_start, s.segment, s.member)
+
+
+def pick_next(queued: Sequence[Suggestion]) -> Suggestion:
+    """Least-progressed member first: a population larger than the slots time-shares them fairly."""
+    return min(queued, key=progress_key)
+
+
+def admit(engine: Engine, waiting: Iterable[Suggestion], running: int,
+          parallelism: int) -> tuple[list[Suggestion], list[Suggestion]]:
+    """(segments to start now, segments still waiting), least-progressed first, so that at most
+    `parallelism` run. Once the training finished or failed nothing new starts: the waiting segments
+    are cancelled (they never ran, so nothing is lost) and neither list holds them."""
+    if engine.finish or engine.failure:
+        for s in waiting:
+            engine.cancel(s.member)
+        return [], []
+    order = sorted(waiting, key=progress_key)
+    slots = max(0, parallelism - running)
+    return order[:slots], order[slots:]
+
+
+def garbage_batch(engine: Engine, handed_out: set[Ref], limit: int | None = GC_BATCH) -> list[Ref]:
+    """Checkpoints a starting segment may delete: collectable now (core/lineage.py says which), not
+    handed out before, at most `limit`. Records them in `handed_out`, which the driver keeps across
+    batches (and, in the operator, across passes, whose engines are rebuilt each time)."""
+    refs = engine.garbage(exclude=handed_out)
+    if limit is not None:
+        refs = refs[:limit]
+    handed_out.update(refs)
+    return refs
+
+
+__all__ = ["GC_BATCH", "Decision", "Rebuilt", "admit", "garbage_batch", "pick_next", "progress_key", "rebuild",
+           "result_of"]
