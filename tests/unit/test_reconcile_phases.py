@@ -1,0 +1,222 @@
+"""Each phase of a reconcile pass (kube/reconcile.py) on its own, on states built by driving the
+in-memory stand-in for the API server of test_reconcile.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Any
+
+import pytest
+from pbt_operator.core.policy import Decision
+from pbt_operator.core.types import Suggestion
+from pbt_operator.kube import conditions as C
+from pbt_operator.kube.builders import member_name
+from pbt_operator.kube.reconcile import (
+    Pass,
+    Plan,
+    admit_segments,
+    decision_events,
+    finish_pass,
+    invalid_spec,
+    parse_training,
+    rebuild_pass,
+    tell_finished_jobs,
+    write_member_statuses,
+    write_members,
+)
+from pbt_operator.spec import SpecError
+from test_reconcile import FakeCluster, drive, training_obj
+
+
+def pass_of(c: FakeCluster) -> Pass:
+    """A pass over the cluster's current state, rebuilt but with no other phase run yet."""
+    spec, root = parse_training(c.training)
+    return rebuild_pass(c.training, spec, root, list(c.members.values()), list(c.jobs.values()), c.pods, c.now(),
+                        Plan(collected=set(c.collected), spec=spec))
+
+
+def running_cluster(**spec: Any) -> FakeCluster:
+    c = FakeCluster(training_obj(**spec))
+    c.reconcile()  # creates the members
+    c.reconcile()  # creates the first Jobs
+    return c
+
+
+def test_parse_training_needs_storage_and_a_template() -> None:
+    spec, root = parse_training(training_obj())
+    assert spec.population == 6 and root == "s3://bucket/runs"
+    with pytest.raises(SpecError, match=r"spec\.template: is required in Kubernetes"):
+        parse_training(training_obj(template=None, worker={"command": ["python", "w.py"]}))
+    t = training_obj()
+    del t["spec"]["storage"]
+    with pytest.raises(SpecError, match=r"spec\.storage\.uri: is required in Kubernetes"):
+        parse_training(t)
+
+
+def test_invalid_spec_fails_the_training_and_says_so_once() -> None:
+    t = training_obj()
+    out = invalid_spec(t, SpecError(["spec.x: bad", "spec.y: worse"]), "2026-01-01T00:00:00Z", Plan())
+    assert out.done and out.status["phase"] == "Failed" and not out.create_members and not out.create_jobs
+    conds = {c["type"]: c for c in out.status["conditions"]}
+    assert {c["reason"] for c in conds.values()} == {C.INVALID_SPEC}
+    assert conds[C.FAILED]["status"] == "True" and conds[C.FAILED]["message"] == "spec.x: bad; spec.y: worse"
+    assert [e.reason for e in out.events] == [C.EV_INVALID]
+    t["status"] = out.status  # already failed for this reason: no second Event
+    assert invalid_spec(t, SpecError(["spec.x: bad"]), "2026-01-01T00:00:01Z", Plan()).events == []
+
+
+def test_rebuild_pass_creates_missing_members_only() -> None:
+    c = FakeCluster(training_obj())
+    p = pass_of(c)
+    assert [s.member for s in p.new_members] == list(range(6)) and not p.decided
+    c.reconcile()
+    assert pass_of(c).new_members == []
+    del c.members[member_name("toy", 4)]
+    p = pass_of(c)
+    assert [(s.member, s.segment, s.kind) for s in p.new_members] == [(4, 0, "start")]
+
+
+def test_rebuild_pass_makes_an_owed_decision_again() -> None:
+    """Crash after the member status (the result) was written but before the member spec (the
+    decision): the next pass decides the same thing again."""
+    c = running_cluster()
+    job = c.running()[0]
+    m = int(job["metadata"]["labels"]["pbt.dev/member"])
+    c.finish(job)
+    full = pass_of(c)
+    tell_finished_jobs(full)
+    (want,) = full.decided.values()
+    crashed = c.reconcile(limit=1)  # writes the first member status only: the finished member's
+    assert next(iter(crashed.member_statuses)) == member_name("toy", m) and member_name("toy", m) in crashed.member_specs
+    mobj = c.members[member_name("toy", m)]
+    assert mobj["status"]["history"] and mobj["spec"]["segment"]["segment"] == 0  # result kept, decision lost
+    p = pass_of(c)
+    (d,) = p.decided.values()
+    assert d.suggestion.to_dict() == want.suggestion.to_dict() and d.cause == want.cause
+
+
+def test_tell_finished_jobs_records_results_and_decides() -> None:
+    c = running_cluster(failurePolicy={"maxRetries": 1})
+    ok_job, bad_job = c.running()[:2]
+    c.finish(ok_job)
+    c.finish(bad_job, fail=True)
+    p = pass_of(c)
+    tell_finished_jobs(p)
+    names = {ok_job["metadata"]["name"], bad_job["metadata"]["name"]}
+    assert p.told == names and p.out.finished == 1
+    entries = [h for hs in p.new_history.values() for h in hs]
+    assert sorted(h["status"] for h in entries) == ["done", "failed"]
+    bad_member = int(bad_job["metadata"]["labels"]["pbt.dev/member"])
+    assert p.decided[bad_member].retry and p.decided[bad_member].suggestion.attempt == 1
+    ok_member = int(ok_job["metadata"]["labels"]["pbt.dev/member"])
+    assert p.decided[ok_member].suggestion.segment == 1 and not p.decided[ok_member].retry
+    assert [e.reason for e in p.out.events] == [C.EV_SEGMENT_FAILED]
+    assert "attempt 0 failed: exit code 1" in p.out.events[0].message
+
+
+def test_decision_events() -> None:
+    c = running_cluster()
+    p = pass_of(c)
+    base = Suggestion(1, 2, {"h0": 0.6, "h1": 0.5}, (0, 1), 10, 5, "exploit", 0.3, 0,
+                      "why; explore: how", exploit_reason="why", explore_reason="how")
+    retry_of = Suggestion(2, 1, {"h0": 0.1, "h1": 0.1}, (2, 0), 5, 5, "continue", 0.1, None, "continue")
+    replaced = Suggestion(3, 1, {"h0": 0.1, "h1": 0.1}, (0, 0), 5, 5, "replace", 0.4, 0, "replaced: boom")
+    cont = Suggestion(4, 1, {"h0": 0.2, "h1": 0.1}, (4, 0), 5, 5, "continue", 0.2, None, "continue")
+    before = Suggestion(1, 1, {"h0": 0.1, "h1": 0.1}, (1, 0), 5, 5, "continue", 0.1, None, "continue")
+    failing = Suggestion(3, 1, {"h0": 0.3, "h1": 0.3}, (3, 0), 5, 5, "continue", 0.1, None, "continue", attempt=1)
+    p.decide([Decision(base, before), Decision(dataclasses.replace(retry_of, attempt=1), retry_of),
+              Decision(replaced, failing), Decision(cont, dataclasses.replace(cont, segment=0))])
+    events = decision_events(p)
+    by = [(e.target, e.reason) for e in events]
+    assert by == [("toy-m001", C.EV_EXPLOITED), ("toy-m001", C.EV_EXPLORED), ("toy-m002", C.EV_SEGMENT_RETRIED),
+                  ("toy-m003", C.EV_MEMBER_REPLACED)]
+    assert events[0].message == "member 1 copies member 0 checkpoint s1 (score 0.3): why"
+    assert events[1].message.endswith(" (how)") and "->" in events[1].message
+    assert events[2].message == "segment 1 retried (attempt 1)"
+
+
+def test_write_members_creates_and_patches_only_what_changed() -> None:
+    c = FakeCluster(training_obj())
+    p = pass_of(c)
+    write_members(p)
+    assert len(p.out.create_members) == 6 and not p.out.member_specs
+    assert [e.reason for e in p.out.events] == [C.EV_MEMBER_CREATED] * 6
+    c.reconcile()
+    p = pass_of(c)
+    write_members(p)
+    assert not p.out.create_members and not p.out.member_specs  # nothing decided: nothing written
+    c.reconcile()
+    job = c.running()[0]
+    c.finish(job)
+    p = pass_of(c)
+    tell_finished_jobs(p)
+    write_members(p)
+    m = int(job["metadata"]["labels"]["pbt.dev/member"])
+    assert list(p.out.member_specs) == [member_name("toy", m)]
+    assert p.out.member_specs[member_name("toy", m)]["segment"] == 1
+
+
+def test_admit_segments_up_to_parallelism_with_garbage_on_the_first_job() -> None:
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    p = pass_of(c)
+    admit_segments(p)
+    assert [j["metadata"]["name"] for j in p.out.create_jobs] == [f"toy-m00{m}-s00000-a0" for m in range(3)]
+    assert p.running == 3 and [s.member for s in p.waiting] == [3, 4, 5]
+    # later: checkpoints nothing needs any more ride along with the first Job of a pass, once each
+    c = FakeCluster(training_obj(exploit={"fraction": 0.5}))
+    rng = random.Random(0)
+    for _ in range(400):
+        if c.reconcile().create_jobs and c.collected:
+            break
+        running = c.running()
+        if running:
+            c.finish(rng.choice(running))
+    assert c.collected, "nothing was ever collected: the test would prove nothing"
+    gcs = [json.loads(next(e["value"] for e in j["spec"]["template"]["spec"]["containers"][0]["env"]
+                           if e["name"] == "PBT_SEGMENT"))["gc"] for j in c.jobs.values()]
+    listed = [u for gc in gcs for u in gc]
+    assert len(listed) == len(set(listed)) == len(c.collected)
+    assert all(len(gc) <= 64 for gc in gcs)
+
+
+def test_admit_segments_starts_nothing_after_the_target() -> None:
+    c = running_cluster(budget={"segments": 4, "targetScore": 0.0001})
+    c.finish(c.running()[0])
+    p = pass_of(c)
+    tell_finished_jobs(p)
+    assert p.engine.finish is not None
+    admit_segments(p)
+    assert not p.out.create_jobs and p.waiting == [] and p.running == 2
+
+
+def test_write_member_statuses_phases_and_no_needless_writes() -> None:
+    c = FakeCluster(training_obj())
+    c.reconcile()
+    p = pass_of(c)
+    admit_segments(p)
+    write_member_statuses(p)
+    phases = {n: st["phase"] for n, st in p.out.member_statuses.items()}
+    assert phases == {**{member_name("toy", m): "Running" for m in range(3)},
+                      **{member_name("toy", m): "Queued" for m in range(3, 6)}}
+    c.reconcile()
+    p = pass_of(c)
+    admit_segments(p)
+    write_member_statuses(p)
+    assert p.out.member_statuses == {}  # nothing changed since the last pass wrote them
+
+
+def test_finish_pass_announces_the_end_once() -> None:
+    c = FakeCluster(training_obj(population=2, parallelism=2, budget={"segments": 1}))
+    drive(c, random.Random(0))
+    assert c.training["status"]["phase"] == "Succeeded"
+    done = [e for e in c.events if e.reason == C.EV_COMPLETED]
+    assert len(done) == 1 and done[0].message.startswith("budget exhausted; best member")
+    conds = {x["type"]: x for x in c.training["status"]["conditions"]}
+    assert conds[C.SUCCEEDED]["reason"] == "BudgetExhausted"
+    assert conds[C.SUCCEEDED]["message"] == "every member trained 1 segments"
+    p = pass_of(c)
+    finish_pass(p)
+    assert p.out.done and p.out.events == [] and not p.out.status_changed
