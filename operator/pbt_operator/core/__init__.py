@@ -1,8 +1,9 @@
 """The pure algorithm: no I/O, no clock, no global RNG.
 
-Drivers (the local runner, the Kubernetes operator) own the loop; they call `Engine.start` and
-`Engine.tell`, run the suggestions they get back, and persist records. Rebuilding an engine from the
-same records and pending suggestions yields the same decisions, bit for bit.
+Drivers (the local runner, the Kubernetes operator) own the loop; they rebuild an engine from their
+journal with `policy.rebuild`, run the suggestions it has pending, `Engine.tell` it each result,
+persist the records, and admit segments with `policy.admit`. Rebuilding an engine from the same
+journal yields the same decisions, bit for bit. docs/architecture.md describes the layers.
 """
 
 from .engine import Engine, TrainingState
