@@ -416,6 +416,8 @@ def test_process_executor_end_to_end(tmp_path: Path, warm: bool) -> None:
     starts = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "start")
     ends = Counter((c["member"], c["segment"]) for c in calls if c["event"] == "end")
     assert starts == ends == Counter({(m, k): 1 for m in range(3) for k in range(3)})
+    # file:// checkpoints: the runner's batch barrier replaces the workers' own fsyncs (local/durability.py)
+    assert {c["fsync"] for c in calls} == {"0"}
     pids = {c["pid"] for c in calls if c["event"] == "start"}
     if warm:  # one interpreter per slot, each running segment after segment
         assert len(pids) == 2 and os.getpid() not in pids
