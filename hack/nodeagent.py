@@ -12,6 +12,14 @@ Termination messages: every occurrence of the container's ``terminationMessagePa
 is also exported as ``PBT_TERMINATION_LOG``; its content (at most 4096 bytes) becomes
 ``state.terminated.message``.
 
+Adopting nodes (``--adopt-selector``): the agent also serves Nodes that someone else creates, such as
+the Nodes Karpenter's KWOK cloud provider creates for its NodeClaims (label ``kwok.x-k8s.io/node=fake``).
+It leaves them NotReady for ``--adopt-ready-delay`` seconds after their creation (the boot time of a
+cloud instance; a ``pbt.dev/ready-delay-seconds`` label on the Node, e.g. from a NodePool's template,
+overrides it), then posts Ready, keeps their Lease fresh and runs their pods; their capacity
+(``nvidia.com/gpu`` included) stays what the creator set. When the Node is deleted the agent stops its
+processes and forgets it. So the autoscaler, not the agent, decides when nodes come and go.
+
 Deleting a pod sends SIGTERM to its processes and SIGKILL after the grace period. For fault tests
 the agent can lose a node (heartbeats stop, the node is marked NotReady, its processes die) or
 preempt a pod like the kubelet does (DisruptionTarget condition, phase Failed); see the control
@@ -19,7 +27,7 @@ API below and ``tests/e2e/clusterlib.py``.
 
 Control API (HTTP on 127.0.0.1, port written to --control-file as JSON):
   GET  /healthz
-  GET  /nodes                           -> {"nodes": [{"name", "gpus", "lost"}]}
+  GET  /nodes                           -> {"nodes": [{"name", "gpus", "lost", "adopted"}]}
   POST /nodes {"name", "gpus", "labels", "taints", "cpu", "memory"}     register one more node
   POST /nodes/<name>/lose {"out_of_service": true}                      simulate a node loss
   DELETE /nodes/<name>                                                  stop serving and delete a node
@@ -64,6 +72,7 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_BYTES = 2048
 FALLBACK_LOG_LINES = 80
+READY_DELAY_LABEL = "pbt.dev/ready-delay-seconds"  # on an adopted Node: its boot time instead of the default
 
 
 def now_iso() -> str:
@@ -205,6 +214,8 @@ class Node:
         self.taints = list(taints or [])
         self.lost = False
         self.boot_id = str(uuid.uuid4())
+        self.adopted = False  # created by someone else (e.g. Karpenter): keep its capacity, never delete it
+        self.uid = ""  # the Node object's uid once known (owner of its Lease)
 
 
 class ContainerRun:
@@ -727,8 +738,12 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 class NodeAgent:
     def __init__(self, kubeconfig: str, root: str, lease_interval: float = 2.0, status_interval: float = 20.0,
-                 pass_env: list[str] | None = None, kubelet_version: str = "v1.36.0"):
+                 pass_env: list[str] | None = None, kubelet_version: str = "v1.36.0",
+                 adopt_selector: str = "", adopt_ready_delay: float = 0.0):
         self.api = Api(kubeconfig)
+        self.adopt_selector = adopt_selector
+        self.adopt_ready_delay = adopt_ready_delay
+        self.adopting: set[str] = set()  # names seen and waiting for their ready delay
         self.root = root
         self.lease_interval = lease_interval
         self.status_interval = status_interval
@@ -764,8 +779,8 @@ class NodeAgent:
             return {"type": ctype, "status": status, "reason": reason, "message": msg,
                     "lastHeartbeatTime": t, "lastTransitionTime": t}
 
-        return {
-            "capacity": res, "allocatable": res,
+        status: dict[str, Any] = {} if n.adopted else {"capacity": res, "allocatable": res}
+        return status | {
             "conditions": [
                 cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory"),
                 cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
@@ -815,9 +830,12 @@ class NodeAgent:
         except ApiError as e:
             if e.status != 404:
                 raise
+            meta: dict[str, Any] = {"name": n.name, "namespace": "kube-node-lease"}
+            if n.uid:  # like the kubelet: the Node owns its Lease (autoscalers collect ownerless ones)
+                meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": n.name, "uid": n.uid}]
             self.api.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
-                             {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                              "metadata": {"name": n.name, "namespace": "kube-node-lease"}, "spec": spec})
+                             {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+                              "spec": spec})
 
     def _heartbeat_loop(self) -> None:
         last_status = time.monotonic()
@@ -884,6 +902,116 @@ class NodeAgent:
                     raise
         log.info("node %s removed", name)
         return [f"{w.ns}/{w.pod_name}" for w in victims]
+
+    # -- adopted nodes ---------------------------------------------------------------------
+    def _on_foreign_node(self, etype: str, node: dict) -> None:
+        """A Node matching --adopt-selector was added, changed or deleted by its creator."""
+        name = node["metadata"]["name"]
+        if etype == "DELETED":
+            self._release(name)
+            return
+        with self.lock:
+            if name in self.nodes or name in self.adopting:
+                return
+            self.adopting.add(name)
+        created = node["metadata"].get("creationTimestamp")
+        age = 0.0
+        if created:
+            t0 = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+            age = (dt.datetime.now(dt.timezone.utc) - t0).total_seconds()
+        boot = self.adopt_ready_delay
+        with contextlib.suppress(ValueError):  # a pool can model slower machines with a node label
+            boot = float((node["metadata"].get("labels") or {}).get(READY_DELAY_LABEL, boot))
+        delay = max(0.0, boot - age)
+        log.info("node %s appeared; ready in %.1fs", name, delay)
+        timer = threading.Timer(delay, self._adopt, args=(name,))
+        timer.daemon = True
+        timer.start()
+
+    def _adopt(self, name: str) -> None:
+        """Boot finished: post Ready for a foreign Node and start serving its pods."""
+        try:
+            node = self.api.get(f"/api/v1/nodes/{name}")
+        except ApiError as e:
+            with self.lock:
+                self.adopting.discard(name)
+            if e.status != 404:
+                log.warning("adopting %s: %s", name, e)
+            return
+        if self.stop.is_set():
+            return
+        cap = (node.get("status") or {}).get("capacity") or {}
+        n = Node(name, int(parse_quantity(cap.get("nvidia.com/gpu", 0))), str(cap.get("cpu", "1")),
+                 str(cap.get("memory", "1Gi")))
+        n.adopted = True
+        n.uid = node["metadata"]["uid"]
+        try:
+            self.api.request("PATCH", f"/api/v1/nodes/{name}/status", {"status": self._node_status(n)},
+                             content_type="application/strategic-merge-patch+json")
+            self._renew_lease(n)
+        except ApiError as e:
+            with self.lock:
+                self.adopting.discard(name)
+            log.warning("adopting %s: %s", name, e)
+            return
+        with self.lock:
+            self.adopting.discard(name)
+            self.nodes[name] = n
+        log.info("node %s adopted with %d GPUs (capacity %s)", name, n.gpus, cap)
+        if self.watch_ready.is_set():
+            for p in self.api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={name}")["items"]:
+                self.on_pod("ADDED", p)
+
+    def _release(self, name: str) -> None:
+        """The creator deleted an adopted Node (the instance is gone): its processes die with it."""
+        with self.lock:
+            self.adopting.discard(name)
+            n = self.nodes.get(name)
+            if n is None or not n.adopted:
+                return
+            del self.nodes[name]
+            victims = [w for w in self.workers.values() if w.node == name]
+        for w in victims:
+            w.kill_now()
+        with contextlib.suppress(ApiError):
+            self.api.request("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}")
+        log.info("node %s deleted by its owner (%d pods killed)", name, len(victims))
+
+    def _node_loop(self) -> None:
+        """List+watch the Nodes to adopt (like the pod loop)."""
+        path = "/api/v1/nodes"
+        rv = None
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                if rv is None:
+                    lst = self.api.get(path, labelSelector=self.adopt_selector)
+                    rv = lst["metadata"]["resourceVersion"]
+                    live = {n["metadata"]["name"] for n in lst["items"]}
+                    for n in lst["items"]:
+                        self._on_foreign_node("ADDED", n)
+                    with self.lock:
+                        gone = [k for k, n in self.nodes.items() if n.adopted and k not in live]
+                    for k in gone:
+                        self._release(k)
+                for ev in self.api.watch(path, {"labelSelector": self.adopt_selector, "resourceVersion": rv,
+                                                "timeoutSeconds": 240}, self.stop):
+                    obj = ev.get("object") or {}
+                    if ev["type"] == "ERROR":
+                        if obj.get("code") == 410:
+                            rv = None
+                        raise ApiError(obj.get("code", 500), obj, "watch nodes")
+                    rv = obj["metadata"]["resourceVersion"]
+                    if ev["type"] != "BOOKMARK":
+                        self._on_foreign_node(ev["type"], obj)
+                delay = 0.2
+            except Exception as e:
+                if isinstance(e, ApiError) and e.status == 410:
+                    rv = None
+                elif not self.stop.is_set():
+                    log.warning("node watch: %s", e)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- pods --------------------------------------------------------------------------------
     def register_proc(self, w: PodWorker, run: ContainerRun) -> None:
@@ -1007,6 +1135,8 @@ class NodeAgent:
         threading.Thread(target=self._gc_tombstones, name="tombstones", daemon=True).start()
         if not self.watch_ready.wait(60):
             raise RuntimeError("could not list pods")
+        if self.adopt_selector:
+            threading.Thread(target=self._node_loop, name="node-watch", daemon=True).start()
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -1046,7 +1176,8 @@ def make_handler(agent: NodeAgent):
                 return self._reply(200, {"ok": True})
             if self.path == "/nodes":
                 with agent.lock:
-                    nodes = [{"name": n.name, "gpus": n.gpus, "lost": n.lost} for n in agent.nodes.values()]
+                    nodes = [{"name": n.name, "gpus": n.gpus, "lost": n.lost, "adopted": n.adopted}
+                             for n in agent.nodes.values()]
                 return self._reply(200, {"nodes": nodes})
             if self.path == "/pods":
                 with agent.lock:
@@ -1106,6 +1237,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubelet-version", default=os.environ.get("PBT_K8S_VERSION", "v1.36.5"))
     p.add_argument("--exit-with-parent", action="store_true",
                    help="shut down (killing the pods' processes) when the parent process dies")
+    p.add_argument("--adopt-selector", default=os.environ.get("PBT_ADOPT_SELECTOR", ""),
+                   help="also serve Nodes created by others that match this label selector, e.g. "
+                        "kwok.x-k8s.io/node=fake for Karpenter's KWOK provider")
+    p.add_argument("--adopt-ready-delay", type=float, default=float(os.environ.get("PBT_ADOPT_READY_DELAY", "0")),
+                   help="seconds from an adopted Node's creation until it turns Ready (simulated boot time)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -1115,7 +1251,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--kubeconfig (or KUBECONFIG) is required")
     root = a.root or tempfile.mkdtemp(prefix="pbt-nodeagent-")
     agent = NodeAgent(a.kubeconfig, root, lease_interval=a.lease_interval,
-                      pass_env=[x for x in a.pass_env.split(",") if x], kubelet_version=a.kubelet_version)
+                      pass_env=[x for x in a.pass_env.split(",") if x], kubelet_version=a.kubelet_version,
+                      adopt_selector=a.adopt_selector, adopt_ready_delay=a.adopt_ready_delay)
     agent.start()
     for i in range(a.nodes):
         agent.add_node(Node(f"{a.name_prefix}-{i}", a.gpus, a.cpu, a.memory))

@@ -10,6 +10,8 @@
 #   hack/testcluster.sh status  show what runs
 #   hack/testcluster.sh clean-build   drop the Go module/build caches (keeps the binaries)
 #
+# PBT_ADDONS=karpenter,kueue makes `up` also start those (hack/addons.sh); `down` stops them.
+#
 # Everything is cached under ${PBT_CACHE_DIR:-~/.cache/pbt-operator}/<kubernetes version>/bin;
 # the state of a running cluster lives in ${PBT_CLUSTER_DIR:-<cache>/cluster}.
 # See docs/testcluster.md.
@@ -319,7 +321,7 @@ cmd_up() {
   fi
   local attempt t0=$SECONDS
   for attempt in 1 2 3; do
-    if start_cluster; then
+    if start_cluster && start_addons; then
       start_watchdog
       log "cluster up in $((SECONDS - t0))s at $(sed -n 's/^export PBT_APISERVER=//p' "$CLUSTER_DIR/env"), state in $CLUSTER_DIR"
       return 0
@@ -330,8 +332,12 @@ cmd_up() {
   die "could not start the cluster (logs in $CLUSTER_DIR/logs)"
 }
 
+# optional components (PBT_ADDONS=karpenter,kueue): hack/addons.sh
+start_addons() { [[ -z "${PBT_ADDONS:-}" ]] || PBT_CLUSTER_DIR="$CLUSTER_DIR" bash "$(dirname "$(readlink -f "$0")")/addons.sh" up ${PBT_ADDONS//,/ }; }
+
 stop_all() {
   local name pid pids=() deadline
+  PBT_CLUSTER_DIR="$CLUSTER_DIR" bash "$(dirname "$(readlink -f "$0")")/addons.sh" down || true
   rm -f "$CLUSTER_DIR/env"
   for name in watchdog kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [[ -f "$CLUSTER_DIR/pids/$name" ]] || continue

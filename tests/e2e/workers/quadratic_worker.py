@@ -3,6 +3,7 @@ checkpoints (pbt_worker, file:// or s3:// storage shared with the node agent's p
 
 Env knobs:
 - PBT_TEST_SLEEP: seconds to sleep per segment (for disruption tests).
+- PBT_TEST_SLEEPS="m:s:secs[,...]": member m's segment s sleeps secs instead (one slow member).
 - PBT_TEST_LOG: a file each run appends "member segment restore" to (to count executions).
 - PBT_TEST_STATE: a folder for per-(member, segment) run counters (default: PBT_TEST_LOG's folder); the
   fault knobs below use it to fault only the first runs of a segment.
@@ -64,7 +65,7 @@ if hang is not None and earlier < int(hang):
 state = seg.restore()
 theta = list(state["theta"]) if state is not None else [0.9, 0.9]
 h0, h1 = float(seg.hyperparameters["h0"]), float(seg.hyperparameters["h1"])
-time.sleep(float(os.environ.get("PBT_TEST_SLEEP", "0")))
+time.sleep(float(knob("PBT_TEST_SLEEPS") or os.environ.get("PBT_TEST_SLEEP", "0")))
 for _ in range(seg.steps_budget):
     theta[0] -= 0.02 * h0 * theta[0]
     theta[1] -= 0.02 * h1 * theta[1]
