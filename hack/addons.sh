@@ -98,16 +98,14 @@ build_kueue() {
   cd "$dir"
   src="$(module_dir sigs.k8s.io/kueue "$KUEUE_VERSION")"
   # With its internal certificate management off, Kueue reads its metrics certificate from a fixed
-  # /etc path. One build-time substitution (go build -overlay, the module itself untouched) reads
-  # that directory from KUEUE_METRICS_CERT_DIR instead, so nothing is written outside the cache.
+  # /etc path. The build module's main package is Kueue's cmd/kueue/main.go with that one path read
+  # from KUEUE_METRICS_CERT_DIR instead (the module itself untouched), so nothing goes under /etc.
   grep -q '"/etc/kueue/metrics/certs"' "$src/cmd/kueue/main.go" \
     || die "kueue $KUEUE_VERSION: cmd/kueue/main.go no longer has the fixed metrics cert path; update hack/addons.sh"
   sed 's|"/etc/kueue/metrics/certs"|os.Getenv("KUEUE_METRICS_CERT_DIR")|' "$src/cmd/kueue/main.go" >"$dir/main.go"
-  printf '{"Replace": {"%s": "%s"}}\n' "$src/cmd/kueue/main.go" "$dir/main.go" >"$dir/overlay.json"
   mkdir -p "$out/bin" "$out/crds" "$out/webhook"
-  nice -n 10 go build -p "$BUILD_JOBS" -overlay "$dir/overlay.json" \
-    -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
-    -o "$out/bin/kueue.tmp" sigs.k8s.io/kueue/cmd/kueue
+  nice -n 10 go build -p "$BUILD_JOBS" -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+    -o "$out/bin/kueue.tmp" .
   mv "$out/bin/kueue.tmp" "$out/bin/kueue"
   cp "$src"/config/components/crd/bases/*.yaml "$out/crds/"
   cp "$src"/config/components/webhook/manifests.yaml "$out/webhook/"

@@ -46,6 +46,11 @@ needs_protect = pytest.mark.skipif(not _crd_has("protectFromDisruption"),
 needs_stop = pytest.mark.skipif(not _crd_has("onSuspend"), reason="needs stop-on-finish (issue 16, operator half)")
 
 
+# PBT_AUTOSCALE_ADDONS=karpenter runs only the tests that need no Kueue (a quicker edit-test loop)
+ADDONS = os.environ.get("PBT_AUTOSCALE_ADDONS", "karpenter,kueue")
+needs_kueue = pytest.mark.skipif("kueue" not in ADDONS, reason="PBT_AUTOSCALE_ADDONS leaves Kueue out")
+
+
 def _e2e_disabled() -> bool:
     return os.environ.get("PBT_E2E", "").strip().lower() in ("0", "false", "no", "off")
 
@@ -57,10 +62,10 @@ def asc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AutoscaleCluster]:
     if run_testcluster("build", check=False).returncode != 0:
         pytest.fail("hack/testcluster.sh build failed (set PBT_E2E=0 to skip the e2e tests)", pytrace=False)
     # Karpenter and Kueue: built on first use (minutes), a no-op once cached
-    if build_addons("karpenter", "kueue").returncode != 0:
+    if build_addons(*ADDONS.split(",")).returncode != 0:
         pytest.fail("hack/addons.sh build failed: the autoscaling tests need Karpenter and Kueue "
                     "(Go and the Go module proxy; PBT_E2E=0 skips them)", pytrace=False)
-    a = AutoscaleCluster(tmp_path_factory.mktemp("autoscale"), ready_delay=READY_DELAY)
+    a = AutoscaleCluster(tmp_path_factory.mktemp("autoscale"), addons=ADDONS, ready_delay=READY_DELAY)
     try:
         a.cluster.kubectl("apply", "-f", str(ROOT / "crds"))
         for plural in ("populationtrainings", "populationmembers"):
@@ -101,6 +106,7 @@ def pods_of(c: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
 # ---- infrastructure ----------------------------------------------------------------------------------
 
 
+@needs_kueue
 def test_kueue_admits_jobs_up_to_the_quota(asc: AutoscaleCluster, ns: str) -> None:
     """The real Kueue on the test cluster: its webhook suspends queued Jobs, it admits them against the
     ClusterQueue's 2 GPUs, and Karpenter provides the nodes for the admitted ones."""
@@ -184,6 +190,7 @@ def _queued(name: str, storage: Path, **kw: Any) -> dict[str, Any]:
     return t
 
 
+@needs_kueue
 @needs_queue
 def test_kueue_quota_limits_running_segments(asc: AutoscaleCluster, aop: OperatorProcess, ns: str,
                                              tmp_path: Path) -> None:
