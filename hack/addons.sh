@@ -262,8 +262,11 @@ EOF
   k create --dry-run=client -o json -f "$d/webhook/manifests.yaml" | python3 -c '
 import json, sys
 base, ca = sys.argv[1], sys.argv[2]
-doc = json.load(sys.stdin)
-items = doc["items"] if doc.get("kind") == "List" else [doc]
+text, dec, items, i = sys.stdin.read(), json.JSONDecoder(), [], 0
+while text[i:].strip():  # kubectl prints one JSON object per document
+    i += len(text[i:]) - len(text[i:].lstrip())
+    doc, i = dec.raw_decode(text, i)
+    items += doc["items"] if doc.get("kind") == "List" else [doc]
 out = []
 for cfg in items:
     hooks = []
