@@ -5,7 +5,7 @@ control plane, GPU nodes that boot for --ready-delay seconds before they turn Re
     .venv/bin/python benchmarks/autoscale.py [--repeats 3] [--ready-delay 10] [--seconds 20]
 
 Each repeat starts from an empty NodePool (examples/autoscaling/karpenter-nodepool.yaml: 1, 2 and 4-GPU
-instance types, at most 8 GPUs, consolidation after 10 s) and applies one training (population 16,
+instance types, at most 8 GPUs, consolidation after 5 s) and applies one training (population 16,
 parallelism 8, asynchronous, segments that sleep --seconds +-20%), then waits until Karpenter has removed
 every node again. It measures:
 - apply -> first segment running: from `kubectl apply` to the first trainer process running (a node had
