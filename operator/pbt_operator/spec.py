@@ -332,11 +332,16 @@ def parse_spec(
     if rp is not None and not (0.0 <= rp <= 1.0):
         x.err("resampleProbability", f"must be in [0, 1] (got {rp})")
         rp = 0.25
-    p = x.sub("pb2", ("parallel", "window", "maxRows", "minRows", "candidates", "restarts", "kappa"))
+    p = x.sub("pb2", ("parallel", "window", "maxRows", "minRows", "candidates", "restarts", "kappa", "trustRegion"))
     kappa = p.float("kappa", 1.0)
     if kappa is not None and kappa < 0:
         p.err("kappa", f"must be >= 0 (got {kappa})")
         kappa = 1.0
+    trust = p.float("trustRegion", Pb2Settings.trust_region)
+    if trust is None or not (0.0 < trust <= 1.0):
+        if trust is not None:
+            p.err("trustRegion", f"must be in (0, 1]: a half-width in unit space, 1 for the whole space (got {trust})")
+        trust = Pb2Settings.trust_region
     pb2 = Pb2Settings(
         parallel=p.str("parallel", "bucb", choices=PB2_PARALLEL),
         window=p.int("window", None, minimum=1),
@@ -345,6 +350,7 @@ def parse_spec(
         candidates=p.int("candidates", Pb2Settings.candidates, minimum=1),
         restarts=p.int("restarts", Pb2Settings.restarts, minimum=0),
         kappa=kappa,
+        trust_region=trust,
     )
     explore = Explore(
         x.str("strategy", "perturb", choices=EXPLORE_STRATEGIES),

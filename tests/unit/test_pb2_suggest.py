@@ -311,3 +311,33 @@ def test_randomized_draws_its_own_exploration_weight() -> None:
         assert ch.hyperparameters is not None and space.contains(ch.hyperparameters), ch.reason
         betas.add(ch.reason.split("beta=")[1].split()[0])
     assert len(betas) == 6
+
+
+def test_trust_region_keeps_numeric_choices_near_the_donor() -> None:
+    """The acquisition searches +- trust_region (unit space) around the donor's configuration; with 1
+    it searches everywhere and finds the far optimum."""
+    space = Space((Param("x", "float", 0.0, 1.0), Param("y", "float", 0.0, 1.0)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        x, y = float(rng.uniform()), float(rng.uniform())
+        rows.append(Pb2Row(t=float(10 * (i // 4)), c=0.0, hyperparameters={"x": x, "y": y},
+                           rate=-((x - 0.9) ** 2 + (y - 0.9) ** 2) + 0.001 * rng.standard_normal()))
+    center = {"x": 0.2, "y": 0.3}
+    near = suggest(space, rows, [], 100.0, 0.0, replace(SETTINGS, trust_region=0.25), np.random.default_rng(1),
+                   center=center)
+    assert near.hyperparameters is not None, near.reason
+    assert abs(near.hyperparameters["x"] - 0.2) <= 0.25 + 1e-9 and abs(near.hyperparameters["y"] - 0.3) <= 0.25 + 1e-9
+    assert near.hyperparameters["x"] > 0.3  # it still moves towards the optimum, to the region's edge
+    far = suggest(space, rows, [], 100.0, 0.0, replace(SETTINGS, trust_region=1.0), np.random.default_rng(1),
+                  center=center)
+    assert far.hyperparameters is not None and far.hyperparameters["x"] > 0.6
+
+
+def test_trust_region_frees_the_numeric_range_when_the_category_changes() -> None:
+    from pbt_operator.core.pb2.acquisition import Region
+
+    region = Region.around(np.array([0.2, 0.5]), np.array([1]), 0.25)
+    lo, hi = region.bounds(np.array([[1], [0], [2]]))
+    np.testing.assert_allclose(lo, [[0.0, 0.25], [0.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(hi, [[0.45, 0.75], [1.0, 1.0], [1.0, 1.0]])

@@ -93,6 +93,8 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("fraction-nan", {"exploit": {"fraction": float("nan")}}, ["spec.exploit.fraction: must be a finite number"]),
     ("target-str", {"budget": {"targetScore": "high"}}, ["spec.budget.targetScore: must be a finite number"]),
     ("crossover-str", {"explore": {"crossover": "yes"}}, ["spec.explore.crossover: must be true or false"]),
+    ("trust-zero", {"explore": {"pb2": {"trustRegion": 0}}}, ["spec.explore.pb2.trustRegion: must be in (0, 1]"]),
+    ("trust-big", {"explore": {"pb2": {"trustRegion": 1.5}}}, ["spec.explore.pb2.trustRegion: must be in (0, 1]"]),
     ("crossover-resample", {"explore": {"strategy": "resample", "crossover": True}},
      ["spec.explore.crossover: has no effect with strategy: resample"]),
     ("mode-choice", {"mode": "sync"}, ["spec.mode: must be one of: asynchronous, synchronous (got 'sync')"]),

@@ -288,6 +288,7 @@ class Engine:
         choice = suggest(
             self.spec.space, rows, pend, float(drec.steps_end), self._internal(drec.score),  # type: ignore[arg-type]
             self.spec.explore.pb2, rng_for(self.spec.seed, m, k, PB2), remaining=self.spec.budget.segments - k,
+            center=drec.suggestion.hyperparameters,
         )
         return choice.hyperparameters, choice.reason
 

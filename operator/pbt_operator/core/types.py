@@ -183,3 +183,7 @@ class Pb2Settings:
     # the time (benchmarks/pb2_convergence.py).
     fit_rows: int = 40
     fit_restarts: int = 1
+    # Half-width, in the unit space of each numeric hyperparameter, of the trust region around the
+    # donor's configuration that the acquisition searches (1: the whole space). Categorical changes
+    # are free and free the numeric range too (pbt_operator.core.pb2.decide).
+    trust_region: float = 0.25

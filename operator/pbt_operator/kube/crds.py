@@ -114,6 +114,7 @@ TRAINING_SPEC = _obj(
                 "parallel": _enum(*PB2_PARALLEL),
                 "window": _min(1), "maxRows": _min(8), "minRows": _min(2), "candidates": _min(1),
                 "restarts": _min(0), "kappa": {"type": "number", "minimum": 0},
+                "trustRegion": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
             }),
         }),
         "storage": _obj({

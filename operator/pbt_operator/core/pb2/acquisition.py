@@ -11,6 +11,9 @@ part, through the mixed kernel:
 * many combinations: each candidate draws its combination at random, and the winner is refined by
   hill climbing over one-coordinate changes (the Hamming neighbourhood).
 
+Trust region: when the caller gives a `Region` (PB2 passes one around the donor's configuration),
+numeric hyperparameters stay within it unless the categorical part changes (see `Region`).
+
 Optimisation: score `candidates` random points plus jittered copies of the best observed rows,
 start L-BFGS-B (analytic gradient, box [0, 1]) from the best `restarts` of them with the categorical
 part fixed, round, and keep the best rounded point. Everything random comes from the caller's rng.
@@ -132,6 +135,27 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A trust region around a centre configuration: numeric hyperparameters within [lo, hi] (unit
+    space) while the categorical ones equal the centre's `h`. A point with other categories may use
+    the whole numeric range: the best value of a numeric hyperparameter often depends on the
+    category (an optimizer's learning rate), so a switch of category must be free to move it."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    h: np.ndarray
+
+    @staticmethod
+    def around(u: np.ndarray, h: np.ndarray, radius: float) -> Region:
+        return Region(np.clip(u - radius, 0.0, 1.0), np.clip(u + radius, 0.0, 1.0), np.asarray(h))
+
+    def bounds(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi), each (m, p), for the m rows of categorical indices h."""
+        same = np.all(np.asarray(h) == self.h[None, :], axis=1)[:, None]
+        return np.where(same, self.lo[None, :], 0.0), np.where(same, self.hi[None, :], 1.0)
+
+
+@dataclass(frozen=True)
 class Pick:
     u: np.ndarray
     h: np.ndarray
@@ -140,13 +164,17 @@ class Pick:
     sigma: float
 
 
-def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.random.Generator,
+               region: Region | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random points plus the configs of the best observed rows and jittered copies of them (good
     seeds for the polish), rounded, without duplicates (rounding collapses small integer ranges, and
     duplicates would make a Thompson sample's covariance singular)."""
     m = max(1, int(n))
     u = rng.uniform(size=(m, domain.p))
     h = domain.random_h(m, rng)
+    if region is not None:
+        lo, hi = region.bounds(h)
+        u = lo + (hi - lo) * u
     data = post.data
     n_obs = min(ANCHORS, y.shape[0])
     if n_obs:
@@ -154,6 +182,9 @@ def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.r
         base_u = data.x[top, 1:]
         base_h = data.h[top]
         jit = base_u + ANCHOR_JITTER * rng.standard_normal(base_u.shape)
+        if region is not None:
+            lo, hi = region.bounds(base_h)
+            base_u, jit = np.clip(base_u, lo, hi), np.clip(jit, lo, hi)
         u = np.vstack([u, base_u, jit])
         h = np.vstack([h, base_h, base_h])
     u = domain.round(u)
@@ -173,9 +204,9 @@ def _ucb(post: Posterior, tau: float, c: float, u: np.ndarray, h: np.ndarray,
 
 
 def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: float, sqrt_beta: float,
-                 n_candidates: int, restarts: int, rng: np.random.Generator) -> Pick:
-    """argmax over the domain of mu(z) + sqrt(beta) * sigma(z), z = (tau, c, u, h)."""
-    u_c, h_c = candidates(domain, post, y, n_candidates, rng)
+                 n_candidates: int, restarts: int, rng: np.random.Generator, region: Region | None = None) -> Pick:
+    """argmax over the domain (or the trust region) of mu(z) + sqrt(beta) * sigma(z), z = (tau, c, u, h)."""
+    u_c, h_c = candidates(domain, post, y, n_candidates, rng, region)
     acq, mu, sig = _ucb(post, tau, c, u_c, h_c, sqrt_beta)
     if not np.all(np.isfinite(acq)):
         raise Pb2Fallback("acquisition not finite on the candidate set")
@@ -183,7 +214,8 @@ def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: 
     best = Pick(u_c[i_best], h_c[i_best], float(acq[i_best]), float(mu[i_best]), float(sig[i_best]))
 
     if domain.p > 0 and restarts > 0:
-        best = _polish(domain, post, tau, c, sqrt_beta, u_c, h_c, _distinct_best(acq, u_c, h_c, restarts), best)
+        best = _polish(domain, post, tau, c, sqrt_beta, u_c, h_c, _distinct_best(acq, u_c, h_c, restarts), best,
+                       region)
 
     if domain.q > 0:
         best = _refine_categorical(domain, post, tau, c, sqrt_beta, best)
@@ -191,7 +223,7 @@ def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: 
 
 
 def _polish(domain: Domain, post: Posterior, tau: float, c: float, sqrt_beta: float, u_c: np.ndarray,
-            h_c: np.ndarray, starts: list[int], best: Pick) -> Pick:
+            h_c: np.ndarray, starts: list[int], best: Pick, region: Region | None = None) -> Pick:
     """Multi-start L-BFGS-B from the given candidates, categorical parts fixed, all starts at once.
 
     The starts are independent, so maximising the *sum* of their UCB values over the stacked
@@ -215,7 +247,8 @@ def _polish(domain: Domain, post: Posterior, tau: float, c: float, sqrt_beta: fl
         return -val, -grad.ravel()
 
     with np.errstate(all="ignore"):
-        res = minimize_box(neg, u_c[starts].ravel(), np.zeros(k * p), np.ones(k * p), ACQ_MAXITER)
+        lo, hi = region.bounds(h_fix) if region is not None else (np.zeros((k, p)), np.ones((k, p)))
+        res = minimize_box(neg, np.clip(u_c[starts], lo, hi).ravel(), lo.ravel(), hi.ravel(), ACQ_MAXITER)
     u_new = domain.round(np.asarray(res.x, dtype=float).reshape(k, p))
     a, mu1, s1 = _ucb(post, tau, c, u_new, h_fix, sqrt_beta)
     i = int(np.argmax(np.where(np.isfinite(a), a, -np.inf)))
@@ -271,13 +304,13 @@ def _refine_categorical(domain: Domain, post: Posterior, tau: float, c: float, s
 
 
 def thompson(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: float, n_candidates: int,
-             rng: np.random.Generator) -> Pick:
+             rng: np.random.Generator, region: Region | None = None) -> Pick:
     """Draw one joint posterior sample of f over a candidate set and return its argmax.
 
     Parallel Thompson sampling (Kandasamy et al. 2018): each concurrent choice follows a different
     plausible explanation of the data, so choices differ without hallucinating pending outcomes.
     """
-    u_c, h_c = candidates(domain, post, y, n_candidates, rng)
+    u_c, h_c = candidates(domain, post, y, n_candidates, rng, region)
     m = u_c.shape[0]
     taus = np.full(m, tau)
     x = np.column_stack([np.full(m, c), u_c])

@@ -179,7 +179,7 @@ def select_rows(t: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.nd
     return keep
 
 
-def _unit_columns(space: Space, hps: Sequence[Mapping[str, Value]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_columns(space: Space, hps: Sequence[Mapping[str, Value]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(u, h, status) for hyperparameter dicts: status 0 ok, 1 non-finite numeric, 2 invalid.
 
     Column by column with numpy (the per-value `Param.to_unit` calls cost more than the GP at
@@ -272,7 +272,7 @@ def prepare(
         raise Pb2Fallback(_too_few(n_valid, min_rows, dropped_nonfinite, 0))
 
     keep = idx[select_rows(tt[idx], settings.max_rows, rng)]
-    u, h, status = _unit_columns(space, [rows[int(i)].hyperparameters for i in keep])
+    u, h, status = unit_columns(space, [rows[int(i)].hyperparameters for i in keep])
     dropped_nonfinite += int(np.count_nonzero(status == 1))
     dropped_invalid = int(np.count_nonzero(status == 2))
     good = status == 0
@@ -286,7 +286,7 @@ def prepare(
     if len(pend) > MAX_PENDING:
         ignored += len(pend) - MAX_PENDING
         pend = sorted(pend, key=lambda p: _safe_t(p, qt))[-MAX_PENDING:]
-    pu, ph, pstatus = _unit_columns(space, [p.hyperparameters for p in pend])
+    pu, ph, pstatus = unit_columns(space, [p.hyperparameters for p in pend])
     pgood = pstatus == 0
     ignored += int(np.count_nonzero(~pgood))
     pt = np.array([_safe_t(p, qt) for p in pend], dtype=float)[pgood]

@@ -24,6 +24,14 @@ The modes follow the slide's list ("Challenge I"):
   beta from a Gamma distribution with the schedule's beta as its mean, so concurrent choices trade
   exploration for exploitation differently.
 
+Trust region (TuRBO-style, Eriksson et al. 2019): the acquisition searches the numeric
+hyperparameters within +- `trust_region` (unit space, log scale where the parameter is log) of the
+donor's configuration, the whole range for a configuration whose categorical part differs. The
+member restarts from the donor's weights, and on a moving optimum the best next configuration is
+near the one that just did best: a global search spends a population's few exploit decisions on
+the corners of the space, where the GP's uncertainty (and so UCB) is largest and its mean reverts
+to the average rate (benchmarks/README.md: search quality).
+
 Budget-aware exploration: exploring pays off only in the segments a member still has to train, so
 beta is scaled by `budget_factor(remaining)`: 0 on a member's last segment (pure exploitation of the
 posterior mean; Thompson sampling also switches to the mean there), 1/3 and 2/3 on the two before,
@@ -38,15 +46,15 @@ Nothing raises into the engine: every failure becomes Pb2Choice(None, "pb2 fallb
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..choices import PB2_PARALLEL, check_table
-from ..space import Space
+from ..space import Space, Value
 from ..types import Pb2Settings
-from .acquisition import Domain, beta_schedule, maximise_ucb, thompson
-from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, select_rows
+from .acquisition import Domain, Region, beta_schedule, maximise_ucb, thompson
+from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, select_rows, unit_columns
 from .gp import Posterior, fit
 from .kernel import Hyper, Layout
 
@@ -74,15 +82,17 @@ def suggest(
     settings: Pb2Settings,
     rng: np.random.Generator,
     remaining: int | None = None,
+    center: Mapping[str, Value] | None = None,
 ) -> Pb2Choice:
     """New hyperparameters for a member that restarts from a donor at time `t` with score `c` and
-    has `remaining` segments left to train (this one included; None: unknown).
+    has `remaining` segments left to train (this one included; None: unknown). With `center` (the
+    donor's configuration) and `settings.trust_region` < 1 the search stays near it (see below).
 
     Deterministic given the arguments and the state of `rng`. Never raises.
     """
     try:
         with np.errstate(all="ignore"):
-            return _suggest(space, rows, pending, t, c, settings, rng, remaining)
+            return _suggest(space, rows, pending, t, c, settings, rng, remaining, center)
     except Pb2Fallback as e:
         return Pb2Choice(None, f"pb2 fallback: {e}")
     except Exception as e:  # nothing may reach the engine: it falls back to perturb instead
@@ -98,6 +108,7 @@ def _suggest(
     settings: Pb2Settings,
     rng: np.random.Generator,
     remaining: int | None = None,
+    center: Mapping[str, Value] | None = None,
 ) -> Pb2Choice:
     mode = settings.parallel
     if mode not in PARALLEL_MODES:
@@ -121,15 +132,16 @@ def _suggest(
         post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending), prep.y,
                          fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, prep.y, sqrt_full))
 
+    region = _region(space, domain, center, settings.trust_region)
     factor = budget_factor(remaining)
     beta = beta_full * factor
     if mode == "randomized":
         beta *= float(rng.gamma(RANDOM_SHAPE, 1.0 / RANDOM_SHAPE))
     if mode == "thompson" and factor > 0.0:
-        pick = thompson(domain, post, prep.y, prep.query_tau, prep.query_c, settings.candidates, rng)
+        pick = thompson(domain, post, prep.y, prep.query_tau, prep.query_c, settings.candidates, rng, region)
     else:
         pick = maximise_ucb(domain, post, prep.y, prep.query_tau, prep.query_c, math.sqrt(beta),
-                            settings.candidates, settings.restarts, rng)
+                            settings.candidates, settings.restarts, rng, region)
 
     hyperparameters = decode(space, pick.u, pick.h)
     if not space.contains(hyperparameters):
@@ -156,6 +168,16 @@ def _suggest(
         parts.append(f"{fitted.failed_starts}/{fitted.starts} fit starts failed")
     parts.extend(prep.notes)
     return Pb2Choice(hyperparameters, " ".join(parts))
+
+
+def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, radius: float) -> Region | None:
+    """The trust region around the donor's configuration, or None (search everywhere)."""
+    if center is None or radius >= 1.0 or domain.p == 0:
+        return None
+    u, h, status = unit_columns(space, [center])
+    if status[0] != 0:
+        return None
+    return Region.around(u[0], h[0], max(0.0, float(radius)))
 
 
 # How each parallel mode fills in the pending points' values (standardised units), given their
