@@ -82,14 +82,17 @@ def _p90(xs: list[float]) -> float:
 
 def measure(space: Space, n: int, settings: Pb2Settings, repeats: int) -> dict[str, float]:
     rows, pending, t, c = make_history(space, n, seed=n)
-    suggest(space, rows, pending, t, c, settings, np.random.default_rng(0))  # warm-up (imports, caches)
+    # As the engine calls it: the donor's configuration (the trust region's centre) and the member's
+    # remaining segments (several: exploration at full weight).
+    center = rows[-1].hyperparameters
+    suggest(space, rows, pending, t, c, settings, np.random.default_rng(0), remaining=10, center=center)  # warm-up
     wall: list[float] = []
     cpu: list[float] = []
     fallbacks = 0
     for r in range(repeats):
         rng = np.random.default_rng(1000 + r)
         w0, c0 = time.perf_counter(), time.process_time()
-        choice = suggest(space, rows, pending, t, c, settings, rng)
+        choice = suggest(space, rows, pending, t, c, settings, rng, remaining=10, center=center)
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
         fallbacks += choice.hyperparameters is None

@@ -1,0 +1,279 @@
+"""Problems for benchmarks/search_quality.py: cheap numpy stand-ins for training runs whose best
+hyperparameters move during training, each with the oracle that gives its physical limit.
+
+A problem is a little simulator of one member's training: `init` makes the first state, `train`
+runs `steps` iterations from a state at iteration `t0` with given hyperparameters, `true_score` is
+the state's noise-free quality (what the tables measure) and `report` what the member reports to
+PBT (with evaluation noise: selection sees only this). All randomness comes from the rng passed in.
+
+The physical limit (`Problem.limit`): a population of the same size that always trains at the best
+hyperparameters for the current iteration (known analytically for the synthetic problems, found by
+a one-segment look-ahead over a grid for the RL task) and truncates like the population does: after
+every segment all members restart from the member with the best reported score. Its final best true
+score is the limit; methods are reported as a fraction of it.
+
+* `lr-schedule`: the learning rate's optimum rises by two decades and falls back (warm-up, then
+  decay), as on the held-out task of issue 14. Progress per iteration is a bell in log10(lr) around
+  the moving optimum; too large a rate makes negative progress (divergence), so a few segments have
+  far worse rates than the rest (the case robust target scaling is for). Noisy training and
+  evaluation.
+* `cat-flip`: an optimizer choice (sgd, adam, rmsprop) and a learning rate whose best value depends
+  on the optimizer. adam learns fastest in the first half, sgd in the second (the best category
+  flips mid-training, and the best learning rate jumps with it).
+* `rl`: REINFORCE with an entropy bonus on a chain MDP in numpy. A small reward next to the start
+  traps a policy that stops exploring too early; the far goal pays 1. Needs exploration (entropy,
+  moderate learning rate) early and commitment late. The score is the policy's exact expected
+  return (dynamic programming); the reported score is the mean return of the last batch.
+* `quadratic`: the PBT paper's toy, as examples/quadratic (deterministic); its limit trains at
+  h = (1, 1) throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+State = Any
+HP = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    hyperparameters: dict[str, Any]  # the manifest's spec.hyperparameters
+    segments: int
+    steps: int
+    init: Callable[[np.random.Generator], State]
+    train: Callable[[State, HP, int, int, np.random.Generator], State]
+    true_score: Callable[[State], float]
+    report: Callable[[State, np.random.Generator], float]
+    # The best hyperparameters for the segment starting at iteration t, given the state (None: use
+    # `grid` and a one-segment look-ahead).
+    best_hp: Callable[[int, State], HP] | None = None
+    grid: tuple[HP, ...] = ()
+    factors: tuple[float, ...] = (0.8, 1.2)
+
+    def limit(self, population: int, seed: int) -> float:
+        """Final best true score of the oracle population (see the module docstring)."""
+        rng = np.random.default_rng([seed, 99_991, population])
+        best = self.init(rng)
+        states = [best] * population
+        for k in range(self.segments):
+            t0 = k * self.steps
+            hp = self.best_hp(t0, best) if self.best_hp is not None else self._lookahead(best, t0, rng)
+            states = [self.train(best, hp, t0, self.steps, rng) for _ in range(population)]
+            reported = [self.report(s, rng) for s in states]
+            best = states[int(np.argmax(reported))]
+        return max(self.true_score(s) for s in states)
+
+    def _lookahead(self, state: State, t0: int, rng: np.random.Generator) -> HP:
+        scores = [self.true_score(self.train(state, hp, t0, self.steps, rng)) for hp in self.grid]
+        return self.grid[int(np.argmax(scores))]
+
+
+# -- lr-schedule ------------------------------------------------------------------------------------
+LR_ITERS = 100
+LR_WIDTH = 0.5  # decades: progress falls to exp(-1/2) at half a decade from the optimum
+TRAIN_NOISE = 0.1  # per iteration, in units of the best iteration's progress
+EVAL_NOISE = 1.0  # reported score noise (the limit is ~100)
+
+
+def lr_optimum(t: float) -> float:
+    """log10 of the best learning rate at iteration t: 1e-3, up to 1e-1 at mid-training, back to 1e-3."""
+    return -3.0 + 2.0 * math.sin(math.pi * min(max(t, 0.0), LR_ITERS) / LR_ITERS)
+
+
+def lr_progress(log_lr: float, opt: float, scale: float = 1.0) -> float:
+    """Progress of one iteration: a bell around the optimum, minus a divergence penalty for rates more
+    than one decade too large (two decades too large: -0.5 per iteration; three: -2)."""
+    d = log_lr - opt
+    return scale * (math.exp(-0.5 * (d / LR_WIDTH) ** 2) - 0.5 * max(0.0, d - 1.0) ** 2)
+
+
+def _additive_report(state: float, rng: np.random.Generator) -> float:
+    return float(state + EVAL_NOISE * rng.standard_normal())
+
+
+def _lr_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
+    log_lr = math.log10(float(hp["lr"]))
+    gain = sum(lr_progress(log_lr, lr_optimum(t)) for t in range(t0, t0 + steps))
+    return float(state + gain + TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal())
+
+
+LR_SCHEDULE = Problem(
+    name="lr-schedule",
+    hyperparameters={"lr": {"type": "float", "min": 1.0e-5, "max": 1.0, "log": True}},
+    segments=20, steps=5,
+    init=lambda rng: 0.0,
+    train=_lr_train,
+    true_score=float,
+    report=_additive_report,
+    best_hp=lambda t0, s: {"lr": 10.0 ** lr_optimum(t0 + 2.0)},  # the optimum at the segment's middle
+)
+
+
+# -- cat-flip ----------------------------------------------------------------------------------------
+CAT_ITERS = 100
+# (log10 of the best lr, efficiency in the first half, efficiency in the second half)
+OPTIMIZERS: dict[str, tuple[float, float, float]] = {
+    "sgd": (-1.5, 0.35, 1.0),
+    "adam": (-3.0, 1.0, 0.35),
+    "rmsprop": (-2.5, 0.6, 0.6),
+}
+
+
+def _cat_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
+    opt_lr, early, late = OPTIMIZERS[str(hp["optimizer"])]
+    log_lr = math.log10(float(hp["lr"]))
+    gain = sum(lr_progress(log_lr, opt_lr, early if t < CAT_ITERS // 2 else late) for t in range(t0, t0 + steps))
+    return float(state + gain + TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal())
+
+
+def _cat_best(t0: int, state: float) -> HP:
+    name = "adam" if t0 < CAT_ITERS // 2 else "sgd"
+    return {"optimizer": name, "lr": 10.0 ** OPTIMIZERS[name][0]}
+
+
+CAT_FLIP = Problem(
+    name="cat-flip",
+    hyperparameters={
+        "optimizer": {"type": "categorical", "choices": ["sgd", "adam", "rmsprop"]},
+        "lr": {"type": "float", "min": 1.0e-5, "max": 1.0, "log": True},
+    },
+    segments=20, steps=5,
+    init=lambda rng: 0.0,
+    train=_cat_train,
+    true_score=float,
+    report=_additive_report,
+    best_hp=_cat_best,
+)
+
+
+# -- rl: REINFORCE on a chain ------------------------------------------------------------------------
+CHAIN = 14  # states 0..13; the goal is state 13
+HORIZON = 28
+SLIP = 0.1  # an action moves the other way with this probability
+TRAP = 0.02  # reward for pushing left against the wall at state 0 (always-left earns 0.32)
+BATCH = 16  # episodes per iteration
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def rl_expected_return(theta: np.ndarray) -> float:
+    """Exact expected return of the softmax policy `theta` (CHAIN x 2 logits) from state 0."""
+    p = _softmax(theta)
+    right = p[:, 1] * (1.0 - SLIP) + p[:, 0] * SLIP  # probability of moving right, per state
+    dist = np.zeros(CHAIN)
+    dist[0] = 1.0
+    total = 0.0
+    for _ in range(HORIZON):
+        # pushing left at state 0: the wall (stays, earns the trap reward)
+        total += dist[0] * (1.0 - right[0]) * TRAP
+        nxt = np.zeros(CHAIN)
+        nxt[1:] += dist[:-1] * right[:-1]
+        nxt[:-1] += dist[1:] * (1.0 - right[1:])
+        nxt[0] += dist[0] * (1.0 - right[0])
+        total += nxt[CHAIN - 1]  # arriving at the goal pays 1 and ends the episode
+        nxt[CHAIN - 1] = 0.0
+        dist = nxt
+    return float(total)
+
+
+def _rl_iteration(theta: np.ndarray, lr: float, ent: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """One REINFORCE step (batch baseline, entropy bonus); returns the new logits and the batch's mean return."""
+    b = np.arange(BATCH)
+    s = np.zeros(BATCH, dtype=np.int64)
+    alive = np.ones(BATCH)
+    ret = np.zeros(BATCH)
+    glog = np.zeros((BATCH, CHAIN, 2))
+    gent = np.zeros((CHAIN, 2))
+    for _ in range(HORIZON):
+        p = _softmax(theta[s])
+        a = (rng.random(BATCH) < p[:, 1]).astype(np.int64)
+        g = -p
+        g[b, a] += 1.0
+        glog[b, s] += g * alive[:, None]
+        logp = np.log(np.maximum(p, 1e-12))
+        h = -np.sum(p * logp, axis=1)
+        np.add.at(gent, s, (-p * (logp + h[:, None])) * alive[:, None])
+        move = np.where(a == 1, 1, -1)
+        move = np.where(rng.random(BATCH) < SLIP, -move, move)
+        ret += alive * ((s == 0) & (move < 0)) * TRAP
+        s = np.clip(s + move, 0, CHAIN - 1)
+        arrived = (s == CHAIN - 1) & (alive > 0)
+        ret += arrived
+        alive = alive * (~arrived)
+        s = np.where(alive > 0, s, 0)
+    adv = ret - ret.mean()
+    grad = np.tensordot(adv, glog, axes=1) / BATCH + ent * gent / BATCH
+    return theta + lr * grad, float(ret.mean())
+
+
+def _rl_train(state: tuple[np.ndarray, float], hp: HP, t0: int, steps: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    theta, last = state
+    for _ in range(steps):
+        theta, last = _rl_iteration(theta, float(hp["lr"]), float(hp["entropy"]), rng)
+    return theta, last
+
+
+RL_GRID = tuple({"lr": lr, "entropy": ent}
+                for lr in (0.1, 0.5, 2.5, 12.0)
+                for ent in (1e-3, 0.02, 0.1, 0.5))
+
+RL = Problem(
+    name="rl",
+    hyperparameters={
+        "lr": {"type": "float", "min": 0.01, "max": 30.0, "log": True},
+        "entropy": {"type": "float", "min": 1.0e-4, "max": 3.0, "log": True},
+    },
+    segments=20, steps=5,
+    init=lambda rng: (np.zeros((CHAIN, 2)), 0.0),
+    train=_rl_train,
+    true_score=lambda s: rl_expected_return(s[0]),
+    report=lambda s, rng: float(s[1]),
+    grid=RL_GRID,
+)
+
+
+# -- quadratic (examples/quadratic) --------------------------------------------------------------------
+Q_LR = 0.01
+Q_THETA0 = (0.9, 0.9)
+
+
+def _q_train(state: tuple[float, float], hp: HP, t0: int, steps: int, rng: np.random.Generator) -> tuple[float, float]:
+    a, b = state
+    h0, h1 = float(hp["h0"]), float(hp["h1"])
+    for _ in range(steps):
+        a += Q_LR * (-2.0 * h0 * a)
+        b += Q_LR * (-2.0 * h1 * b)
+    return a, b
+
+
+def _q_score(state: tuple[float, float]) -> float:
+    return 1.2 - (state[0] ** 2 + state[1] ** 2)
+
+
+QUADRATIC = Problem(
+    name="quadratic",
+    hyperparameters={
+        "h0": {"type": "float", "min": 0.0, "max": 1.0, "initial": {"min": 0.0, "max": 0.2}},
+        "h1": {"type": "float", "min": 0.0, "max": 1.0, "initial": {"min": 0.0, "max": 0.2}},
+    },
+    segments=10, steps=10,
+    init=lambda rng: Q_THETA0,
+    train=_q_train,
+    true_score=_q_score,
+    report=lambda s, rng: _q_score(s),
+    best_hp=lambda t0, s: {"h0": 1.0, "h1": 1.0},
+)
+
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (LR_SCHEDULE, CAT_FLIP, RL, QUADRATIC)}
+NONSTATIONARY = ("lr-schedule", "cat-flip", "rl")
