@@ -96,7 +96,7 @@ FIELDS: tuple[Field, ...] = (
           "per hyperparameter, draw from the prior instead of perturbing"),
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
     Field("spec.explore.pb2", "`{parallel: bucb, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
-          "kappa: 1}`", "PB2's settings"),
+          "kappa: 1, trustRegion: 0.25}`", "PB2's settings"),
     Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
           "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),
     Field("spec.explore.pb2.window", "int >= 1, none", "only rows within this many steps of the newest are used",
@@ -107,6 +107,9 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.pb2.candidates", "int >= 1, 128", "random candidates scored by the acquisition", row=False),
     Field("spec.explore.pb2.restarts", "int >= 0, 2", "L-BFGS-B starts from the best candidates", row=False),
     Field("spec.explore.pb2.kappa", "number >= 0, 1", "UCB exploration weight", row=False),
+    Field("spec.explore.pb2.trustRegion", "(0, 1], 0.25",
+          "how far a new configuration may move from the donor's, as a share of each numeric range (log scale "
+          "where log: true), unless its categories change; 1 searches everywhere"),
     Field("spec.storage", "", "where checkpoints live", row=False),
     Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
           "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "

@@ -197,6 +197,7 @@ DEFAULTS: dict[str, Any] = {
     "spec.explore.pb2.parallel": Pb2Settings.parallel, "spec.explore.pb2.maxRows": Pb2Settings.max_rows,
     "spec.explore.pb2.minRows": Pb2Settings.min_rows, "spec.explore.pb2.candidates": Pb2Settings.candidates,
     "spec.explore.pb2.restarts": Pb2Settings.restarts, "spec.explore.pb2.kappa": Pb2Settings.kappa,
+    "spec.explore.pb2.trustRegion": Pb2Settings.trust_region,
     "spec.failurePolicy": {}, "spec.failurePolicy.maxRetries": S.FailurePolicy().max_retries,
     "spec.failurePolicy.onExhausted": S.FailurePolicy().on_exhausted,
 }
