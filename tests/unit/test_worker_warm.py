@@ -32,6 +32,12 @@ with open(job["out"], "w") as f:
 os.environ["LEAK"] = "yes"
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 os.chdir("/")
+import io, warnings
+state["filters"] = len(warnings.filters)
+with open(job["out"], "w") as f:
+    json.dump(state, f)
+warnings.simplefilter("ignore")
+sys.stdout = io.StringIO()  # swallowed: the next job must print to its log again
 if job.get("exit") is not None:
     sys.exit(job["exit"])
 if job.get("raise"):
@@ -82,10 +88,12 @@ def test_each_job_sees_a_fresh_interpreter_but_the_cache_stays(tmp_path: Path, s
         assert st["path0"] == str(script.parent) and st["cwd"] == str(tmp_path)
         assert st["leak"] is None and st["seen"] == [1] and st["term_default"] is True
         assert sorted(log.split()) == sorted(["out", "1", "err", "1"])  # both streams, C level too
+        first_filters = st["filters"]
         code, st, log = w.job(2, exit=3)
         # the previous job's environment, working directory and signal handler did not carry over
         assert code == 3 and st["leak"] is None and st["cwd"] == str(tmp_path) and st["term_default"] is True
         assert st["seen"] == [1, 2]  # ... but pbt_worker.cached did
+        assert st["filters"] == first_filters  # nor did the previous job's warnings filter
         assert "out 2" in log and "log1" not in log
         code, st, log = w.job(3, exit="bad things")
         assert code == 1 and "bad things" in log

@@ -8,8 +8,8 @@ of that. The local runner's process executor therefore starts, per slot, one lon
 and sends it one job per segment. Each job runs the program exactly as ``python train.py ARGS`` would,
 as ``__main__``, with the segment's ``PBT_SEGMENT`` in ``os.environ``, its stdout and stderr (file
 descriptors 1 and 2, so C extensions' output too) going to the segment's log, ``sys.argv``,
-``sys.path[0]``, the working directory, the environment and the signal handlers reset to what the
-worker started with. The program's exit status (``sys.exit``, an uncaught exception = 1) is sent back
+``sys.path[0]``, the working directory, the environment, the signal handlers, ``sys.stdout`` & co. and
+the warning filters reset to what the worker started with. The program's exit status (``sys.exit``, an uncaught exception = 1) is sent back
 on the replies pipe; the result file is the contract's, as for a fresh process. What carries over from
 one segment to the next is only what Python caches per process: imported modules (torch, the user's
 own modules) and :func:`pbt_worker.cached` values (datasets, compiled models). The driver retires a
@@ -28,6 +28,7 @@ import runpy
 import signal
 import sys
 import traceback
+import warnings
 from typing import Any
 
 _SIGNALS = [s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
@@ -95,6 +96,8 @@ class _Reset:
         self.cwd = os.getcwd()
         self.path = [program.path0, *sys.path[1:]]
         self.handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+        self.streams = (sys.stdin, sys.stdout, sys.stderr)
+        self.warning_filters = list(warnings.filters)
         self.stdout = os.dup(1)
         self.stderr = os.dup(2)
         for fd in (self.stdout, self.stderr):
@@ -112,6 +115,9 @@ class _Reset:
 
     def after(self) -> None:
         _flush_all()
+        sys.stdin, sys.stdout, sys.stderr = self.streams  # a program may have replaced them
+        _flush_all()
+        warnings.filters[:] = self.warning_filters
         os.dup2(self.stdout, 1)
         os.dup2(self.stderr, 2)
         for s, h in self.handlers.items():
