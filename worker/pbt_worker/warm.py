@@ -117,7 +117,7 @@ class _Reset:
         _flush_all()
         sys.stdin, sys.stdout, sys.stderr = self.streams  # a program may have replaced them
         _flush_all()
-        warnings.filters[:] = self.warning_filters
+        warnings.filters[:] = self.warning_filters  # type: ignore[index]  # a list at run time
         os.dup2(self.stdout, 1)
         os.dup2(self.stderr, 2)
         for s, h in self.handlers.items():
