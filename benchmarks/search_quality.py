@@ -252,7 +252,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-BEST_DEFAULT = "pb2-bucb"
+BEST_DEFAULT = "pb2-liar-pessimistic"  # Pb2Settings.parallel
 
 
 def verdicts(rows: Sequence[Row], population: int = 4, pb2: str = BEST_DEFAULT) -> list[tuple[str, bool]]:

@@ -95,7 +95,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.resampleProbability", "[0, 1], 0.25",
           "per hyperparameter, draw from the prior instead of perturbing"),
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
-    Field("spec.explore.pb2", "`{parallel: bucb, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
+    Field("spec.explore.pb2", "`{parallel: liar-pessimistic, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
           "kappa: 1, trustRegion: 0.25}`", "PB2's settings"),
     Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
           "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),

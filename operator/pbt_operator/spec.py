@@ -343,7 +343,7 @@ def parse_spec(
             p.err("trustRegion", f"must be in (0, 1]: a half-width in unit space, 1 for the whole space (got {trust})")
         trust = Pb2Settings.trust_region
     pb2 = Pb2Settings(
-        parallel=p.str("parallel", "bucb", choices=PB2_PARALLEL),
+        parallel=p.str("parallel", Pb2Settings.parallel, choices=PB2_PARALLEL),
         window=p.int("window", None, minimum=1),
         max_rows=p.int("maxRows", Pb2Settings.max_rows, minimum=8),
         min_rows=p.int("minRows", Pb2Settings.min_rows, minimum=2),

@@ -75,6 +75,6 @@ def test_schema_defaults_are_the_spec_models() -> None:
                "storage": {"uri": "s3://bucket/p"}, "template": training_obj()["spec"]["template"]}
     defaulted = apply_defaults(spec_schema, minimal)
     assert defaulted["objective"] == {"metric": "score", "direction": "max"}  # the METRIC column shows it
-    assert defaulted["explore"]["pb2"]["parallel"] == "bucb" and "worker" not in defaulted
+    assert defaulted["explore"]["pb2"]["parallel"] == "liar-pessimistic" and "worker" not in defaulted
     assert parse_spec(defaulted, name="t") == parse_spec(minimal, name="t")
     assert {k.split(".")[1] for k in DEFAULTS} <= set(spec_schema["properties"])

@@ -61,7 +61,7 @@ def test_choice_is_inside_space_with_native_types() -> None:
     assert type(hp["layers"]) is int
     assert type(hp["lr"]) is float and type(hp["drop"]) is float
     assert hp["opt"] in ("sgd", "adam", "rmsprop")
-    assert ch.reason.startswith("pb2 bucb: ucb=")
+    assert ch.reason.startswith("pb2 liar-pessimistic: ucb=")
     assert "rows=30/30" in ch.reason
 
 

@@ -156,7 +156,10 @@ class Record:
 class Pb2Settings:
     """Knobs of PB2's explore step (spec.explore.pb2)."""
 
-    parallel: Pb2Parallel = "bucb"
+    # How running configurations are accounted for (pbt_operator.core.pb2.decide). liar-pessimistic
+    # was the best or within noise of the best mode on every problem of benchmarks/search_quality.py
+    # at populations 4-16 (benchmarks/README.md); bucb, PB2's own choice, lost on the categorical one.
+    parallel: Pb2Parallel = "liar-pessimistic"
     # Only rows whose time t lies within `window` steps of the newest row are used (the time kernel
     # discounts them anyway); `max_rows` bounds the GP's size by subsampling the rest (the most recent
     # 3/4, a random sample of older rows for the rest). 128 keeps one decision near 10-16 ms of CPU
