@@ -208,3 +208,34 @@ def test_job_and_pod_watches_select_our_labels_on_the_server(monkeypatch: pytest
     assert list(sel.collect(Resource("batch", "v1", "jobs"))) == ["pbt.dev/training"]
     assert list(sel.collect(Resource("", "v1", "pods"))) == ["pbt.dev/training"]
     assert not list(sel.collect(Resource("pbt.dev", "v1alpha1", "populationtrainings")))
+
+
+def test_finished_training_is_not_ready() -> None:
+    """API conventions: once finished, Ready is False (nothing runs); Succeeded says how it ended."""
+    import random
+
+    from test_reconcile import drive
+
+    c = FakeCluster(training_obj())
+    drive(c, random.Random(1))
+    conds = {x["type"]: x for x in c.training["status"]["conditions"]}
+    assert c.training["status"]["phase"] == "Succeeded"
+    assert conds[C.SUCCEEDED]["status"] == "True" and conds[C.READY]["status"] == "False"
+    assert conds[C.READY]["reason"] == C.COMPLETED
+
+
+def test_members_at_a_synchronous_barrier_are_waiting_not_done() -> None:
+    c = FakeCluster(training_obj(mode="synchronous", population=4, parallelism=4))
+    c.reconcile()
+    c.reconcile()
+    first = c.running()[0]
+    c.finish(first)
+    c.reconcile()
+    mname = first["metadata"]["ownerReferences"][0]["name"]
+    assert c.members[mname]["status"]["phase"] == "Waiting"  # generation 0 not finished by the others
+    others = [m for n, m in c.members.items() if n != mname]
+    assert {m["status"]["phase"] for m in others} == {"Running"}
+    for job in c.running():
+        c.finish(job)
+    c.reconcile()
+    assert {m["status"]["phase"] for m in c.members.values()} <= {"Running", "Queued"}  # all decided again

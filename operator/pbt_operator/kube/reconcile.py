@@ -419,7 +419,7 @@ def write_member_statuses(p: Pass) -> None:
             jname = job_name(p.name, cur_sug)
             phase = "Running" if jname in p.jobs_by_name or jname in created else "Queued"
         else:
-            phase = "Failed" if engine.failure else "Done"
+            phase = member_phase_idle(p.spec, engine, m_idx)
         extra = {"disruptions": p.disruptions[m_idx]} if p.disruptions.get(m_idx) else {}
         st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
@@ -451,6 +451,18 @@ def finish_pass(p: Pass) -> None:
             out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
                                         f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
                                         f"score {b.score if b else '-'}"))
+
+
+def member_phase_idle(spec: TrainingSpec, engine: Engine, member: int) -> str:
+    """The phase of a member with no segment decided: Failed with the training, Done once it trained its
+    budget or the training ended, and otherwise Waiting (at a synchronous generation barrier, for the
+    other members to finish this generation); showing those as Done mid-run misled users."""
+    if engine.failure is not None:
+        return "Failed"
+    last = engine.latest.get(member)
+    if engine.outcome is not None or (last is not None and last.segment + 1 >= spec.budget.segments):
+        return "Done"
+    return "Waiting"
 
 
 def job_seconds(job: Mapping[str, Any], finished_at: str) -> float | None:
@@ -499,7 +511,9 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         phase = "Succeeded"
         # An early stop's message starts with its reason ("TargetReached: member 3 scored ..."), as ever.
         reason, msg = fin.reason, engine.finished or fin.message
-        conds = _set_all(conds, now, generation, ready=(True, C.COMPLETED, msg), progressing=(False, reason, msg),
+        # Ready is False once finished (API conventions: nothing is running or served any more);
+        # Succeeded=True says how it ended.
+        conds = _set_all(conds, now, generation, ready=(False, C.COMPLETED, msg), progressing=(False, reason, msg),
                          succeeded=(True, reason, msg), failed=(False, C.NO_FAILURE, "no failure"))
     else:
         phase = "Running"
