@@ -49,6 +49,7 @@ def test_recreated_training_reruns_every_segment_from_zero(cluster: Cluster, nam
     again = runs(log)[12:]
     assert collections.Counter(again) == {(m, k): 1 for m in range(4) for k in range(3)}, again  # all ran again
     assert second["status"]["segmentsDone"] == 12
+    assert condition(second, "Ready")["status"] == "False" and condition(second, "Succeeded")["status"] == "True"
     created = second["metadata"]["creationTimestamp"]
     members = cluster.kubectl_json("get", "pbtm", "-n", namespace, "-l", "pbt.dev/training=again")["items"]
     assert len(members) == 4
