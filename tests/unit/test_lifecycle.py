@@ -239,3 +239,20 @@ def test_members_at_a_synchronous_barrier_are_waiting_not_done() -> None:
         c.finish(job)
     c.reconcile()
     assert {m["status"]["phase"] for m in c.members.values()} <= {"Running", "Queued"}  # all decided again
+
+
+def test_history_entries_leave_out_defaults_and_read_back_the_same() -> None:
+    from pbt_operator.core.types import Record
+    from pbt_operator.kube.builders import record_entry
+
+    first = Record(Suggestion(2, 0, {"lr": 0.1}, None, 0, 5, "start", reason="initial sample"), 0.5, 5)
+    later = Record(Suggestion(2, 3, {"lr": 0.12}, (1, 2), 15, 5, "exploit", score_before=0.4, donor=1,
+                              reason="exploit: ...", attempt=1), None, 15, {"loss": 2.0}, "failed", "boom", 3.5)
+    for rec in (first, later):
+        entry = record_entry(rec, "2026-01-01T00:00:00Z", "j")
+        assert Record.from_dict(entry) == rec
+        assert entry["finishedAt"] == "2026-01-01T00:00:00Z" and entry["job"] == "j"
+    small = record_entry(first, "t", "j")
+    assert not {"donor", "score_before", "attempt", "restore"} & set(small["suggestion"])
+    assert not {"metrics", "error", "duration"} & set(small)
+    assert len(json.dumps(small)) < len(json.dumps({**first.to_dict(), "finishedAt": "t", "job": "j"}))

@@ -165,8 +165,21 @@ def member_status(sug: Suggestion | None, history: Sequence[Mapping[str, Any]], 
     return st
 
 
+# Fields a history entry leaves out while they hold their default: Record.from_dict and
+# Suggestion.from_dict read a missing one as exactly that default, so an entry means the same, smaller.
+_SUGGESTION_DEFAULTS = {"score_before": None, "donor": None, "attempt": 0, "restore": None}
+_RECORD_DEFAULTS: dict[str, Any] = {"metrics": {}, "error": None, "duration": None}
+
+
 def record_entry(rec: Record, finished_at: str, job: str) -> dict[str, Any]:
+    """One finished segment in a member's status history, without the fields at their defaults (every
+    segment adds an entry, and the member object holds them all)."""
     d = rec.to_dict()
+    d["suggestion"] = {k: v for k, v in d["suggestion"].items()
+                       if k not in _SUGGESTION_DEFAULTS or v != _SUGGESTION_DEFAULTS[k]}
+    for k, default in _RECORD_DEFAULTS.items():
+        if d.get(k) == default:
+            del d[k]
     d["finishedAt"] = finished_at
     d["job"] = job
     return d
