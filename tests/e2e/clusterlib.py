@@ -125,6 +125,16 @@ class Cluster:
         except TimeoutError as e:
             raise AssertionError(f"{e}\n{self.debug_dump()}") from None
 
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until each CRD (by name) is Established. `kubectl wait --for=condition=Established`
+        fails at once instead of waiting while a CRD just created has no status.conditions yet
+        (".status.conditions accessor error: <nil>"), which a loaded machine makes likely."""
+        jsonpath = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        for crd in crds:
+            self.wait_for(lambda crd=crd: self.kubectl("get", f"crd/{crd}", "-o", jsonpath,
+                                                       check=False).stdout.strip() == "True",
+                          timeout, desc=f"CRD {crd} Established")
+
     def debug_dump(self, namespace: str | None = None) -> str:
         ns = ("-n", namespace) if namespace else ("-A",)
         out = self.kubectl("get", "nodes,pods,jobs", *ns, "-o", "wide", check=False, timeout=30)

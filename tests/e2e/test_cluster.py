@@ -224,7 +224,7 @@ CRD = {
 def test_crd_structural_schema_rejects_invalid_objects(cluster: Cluster, namespace: str) -> None:
     cluster.apply(CRD)
     try:
-        cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.e2e.pbt.dev", "--timeout=60s")
+        cluster.wait_established("widgets.e2e.pbt.dev")
 
         def widget(name: str, spec: dict) -> dict:
             return {"apiVersion": "e2e.pbt.dev/v1", "kind": "Widget", "metadata": {"name": name}, "spec": spec}

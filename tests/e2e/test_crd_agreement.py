@@ -115,7 +115,7 @@ def model_accepts(doc: dict[str, Any]) -> tuple[bool, str]:
 
 def test_schema_and_model_agree(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/populationtrainings.pbt.dev", "--timeout=60s")
+    cluster.wait_established("populationtrainings.pbt.dev")
     for doc in VALID:
         ok_model, why_model = model_accepts(doc)
         ok_server, why_server = server_accepts(cluster, namespace, doc)

@@ -170,7 +170,7 @@ def install(cluster: Cluster, ns: str, *sets: str, **json_values: Any) -> subpro
 def peering_crds(cluster: Cluster) -> None:
     cluster.apply(KOPF_PEERING_CRDS)
     for crd in KOPF_PEERING_CRDS:
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s")
+        cluster.wait_established(crd["metadata"]["name"])
 
 
 @pytest.fixture
@@ -241,7 +241,7 @@ def test_installed_chart_runs_a_training_as_its_service_account(
     notes = install(cluster, op_namespace).stdout
     assert "examples/digits/populationtraining-k8s.yaml" in notes and "kubectl apply" in notes, notes
     for plural in ("populationtrainings", "populationmembers"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.pbt.dev", "--timeout=60s")
+        cluster.wait_established(f"{plural}.pbt.dev")
     dep = installed_deployment(cluster, op_namespace, RELEASE)
     assert dep["spec"]["replicas"] == 0
     sa = dep["spec"]["template"]["spec"]["serviceAccountName"]

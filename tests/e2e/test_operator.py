@@ -61,7 +61,7 @@ class OperatorProcess:
 def crds(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     for plural in ("populationtrainings", "populationmembers"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.pbt.dev", "--timeout=60s")
+        cluster.wait_established(f"{plural}.pbt.dev")
 
 
 @pytest.fixture(scope="module")
