@@ -53,7 +53,9 @@ def manifest(name: str, storage: Path, times: Path, population: int, parallelism
             "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{
                 "name": "w", "image": "bench", "command": ["python", str(WORKER)],
                 "env": [{"name": k, "value": v} for k, v in env.items()],
-                "resources": {"limits": {"nvidia.com/gpu": 1}}}]}},
+                "volumeMounts": [{"name": "checkpoints", "mountPath": str(storage)}],  # file:// needs a volume
+                "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+                "volumes": [{"name": "checkpoints", "hostPath": {"path": str(storage)}}]}},
         },
     }
 
@@ -80,8 +82,11 @@ def run_one(asc: AutoscaleCluster, i: int, work: Path, args: argparse.Namespace)
     while time.monotonic() - t_apply < args.timeout:
         if first_running is None and sampler.samples and sampler.samples[-1].running:
             first_running = sampler.samples[-1].t - (t_apply - sampler.t0)
-        phase = ((c.get("pbt", "auto", ns) or {}).get("status") or {}).get("phase", "")
-        if phase in ("Succeeded", "Failed"):
+        status = (c.get("pbt", "auto", ns) or {}).get("status") or {}
+        phase = status.get("phase", "")
+        if phase == "Failed":
+            raise SystemExit(f"the training failed: {status.get('conditions')}")
+        if phase == "Succeeded":
             break
         time.sleep(1.0)
     t_done = time.monotonic()
