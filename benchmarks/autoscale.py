@@ -126,7 +126,7 @@ def plot(r: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     ax.set_ylabel("count")
     ax.set_title(f"Karpenter GPU pool: population {args.population}, parallelism {args.parallelism}, "
                  f"node boot {args.ready_delay:g} s", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
