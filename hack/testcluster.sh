@@ -27,6 +27,8 @@ BIN_DIR="$CACHE_ROOT/$K8S_VERSION/bin"
 BUILD_ROOT="$CACHE_ROOT/build"
 CLUSTER_DIR="${PBT_CLUSTER_DIR:-$CACHE_ROOT/cluster}"
 BUILD_JOBS="${PBT_BUILD_JOBS:-2}"
+# The API server's address: loopback, or the real node's bridge address (hack/realnode.sh) so pods reach it.
+API_ADDRESS="${PBT_APISERVER_ADDRESS:-127.0.0.1}"
 
 log() { printf '[testcluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -158,7 +160,7 @@ gen_certs() {
     cd "$d"
     exec >openssl.log 2>&1
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=pbt-testcluster-ca"
-    local san="IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default"
+    local san="IP:127.0.0.1,IP:$API_ADDRESS,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default"
     san+=",DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' \
       "$san" >server.ext
@@ -188,7 +190,7 @@ write_kubeconfig() { # file user port
     "clusters:" \
     "- name: pbt-testcluster" \
     "  cluster:" \
-    "    server: https://127.0.0.1:$3" \
+    "    server: https://$API_ADDRESS:$3" \
     "    certificate-authority: $pki/ca.crt" \
     "users:" \
     "- name: $2" \
@@ -253,7 +255,7 @@ start_cluster() {
 
   start_proc kube-apiserver "$BIN_DIR/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$API_ADDRESS" --advertise-address "$API_ADDRESS" --secure-port "$api_port" \
     --cert-dir "$CLUSTER_DIR/certs" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" \
@@ -263,8 +265,8 @@ start_cluster() {
     --authorization-mode Node,RBAC \
     --enable-admission-plugins NodeRestriction \
     --default-not-ready-toleration-seconds "$tol" --default-unreachable-toleration-seconds "$tol" \
-    --allow-privileged=true --profiling=false --v="$v"
-  wait_healthy kube-apiserver "https://127.0.0.1:$api_port/readyz" '^ok$' \
+    --allow-privileged=true --profiling=false --v="$v" ${PBT_APISERVER_FLAGS:-}
+  wait_healthy kube-apiserver "https://$API_ADDRESS:$api_port/readyz" '^ok$' \
     --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" || return 1
 
   start_proc kube-controller-manager "$BIN_DIR/kube-controller-manager" \
@@ -298,7 +300,7 @@ start_cluster() {
     "export KUBECONFIG=$CLUSTER_DIR/admin.kubeconfig" \
     "export PBT_TESTCLUSTER_DIR=$CLUSTER_DIR" \
     "export PBT_TESTCLUSTER_BIN=$BIN_DIR" \
-    "export PBT_APISERVER=https://127.0.0.1:$api_port" \
+    "export PBT_APISERVER=https://$API_ADDRESS:$api_port" \
     "export PBT_K8S_VERSION=$K8S_VERSION" \
     "export PATH=$BIN_DIR:\$PATH" >"$CLUSTER_DIR/env"
 }
@@ -355,6 +357,8 @@ stop_all() {
 }
 
 cmd_down() {
+  # a real node (hack/realnode.sh) goes first: its kubelet and containers use the API server
+  if [[ -d "$CLUSTER_DIR/node" ]]; then "$(dirname "$(readlink -f "$0")")/realnode.sh" node-down || true; fi
   stop_all
   rm -rf "$CLUSTER_DIR/etcd"
   log "stopped the cluster in $CLUSTER_DIR"
@@ -376,7 +380,8 @@ cmd_status() {
 
 case "${1:-}" in
   build) cmd_build ;;
-  up) cmd_up ;;
+  up) if [[ "${2:-}" == "--real-node" ]]; then exec "$(dirname "$(readlink -f "$0")")/realnode.sh" up; fi
+      cmd_up ;;
   down) cmd_down ;;
   env) cmd_env ;;
   status) cmd_status ;;

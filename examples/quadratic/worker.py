@@ -22,7 +22,8 @@ def segment(seg: Any) -> dict[str, float]:
     # quadratic.segment restores again; hand it the state we already read instead of a second download
     seg.restore = lambda **_: state  # type: ignore[method-assign]
     result = quadratic.segment(seg)
-    print(f"segment m{seg.member}/s{seg.index} saved={seg.checkpoint_uri} score={result['score']:.6f}", flush=True)
+    print(f"segment m{seg.member}/s{seg.index} saved={seg.checkpoint_uri} theta={[result['theta0'], result['theta1']]} "
+          f"score={result['score']:.6f}", flush=True)
     return result
 
 
