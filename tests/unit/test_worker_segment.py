@@ -310,3 +310,31 @@ def test_mem_copy_preserves_aliasing_and_cycles() -> None:
     assert back["self"] is back
     assert back["od"] == state["od"] and back["od"]["x"] is not state["od"]["x"]
     assert back["t"] == (1, [2]) and back["t"][1] is not state["t"][1]
+
+
+def test_without_a_writable_temp_dir_checkpoints_go_through_memory(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A container with a read-only root filesystem and no /tmp volume (the real-node tests run the worker
+    image that way) has no temp directory: saving and restoring must still work, from memory."""
+    moto = pytest.importorskip("moto")
+    import boto3
+    from pbt_worker.checkpoint import SMALL_OBJECT
+    from pbt_worker.storage import s3 as s3mod
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("PBT_WORKER_TMPDIR", "/nonexistent/pbt-no-tmp")
+    big = os.urandom(SMALL_OBJECT + 1000)  # restored through the large-object path
+    with moto.mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="bucket")
+        s0 = make("s3://bucket/p/", 0)
+        s0.save({"w": big})
+        s1 = make("s3://bucket/p/", 1)
+        assert s1.restore() == {"w": big}
+        # bytes larger than a part, which the S3 backend otherwise spools to a file for parallel parts
+        st = s3mod.S3Storage(part_size=5 * 1024 * 1024)
+        data = os.urandom(6 * 1024 * 1024)
+        info = st.put("s3://bucket/q/", "blob", data)
+        assert info.size == len(data) and st.get_bytes("s3://bucket/q/", "blob") == data
+    assert "no writable temp directory" in caplog.text

@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, PermanentStorageError
-from .storage.base import HashingWriter, Manifest, ObjectEntry, Storage, check_key, tmp_root
+from .storage.base import HashingWriter, Manifest, ObjectEntry, Storage, check_key, spool_file, tmp_root
 
 log = logging.getLogger("pbt_worker")
 
@@ -163,20 +162,29 @@ class CheckpointWriter:
     def _put_serialised(self, key: str, obj: Any, enc: str) -> Any:
         # Serialise into a local spool file, hashing while writing, then let the backend stream it:
         # memory stays at one copy of the object however large the checkpoint is.
-        fd, path = tempfile.mkstemp(prefix=".pbt-spool-", dir=self.storage.spool_dir(self.prefix))
+        spool = spool_file(".pbt-spool-", self.storage.spool_dir(self.prefix))
+        if spool is None:  # no writable temp directory (read-only root filesystem): serialise in memory
+            buf = io.BytesIO()
+            self._serialise(obj, enc, HashingWriter(buf))
+            return self.storage.put(self.prefix, key, buf.getbuffer())
+        fd, path = spool
         try:
             with open(fd, "wb", buffering=1024 * 1024) as raw:
                 writer = HashingWriter(raw)
-                if enc == "torch":
-                    import torch
-
-                    torch.save(obj, writer)  # type: ignore[arg-type]
-                else:
-                    pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+                self._serialise(obj, enc, writer)
         except BaseException:
             os.unlink(path)
             raise
         return self.storage.put_spooled(self.prefix, key, path, (writer.size, writer.hexdigest()))
+
+    @staticmethod
+    def _serialise(obj: Any, enc: str, writer: HashingWriter) -> None:
+        if enc == "torch":
+            import torch
+
+            torch.save(obj, writer)  # type: ignore[arg-type]
+        else:
+            pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _parallel(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> list[Any]:
         jobs = list(jobs)
@@ -263,14 +271,17 @@ class CheckpointReader:
         e = self.entry(name)
         if e.encoding == "object":
             return self.storage.get_object(self.prefix, e.key)
-        if e.size <= SMALL_OBJECT or self.storage.holds_objects:
+        spool = None
+        if e.size > SMALL_OBJECT and not self.storage.holds_objects:
+            # Large objects stream to a temp file first: an HTTP body read into memory would be held twice
+            # (the response chunks plus the joined result); the file is read back in one allocation.
+            spool = spool_file("pbt-restore-", tmp_root())
+        if spool is None:
             if e.encoding == "raw":
                 return self.get_bytes(name)
             buf = io.BytesIO(self.get_bytes(name))
             return self._decode(e, buf, map_location, weights_only)
-        # Large objects stream to a temp file first: an HTTP body read into memory would be held twice
-        # (the response chunks plus the joined result); the file is read back in one allocation.
-        fd, path = tempfile.mkstemp(prefix="pbt-restore-", dir=tmp_root())
+        fd, path = spool
         os.close(fd)
         try:
             self.get_file(name, path)

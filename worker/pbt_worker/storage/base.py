@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -92,6 +94,28 @@ class Manifest:
 def tmp_root() -> str | None:
     """Where serialised checkpoints are spooled (``PBT_WORKER_TMPDIR``, else the system default)."""
     return os.environ.get("PBT_WORKER_TMPDIR") or None
+
+
+_warned_no_tmp = False
+
+
+def spool_file(prefix: str, directory: str | None) -> tuple[int, str] | None:
+    """``tempfile.mkstemp`` in ``directory``, or None when no temp directory is writable.
+
+    A container with a read-only root filesystem and no volume at /tmp (what the `restricted` Pod
+    Security Standard encourages) has none: callers then keep the data in memory instead of failing the
+    segment. Warns once, naming the fix for large checkpoints.
+    """
+    global _warned_no_tmp
+    try:
+        return tempfile.mkstemp(prefix=prefix, dir=directory)
+    except OSError as exc:  # FileNotFoundError("No usable temporary directory"), EROFS, EACCES
+        if not _warned_no_tmp:
+            _warned_no_tmp = True
+            logging.getLogger("pbt_worker").warning(
+                "no writable temp directory (%s): checkpoints are buffered in memory; for large checkpoints "
+                "mount an emptyDir at /tmp or set PBT_WORKER_TMPDIR to a writable volume", exc)
+        return None
 
 
 def check_prefix(prefix: str) -> None:

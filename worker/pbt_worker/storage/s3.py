@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -51,6 +51,7 @@ from .base import (
     check_key,
     check_prefix,
     sha256_file,
+    spool_file,
     verify,
 )
 
@@ -227,7 +228,10 @@ class S3Storage(Storage):
             # Large bytes go through a spool file: boto3's upload_fileobj reads and copies a stream's
             # parts one after another (~0.7x of upload_file measured), while the file path uploads
             # parts in parallel and hashes alongside. The spool sits in the page cache, not in RSS.
-            fd, path = tempfile.mkstemp(prefix=".pbt-spool-", dir=self.spool_dir(prefix))
+            spool = spool_file(".pbt-spool-", self.spool_dir(prefix))
+            if spool is None:  # no writable temp directory: stream from memory
+                return self._put_stream(bucket, name, uri, key, io.BytesIO(data))
+            fd, path = spool
             try:
                 with open(fd, "wb") as f:
                     f.write(data)
