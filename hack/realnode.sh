@@ -36,13 +36,17 @@ REPO="$(cd "$HERE/.." && pwd)"
 K8S_VERSION="${PBT_K8S_VERSION:-v1.36.5}"
 CONTAINERD_VERSION="${PBT_CONTAINERD_VERSION:-v2.4.2}"
 CRICTL_VERSION="${PBT_CRICTL_VERSION:-v1.37.0}"
-DEBIAN_PACKAGES=(runc containernetworking-plugins iptables buildah debootstrap)
+RUNC_VERSION="${PBT_RUNC_VERSION:-v1.5.3}"
+# libseccomp-dev + pkg-config: runc is built with cgo and seccomp (RuntimeDefault profiles need it);
+# buildah brings Debian's runc 1.1.5 along, which cannot start containerd 2.4's containers (see docs).
+DEBIAN_PACKAGES=(containernetworking-plugins iptables buildah debootstrap libseccomp-dev pkg-config gcc)
 
 CACHE_ROOT="${PBT_CACHE_DIR:-$HOME/.cache/pbt-operator}"
 BUILD_ROOT="$CACHE_ROOT/build"
 K8S_BIN="$CACHE_ROOT/$K8S_VERSION/bin"
 NODE_BIN="$CACHE_ROOT/node/containerd-$CONTAINERD_VERSION/bin"
 CRICTL_BIN="$CACHE_ROOT/node/crictl-$CRICTL_VERSION/bin"
+RUNC_BIN="$CACHE_ROOT/node/runc-$RUNC_VERSION/bin"
 IMAGE_CACHE="$CACHE_ROOT/node/images"
 BUILD_JOBS="${PBT_BUILD_JOBS:-2}"
 CLUSTER_DIR="${PBT_CLUSTER_DIR:-$CACHE_ROOT/cluster}"
@@ -56,6 +60,7 @@ NODE_GPUS="${PBT_NODE_GPUS:-2}"
 CGROUP_ROOT="/pbt-node"
 CNI_BIN_DIR="${PBT_CNI_BIN_DIR:-/usr/lib/cni}"
 PAUSE_IMAGE="localhost/pbt-pause:1"
+DEVICE_PLUGIN_DIR=/var/lib/kubelet/device-plugins
 
 log() { printf '[realnode %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -116,6 +121,20 @@ build_crictl() {
   echo "$CRICTL_VERSION" >"$CRICTL_BIN/.crictl.version"
 }
 
+build_runc() {
+  stamp_ok "$RUNC_BIN" runc "$RUNC_VERSION" && return 0
+  local dir="$BUILD_ROOT/runc-$RUNC_VERSION"
+  mkdir -p "$dir" "$RUNC_BIN"
+  cd "$dir"
+  printf 'module pbt-operator.local/build/runc\n\ngo 1.26.0\n\nrequire github.com/opencontainers/runc %s\n' "$RUNC_VERSION" >go.mod
+  : >go.sum
+  log "  go build github.com/opencontainers/runc ($RUNC_VERSION, cgo, seccomp)"
+  CGO_ENABLED=1 nice -n 10 go build -p "$BUILD_JOBS" -tags "seccomp urfave_cli_no_docs" \
+    -ldflags "-s -w -X main.version=${RUNC_VERSION#v}" -o "$RUNC_BIN/runc.tmp" github.com/opencontainers/runc
+  mv "$RUNC_BIN/runc.tmp" "$RUNC_BIN/runc"
+  echo "$RUNC_VERSION" >"$RUNC_BIN/.runc.version"
+}
+
 build_kube_node() {
   # The kubelet and kube-proxy come from the same k8s.io/kubernetes module as the control plane:
   # reuse hack/testcluster.sh's build module (its go.mod maps the staging modules) and caches.
@@ -143,6 +162,7 @@ all_built() {
   debian_ok || return 1
   for n in containerd containerd-shim-runc-v2 ctr; do stamp_ok "$NODE_BIN" "$n" "$CONTAINERD_VERSION" || return 1; done
   stamp_ok "$CRICTL_BIN" crictl "$CRICTL_VERSION" || return 1
+  stamp_ok "$RUNC_BIN" runc "$RUNC_VERSION" || return 1
   for n in kubelet kube-proxy; do stamp_ok "$K8S_BIN" "$n" "$K8S_VERSION" || return 1; done
 }
 
@@ -153,6 +173,7 @@ cmd_build() {
   go_env
   (build_containerd)
   (build_crictl)
+  (build_runc)
   (build_kube_node)
   all_built || die "node build incomplete"
   log "built the node in $((SECONDS - t0))s"
@@ -236,10 +257,11 @@ build_image() { # dockerfile repo key -> prints the archive path
   if [[ ! -f "$tar" ]]; then
     local t0=$SECONDS
     log "building $repo:$key from $dockerfile"
-    (cd "$REPO" && bah bud --pull-never --isolation chroot --layers=false -q \
-        --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$dockerfile" -t "$repo:$key" . >"$IMAGE_CACHE/build-$(basename "$repo").log" 2>&1) \
+    (cd "$REPO" && bah bud --pull=never --isolation chroot --network host --layers=false -q \
+        -f "$dockerfile" -t "$repo:$key" . >"$IMAGE_CACHE/build-$(basename "$repo").log" 2>&1) \
       || { tail -30 "$IMAGE_CACHE/build-$(basename "$repo").log" >&2; die "building $repo from $dockerfile failed"; }
     bah push -q "$repo:$key" "docker-archive:$tar.tmp:$repo:$key" && mv "$tar.tmp" "$tar"
+    find "$IMAGE_CACHE" -maxdepth 1 -name "$(basename "$repo")-*.tar" ! -name "$(basename "$tar")" -delete
     # keep only the archive: the next build of the same key is a cache hit on the file
     bah rmi -f "$repo:$key" >/dev/null 2>&1 || true
     log "built $repo:$key in $((SECONDS - t0))s ($(du -h "$tar" | cut -f1))"
@@ -247,9 +269,30 @@ build_image() { # dockerfile repo key -> prints the archive path
   echo "$tar"
 }
 
+# The digits image's base (pytorch/pytorch:<torch>-cuda...-runtime) is stood in for by the python stand-in
+# plus the same torch release from PyPI; only with PBT_E2E_TORCH=1 (a download of several GB).
+TORCH_BASE_IMAGE="docker.io/pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+TORCH_VERSION="2.5.1"
+
+build_torch_base() {
+  image_present "$TORCH_BASE_IMAGE" && return 0
+  local d t0=$SECONDS
+  d="$(mktemp -d)"
+  printf 'FROM %s\nRUN pip install --no-cache-dir "torch==%s"\n' "$BASE_IMAGE" "$TORCH_VERSION" >"$d/Dockerfile"
+  log "building the stand-in $TORCH_BASE_IMAGE (python stand-in + torch $TORCH_VERSION from PyPI)"
+  bah bud --pull=never --isolation chroot --network host --layers=false -q -f "$d/Dockerfile" \
+    -t "$TORCH_BASE_IMAGE" "$d" >"$IMAGE_CACHE/build-torch-base.log" 2>&1 \
+    || { tail -30 "$IMAGE_CACHE/build-torch-base.log" >&2; die "building the torch stand-in failed"; }
+  rm -rf "$d"
+  log "torch stand-in built in $((SECONDS - t0))s"
+}
+
 cmd_images() {
   install_debian
   mkdir -p "$IMAGE_CACHE"
+  # one image build at a time per machine (a second caller waits, then finds the cache warm)
+  exec 9>"$IMAGE_CACHE/.lock"
+  flock 9
   build_base
   build_pause
   local src=(pyproject.toml README.md operator worker)
@@ -259,6 +302,7 @@ cmd_images() {
   build_image Dockerfile "$OPERATOR_IMAGE_REPO" "$okey" >/dev/null
   build_image examples/quadratic/Dockerfile "$WORKER_IMAGE_REPO" "$wkey" >/dev/null
   if [[ "${PBT_E2E_TORCH:-0}" == 1 ]]; then
+    build_torch_base
     build_image examples/digits/Dockerfile "$DIGITS_IMAGE_REPO" "$(src_key examples/digits "${src[@]}")" >/dev/null
   fi
   printf '%s\n' "PBT_OPERATOR_IMAGE=$OPERATOR_IMAGE_REPO:$okey" "PBT_WORKER_IMAGE=$WORKER_IMAGE_REPO:$wkey" \
@@ -359,13 +403,17 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     sandbox = "$PAUSE_IMAGE"
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = false
+  netns_mounts_under_state_dir = true
+  # this machine withholds CAP_SYS_RESOURCE: no oom_score_adj below containerd's own (the kubelet asks -998)
+  restrict_oom_score_adj = true
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        BinaryName = "$(command -v runc)"
+        BinaryName = "$RUNC_BIN/runc"
         SystemdCgroup = false
+        Root = "$NODE_DIR/containerd/runc"
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["$CNI_BIN_DIR"]
     conf_dir = "$NODE_DIR/cni/net.d"
@@ -411,6 +459,7 @@ fileCheckFrequency: 60s
 resolvConf: /etc/resolv.conf
 localStorageCapacityIsolation: true
 shutdownGracePeriod: 0s
+oomScoreAdj: 0
 EOF
   cat >"$NODE_DIR/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -429,13 +478,16 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 EOF
   local t
   for t in "${KUBELET_TUNABLES[@]}"; do
-    echo "${t#* }" >"$NODE_DIR/sysctl/${t%% *}" 2>/dev/null || { mkdir -p "$NODE_DIR/sysctl/$(dirname "${t%% *}")"; echo "${t#* }" >"$NODE_DIR/sysctl/${t%% *}"; }
+    mkdir -p "$(dirname "$NODE_DIR/sysctl/${t%% *}")"
+    echo "${t#* }" >"$NODE_DIR/sysctl/${t%% *}"
   done
 }
 
 start_namespace() {
   # The node's private mount namespace (see the top of this file): a holder process keeps it alive.
-  local binds="" t
+  # The kubelet's device-plugin directory is fixed (/var/lib/kubelet/device-plugins): in the namespace it
+  # is our own directory, so plugin sockets live with the node's state.
+  local binds="mount --bind '$NODE_DIR/device-plugins' $DEVICE_PLUGIN_DIR && " t
   for t in "${KUBELET_TUNABLES[@]}"; do
     binds+="mount --bind '$NODE_DIR/sysctl/${t%% *}' '/proc/sys/${t%% *}' && "
   done
@@ -449,10 +501,15 @@ ctr_() { "$NODE_BIN/ctr" --address "$NODE_DIR/containerd/containerd.sock" --name
 crictl_() { "$CRICTL_BIN/crictl" --runtime-endpoint "unix://$NODE_DIR/containerd/containerd.sock" --timeout 20s "$@"; }
 
 import_images() {
-  local tar
+  local tar keep=() ref
   for tar in "$IMAGE_CACHE/pause-1.tar" "$@"; do
-    ctr_ images import --snapshotter overlayfs --no-unpack=false "$tar" >/dev/null \
+    ctr_ images import --snapshotter overlayfs "$tar" >/dev/null \
       || die "ctr could not import $tar"
+  done
+  # containerd's root is a cache kept between runs: drop the images of older source versions
+  read -r -a keep <<<"$(sed -n 's/^PBT_[A-Z]*_IMAGE=//p' "$IMAGE_CACHE/current" | tr '\n' ' ')"
+  for ref in $(ctr_ images ls -q 2>/dev/null | grep -E "^localhost/pbt-(operator|quadratic-worker|digits-worker):"); do
+    [[ " ${keep[*]} " == *" $ref "* ]] || ctr_ images rm "$ref" >/dev/null 2>&1 || true
   done
 }
 
@@ -470,7 +527,8 @@ print(" ".join(str(x.getsockname()[1]) for x in s))')"
   # directories outside our own that containerd and the CNI plugins create (result cache, netns
   # mount points, shim sockets): removed by down when they did not exist before
   local d
-  for d in /var/lib/cni /var/run/netns /run/containerd; do [[ -e "$d" ]] || record "dir $d"; done
+  for d in /var/lib/cni /run/containerd /var/lib/kubelet; do [[ -e "$d" ]] || record "dir $d"; done
+  mkdir -p "$DEVICE_PLUGIN_DIR" "$NODE_DIR/device-plugins"
   gen_node_certs
   write_configs "$kport" "$hport" "$pport" "$pmport"
   start_namespace || return 1
@@ -484,10 +542,10 @@ print(" ".join(str(x.getsockname()[1]) for x in s))')"
     --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" --v="${PBT_NODE_VERBOSITY:-1}"
   start_proc kube-proxy "$K8S_BIN/kube-proxy" --config "$NODE_DIR/kube-proxy.yaml" --v=1
   record "iptables kube-proxy"
-  wait_until 60 "the kubelet's registration socket" test -S "$NODE_DIR/kubelet/device-plugins/kubelet.sock" \
+  wait_until 60 "the kubelet's registration socket" test -S "$NODE_DIR/device-plugins/kubelet.sock" \
     || { tail -40 "$NODE_DIR/logs/kubelet.log" >&2; return 1; }
   start_proc device-plugin "${PBT_PYTHON:-python3}" "$HERE/deviceplugin.py" --devices "$NODE_GPUS" \
-    --resource nvidia.com/gpu --plugin-dir "$NODE_DIR/kubelet/device-plugins"
+    --resource nvidia.com/gpu --plugin-dir "$NODE_DIR/device-plugins"
   wait_until 90 "node $NODE_NAME Ready with nvidia.com/gpu" node_ready || {
     tail -40 "$NODE_DIR/logs/kubelet.log" >&2; return 1; }
   printf '%s\n' "export PBT_NODE_NAME=$NODE_NAME" "export PBT_NODE_BRIDGE_IP=$BRIDGE_IP" \
@@ -507,7 +565,7 @@ node_ready() {
 cmd_up() {
   local t0=$SECONDS
   cmd_build
-  cmd_images
+  "$0" images
   mkdir -p "$CLUSTER_DIR"
   [[ -d "$NODE_DIR" ]] && die "$NODE_DIR exists: a real node runs there (hack/realnode.sh down first)"
   # One real node per machine (the bridge and the cgroup root are machine-wide): a node left behind by a
@@ -584,7 +642,7 @@ node_down() {
     if [[ -n "$ns" ]]; then
       for pid in /proc/[0-9]*; do
         [[ "$(readlink "$pid/ns/mnt" 2>/dev/null)" == "$ns" && "${pid#/proc/}" != "$(cat "$NODE_DIR/pids/mntns")" ]] \
-          && kill -KILL "${pid#/proc/}" 2>/dev/null
+          && kill -KILL "${pid#/proc/}" 2>/dev/null || true
       done
     fi
     stop_pid mntns 5 # the namespace and every mount in it go with its last process
@@ -600,10 +658,12 @@ node_down() {
       case "$kind" in
         link) ip link del "$what" 2>/dev/null || true ;;
         cgroup) cgroup_rmtree "$what" ;;
-        dir) [[ -d "$what" ]] && find "$what" -depth -type d -empty -delete 2>/dev/null ;;
+        dir) [[ -d "$what" ]] && find "$what" -depth -type d -empty -delete 2>/dev/null || true ;;
       esac
     done
   fi
+  # the logs outlive the node (next to the control plane's), for whoever debugs a failed run
+  rm -rf "$CLUSTER_DIR/logs/node" && mkdir -p "$CLUSTER_DIR/logs" && mv "$NODE_DIR/logs" "$CLUSTER_DIR/logs/node" || true
   rm -rf "$NODE_DIR"
   [[ "$(cat "$CACHE_ROOT/node/active" 2>/dev/null)" == "$CLUSTER_DIR" ]] && rm -f "$CACHE_ROOT/node/active"
   log "removed the real node ($NODE_NAME)"
@@ -615,13 +675,12 @@ iptables_cleanup() {
   for t in filter; do
     while iptables -w -t "$t" -D INPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
     while iptables -w -t "$t" -D OUTPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
-    iptables -w -t "$t" -F KUBE-FIREWALL 2>/dev/null && iptables -w -t "$t" -X KUBE-FIREWALL 2>/dev/null
+    iptables -w -t "$t" -F KUBE-FIREWALL 2>/dev/null && iptables -w -t "$t" -X KUBE-FIREWALL 2>/dev/null || true
   done
   for t in mangle nat filter; do
-    iptables -w -t "$t" -F KUBE-KUBELET-CANARY 2>/dev/null && iptables -w -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null
+    iptables -w -t "$t" -F KUBE-KUBELET-CANARY 2>/dev/null && iptables -w -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null || true
   done
-  iptables -w -t mangle -X KUBE-IPTABLES-HINT 2>/dev/null
-  return 0
+  iptables -w -t mangle -X KUBE-IPTABLES-HINT 2>/dev/null || true
 }
 
 cmd_down() {
@@ -640,7 +699,13 @@ cmd_status() {
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   case "${1:-}" in
     build) cmd_build ;;
-    images) cmd_images ;;
+    images)
+      # buildah mounts its storage and build containers: in a private mount namespace they all go
+      # away with it, and the machine's mount table never sees them
+      if [[ -z "${PBT_REALNODE_PRIVATE_MNT:-}" ]]; then
+        PBT_REALNODE_PRIVATE_MNT=1 exec unshare --mount --propagation private -- "$0" images
+      fi
+      cmd_images ;;
     up) cmd_up ;;
     down) cmd_down ;;
     node-down) node_down ;;

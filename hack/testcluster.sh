@@ -5,6 +5,7 @@
 #
 #   hack/testcluster.sh build   build (once per machine) and cache the binaries
 #   hack/testcluster.sh up      start the control plane, wait until healthy, write a kubeconfig
+#   hack/testcluster.sh up --real-node   the same plus a real node (hack/realnode.sh: kubelet, containerd)
 #   hack/testcluster.sh env     print `export KUBECONFIG=...` and friends (eval "$(... env)")
 #   hack/testcluster.sh down    stop everything `up` started
 #   hack/testcluster.sh status  show what runs
