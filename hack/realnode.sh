@@ -663,6 +663,8 @@ node_down() {
     done
   fi
   # the logs outlive the node (next to the control plane's), for whoever debugs a failed run
+  # runc also mirrors the cgroups into the unified (v2) hierarchy of a hybrid machine
+  for h in /sys/fs/cgroup/*/; do cgroup_rmtree "${h%/}$CGROUP_ROOT"; done
   rm -rf "$CLUSTER_DIR/logs/node" && mkdir -p "$CLUSTER_DIR/logs" && mv "$NODE_DIR/logs" "$CLUSTER_DIR/logs/node" || true
   rm -rf "$NODE_DIR"
   [[ "$(cat "$CACHE_ROOT/node/active" 2>/dev/null)" == "$CLUSTER_DIR" ]] && rm -f "$CACHE_ROOT/node/active"
