@@ -291,7 +291,10 @@ class FakeExecutor:
 
 def _fake_run(make_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int,
               **spec_kw: Any) -> tuple[FakeExecutor, list[tuple[dict[int, Suggestion], list[Suggestion], bool]], Engine]:
-    spec = make_spec({"population": 7, "parallelism": 3, "budget": {"segments": 6}, **spec_kw})
+    # admission alone: no durability barrier (with one, a slot also waits for the barrier of the batch
+    # its next segment was decided in; test_file_checkpoints_are_made_durable_... covers that)
+    spec = make_spec({"population": 7, "parallelism": 3, "budget": {"segments": 6},
+                      "worker": {"env": {"PBT_FILE_FSYNC": "0"}}, **spec_kw})
     fake = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=seed)
     monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake)
     waits: list[tuple[dict[int, Suggestion], list[Suggestion], bool]] = []
@@ -874,51 +877,79 @@ def test_warm_failure_retires_the_worker(tmp_path: Path) -> None:
 # durability: one barrier per batch (local/durability.py) instead of fsyncs in every save
 
 
-def test_file_checkpoints_are_made_durable_before_the_decisions_they_cause(tmp_path: Path,
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_file_checkpoints_are_made_durable_before_the_decisions_they_cause(tmp_path: Path, parallelism: int,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """With file:// checkpoints the runner syncs after writing a batch's results and before starting
-    any segment decided from them; workers skip their own fsyncs."""
+    """With file:// checkpoints the runner syncs each batch of results and decisions in the background
+    and starts a segment only once the journal lines it was decided from are durable: its own decision,
+    its member's previous result and the result whose checkpoint it restores. A checkpoint is handed
+    out for deletion only once the durable journal alone makes it garbage. Segments decided earlier
+    keep running while a barrier is in flight (that is the point), and workers skip their own fsyncs."""
+    from pbt_operator.core.policy import rebuild
+    from pbt_operator.core.types import Record
     from pbt_operator.local import durability, executors, runner
 
     spec = load_manifest(QUADRATIC)
-    spec = dataclasses.replace(spec, population=4, parallelism=2, budget=dataclasses.replace(spec.budget, segments=4))
+    spec = dataclasses.replace(spec, population=4, parallelism=parallelism,
+                               budget=dataclasses.replace(spec.budget, segments=8))
     run_dir = tmp_path / "run"
-    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    durable: dict[str, list[dict[str, Any]]] = {"results": [], "suggestions": []}
+    syncing = [0]
     synced_paths: list[list[Path]] = []
-
-    def on_disk() -> int:
-        return len(read_jsonl(run_dir / "results.jsonl"))
+    submits: list[tuple[bool, int]] = []  # (a barrier was in flight, how many checkpoints it may delete)
 
     def fake_sync(paths: Any) -> None:
+        with lock:
+            syncing[0] += 1
+        # what was flushed before the sync started is what it makes durable
+        snap = {"results": read_jsonl(run_dir / "results.jsonl"), "suggestions": read_jsonl(run_dir / "suggestions.jsonl")}
         synced_paths.append(list(paths))
-        events.append(("sync", on_disk()))
+        time.sleep(0.02)
+        with lock:
+            durable.update(snap)
+            syncing[0] -= 1
 
     real_submit = executors.InlineExecutor.submit
 
     def submit(self: Any, sug: Suggestion, contract: dict[str, Any], on_done: Any) -> None:
         assert getattr(self.storage, "fsync", None) is False  # the worker's saves skip fsync
-        events.append(("submit", on_disk()))
+        with lock:
+            sugs, recs = durable["suggestions"], [Record.from_dict(r) for r in durable["results"]]
+            in_flight = syncing[0] > 0
+        assert sug.to_dict() in sugs, f"{sug.ref} started before the barrier of its decision"
+        done = {r.ref for r in recs if r.status == "done"}
+        if sug.segment > 0:
+            assert (sug.member, sug.segment - 1) in done or sug.attempt > 0 or sug.restore in done, sug
+        if sug.restore is not None:
+            assert sug.restore in done, f"{sug.ref} restores {sug.restore}, whose result is not durable yet"
+        if contract["gc"]:
+            last = {s["member"]: Suggestion.from_dict(s) for s in sugs}
+            garbage = {runner.checkpoint_uri(self_root[0], spec.name, r)
+                       for r in rebuild(spec, recs, last).engine.garbage()}
+            assert set(contract["gc"]) <= garbage, "a checkpoint handed out for deletion before its barrier"
+        submits.append((in_flight, len(contract["gc"])))
         real_submit(self, sug, contract, on_done)
 
     monkeypatch.setattr(runner, "sync_filesystems", fake_sync)
     monkeypatch.setattr(executors.InlineExecutor, "submit", submit)
-    eng = LocalRunner(spec, run_dir, plot=False).run().engine
-    assert eng.done and len(eng.records) == 16
-    last_sync = -1
-    for kind, n in events:
-        if kind == "sync":
-            last_sync = n
-        else:  # nothing starts while a result it may depend on is not yet durable
-            assert n == last_sync, events
-    assert sum(k == "sync" for k, _ in events) >= 2
+    lr = LocalRunner(spec, run_dir, plot=False)
+    self_root = [lr.root]
+    eng = lr.run().engine
+    assert eng.done and len(eng.records) == 4 * 8 and len(submits) == 4 * 8
+    assert any(flight for flight, _ in submits), "no segment ever started while a barrier ran: not pipelined"
+    assert sum(n for _, n in submits) > 0  # the garbage check above was exercised
     assert all(run_dir.resolve() in p for p in synced_paths)
+    # the run ends durable: the last barrier covered the whole journal
+    assert durable["results"] == read_jsonl(run_dir / "results.jsonl")
+    assert durable["suggestions"] == read_jsonl(run_dir / "suggestions.jsonl")
 
     # PBT_FILE_FSYNC=0 (scratch runs) turns the barrier off too
-    events.clear()
+    synced_paths.clear()
     scratch = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, env={"PBT_FILE_FSYNC": "0"}))
     monkeypatch.setattr(executors.InlineExecutor, "submit", real_submit)
     LocalRunner(scratch, tmp_path / "scratch", plot=False).run()
-    assert events == []
+    assert synced_paths == []
     assert durability.fsync_enabled({}) and not durability.fsync_enabled({"PBT_FILE_FSYNC": "off"})
     durability.sync_filesystems([tmp_path / "does" / "not" / "exist", tmp_path])  # real syncfs, no error
 

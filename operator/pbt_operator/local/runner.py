@@ -24,7 +24,7 @@ from ..core.engine import Engine
 from ..core.policy import admit, garbage_batch, rebuild
 from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import TrainingSpec
-from .durability import fsync_enabled, sync_filesystems
+from .durability import Barrier, fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor
 from .results import write_outputs
 
@@ -113,51 +113,75 @@ class LocalRunner:
         records, decided = self._prepare()
         rebuilt = rebuild(self.spec, records, decided)
         engine = rebuilt.engine
-        inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
+        inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None] = queue.Queue()  # None: a barrier completed
         running: dict[int, Suggestion] = {}
         t0 = time.perf_counter()
         interrupted = False
+        ckpt_dir = Path(self.root[len("file://"):]) if self.barrier else None
+
+        def sync() -> None:
+            sync_filesystems([self.run_dir, ckpt_dir] if ckpt_dir else [self.run_dir])
+
+        barrier = Barrier(sync if self.barrier else None, wake=lambda: inbox.put(None))
+        made: dict[int, int] = {}  # member -> the batch (barrier number) its queued decision was written in
         with open(self.run_dir / "results.jsonl", "a") as res_f, open(self.run_dir / "suggestions.jsonl", "a") as sug_f:
 
             def log_suggestions(sugs: list[Suggestion]) -> None:
                 for s in sugs:
                     sug_f.write(json.dumps(s.to_dict()) + "\n")
+                    made[s.member] = barrier.requested + 1  # the batch persist() is about to close
 
             def persist() -> None:
                 # Results before the decisions they caused: a resumed run must never find a decided
-                # segment whose parent result is missing. Once per batch, before anything new starts.
+                # segment whose parent result is missing. Once per batch; the barrier that makes the
+                # batch durable runs in the background (local/durability.py).
                 res_f.flush()
                 sug_f.flush()
-                if self.barrier:
-                    sync_filesystems([self.run_dir, Path(self.root[len("file://"):])])
+                barrier.request()
 
             queued = engine.start()
             # fresh, or decided by the rebuild (initial segments of members that had none, owed decisions)
             log_suggestions([s for s in queued if decided.get(s.member) != s])
+            for s in queued:
+                made.setdefault(s.member, barrier.requested + 1)
             persist()
             dispatched = 0
-            gc: list[str] = []
             handed_out: set[Ref] = set()
+            garbage: list[tuple[int, list[str]]] = []  # (barrier that makes deleting them safe, uris)
             try:
                 while True:
-                    to_start, queued = admit(engine, queued, len(running), self.spec.parallelism)
-                    for sug in to_start:
+                    admitted, queued = admit(engine, queued, len(running), self.spec.parallelism)
+                    # Admission is the driver policy's; the runner only holds back an admitted segment
+                    # decided from results whose barrier has not completed yet (it keeps its slot).
+                    durable = barrier.durable  # once: the barrier's thread raises it meanwhile
+                    held = [s for s in admitted if made.get(s.member, 0) > durable]
+                    queued = held + queued
+                    for sug in admitted:
+                        if sug in held:
+                            continue
                         if dispatched % self.spec.population == 0:  # a batch per population's worth of segments
+                            # garbage by the engine's state now: every result it was told is flushed and
+                            # its barrier requested; deleted only once that barrier completed
                             refs = garbage_batch(engine, handed_out, limit=None)
-                            gc = [checkpoint_uri(self.root, self.spec.name, r) for r in refs]
+                            if refs:
+                                garbage.append((barrier.requested,
+                                                [checkpoint_uri(self.root, self.spec.name, r) for r in refs]))
+                        gc = [u for n, uris in garbage if n <= durable for u in uris]
+                        garbage = [(n, uris) for n, uris in garbage if n > durable]
                         contract = build_contract(self.spec.name, sug, self.root,
                                                   str(self.run_dir / "results" / f"m{sug.member:03d}.json"), gc)
-                        gc = []
                         running[sug.member] = sug
                         dispatched += 1
                         executor.submit(sug, contract, lambda s, r: inbox.put((s, r)))
-                    if not running:
+                    if not running and not held:
                         break
                     if self.progress:
                         self.progress(engine, running, queued)
-                    batch = [_get(inbox)]
+                    got = [_get(inbox)]
                     while not inbox.empty():  # everything that finished meanwhile: one flush for all
-                        batch.append(inbox.get_nowait())
+                        got.append(inbox.get_nowait())
+                    barrier.check()
+                    batch = [x for x in got if x is not None]
                     for sug, res in batch:
                         del running[sug.member]
                         new = engine.tell(res)
@@ -166,12 +190,14 @@ class LocalRunner:
                         new = [s for s in new if s not in queued]
                         log_suggestions(new)
                         queued = [q for q in queued if q.member not in {n.member for n in new}] + new
-                    persist()
+                    if batch:
+                        persist()
             except KeyboardInterrupt:
                 interrupted = True
                 executor.shutdown(cancel=True)
             else:
                 executor.shutdown(cancel=False)
+            barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted)
         if self.progress:
             self.progress(engine, running, queued)
@@ -180,7 +206,7 @@ class LocalRunner:
         return summary
 
 
-def _get(inbox: queue.Queue[tuple[Suggestion, SegmentResult]]) -> tuple[Suggestion, SegmentResult]:
+def _get(inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None]) -> tuple[Suggestion, SegmentResult] | None:
     # A timeout keeps the main thread responsive to Ctrl-C while waiting.
     while True:
         try:
