@@ -113,3 +113,12 @@ def test_the_engine_never_runs_another_strategy_for_an_unknown_one(make_spec: An
     eng.start()
     with pytest.raises(ValueError, match="unknown exploit strategy"):
         eng.tell(SegmentResult(0, 0, 1.0, 10))  # asynchronous: decides member 0's next segment at once
+
+
+@pytest.mark.parametrize(("attr", "sub"), [("mode", None), ("on_exhausted", "failure_policy")])
+def test_the_engine_refuses_a_mode_or_policy_it_does_not_know(make_spec: Any, attr: str, sub: str | None) -> None:
+    spec = make_spec({"population": 2})
+    bad = (dataclasses.replace(spec, mode="bogus") if sub is None else
+           dataclasses.replace(spec, failure_policy=dataclasses.replace(spec.failure_policy, on_exhausted="bogus")))
+    with pytest.raises(ValueError, match="unknown value 'bogus'"):
+        Engine(bad)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import exploit as exploit_mod
+from .choices import MODES, ON_EXHAUSTED
 from .explore import explore
 from .lineage import collectable, schedule
 from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, rng_for
@@ -54,6 +55,13 @@ class TrainingState:
 
 class Engine:
     def __init__(self, spec: TrainingSpec, records: Iterable[Record] = (), pending: Iterable[Suggestion] = ()):
+        # The engine branches on these two (exploit and explore strategies raise where they dispatch):
+        # a value the spec would refuse is a bug to report, never a reason to run the other branch.
+        branches = (("spec.mode", spec.mode, MODES),
+                    ("spec.failurePolicy.onExhausted", spec.failure_policy.on_exhausted, ON_EXHAUSTED))
+        for path, value, allowed in branches:
+            if value not in allowed:
+                raise ValueError(f"{path}: unknown value {value!r} (one of: {', '.join(allowed)})")
         self.spec = spec
         self.records: dict[Ref, Record] = {}
         self.failures: list[Record] = []
