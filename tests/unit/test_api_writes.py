@@ -58,3 +58,26 @@ def test_member_specs_are_written_one_by_one_in_plan_order() -> None:
     p.status = {}
     api.apply("ns", "toy", p)
     assert calls == [f"spec toy-m00{i} {w}" for i in (2, 0, 1) for w in ("start", "end")]
+
+
+def test_member_specs_of_an_asynchronous_training_go_out_together() -> None:
+    from pbt_operator.kube.reconcile import Plan
+    from pbt_operator.spec import parse_spec
+    from test_reconcile import training_obj
+
+    api = bare_api()
+    barrier = threading.Barrier(3, timeout=5)  # only passes if all three patches are in flight at once
+    done: list[str] = []
+
+    class Custom:
+        def patch_namespaced_custom_object(self, *args: object) -> None:
+            barrier.wait()
+            done.append(str(args[4]))
+
+    api.custom = Custom()  # type: ignore[assignment]
+    p = Plan()
+    p.spec = parse_spec(training_obj(mode="asynchronous")["spec"], name="toy")
+    p.member_specs = {"toy-m002": {}, "toy-m000": {}, "toy-m001": {}}
+    p.status = {}
+    api.apply("ns", "toy", p)
+    assert sorted(done) == ["toy-m000", "toy-m001", "toy-m002"]

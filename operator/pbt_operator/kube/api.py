@@ -123,10 +123,10 @@ class Api:
 
     def apply(self, ns: str, name: str, p: Plan) -> list[tuple[dict[str, Any], ApiError]]:
         """The plan's writes, phase by phase in the write-ahead order. Within a phase, writes that
-        concern different members are independent and go out together, except the member specs:
-        they are written one by one in the plan's order, so that a crash leaves a prefix of them,
-        which is what lets a rebuilt synchronous engine decide the rest exactly as before (each
-        decision in a batch sees the earlier ones as pending).
+        concern different members are independent and go out together, except the member specs of a
+        synchronous training: they are written one by one in the plan's order, so that a crash leaves
+        a prefix of them, which is what lets a rebuilt synchronous engine decide the rest exactly as
+        before (each decision in a batch sees the earlier ones as pending).
 
         Returns the Jobs the API server refused (`apierrors`: invalid, forbidden, over quota) with the
         reason; every other failure raises once all writes of its phase are done."""
@@ -137,8 +137,16 @@ class Api:
             for m in p.create_members])
         self._together([lambda mname=mname, st=st: self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ns, MEMBERS, mname, {"status": st}) for mname, st in p.member_statuses.items()])
-        for mname, seg in p.member_specs.items():
-            self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})
+        specs = [lambda mname=mname, seg=seg: self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}}) for mname, seg in p.member_specs.items()]
+        if p.spec is not None and p.spec.mode == "asynchronous":
+            # No batch to replay exactly: each member is decided on its own when its segment ends, so
+            # the specs go out together. One by one, they were most of a pass at population 1,000
+            # (tens of sequential round trips on a busy API server: benchmarks/operator_scale.py).
+            self._together(specs)
+        else:
+            for write in specs:
+                write()
         # Jobs go through the generic path: the user's pod template goes to the API server as written
         # (ints for quantities and ports are valid there), not through the client's models. The
         # training's status is a report, ordered after nothing but the specs: it goes with them.
