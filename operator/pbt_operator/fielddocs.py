@@ -23,6 +23,7 @@ from .core.choices import (
     INLINE_POOLS,
     MODES,
     ON_EXHAUSTED,
+    ON_SUSPEND,
     PARAM_KINDS,
     PB2_PARALLEL,
 )
@@ -51,9 +52,21 @@ FIELDS: tuple[Field, ...] = (
     Field("spec", "", "a population-based training: members, search space, exploit/explore strategy, budget, "
           "and the pod template each segment runs", row=False),
     Field("spec.population", "int >= 2, required", "number of members (immutable in Kubernetes)"),
-    Field("spec.parallelism", "int >= 1, = population",
+    Field("spec.parallelism", "int >= 0, = population",
           "segments running at once; a larger population time-shares slots, least-progressed member first; "
-          "`kubectl scale pbt/NAME --replicas=N`"),
+          "`kubectl scale pbt/NAME --replicas=N`, an HPA or KEDA (the scale subresource's selector is "
+          "`status.selector`); 0 pauses a training on a cluster (`pbt run` needs >= 1); scaling down withdraws "
+          "only Jobs that have not started training"),
+    Field("spec.suspend", "bool, false",
+          "Kubernetes: start no segment; Jobs not yet training are withdrawn; see `spec.segment.onSuspend`"),
+    Field("spec.queueName", "LocalQueue name, none",
+          "Kubernetes: every segment Job goes to this Kueue LocalQueue (label `kueue.x-k8s.io/queue-name`, "
+          "created suspended: Kueue's admission starts it). See [autoscaling.md](autoscaling.md)"),
+    Field("spec.jobMetadata", "`{labels: {}, annotations: {}}`",
+          "Kubernetes: extra labels and annotations on every segment Job (not under `pbt.dev/`), e.g. a Kueue "
+          "priority class"),
+    Field("spec.jobMetadata.labels", "map", "labels for every segment Job", row=False),
+    Field("spec.jobMetadata.annotations", "map", "annotations for every segment Job", row=False),
     Field("spec.mode", _alts(MODES), "decide each member when its segment ends, or at a generation barrier"),
     Field("spec.seed", "int >= 0, 0", "every random draw derives from (seed, member, segment)"),
     Field("spec.objective", "", "which reported number is the score, and whether higher is better", row=False),
@@ -61,7 +74,18 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.objective.direction", _alts(DIRECTIONS), "`min` for losses"),
     Field("spec.segment", "", "one segment: train for a bit from a checkpoint, then save and report", row=False),
     Field("spec.segment.steps", "int >= 1, 1", "steps per segment (`steps.budget` in the contract)"),
-    Field("spec.segment.timeoutSeconds", "int, none", "a segment running longer is killed and counts as failed"),
+    Field("spec.segment.timeoutSeconds", "int >= 1, none",
+          "a segment training longer is stopped and counts as failed (`DeadlineExceeded`); in Kubernetes it counts "
+          "from the trainer container's start, never the time spent waiting for a queue, a node or an image"),
+    Field("spec.segment.pendingTimeoutSeconds", "int >= 1, none",
+          "Kubernetes: an admitted segment whose trainer has not started after this long fails "
+          "(`PendingTimeout`, with the reason it waited)"),
+    Field("spec.segment.onSuspend", _alts(ON_SUSPEND),
+          "under `spec.suspend`: segments already training finish, or are stopped and rerun from the same "
+          "checkpoint on resume"),
+    Field("spec.segment.protectFromDisruption", "bool, true",
+          "Kubernetes: segment pods carry `karpenter.sh/do-not-disrupt: \"true\"` and "
+          "`cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\"` (the template's own annotations win)"),
     Field("spec.budget", "", "when the training ends", row=False),
     Field("spec.budget.segments", "int >= 1, 10", "segments per member"),
     Field("spec.budget.targetScore", "number, none", "the training finishes when any member reaches it"),
@@ -133,15 +157,22 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment"),
     Field("spec.failurePolicy.onExhausted", _alts(ON_EXHAUSTED),
           "then the member copies the best member (`replace`), or the training fails"),
+    Field("spec.failurePolicy.maxDisruptions", "int >= 0, 5",
+          "Kubernetes: reruns after a preemption, eviction or node loss per attempt (not failures); one more "
+          "fails the attempt (`TooManyDisruptions`)"),
 )
 
 # The CRDs' other fields (status, PopulationMember): descriptions only, not manifest rows.
 STATUS_FIELDS: dict[str, str] = {
     "status": "What the operator observed: phase, conditions, counts, the best member and, once finished, its "
               "hyperparameter schedule.",
-    "status.conditions": "Ready, Progressing, Succeeded, Failed and JobsAccepted, per the Kubernetes API conventions.",
+    "status.conditions": "Ready, Progressing, Succeeded, Failed, SegmentsStarted and JobsAccepted, per the "
+                         "Kubernetes API conventions.",
     "status.observedGeneration": "The spec generation the status describes.",
-    "status.running": "Segment Jobs running now.",
+    "status.running": "Segment Jobs running now (training, or just created).",
+    "status.waiting": "Segment Jobs created but waiting to train: for a queue's admission, a node, the scheduler, "
+                      "an image (each member's status.waiting says why).",
+    "status.selector": "The label selector of the training's segment pods (the scale subresource's selector).",
     "status.queued": "Members waiting for a slot (spec.parallelism).",
 }
 MEMBER_FIELDS: dict[str, str] = {
@@ -153,7 +184,7 @@ MEMBER_FIELDS: dict[str, str] = {
     "status.conditions": "Conditions per the Kubernetes API conventions.",
 }
 CONDITION_FIELDS: dict[str, str] = {
-    "type": "Condition type (Ready, Progressing, Succeeded, Failed, JobsAccepted).",
+    "type": "Condition type (Ready, Progressing, Succeeded, Failed, SegmentsStarted, JobsAccepted).",
     "status": "True, False or Unknown.",
     "reason": "A CamelCase reason (the constants in pbt_operator/kube/conditions.py).",
     "message": "Human-readable detail; for refusals, the API server's own message.",

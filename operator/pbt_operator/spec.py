@@ -24,6 +24,7 @@ from .core.choices import (
     INLINE_POOLS,
     MODES,
     ON_EXHAUSTED,
+    ON_SUSPEND,
     PARAM_KINDS,
     PB2_PARALLEL,
     STORAGE_SCHEMES,
@@ -34,6 +35,7 @@ from .core.choices import (
     InlinePool,
     Mode,
     OnExhausted,
+    OnSuspend,
     scheme_pattern,
 )
 from .core.space import Param, Space, Value
@@ -43,6 +45,7 @@ API_VERSION = "pbt.dev/v1alpha1"
 KIND = "PopulationTraining"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 class SpecError(ValueError):
@@ -66,7 +69,15 @@ class Objective:
 @dataclass(frozen=True)
 class SegmentSpec:
     steps: int = 1
+    # Trainer time: counted from the trainer container's start, never from the Job's creation, so
+    # waiting for a node, an image or a queue does not eat it.
     timeout_seconds: int | None = None
+    # How long an admitted segment may wait for its trainer to start (node, scheduling, image pull).
+    pending_timeout_seconds: int | None = None
+    # spec.suspend: segments already training finish, or are stopped and rerun later from their checkpoint.
+    on_suspend: OnSuspend = "finish"
+    # karpenter.sh/do-not-disrupt and cluster-autoscaler safe-to-evict=false on segment pods.
+    protect_from_disruption: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,8 @@ class Explore:
 class FailurePolicy:
     max_retries: int = 2
     on_exhausted: OnExhausted = "replace"
+    # Reruns after a disruption (preemption, eviction, node loss) per segment attempt; one more fails it.
+    max_disruptions: int = 5
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,10 @@ class TrainingSpec:
     failure_policy: FailurePolicy
     template: Mapping[str, Any] | None = None
     base_dir: Path | None = None  # folder of the manifest; relative paths resolve against it
+    suspend: bool = False  # Kubernetes: no new segments (spec.segment.onSuspend says what happens to running ones)
+    queue_name: str | None = None  # Kubernetes: a Kueue LocalQueue for every segment Job
+    job_labels: Mapping[str, str] = field(default_factory=dict)  # Kubernetes: extra labels on segment Jobs
+    job_annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +292,8 @@ def parse_spec(
     s = _Fields(
         errs, "spec", raw if raw is not None else None,
         ("population", "parallelism", "mode", "seed", "objective", "segment", "budget", "hyperparameters",
-         "exploit", "explore", "storage", "worker", "template", "failurePolicy"),
+         "exploit", "explore", "storage", "worker", "template", "failurePolicy", "suspend", "queueName",
+         "jobMetadata"),
     )
     if not s.ok:
         raise SpecError(errs)
@@ -284,15 +302,31 @@ def parse_spec(
         s.err("population", f"must be >= 2: PBT needs members to exploit (got {population})")
     if isinstance(population, int) and population > 1000:
         s.err("population", f"must be <= 1000 (got {population})")
-    parallelism = s.int("parallelism", population, minimum=1)
+    # 0 pauses a training on a cluster (kubectl scale, an HPA or KEDA scaling to zero); `pbt run` refuses it.
+    parallelism = s.int("parallelism", population, minimum=0)
     mode = s.str("mode", "asynchronous", choices=MODES)
     seed = s.int("seed", 0, minimum=0)
 
     o = s.sub("objective", ("metric", "direction"))
     objective = Objective(o.str("metric", "score"), o.str("direction", "max", choices=DIRECTIONS))
 
-    g = s.sub("segment", ("steps", "timeoutSeconds"))
-    segment = SegmentSpec(g.int("steps", 1, minimum=1), g.int("timeoutSeconds", None, minimum=1))
+    g = s.sub("segment", ("steps", "timeoutSeconds", "pendingTimeoutSeconds", "onSuspend", "protectFromDisruption"))
+    segment = SegmentSpec(g.int("steps", 1, minimum=1), g.int("timeoutSeconds", None, minimum=1),
+                          g.int("pendingTimeoutSeconds", None, minimum=1),
+                          g.str("onSuspend", "finish", choices=ON_SUSPEND), g.bool("protectFromDisruption", True))
+    suspend = s.bool("suspend", False)
+    queue_name = s.str("queueName", None)
+    if queue_name is not None and not (NAME_RE.match(queue_name) and len(queue_name) <= 63):
+        s.err("queueName", f"must be a Kueue LocalQueue name (a DNS label: lower-case letters, digits, '-') "
+                           f"(got {_show(queue_name)})")
+        queue_name = None
+    jm = s.sub("jobMetadata", ("labels", "annotations"))
+    job_labels = _string_map(jm, "labels", label_values=True)
+    job_annotations = _string_map(jm, "annotations", label_values=False)
+    named = job_labels.get(KUEUE_QUEUE_LABEL)
+    if named is not None and queue_name is not None and named != queue_name:
+        jm.err(f"labels.{KUEUE_QUEUE_LABEL}", f"names queue {_show(named)} but spec.queueName is "
+                                              f"{_show(queue_name)}: give one of them")
 
     b = s.sub("budget", ("segments", "targetScore", "patience"))
     budget = Budget(b.int("segments", 10, minimum=1), b.float("targetScore", None), b.int("patience", None, minimum=1))
@@ -408,8 +442,9 @@ def parse_spec(
         w.str("workingDir", None), pool, w.bool("warm", True),
     )
 
-    f = s.sub("failurePolicy", ("maxRetries", "onExhausted"))
-    failure = FailurePolicy(f.int("maxRetries", 2, minimum=0), f.str("onExhausted", "replace", choices=ON_EXHAUSTED))
+    f = s.sub("failurePolicy", ("maxRetries", "onExhausted", "maxDisruptions"))
+    failure = FailurePolicy(f.int("maxRetries", 2, minimum=0), f.str("onExhausted", "replace", choices=ON_EXHAUSTED),
+                            f.int("maxDisruptions", 5, minimum=0))
 
     if len(errs) > start:
         raise SpecError(errs)
@@ -417,10 +452,39 @@ def parse_spec(
         name=name, namespace=namespace, population=population, parallelism=parallelism, mode=mode, seed=seed,
         objective=objective, segment=segment, budget=budget, space=space, exploit=exploit, explore=explore,
         storage=storage, worker=worker, failure_policy=failure, template=template, base_dir=base_dir,
+        suspend=suspend, queue_name=queue_name, job_labels=job_labels, job_annotations=job_annotations,
     )
 
 
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
+
+LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+OWN_PREFIX = "pbt.dev/"
+
+
+def _string_map(f: _Fields, key: str, *, label_values: bool) -> dict[str, str]:
+    """spec.jobMetadata.labels / annotations: Kubernetes keys (and label values), none of ours (pbt.dev/)."""
+    raw = f.raw(key)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        f.err(key, f"must map names to strings (got {_show(raw)})")
+        return {}
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if not LABEL_KEY_RE.match(k) or len(k) > 316:
+            f.err(f"{key}.{k}", "is not a valid Kubernetes key (optional DNS prefix/, then a name of at most 63 "
+                                "characters: letters, digits, '-', '_', '.')")
+        elif k.startswith(OWN_PREFIX):
+            f.err(f"{key}.{k}", f"keys under {OWN_PREFIX} belong to the operator")
+        elif label_values and (len(v) > 63 or not LABEL_VALUE_RE.match(v)):
+            f.err(f"{key}.{k}", f"is not a valid label value (at most 63 letters, digits, '-', '_', '.'; got {_show(v)})")
+        else:
+            out[k] = v
+    return out
 
 
 def _check_template(errs: list[str], template: Mapping[str, Any]) -> None:

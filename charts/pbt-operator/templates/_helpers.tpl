@@ -45,7 +45,8 @@ app.kubernetes.io/component: operator
 {{/*
 The rules the operator needs in every namespace it watches (see operator/pbt_operator/kube/api.py and
 handlers.py). Only the verbs it uses: no Secrets (workers read storage credentials, the operator never
-does), no deletes (owner references and the garbage collector clean up), no wildcards.
+does), no wildcards, and one delete: segment Jobs (owner references and the garbage collector clean up
+everything else).
 */}}
 {{- define "pbt-operator.namespacedRules" -}}
 # PopulationTrainings: kopf lists/watches them and patches finalizers and annotations (its progress
@@ -71,17 +72,21 @@ does), no deletes (owner references and the garbage collector clean up), no wild
   verbs: ["update"]
 # Segment Jobs: created (create-if-absent; get checks the owner of one that exists), listed, and watched
 # to wake the training's reconcile. A new training's first Job is also created as a server-side dry run.
+# Patched to move the deadline to the trainer's start (activeDeadlineSeconds); deleted to stop a
+# segment when its training finishes, is suspended or scaled down (only Jobs of its own members, named
+# by uid precondition: kube/reconcile.py; the admission policy in jobpolicy.yaml enforces it).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Segment pods: read for termination messages and disruption conditions, watched for wake-ups. create
 # is for one server-side dry run (dryRun=All, nothing is stored) per new training, which asks quota,
 # LimitRange, Pod Security and webhooks about its pods at once; creating Jobs already runs pods.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch", "create"]
-# Events (Exploited, Explored, SegmentFailed, ...) posted by kopf (core v1 events).
+# Events (Exploited, Explored, SegmentFailed, ...) posted by kopf (core v1 events); listed by reason
+# (FailedCreate, Nominated, TriggeredScaleUp) only to say why a segment waits.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end -}}

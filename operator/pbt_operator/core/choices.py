@@ -26,6 +26,7 @@ ExploitStrategy = Literal["truncation", "tournament", "none"]
 ExploreStrategy = Literal["perturb", "resample", "pb2"]
 Pb2Parallel = Literal["bucb", "liar-optimistic", "liar-pessimistic", "liar-mean", "thompson", "randomized"]
 OnExhausted = Literal["replace", "fail"]
+OnSuspend = Literal["finish", "stop"]
 Executor = Literal["process", "inline"]
 InlinePool = Literal["threads", "processes"]
 ParamKind = Literal["float", "int", "categorical"]
@@ -36,6 +37,7 @@ EXPLOIT_STRATEGIES: tuple[str, ...] = get_args(ExploitStrategy)
 EXPLORE_STRATEGIES: tuple[str, ...] = get_args(ExploreStrategy)
 PB2_PARALLEL: tuple[str, ...] = get_args(Pb2Parallel)
 ON_EXHAUSTED: tuple[str, ...] = get_args(OnExhausted)
+ON_SUSPEND: tuple[str, ...] = get_args(OnSuspend)
 EXECUTORS: tuple[str, ...] = get_args(Executor)
 INLINE_POOLS: tuple[str, ...] = get_args(InlinePool)
 PARAM_KINDS: tuple[str, ...] = get_args(ParamKind)
@@ -53,6 +55,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "spec.worker.executor": EXECUTORS,
     "spec.worker.pool": INLINE_POOLS,
     "spec.failurePolicy.onExhausted": ON_EXHAUSTED,
+    "spec.segment.onSuspend": ON_SUSPEND,
 }
 
 
@@ -78,6 +81,7 @@ __all__ = [
     "INLINE_POOLS",
     "MODES",
     "ON_EXHAUSTED",
+    "ON_SUSPEND",
     "PARAM_KINDS",
     "PB2_PARALLEL",
     "STORAGE_SCHEMES",
@@ -88,6 +92,7 @@ __all__ = [
     "InlinePool",
     "Mode",
     "OnExhausted",
+    "OnSuspend",
     "ParamKind",
     "Pb2Parallel",
     "check_table",

@@ -84,7 +84,8 @@ def probe_job(training: Mapping[str, Any], spec: TrainingSpec, root: str) -> dic
     member does not exist yet); for a dry run."""
     first = Engine(spec).start()[0]
     return build_job(training, training, first, root, [], spec.template or {}, spec.storage.credentials_secret,
-                     spec.segment.timeout_seconds)
+                     spec.segment, queue_name=spec.queue_name, job_labels=spec.job_labels,
+                     job_annotations=spec.job_annotations)
 
 
 def probe_pod(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,17 @@ class Api:
         return World(training, cast(list[dict[str, Any]], members), cast(list[dict[str, Any]], jobs),
                      cast(list[dict[str, Any]], pods), {})
 
+    def events(self, ns: str, selectors: list[str]) -> list[dict[str, Any]]:
+        """Events the pass needs to explain a waiting segment (reconcile.events_wanted: the Job
+        controller's FailedCreate, a node autoscaler's Nominated or TriggeredScaleUp), read only while
+        some segment waits that way, filtered by reason on the server."""
+        futures = [self.pool.submit(self._list_events, ns, sel) for sel in selectors]
+        return [e for f in futures for e in f.result()]
+
+    def _list_events(self, ns: str, field_selector: str) -> list[dict[str, Any]]:
+        resp: Any = self.core.list_namespaced_event(ns, field_selector=field_selector, _preload_content=False)
+        return cast(list[dict[str, Any]], json.loads(resp.data).get("items") or [])
+
     def core_list_pods(self, ns: str, sel: str, limit: int | None = None) -> dict[str, Any]:
         # Raw JSON: building the client's model objects for every pod and serialising them back was
         # most of a reconcile pass's CPU with a few hundred pods.
@@ -165,10 +176,20 @@ class Api:
                 refused.append((body, err))
 
         writes: list[Any] = [lambda body=job: create_job(body) for job in p.create_jobs]
+        writes += [lambda jname=jname, body=body: self._ignore_gone(lambda: self.custom.patch_namespaced_custom_object(
+            "batch", "v1", ns, "jobs", jname, body)) for jname, body in p.patch_jobs.items()]
         if p.status and p.status_changed:
             writes.append(lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, ns, TRAININGS, name, {"status": p.status}))
         self._together(writes)
+        # Last: stopping a segment Job. Its segment's fate (recorded failure, finished training, or a
+        # member spec that reruns it) is already written, so a crash before this leaves a Job the next
+        # pass stops again, never a lost segment. Only the Job the pass saw (uid
+        # precondition), its pods with it (background propagation).
+        self._together([lambda jname=jname, uid=uid: self._ignore_gone(lambda: self.batch.delete_namespaced_job(
+            jname, ns, body=client.V1DeleteOptions(propagation_policy="Background",
+                                                   preconditions=client.V1Preconditions(uid=uid) if uid else None)))
+            for jname, uid in p.delete_jobs])
         return refused
 
     def patch_training_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
@@ -197,6 +218,8 @@ class Api:
 
     def _together(self, calls: list[Any]) -> None:
         """Run independent writes concurrently; wait for all, then raise the first failure."""
+        if not calls:
+            return
         if len(calls) == 1:
             calls[0]()
             return
@@ -208,6 +231,16 @@ class Api:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+    @staticmethod
+    def _ignore_gone(fn: Any) -> None:
+        """A Job that is already gone, or was replaced by another of the same name (409 on the uid
+        precondition), needs nothing more."""
+        try:
+            fn()
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
 
     @staticmethod
     def _create(kind: str, body: dict[str, Any], create: Any, get: Any) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from ..contract import build_contract
 from ..core.display import fmt_hp
 from ..core.types import Record, Suggestion
-from ..spec import DEFAULT_CONTAINER
+from ..spec import DEFAULT_CONTAINER, KUEUE_QUEUE_LABEL, SegmentSpec
 from .crds import API_VERSION
+from .segments import DEADLINE_ANNOTATION, DO_NOT_DISRUPT, initial_deadline
 
 LABEL_TRAINING = "pbt.dev/training"
 LABEL_MEMBER = "pbt.dev/member"
@@ -65,6 +66,12 @@ def trainer_name(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def pod_selector(training: str) -> str:
+    """The label selector of a training's segment pods: the scale subresource's status.selector, which
+    an HPA or KEDA uses to find the pods whose metrics they read."""
+    return f"{LABEL_TRAINING}={training}"
+
+
 def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
     meta = obj["metadata"]
     return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "uid": meta["uid"],
@@ -88,11 +95,19 @@ def build_member(training: Mapping[str, Any], sug: Suggestion) -> dict[str, Any]
 
 def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Suggestion, root: str,
               gc: Sequence[str], template: Mapping[str, Any], credentials_secret: str | None,
-              timeout_seconds: int | None) -> dict[str, Any]:
+              segment: SegmentSpec, *, queue_name: str | None = None, job_labels: Mapping[str, str] | None = None,
+              job_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The segment's Job: the user's pod template untouched (GPU requests, node selectors,
     tolerations, priority class), plus the contract in PBT_SEGMENT, storage credentials referenced
     from the user's Secret (the operator never reads it), no API token, and a pod failure policy
-    under which a disruption reruns the pod from the same checkpoint without counting as a failure."""
+    under which a disruption reruns the pod from the same checkpoint without counting as a failure.
+
+    For autoscaled and queued clusters: the pod asks node autoscalers not to disrupt it voluntarily
+    (unless spec.segment.protectFromDisruption is false; the template's own annotations win); a Job
+    in a Kueue queue (spec.queueName or the queue label in spec.jobMetadata) is created suspended, so
+    that Kueue's admission, not the operator, starts it even where Kueue's webhook does not default
+    it; and the only deadline at creation is the pending timeout: the training timeout is set when
+    the trainer starts (segments.desired_deadline), so waiting never counts as training."""
     tname = training["metadata"]["name"]
     contract = build_contract(tname, sug, root, TERMINATION_LOG, gc)
     labels = {LABEL_TRAINING: tname, LABEL_MEMBER: str(sug.member), LABEL_SEGMENT: str(sug.segment),
@@ -101,6 +116,8 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     idx = trainer_index(pod)
     meta = dict(pod.get("metadata") or {})
     meta["labels"] = {**(meta.get("labels") or {}), **labels}
+    if segment.protect_from_disruption:
+        meta["annotations"] = {**DO_NOT_DISRUPT, **(meta.get("annotations") or {})}
     pspec = dict(pod.get("spec") or {})
     pspec["restartPolicy"] = "Never"
     pspec["automountServiceAccountToken"] = False
@@ -123,13 +140,18 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     containers[idx] = main
     pspec["containers"] = containers
     pod["spec"] = pspec
+    job_meta_labels = {**(job_labels or {}), **labels}
+    if queue_name:
+        job_meta_labels[KUEUE_QUEUE_LABEL] = queue_name
+    deadline = initial_deadline(segment)
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": job_name(tname, sug),
             "namespace": training["metadata"]["namespace"],
-            "labels": labels,
+            "labels": job_meta_labels,
+            "annotations": {**(job_annotations or {}), DEADLINE_ANNOTATION: deadline.annotation},
             "ownerReferences": [owner_reference(member)],
         },
         "spec": {
@@ -141,8 +163,10 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
             "template": pod,
         },
     }
-    if timeout_seconds:
-        job["spec"]["activeDeadlineSeconds"] = timeout_seconds
+    if deadline.seconds:
+        job["spec"]["activeDeadlineSeconds"] = deadline.seconds
+    if job_meta_labels.get(KUEUE_QUEUE_LABEL):
+        job["spec"]["suspend"] = True
     if JOB_TTL_SECONDS:
         job["spec"]["ttlSecondsAfterFinished"] = JOB_TTL_SECONDS
     return job

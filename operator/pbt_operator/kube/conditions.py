@@ -16,6 +16,7 @@ FAILED = "Failed"
 # quota or by an admission webhook; a child's name held by another owner); True again once one is
 # accepted. Absent until the first refusal. The reconcile plan never writes it.
 JOBS_ACCEPTED = "JobsAccepted"
+SEGMENTS_STARTED = "SegmentsStarted"  # False while a created segment waits (admission, node, image...)
 
 # Reasons
 SEGMENTS_RUNNING = "SegmentsRunning"
@@ -31,6 +32,28 @@ NAME_CONFLICT = "NameConflict"
 # How a training ended is the engine's typed outcome (core/types.py Finish): its reason (TargetReached,
 # PatienceExhausted, BudgetExhausted, SegmentFailed) becomes the Succeeded/Failed condition's reason.
 SEGMENT_FAILED = core_types.SEGMENT_FAILED
+SUSPENDED = "Suspended"  # spec.suspend: true
+SCALED_TO_ZERO = "ScaledToZero"  # spec.parallelism: 0
+ALL_STARTED = "AllStarted"
+
+# Why a created segment has not started training (member status.waiting.reason, the SegmentsStarted
+# condition's reason, and the reason of the Event that announces it).
+WAITING_FOR_ADMISSION = "WaitingForAdmission"  # its Job waits in a Kueue queue (quota)
+JOB_SUSPENDED = "JobSuspended"  # its Job was suspended by someone else
+WAITING_FOR_POD = "WaitingForPod"  # the Job controller has not created the pod (yet)
+FAILED_CREATE = "FailedCreate"  # the Job controller cannot create the pod (quota, admission webhook...)
+UNSCHEDULABLE = "Unschedulable"  # the scheduler's message says why
+WAITING_FOR_NODE = "WaitingForNode"  # unschedulable, and a node autoscaler is adding a node for it
+SCHEDULING_GATED = "SchedulingGated"
+IMAGE_PULL_ERROR = "ImagePullError"
+CONTAINER_ERROR = "ContainerError"  # the container cannot be created (missing Secret/ConfigMap...)
+STARTING = "Starting"  # scheduled; pulling the image, running init containers
+WAITING_PROBLEMS = (FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL_ERROR, CONTAINER_ERROR)  # Warning, not Normal
+
+# Segment failures the operator names (the start of the failure's message)
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # the trainer ran past spec.segment.timeoutSeconds
+PENDING_TIMEOUT = "PendingTimeout"  # it did not start within spec.segment.pendingTimeoutSeconds
+TOO_MANY_DISRUPTIONS = "TooManyDisruptions"  # disrupted more than failurePolicy.maxDisruptions times
 
 # Event reasons
 EV_MEMBER_CREATED = "MemberCreated"
@@ -45,6 +68,9 @@ EV_FAILED = "TrainingFailed"
 EV_INVALID = "InvalidSpec"
 EV_JOB_REFUSED = "JobRefused"
 EV_NAME_CONFLICT = "NameConflict"
+EV_SEGMENT_STOPPED = "SegmentStopped"  # the operator deleted a segment Job (finished, suspended, scaled down)
+EV_SUSPENDED = "Suspended"
+EV_RESUMED = "Resumed"
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,

@@ -25,6 +25,7 @@ from ..core.choices import (
     INLINE_POOLS,
     MODES,
     ON_EXHAUSTED,
+    ON_SUSPEND,
     PARAM_KINDS,
     PB2_PARALLEL,
     scheme_pattern,
@@ -86,11 +87,16 @@ HYPERPARAMETER = _obj(
 TRAINING_SPEC = _obj(
     {
         "population": {"type": "integer", "minimum": 2, "maximum": 1000},
-        "parallelism": _min(1),
+        "parallelism": _min(0),
+        "suspend": {"type": "boolean"},
+        "queueName": {"type": "string", "maxLength": 63, "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "jobMetadata": _obj({"labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                             "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}),
         "mode": _enum(*MODES),
         "seed": _min(0),
         "objective": _obj({"metric": _str, "direction": _enum(*DIRECTIONS)}),
-        "segment": _obj({"steps": _min(1), "timeoutSeconds": _min(1)}),
+        "segment": _obj({"steps": _min(1), "timeoutSeconds": _min(1), "pendingTimeoutSeconds": _min(1),
+                         "onSuspend": _enum(*ON_SUSPEND), "protectFromDisruption": {"type": "boolean"}}),
         "budget": _obj({"segments": _min(1), "targetScore": _num, "patience": _min(1)}),
         "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER},
         "exploit": _obj({
@@ -136,7 +142,8 @@ TRAINING_SPEC = _obj(
         }),
         # A PodTemplateSpec, kept as the user wrote it (GPU requests, tolerations, node selectors).
         "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "failurePolicy": _obj({"maxRetries": _min(0), "onExhausted": _enum(*ON_EXHAUSTED)}),
+        "failurePolicy": _obj({"maxRetries": _min(0), "onExhausted": _enum(*ON_EXHAUSTED),
+                               "maxDisruptions": _min(0)}),
     },
     required=["population", "hyperparameters"],
     **{
@@ -171,7 +178,8 @@ CONDITIONS = {
 }
 
 TRAINING_STATUS = _obj(
-    {"conditions": CONDITIONS, "observedGeneration": _int, "running": _int, "queued": _int},
+    {"conditions": CONDITIONS, "observedGeneration": _int, "running": _int, "queued": _int, "waiting": _int,
+     "selector": {"type": "string"}},
     None, **{"x-kubernetes-preserve-unknown-fields": True},
 )
 
@@ -240,7 +248,9 @@ def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: li
          scale: bool) -> dict[str, Any]:
     subresources: dict[str, Any] = {"status": {}}
     if scale:
-        subresources["scale"] = {"specReplicasPath": ".spec.parallelism", "statusReplicasPath": ".status.running"}
+        # status.selector selects the training's segment pods, so an HPA or KEDA can read their metrics.
+        subresources["scale"] = {"specReplicasPath": ".spec.parallelism", "statusReplicasPath": ".status.running",
+                                 "labelSelectorPath": ".status.selector"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -291,6 +301,8 @@ def training_crd() -> dict[str, Any]:
         {"name": "Best", "type": "number", "jsonPath": ".status.best.score"},
         {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric"},
         {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
+        # Jobs created but not training yet: waiting for admission (Kueue), a node, the scheduler, an image.
+        {"name": "Waiting", "type": "integer", "jsonPath": ".status.waiting"},
         {"name": "Queued", "type": "integer", "jsonPath": ".status.queued"},
         {"name": "Ready", "type": "string", "jsonPath": _cond("Ready")},
         {"name": "Succeeded", "type": "string", "jsonPath": _cond("Succeeded")},
@@ -316,6 +328,7 @@ def member_crd() -> dict[str, Any]:
         {"name": "Hyperparameters", "type": "string", "jsonPath": ".status.summary"},
         {"name": "Parent", "type": "string", "jsonPath": ".status.parent"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Waiting", "type": "string", "jsonPath": ".status.waiting.reason"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd("PopulationMember", "populationmembers", "pbtm", schema, cols, scale=False)

@@ -26,7 +26,7 @@ from .apierrors import classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
 from .ownership import ForeignChild, leftovers_message
-from .reconcile import EventSpec, job_event_matters, plan, pod_event_matters, storage_root
+from .reconcile import EventSpec, events_wanted, job_event_matters, plan, pod_event_matters, storage_root
 
 log = logging.getLogger("pbt_operator")
 IDLE_RESYNC = 30.0  # seconds between passes when nothing wakes the daemon (a safety net for missed events)
@@ -117,8 +117,10 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple
         done = before_start(a, ns, w)
         if done is not None:
             return done, False, None
+    wanted = events_wanted(w.jobs, w.pods)
+    events = a.events(ns, wanted) if wanted else []
     t0 = time.perf_counter()
-    p = plan(training, w.members, w.jobs, w.pods, _now(), collected)
+    p = plan(training, w.members, w.jobs, w.pods, _now(), collected, events)
     metrics.observe_plan(ns, name, time.perf_counter() - t0, p)
     by_name = {m["metadata"]["name"]: m for m in w.members}
     try:

@@ -10,13 +10,16 @@ uninterrupted operator would have made: a kill -9 at any point loses nothing and
 
 `plan` is a sequence of phases over one `Pass`, each a function with its own unit tests:
 parse_training (or invalid_spec), rebuild_pass, tell_finished_jobs, decision_events, write_members,
-admit_segments, write_member_statuses, finish_pass. docs/architecture.md puts them in context.
+admit_segments (which also stops segment Jobs, sets deadlines and finds why segments wait, through the
+pure functions of kube/segments.py), write_member_statuses, finish_pass. docs/architecture.md puts them
+in context.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ from ..core.policy import Decision, admit, garbage_batch, rebuild
 from ..core.types import Record, SegmentResult, Suggestion
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
+from . import segments as S
 from .builders import (
     LABEL_SEGMENT,
     LABEL_TRAINING,
@@ -36,6 +40,7 @@ from .builders import (
     job_name,
     member_name,
     member_status,
+    pod_selector,
     record_entry,
     trainer_name,
 )
@@ -55,6 +60,8 @@ class Plan:
     member_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec.segment
     member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
     create_jobs: list[dict[str, Any]] = field(default_factory=list)
+    patch_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> merge patch (deadlines)
+    delete_jobs: list[tuple[str, str]] = field(default_factory=list)  # (name, uid): stopped segments, after all else
     status: dict[str, Any] = field(default_factory=dict)
     status_changed: bool = True  # False: `status` equals what the training already has (no write)
     events: list[EventSpec] = field(default_factory=list)
@@ -168,23 +175,39 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
 TERMINAL_JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
 
 
+events_wanted = S.events_wanted
+
+
 def job_event_matters(event_type: str | None, job: Mapping[str, Any]) -> bool:
-    """Whether a watch event on a segment Job can change a pass's outcome: it ended, or it went
-    away. Its creation is the operator's own doing, and the Job controller's bookkeeping updates
-    (active counts, pod finalizers) decide nothing; waking a pass for each was most of the passes."""
+    """Whether a watch event on a segment Job can change a pass's outcome: it ended, went away, or is
+    suspended (waiting for a queue's admission, which the pass reports). Its creation is the operator's
+    own doing, and the Job controller's bookkeeping updates (active counts, pod finalizers) decide
+    nothing; waking a pass for each was most of the passes."""
     if event_type == "DELETED":
+        return True
+    if (job.get("spec") or {}).get("suspend"):
         return True
     return any(_cond_true(job, t) for t in TERMINAL_JOB_CONDITIONS)
 
 
 def pod_event_matters(event_type: str | None, pod: Mapping[str, Any]) -> bool:
     """Whether a watch event on a segment pod can change a pass's outcome: it finished (a success
-    is read at once, without waiting for the Job), was marked as disrupted, or went away."""
+    is read at once, without waiting for the Job), was marked as disrupted, went away, its trainer
+    started (its timeout starts counting then), or it is stuck (unschedulable, image or container
+    errors: the pass reports why)."""
     if event_type == "DELETED":
         return True
-    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
         return True
-    return _cond_true(pod, "DisruptionTarget") is not None
+    if _cond_true(pod, "DisruptionTarget") is not None:
+        return True
+    if S.trainer_started_at(pod) is not None:
+        return True
+    if any(c.get("type") == "PodScheduled" and c.get("status") == "False" for c in status.get("conditions") or []):
+        return True
+    return any(((cs.get("state") or {}).get("waiting") or {}).get("reason") in S.IMAGE_ERRORS + S.CONTAINER_ERRORS
+               for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])])
 
 
 def pods_by_job(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -222,9 +245,12 @@ class Pass:
     decided: dict[int, Decision] = field(default_factory=dict)  # each member's latest decision this pass
     told: set[str] = field(default_factory=set)  # Jobs whose outcome was told this pass
     new_history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    events: Sequence[Mapping[str, Any]] = ()  # Events that explain waits (segments.events_wanted)
     running: int = 0
     waiting: list[Suggestion] = field(default_factory=list)
-    disruptions: dict[int, int] = field(default_factory=dict)
+    live: dict[int, Mapping[str, Any]] = field(default_factory=dict)  # member -> its current Job, not finished
+    waits: dict[int, S.Waiting] = field(default_factory=dict)  # member -> why its created segment waits
+    disrupted: dict[int, list[str]] = field(default_factory=dict)  # member -> its Job's disrupted pods
 
     @property
     def name(self) -> str:
@@ -234,13 +260,37 @@ class Pass:
         for d in decisions:
             self.decided[d.suggestion.member] = d
 
+    def disrupted_pods(self, jname: str, m_idx: int) -> list[str]:
+        recorded = ((self.by_index.get(m_idx) or {}).get("status") or {}).get("disruptedPods") or []
+        return S.disrupted_pods(jname, self.pods_of.get(jname, []), recorded)
+
     def result(self, jname: str, job: Mapping[str, Any], sug: Suggestion) -> SegmentResult | None:
         """The segment's result read from its Job and pods; None while it runs."""
-        return job_outcome(job, self.pods_of.get(jname, []), sug, self.spec.objective.metric)
+        last_waiting = ((self.by_index.get(sug.member) or {}).get("status") or {}).get("waiting")
+        return segment_outcome(job, self.pods_of.get(jname, []), sug, self.spec, last_waiting,
+                               len(self.disrupted_pods(jname, sug.member)))
+
+
+def segment_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: Suggestion, spec: TrainingSpec,
+                    last_waiting: Mapping[str, Any] | None = None, disrupted: int | None = None) -> SegmentResult | None:
+    """job_outcome, plus what only the operator can name: which deadline stopped the Job (the trainer's
+    timeout or the pending timeout), and a segment disrupted more often than failurePolicy allows
+    (the Job would rerun it forever; the pass stops that Job)."""
+    res = job_outcome(job, pods, sug, spec.objective.metric)
+    if res is not None and (_cond_true(job, "Failed") or _cond_true(job, "FailureTarget") or {}).get("reason") == \
+            "DeadlineExceeded":
+        return dataclasses.replace(res, error=S.deadline_error(job, spec.segment, last_waiting))
+    if res is None:
+        n = S.disruptions(pods) if disrupted is None else disrupted
+        if n > spec.failure_policy.max_disruptions:
+            return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                                 error=S.disruption_error(n, spec.failure_policy.max_disruptions))
+    return res
 
 
 def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs: Sequence[Mapping[str, Any]],
-         pods: Sequence[Mapping[str, Any]], now: str, collected: set[tuple[int, int]] | None = None) -> Plan:
+         pods: Sequence[Mapping[str, Any]], now: str, collected: set[tuple[int, int]] | None = None,
+         events: Sequence[Mapping[str, Any]] = ()) -> Plan:
     out = Plan(collected=set(collected or ()))
     try:
         spec, root = parse_training(training)
@@ -248,6 +298,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
         return invalid_spec(training, e, now, out)
     out.spec = spec
     p = rebuild_pass(training, spec, root, members, jobs, pods, now, out)
+    p.events = events
     tell_finished_jobs(p)
     out.events += decision_events(p)
     write_members(p)
@@ -381,8 +432,10 @@ def write_members(p: Pass) -> None:
 
 
 def admit_segments(p: Pass) -> None:
-    """Count the running segments, start waiting ones up to parallelism (driver policy), and hand the
-    first started Job a batch of checkpoints to delete."""
+    """Count the segments whose Jobs run, stop the Jobs that must stop (stop_segments), note why
+    created segments wait and move deadlines (watch_segments), start waiting ones up to parallelism
+    (driver policy; none while suspended), and hand the first started Job a batch of checkpoints to
+    delete."""
     engine, out, spec = p.engine, p.out, p.spec
     waiting: list[Suggestion] = []
     for m_idx, sug in engine.pending.items():
@@ -392,8 +445,14 @@ def admit_segments(p: Pass) -> None:
             waiting.append(sug)
         elif jname not in p.told and p.result(jname, job, sug) is None:
             p.running += 1
-            p.disruptions[m_idx] = _disruptions(job, p.pods_of.get(jname, []))
-    to_start, p.waiting = admit(engine, waiting, p.running, spec.parallelism)
+            p.live[m_idx] = job
+            p.disrupted[m_idx] = p.disrupted_pods(jname, m_idx)
+    stopped = stop_segments(p)
+    if engine.finish or engine.failure:
+        for m_idx in stopped:
+            engine.cancel(m_idx)
+    watch_segments(p)
+    to_start, p.waiting = admit(engine, waiting, p.running, 0 if spec.suspend else spec.parallelism)
     gc_uris: list[str] = []
     if to_start:
         gc_uris = [checkpoint_uri(p.root, p.name, r) for r in garbage_batch(engine, out.collected)]
@@ -402,25 +461,77 @@ def admit_segments(p: Pass) -> None:
         if mobj is None:
             continue  # created this pass; its Job follows next pass, once the member has a uid
         out.create_jobs.append(build_job(p.training, mobj, s, p.root, gc_uris if i == 0 else [], spec.template or {},
-                                         spec.storage.credentials_secret, spec.segment.timeout_seconds))
+                                         spec.storage.credentials_secret, spec.segment, queue_name=spec.queue_name,
+                                         job_labels=spec.job_labels, job_annotations=spec.job_annotations))
         out.started.append(job_name(p.name, s))
     p.running += len(out.create_jobs)
 
 
+def stop_segments(p: Pass) -> list[int]:
+    """Delete the segment Jobs that must stop (their members): all of them once the training has
+    finished (they would hold GPUs for results nobody reads); under spec.suspend those not training
+    yet (they have done no work) and, with onSuspend: stop, the training ones too (they rerun from the
+    same checkpoint on resume); above spec.parallelism the newest of those not training yet (a
+    scale-down never throws away work); and an unfinished Job of a segment recorded as failed (too many
+    disruptions: told this pass, or a crash came between recording and stopping it). Deletes go out
+    last (api.apply), after every record they depend on."""
+    out, spec = p.out, p.spec
+    live = p.live
+    started = {m for m, j in live.items() if S.started(j, p.pods_of.get(j["metadata"]["name"], []))}
+    why: dict[int, str] = {}
+    if p.engine.finish or p.engine.failure:
+        why = {m: "the training has finished" for m in live}
+    elif spec.suspend:
+        why = {m: "the training is suspended" for m in live if m not in started or spec.segment.on_suspend == "stop"}
+    elif len(live) > spec.parallelism:
+        idle = sorted((m for m in live if m not in started),
+                      key=lambda m: (str(live[m]["metadata"].get("creationTimestamp") or ""), m), reverse=True)
+        why = {m: f"spec.parallelism is {spec.parallelism} and it had not started"
+               for m in idle[:len(live) - spec.parallelism]}
+    for m_idx, reason in why.items():
+        job = live.pop(m_idx)
+        out.delete_jobs.append((job["metadata"]["name"], str(job["metadata"].get("uid", ""))))
+        out.events.append(EventSpec(member_name(p.name, m_idx), "Normal", C.EV_SEGMENT_STOPPED,
+                                    f"segment Job {job['metadata']['name']} stopped: {reason}"))
+        p.running -= 1
+    failed = {str(h.get("job")) for hs in (*p.histories.values(), *p.new_history.values()) for h in hs
+              if h.get("status") == "failed"} - {job_name(p.name, s) for s in p.engine.pending.values()}
+    out.delete_jobs += _failed_but_running(p.jobs_by_name.values(), p.by_index, failed,
+                                           {n for n, _ in out.delete_jobs})
+    return list(why)
+
+
+def watch_segments(p: Pass) -> None:
+    """For each segment Job still running: why it waits, if it does (worth reporting: kube/segments.py
+    notable), and its deadline moved to the trainer's start when that has changed."""
+    for m_idx, job in p.live.items():
+        jpods = p.pods_of.get(job["metadata"]["name"], [])
+        w = S.waiting_of(job, jpods, p.events)
+        if w is not None and S.notable(w, p.now):  # (a few seconds of starting are not worth a write)
+            p.waits[m_idx] = w
+        d = S.desired_deadline(job, jpods, p.spec.segment)
+        if d is not None:
+            p.out.patch_jobs[job["metadata"]["name"]] = S.deadline_patch(d)
+
+
 def write_member_statuses(p: Pass) -> None:
-    """Each member's status: its history with this pass's results, phase, disruptions; written only
-    when it changed. A newly disrupted pod gets a Warning."""
+    """Each member's status: its history with this pass's results, phase (Pending while its Job waits,
+    with why), disruptions; written only when it changed. A newly disrupted pod gets a Warning, a new
+    reason to wait an Event (a Warning for problems)."""
     engine, out = p.engine, p.out
     created = {j["metadata"]["name"] for j in out.create_jobs}
     for m_idx, mobj in p.by_index.items():
         hist = p.histories.get(m_idx, []) + p.new_history.get(m_idx, [])
         cur_sug = engine.pending.get(m_idx)
         if cur_sug is not None:
-            jname = job_name(p.name, cur_sug)
-            phase = "Running" if jname in p.jobs_by_name or jname in created else "Queued"
+            has_job = m_idx in p.live or job_name(p.name, cur_sug) in created
+            phase = ("Pending" if m_idx in p.waits else "Running") if has_job else "Queued"
         else:
             phase = member_phase_idle(p.spec, engine, m_idx)
-        extra = {"disruptions": p.disruptions[m_idx]} if p.disruptions.get(m_idx) else {}
+        dp = p.disrupted.get(m_idx) or []
+        extra: dict[str, Any] = {"disruptions": len(dp), "disruptedPods": dp} if dp else {}
+        if m_idx in p.waits:
+            extra["waiting"] = p.waits[m_idx].to_dict()
         st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
@@ -428,20 +539,31 @@ def write_member_statuses(p: Pass) -> None:
             st["disruptions"] = old["disruptions"]
         if st != old:
             out.member_statuses[member_name(p.name, m_idx)] = st
-        if p.disruptions.get(m_idx, 0) > int(old.get("disruptions") or 0):
+        wait = p.waits.get(m_idx)
+        if wait is not None and wait.reason not in S.TRANSIENT and wait.reason != (old.get("waiting") or {}).get("reason"):
+            out.events.append(EventSpec(member_name(p.name, m_idx),
+                                        "Warning" if wait.reason in C.WAITING_PROBLEMS else "Normal", wait.reason,
+                                        f"segment {cur_sug.segment if cur_sug else '?'} waits: {wait.message}"[:1000]))
+        if set(dp) - set(old.get("disruptedPods") or []):
             out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_DISRUPTED,
                                         f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
                                         "node loss): it reruns from the same checkpoint, not counted as a failure"))
 
 
 def finish_pass(p: Pass) -> None:
-    """The training's status (written only when it changed), and one Event when the training ends."""
+    """The training's status (written only when it changed), one Event when the training ends, and one
+    when it is paused or resumed."""
     engine, out = p.engine, p.out
     old_status = p.training.get("status") or {}
     out.done = engine.done
     out.status = training_status(p.spec, engine, old_status, p.now, p.training["metadata"].get("generation"),
-                                 p.running, len(p.waiting), p.root)
+                                 p.running - len(p.waits), len(p.waiting), p.root, p.waits)
     out.status_changed = out.status != old_status
+    paused = p.spec.suspend or p.spec.parallelism == 0
+    if paused != (old_status.get("phase") == "Suspended") and not out.done and (paused or old_status):
+        why = "spec.suspend is true" if p.spec.suspend else "spec.parallelism is 0"
+        out.events.append(EventSpec("training", "Normal", C.EV_SUSPENDED if paused else C.EV_RESUMED,
+                                    f"training paused: {why}" if paused else "training resumed"))
     fin = engine.outcome
     if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed"):
         if engine.failure:
@@ -478,15 +600,21 @@ def job_seconds(job: Mapping[str, Any], finished_at: str) -> float | None:
     return max(0.0, (t1 - t0).total_seconds())
 
 
-def _disruptions(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> int:
-    name = job["metadata"]["name"]
-    n = 0
-    for p in pods:
-        if (p.get("metadata", {}).get("labels") or {}).get("job-name") != name:
+def _failed_but_running(jobs: Iterable[Mapping[str, Any]], members: Mapping[int, Mapping[str, Any]], failed: set[str],
+                        already: set[str]) -> list[tuple[str, str]]:
+    """Unfinished Jobs of our members whose segment is recorded as failed and no longer current. (A Job
+    whose pod succeeded is recorded as done before the Job controller marks it Complete: never one of
+    these.)"""
+    uids = {str(m["metadata"].get("uid")) for m in members.values() if m["metadata"].get("uid")}
+    out = []
+    for j in jobs:
+        meta = j["metadata"]
+        owners = {str(o.get("uid")) for o in meta.get("ownerReferences") or []}
+        if meta["name"] not in failed or meta["name"] in already or not owners & uids or S.job_finished(j) \
+                or meta.get("deletionTimestamp"):
             continue
-        if _cond_true(p, "DisruptionTarget"):
-            n += 1
-    return n
+        out.append((meta["name"], str(meta.get("uid", ""))))
+    return out
 
 
 def _set_all(conds: list[dict[str, Any]], now: str, gen: int | None, **kv: tuple[bool, str, str]) -> list[dict[str, Any]]:
@@ -497,7 +625,10 @@ def _set_all(conds: list[dict[str, Any]], now: str, gen: int | None, **kv: tuple
 
 
 def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], now: str, generation: int | None,
-                    running: int, queued: int, root: str) -> dict[str, Any]:
+                    running: int, queued: int, root: str,
+                    waits: Mapping[int, S.Waiting] | None = None) -> dict[str, Any]:
+    """The training's status. `running`: segments training (or just created), `waits`: created
+    segments that wait for something worth reporting (admission, a node, the scheduler, an image)."""
     st = engine.state()
     best = engine.best
     conds = list(old.get("conditions") or [])
@@ -515,13 +646,33 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         # Succeeded=True says how it ended.
         conds = _set_all(conds, now, generation, ready=(False, C.COMPLETED, msg), progressing=(False, reason, msg),
                          succeeded=(True, reason, msg), failed=(False, C.NO_FAILURE, "no failure"))
-    else:
-        phase = "Running"
-        reason = C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS
-        msg = f"{running} segments running, {queued} queued, {st.done_segments}/{st.total_segments} done"
-        conds = _set_all(conds, now, generation, ready=(True, reason, msg), progressing=(True, reason, msg),
+    elif spec.suspend or spec.parallelism == 0:
+        phase = "Suspended"
+        reason = C.SUSPENDED if spec.suspend else C.SCALED_TO_ZERO
+        msg = (f"{'spec.suspend is true' if spec.suspend else 'spec.parallelism is 0'}: no segment starts; "
+               f"{running} still running, {st.done_segments}/{st.total_segments} done")
+        conds = _set_all(conds, now, generation, ready=(False, reason, msg), progressing=(False, reason, msg),
                          succeeded=(False, C.NOT_FINISHED, "training in progress"),
                          failed=(False, C.NO_FAILURE, "no failure"))
+    else:
+        phase = "Running"
+        msg = (f"{running} segments running, {len(waits or {})} waiting to start, {queued} queued, "
+               f"{st.done_segments}/{st.total_segments} done")
+        if running or not waits:
+            reason = C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS
+            ready = (True, reason, msg)
+        else:  # nothing trains and something waits: not Ready, and say why
+            reason, why = S.summarize(waits)
+            ready = (False, reason, f"{msg}: {why}")
+        conds = _set_all(conds, now, generation, ready=ready, progressing=(True, ready[1], ready[2]),
+                         succeeded=(False, C.NOT_FINISHED, "training in progress"),
+                         failed=(False, C.NO_FAILURE, "no failure"))
+    if waits:
+        w_reason, w_msg = S.summarize(waits)
+        conds = C.set_condition(conds, C.SEGMENTS_STARTED, False, w_reason, w_msg, now, generation)
+    else:
+        conds = C.set_condition(conds, C.SEGMENTS_STARTED, True, C.ALL_STARTED,
+                                f"{running} segments running, none waiting to start", now, generation)
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
@@ -530,7 +681,9 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         "segmentsDone": st.done_segments,
         "segmentsTotal": st.total_segments,
         "running": running,
+        "waiting": len(waits or {}),
         "queued": queued,
+        "selector": pod_selector(spec.name),
         "failures": len(engine.failures),
     }
     if best is not None:
@@ -545,7 +698,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
     return status
 
 
-__all__ = ["EventSpec", "Pass", "Plan", "admit_segments", "decision_events", "finish_pass", "invalid_spec",
-           "job_event_matters", "job_outcome", "parse_training", "plan", "pod_event_matters", "pods_by_job",
-           "rebuild_pass", "tell_finished_jobs", "training_status", "world_selectors", "write_member_statuses",
-           "write_members"]
+__all__ = ["EventSpec", "Pass", "Plan", "admit_segments", "decision_events", "events_wanted", "finish_pass",
+           "invalid_spec", "job_event_matters", "job_outcome", "parse_training", "plan", "pod_event_matters",
+           "pods_by_job", "rebuild_pass", "segment_outcome", "stop_segments", "tell_finished_jobs", "training_status",
+           "watch_segments", "world_selectors", "write_member_statuses", "write_members"]

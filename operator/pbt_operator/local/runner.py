@@ -106,6 +106,8 @@ class LocalRunner:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
+            raise RunError("spec.parallelism: must be >= 1 for pbt run (got 0; 0 pauses a training on a cluster)")
         try:
             executor = self._executor()  # first: an unimportable function must not leave a run folder
         except ValueError as e:
