@@ -102,9 +102,11 @@ def test_running_and_queued_gauges_follow_the_status() -> None:
     c.reconcile()  # admits 2 segments, 4 members wait
     assert value("pbt_running_segments", **lab) == 2
     assert value("pbt_queued_members", **lab) == 4
+    assert value("pbt_waiting_segments", **lab) == 0  # (created a moment ago: starting is not waiting)
     assert value("pbt_segments_started_total", **lab) == 2
     metrics.forget(ns, "toy")  # the training was deleted
     assert REGISTRY.get_sample_value("pbt_running_segments", lab) is None
+    assert REGISTRY.get_sample_value("pbt_waiting_segments", lab) is None
     assert REGISTRY.get_sample_value("pbt_queued_members", lab) is None
     metrics.forget(ns, "toy")  # twice is fine
 
@@ -146,6 +148,6 @@ def test_metrics_endpoint_serves_every_metric(monkeypatch: pytest.MonkeyPatch) -
     for name in ("pbt_segments_started_total", "pbt_segments_finished_total", "pbt_segments_failed_total",
                  "pbt_segments_disrupted_total", "pbt_exploits_total", "pbt_explores_total",
                  "pbt_reconcile_plan_seconds_bucket", "pbt_segment_duration_seconds_bucket",
-                 "pbt_running_segments", "pbt_queued_members", "pbt_best_score", "pbt_reconcile_errors_total"):
+                 "pbt_running_segments", "pbt_waiting_segments", "pbt_queued_members", "pbt_best_score", "pbt_reconcile_errors_total"):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in text, name
     assert 'pbt_reconcile_errors_total{namespace="metrics-http",training="toy"} 1.0' in text

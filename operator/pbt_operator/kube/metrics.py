@@ -26,6 +26,8 @@ SEGMENT_SECONDS = Histogram("pbt_segment_duration_seconds", "Segment Job duratio
                             _LABELS, buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600))
 RUNNING = Gauge("pbt_running_segments", "Segment Jobs running", _LABELS)
 QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", _LABELS)
+WAITING = Gauge("pbt_waiting_segments",
+                "Segment Jobs created but not training: waiting for admission, a node, the scheduler, an image", _LABELS)
 BEST = Gauge("pbt_best_score", "Best score so far", _LABELS)
 RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", _LABELS)
 PASS_SECONDS = Histogram("pbt_reconcile_pass_seconds", "One whole reconcile pass: reads, plan and writes",
@@ -53,6 +55,7 @@ def observe_plan(ns: str, name: str, seconds: float, plan: Any) -> None:
     st = plan.status or {}
     RUNNING.labels(ns, name).set(st.get("running", 0))
     QUEUED.labels(ns, name).set(st.get("queued", 0))
+    WAITING.labels(ns, name).set(st.get("waiting", 0))
     best = (st.get("best") or {}).get("score")
     if best is not None:
         BEST.labels(ns, name).set(best)
@@ -79,7 +82,7 @@ def count_event(reason: str, ns: str, name: str) -> None:
 def forget(ns: str, name: str) -> None:
     """A deleted training's gauges go away (its counters and histograms stay until the operator restarts,
     as Prometheus counters should)."""
-    for g in (RUNNING, QUEUED, BEST):
+    for g in (RUNNING, QUEUED, WAITING, BEST):
         try:
             g.remove(ns, name)
         except KeyError:
