@@ -253,7 +253,16 @@ def test_installed_chart_runs_a_training_as_its_service_account(
     for where in (("-n", ns), ("-n", op_namespace), ("--all-namespaces",)):
         assert not can_i(cluster, operator_user, "get", "secrets", *where)
         assert not can_i(cluster, operator_user, "list", "secrets", *where)
-    assert not can_i(cluster, operator_user, "delete", "jobs.batch", "-n", ns)
+    assert can_i(cluster, operator_user, "delete", "jobs.batch", "-n", ns)  # to stop its own segment Jobs...
+    # ...and only those: the chart's admission policy refuses the operator a Job that is not a segment's
+    plain = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "not-ours"},
+             "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never",
+                                                             "containers": [{"name": "c", "image": "x"}]}}}}
+    cluster.apply(plain, ns)
+    refused = cluster.kubectl("delete", "job", "not-ours", "-n", ns, "--wait=false", f"--as={operator_user}",
+                              check=False)
+    assert refused.returncode != 0 and "only its own segment Jobs" in refused.stderr, refused.stderr
+    cluster.kubectl("delete", "job", "not-ours", "-n", ns)  # an admin is not affected
     # pods: create is granted for one server-side dry run per new training (quota, LimitRange, Pod Security
     # and webhooks judge pods); creating Jobs already lets the operator run pods, but it cannot touch others'
     assert can_i(cluster, operator_user, "create", "pods", "-n", ns)

@@ -160,7 +160,8 @@ def test_default_render_cluster_wide() -> None:
     objs = render()
     assert isinstance(objs, list)
     assert sorted(o["kind"] for o in objs if not aggregated(o)) == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"])
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment",
+         "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
     assert all(o["metadata"].get("namespace") in (None, "pbt-system") for o in objs)
     dep = one(objs, "Deployment")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
@@ -199,6 +200,25 @@ def test_default_render_cluster_wide() -> None:
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics", "protocol": "TCP"}]
+
+
+@needs_helm
+def test_job_writes_are_narrowed_to_the_operators_own_jobs() -> None:
+    """RBAC cannot narrow patch/delete on Jobs by label; the chart's admission policy does, for the
+    operator's ServiceAccount only (the Job controller and users are not matched)."""
+    objs = render()
+    assert isinstance(objs, list)
+    policy = one(objs, "ValidatingAdmissionPolicy")
+    sa = one(objs, "ServiceAccount")["metadata"]["name"]
+    rule = policy["spec"]["matchConstraints"]["resourceRules"][0]
+    assert rule["resources"] == ["jobs"] and sorted(rule["operations"]) == ["DELETE", "UPDATE"]
+    assert f'"system:serviceaccount:pbt-system:{sa}"' in policy["spec"]["matchConditions"][0]["expression"]
+    assert "pbt.dev/training" in policy["spec"]["validations"][0]["expression"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    binding = one(objs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    off = render("rbac.restrictJobWrites=false")
+    assert isinstance(off, list) and not by_kind(off, "ValidatingAdmissionPolicy")
 
 
 @needs_helm
