@@ -61,6 +61,14 @@ VALID = [
     mutate("spec.hyperparameters.lr.initial", 0.01),
     mutate("spec.hyperparameters.n.initial", {"min": 2, "max": 4}),
     mutate("spec.budget", {"segments": 1}),
+    mutate("spec.parallelism", 0),  # a paused training
+    mutate("spec.suspend", True),
+    mutate("spec.queueName", "gpu-queue"),
+    mutate("spec.jobMetadata", {"labels": {"kueue.x-k8s.io/priority-class": "research"},
+                                "annotations": {"example.com/team": "a b c"}}),
+    mutate("spec.segment", {"steps": 5, "timeoutSeconds": 60, "pendingTimeoutSeconds": 600, "onSuspend": "stop",
+                            "protectFromDisruption": False}),
+    mutate("spec.failurePolicy", {"maxRetries": 1, "onExhausted": "fail", "maxDisruptions": 0}),
     yaml.safe_load((ROOT / "examples" / "digits" / "populationtraining-k8s.yaml").read_text()),
 ]
 # Valid for `pbt run`, refused on a cluster where they mean nothing: (manifest, what the error says).
@@ -72,8 +80,14 @@ CLUSTER_ONLY = [
 INVALID = [
     mutate("spec.population", 1),
     mutate("spec.population", "four"),
-    mutate("spec.parallelism", 0),
+    mutate("spec.parallelism", -1),
     mutate("spec.mode", "sometimes"),
+    mutate("spec.suspend", "yes"),
+    mutate("spec.queueName", "Not_A_Name"),
+    mutate("spec.segment.pendingTimeoutSeconds", 0),
+    mutate("spec.segment.onSuspend", "pause"),
+    mutate("spec.failurePolicy.maxDisruptions", -1),
+    mutate("spec.jobMetadata", {"labels": {"team": 3}}),
     mutate("spec.seed", -1),
     mutate("spec.objective.direction", "up"),
     mutate("spec.segment.steps", 0),

@@ -159,7 +159,8 @@ def test_population_runs_to_success(cluster: Cluster, namespace: str, operator: 
     check_finished(cluster, namespace, name, obj, 4, 4)
     table = cluster.kubectl("get", "pbt", "-n", namespace).stdout
     header = table.splitlines()[0].split()
-    assert header[:9] == ["NAME", "MODE", "GEN", "BEST", "METRIC", "RUNNING", "QUEUED", "READY", "SUCCEEDED"], table
+    assert header[:10] == ["NAME", "MODE", "GEN", "BEST", "METRIC", "RUNNING", "WAITING", "QUEUED", "READY",
+                           "SUCCEEDED"], table
     assert mode in table and "True" in table
     members = cluster.kubectl("get", "pbtm", "-n", namespace).stdout
     assert "HYPERPARAMETERS" in members.splitlines()[0] and "h0=" in members

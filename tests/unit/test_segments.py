@@ -364,13 +364,34 @@ def test_disruptions_are_counted_across_pods_the_eviction_api_deleted() -> None:
         c["message"] for c in p.status["conditions"] if c["type"] == C.FAILED)
 
 
-def test_an_orphaned_running_job_is_stopped() -> None:
+def test_a_failed_segments_job_left_running_by_a_crash_is_stopped() -> None:
     t, members, jobs = started_world()
     old = job("t-m000-s00000-a9", uid="old", owner="u-t-m000")
     p = plan(t, members, [*jobs, old], [], at(5))
+    assert not p.delete_jobs  # not recorded as failed: nothing to stop
+    members[0]["status"]["history"] = [{"suggestion": {
+        "member": 0, "segment": 0, "hyperparameters": {"h": 0.5}, "restore": None, "steps_start": 0,
+        "steps_budget": 5, "kind": "start", "reason": "x", "attempt": 9}, "status": "failed", "job": "t-m000-s00000-a9",
+        "score": None, "steps_end": 0, "error": "TooManyDisruptions: ...", "finishedAt": at(4)}]
+    p = plan(t, members, [*jobs, old], [], at(5))
     assert ("t-m000-s00000-a9", "old") in p.delete_jobs
-    stranger = job("t-m000-s00000-a8", uid="x", owner="u-other")  # not one of our members: left alone
+    stranger = job("t-m000-s00000-a9", uid="x", owner="u-other")  # not one of our members: left alone
     assert all(u != "x" for _, u in plan(t, members, [*jobs, stranger], [], at(5)).delete_jobs)
+
+
+def test_a_succeeded_job_is_never_stopped_before_it_is_marked_complete() -> None:
+    t, members, jobs = started_world(budget={"segments": 1})
+    pods = []
+    for i, j in enumerate(jobs):  # both pods succeeded; the Job controller has not marked the Jobs yet
+        p = pod(j["metadata"]["name"], node="n1", phase="Succeeded", uid=f"p{i}")
+        p["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 0, "startedAt": at(3),
+                                                                       "message": '{"score": 0.5, "steps": 5}'}}
+        pods.append(p)
+    p = plan(t, members, jobs, pods, at(6))
+    assert p.done and p.status["phase"] == "Succeeded" and not p.delete_jobs
+    for m in members:
+        m["status"] = p.member_statuses[m["metadata"]["name"]]
+    assert not plan(t, members, jobs, pods, at(7)).delete_jobs
 
 
 def test_queued_job_waits_for_admission_and_wakes_the_operator() -> None:
