@@ -128,7 +128,7 @@ def test_timeout_counts_from_the_trainer_start(cluster: Cluster, namespace: str,
         assert all(j["metadata"]["annotations"]["pbt.dev/deadline"].startswith("running ") for j in jobs)
         bad = wait_phase(c, namespace, "overrun", op, timeout=120, phase="Failed")
         msg = cond(bad, "Failed")["message"]
-        assert "DeadlineExceeded: the trainer ran longer than spec.segment.timeoutSeconds (10 s" in msg, msg
+        assert "DeadlineExceeded: timed out: the trainer ran longer than spec.segment.timeoutSeconds (10 s" in msg, msg
         c.wait_for(lambda: any(cond(j, "Failed").get("reason") == "DeadlineExceeded"
                                for j in jobs_of(c, namespace, "overrun")), 30, interval=0.5,
                    desc="a Job Failed with DeadlineExceeded")

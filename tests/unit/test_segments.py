@@ -285,7 +285,7 @@ def test_timed_out_segment_fails_with_deadline_exceeded() -> None:
     p = plan(t, members, jobs, [], at(80))
     assert p.status["phase"] == "Failed"
     failed = next(c for c in p.status["conditions"] if c["type"] == C.FAILED)
-    assert "DeadlineExceeded: the trainer ran longer than spec.segment.timeoutSeconds (30 s" in failed["message"]
+    assert "DeadlineExceeded: timed out: the trainer ran longer than spec.segment.timeoutSeconds (30 s" in failed["message"]
     assert [(n, u) for n, u in p.delete_jobs] == [(jobs[1]["metadata"]["name"], "j1")]  # the other one stops
 
 

@@ -283,7 +283,7 @@ def deadline_error(job: Mapping[str, Any], seg: SegmentSpec, last_waiting: Mappi
         return (f"{C.PENDING_TIMEOUT}: the trainer did not start within spec.segment.pendingTimeoutSeconds "
                 f"({seg.pending_timeout_seconds} s){why}")
     if kind.startswith("running"):
-        return (f"{C.DEADLINE_EXCEEDED}: the trainer ran longer than spec.segment.timeoutSeconds "
+        return (f"{C.DEADLINE_EXCEEDED}: timed out: the trainer ran longer than spec.segment.timeoutSeconds "
                 f"({seg.timeout_seconds} s, counted from the container's start); the Job was stopped")
     return f"{C.DEADLINE_EXCEEDED}: timed out (the Job's activeDeadlineSeconds); the Job was stopped"
 
