@@ -202,13 +202,14 @@ def test_job_in_a_queue_is_created_suspended_with_the_queue_label() -> None:
 
 def test_segment_pods_ask_not_to_be_disrupted_unless_told_otherwise() -> None:
     bare = {"spec": {"containers": [{"name": "train", "image": "x"}]}}
+    trainer = {"kubectl.kubernetes.io/default-container": "train"}
     j = build_job(TRAINING, MEMBER, SUG, "s3://b/p", [], bare, None, SEG)
-    assert j["spec"]["template"]["metadata"]["annotations"] == S.DO_NOT_DISRUPT
+    assert j["spec"]["template"]["metadata"]["annotations"] == {**S.DO_NOT_DISRUPT, **trainer}
     j = build_job(TRAINING, MEMBER, SUG, "s3://b/p", [], TEMPLATE, None, SEG)  # the template's choice wins
     assert j["spec"]["template"]["metadata"]["annotations"] == {
-        "karpenter.sh/do-not-disrupt": "false", "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+        "karpenter.sh/do-not-disrupt": "false", "cluster-autoscaler.kubernetes.io/safe-to-evict": "false", **trainer}
     off = build_job(TRAINING, MEMBER, SUG, "s3://b/p", [], bare, None, SegmentSpec(protect_from_disruption=False))
-    assert "annotations" not in off["spec"]["template"]["metadata"]
+    assert off["spec"]["template"]["metadata"]["annotations"] == trainer
 
 
 # -- whole passes ----------------------------------------------------------------------------------
