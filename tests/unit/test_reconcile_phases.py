@@ -182,14 +182,17 @@ def test_admit_segments_up_to_parallelism_with_garbage_on_the_first_job() -> Non
     assert all(len(gc) <= 64 for gc in gcs)
 
 
-def test_admit_segments_starts_nothing_after_the_target() -> None:
+def test_admit_segments_starts_nothing_after_the_target_and_stops_what_runs() -> None:
     c = running_cluster(budget={"segments": 4, "targetScore": 0.0001})
     c.finish(c.running()[0])
+    still = sorted(j["metadata"]["name"] for j in c.running())
     p = pass_of(c)
     tell_finished_jobs(p)
     assert p.engine.finish is not None
     admit_segments(p)
-    assert not p.out.create_jobs and p.waiting == [] and p.running == 2
+    assert not p.out.create_jobs and p.waiting == [] and p.running == 0
+    assert sorted(n for n, _ in p.out.delete_jobs) == still and len(still) == 2
+    assert not p.engine.pending  # cancelled: the training is done
 
 
 def test_write_member_statuses_phases_and_no_needless_writes() -> None:
