@@ -272,7 +272,8 @@ def _timeouts(c: Cluster, aop: OperatorProcess, ns: str, tmp_path: Path) -> None
         assert _ts(started) - _ts(p["metadata"]["creationTimestamp"]) > 30, p["status"]
     bad = wait_phase(c, ns, "overruns", aop, timeout=300, phase="Failed")
     jobs = {int(j["metadata"]["labels"]["pbt.dev/member"]): j for j in jobs_of(c, ns, "overruns")}
-    failed = [cond for cond in jobs[1]["status"].get("conditions") or [] if cond["type"] == "Failed"]
+    # FailureTarget first, Failed once the Job controller has removed the pod: either names the cause
+    failed = [cond for cond in jobs[1]["status"].get("conditions") or [] if cond["type"] in ("Failed", "FailureTarget")]
     assert failed and failed[0]["reason"] == "DeadlineExceeded", jobs[1]["status"]
     assert "Failed" in json.dumps(bad["status"]["conditions"])
 
