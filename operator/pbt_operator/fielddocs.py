@@ -152,7 +152,13 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.worker.pool", _alts(INLINE_POOLS), "inline executor: run the function in threads or in worker processes"),
     Field("spec.worker.warm", "bool, true", WARM),
     Field("spec.template", "PodTemplateSpec",
-          "Kubernetes: the segment pod, kept as written (GPU requests, tolerations, node selectors)"),
+          "Kubernetes: the segment pod, kept as written (GPU requests, tolerations, node selectors). With sidecars "
+          "(native ones in `initContainers` with `restartPolicy: Always`, or classic second containers), name the "
+          "trainer with the annotation `kubectl.kubernetes.io/default-container: <name>` in "
+          "`spec.template.metadata.annotations` (default: the first container): it gets `PBT_SEGMENT`, its "
+          "termination message is the segment's result (never another container's), and `kubectl logs` shows it. "
+          "A read-only root filesystem is fine: without a writable temp directory the worker SDK buffers "
+          "checkpoints in memory (mount an `emptyDir` at `/tmp` for large ones)"),
     Field("spec.failurePolicy", "", "what happens when a segment fails", row=False),
     Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment"),
     Field("spec.failurePolicy.onExhausted", _alts(ON_EXHAUSTED),
