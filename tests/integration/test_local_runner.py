@@ -609,6 +609,15 @@ def test_process_executor_missing_command(tmp_path: Path) -> None:
     assert summary.engine.failed is not None and "cannot start 'definitely-not-a-program-xyz'" in summary.engine.failed
 
 
+def test_parallelism_zero_is_refused_locally(tmp_path: Path) -> None:
+    """parallelism 0 pauses a training on a cluster; `pbt run` would wait forever, so it says so and
+    leaves no run folder behind."""
+    path = process_manifest(tmp_path, parallelism=0)
+    with pytest.raises(RunError, match=r"spec.parallelism: must be >= 1 for pbt run \(got 0"):
+        LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_run_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="holds no run to resume"):
         LocalRunner(load_manifest(QUADRATIC), tmp_path / "nothing", resume=True).run()
