@@ -13,7 +13,8 @@ reports. Per segment it reports, as medians over the repeats:
   ckpt      restore + save inside the segment (reported by the worker)
   rest      total - decision - ckpt: results/suggestions journal, contract, executor hand-off
             (thread or process pool, a warm interpreter's pipe, or a fresh interpreter), gc,
-            and the runner's durability barrier (one syncfs per batch with file://)
+            and, with file://, waiting for the durability barrier (one syncfs per batch on a background
+            thread: only a segment decided from a batch not yet synced waits for it)
   cpu       CPU time (user + system) of the runner and of every worker process / segments: what
             the framework costs per segment whatever else the machine is doing. On a shared,
             oversubscribed machine the wall-clock columns mostly measure the neighbours (a process

@@ -19,6 +19,12 @@ running what is already durable. A segment decided in batch `g` starts only once
 completed; one decided long ago (in asynchronous mode, usually the next member to run) starts at
 once, while the newest batch is still being synced. Checkpoints become garbage because of results,
 so a garbage batch computed after batch `g` is handed out only once barrier `g` has completed too.
+
+Why `syncfs` and not an fsync of just the files the batch wrote (`fsync_tree`, kept for the
+comparison): measured by benchmarks/sync_cost.py (benchmarks/README.md), one `syncfs` was as cheap as
+the same batch's seven fsyncs per segment from parallel threads or cheaper on a quiet and on a busy
+filesystem, and several times cheaper with several segments per batch; on ext4 an fsync commits the
+whole journal transaction, others' data included, anyway.
 """
 
 from __future__ import annotations
