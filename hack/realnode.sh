@@ -582,6 +582,14 @@ cmd_up() {
       log "removing a real node left behind in $old"
       PBT_CLUSTER_DIR="$old" "$0" down || true
     fi
+    rm -f "$active"
+  fi
+  # leftovers of a node whose state directory is gone too (e.g. a removed temp dir): nothing can use them
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then
+    log "removing a stale $BRIDGE, /pbt-node cgroups and kubelet iptables chains (no node owns them)"
+    ip link del "$BRIDGE" 2>/dev/null || true
+    local h; for h in /sys/fs/cgroup/*/; do cgroup_rmtree "${h%/}$CGROUP_ROOT"; done
+    iptables_cleanup
   fi
   mkdir -p "$NODE_DIR/pids" "$NODE_DIR/logs"
   echo "$CLUSTER_DIR" >"$active"
