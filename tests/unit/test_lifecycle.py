@@ -1,6 +1,6 @@
 """Lifecycle pieces around the reconcile plan: ownership by UID, API error classification, the checks and
 dry-run objects used when a training is created, and refused Jobs recorded as failed attempts (which
-the plan then handles under spec.failurePolicy). The API server side is in tests/e2e/test_lifecycle.py."""
+the plan then handles under spec.failurePolicy). The API server side is in tests/e2e/test_lifecycle_cluster.py."""
 
 from __future__ import annotations
 

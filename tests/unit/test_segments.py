@@ -1,6 +1,6 @@
 """Segments on autoscaled and queued clusters: why a created segment waits, when its deadline falls,
 which Jobs a pass stops, and what the Job builder adds for Kueue and node autoscalers. Pure functions
-and single reconcile passes over hand-made Jobs and pods; tests/e2e/test_segments.py runs the same on
+and single reconcile passes over hand-made Jobs and pods; tests/e2e/test_segments_cluster.py runs the same on
 a real control plane."""
 
 from __future__ import annotations
