@@ -55,17 +55,6 @@ def trainer_index(template: Mapping[str, Any]) -> int:
     return 0
 
 
-def trainer_name(pod: Mapping[str, Any]) -> str | None:
-    """The trainer container's name in a segment pod (the annotation the Job's template carries)."""
-    name = ((pod.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
-    if name:
-        return str(name)
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        if any(e.get("name") == "PBT_SEGMENT" for e in c.get("env") or []):
-            return str(c.get("name"))
-    return None
-
-
 def pod_selector(training: str) -> str:
     """The label selector of a training's segment pods: the scale subresource's status.selector, which
     an HPA or KEDA uses to find the pods whose metrics they read."""

@@ -42,7 +42,6 @@ from .builders import (
     member_status,
     pod_selector,
     record_entry,
-    trainer_name,
 )
 
 
@@ -99,7 +98,7 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
     for p in mine:
         # only the trainer's status counts: sidecars write termination messages and exit codes too,
         # and the kubelet orders container statuses by name, not as the template lists them
-        trainer = trainer_name(p)
+        trainer = S.named_trainer(p)
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             t = (cs.get("state") or {}).get("terminated")
             if t and (trainer is None or cs.get("name") == trainer):

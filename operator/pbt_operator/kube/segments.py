@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec import KUEUE_QUEUE_LABEL, SegmentSpec
+from ..spec import DEFAULT_CONTAINER, KUEUE_QUEUE_LABEL, SegmentSpec
 from . import conditions as C
 
 DEADLINE_ANNOTATION = "pbt.dev/deadline"  # "pending", or "running <trainer startedAt>"
@@ -85,13 +85,22 @@ def active_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(out, key=_created)
 
 
-def trainer_name(pod: Mapping[str, Any]) -> str | None:
-    """The trainer container of a segment pod (builders.trainer_name: the default-container annotation
-    the Job's template carries), else the first container."""
-    from .builders import trainer_name as named  # (builders imports this module)
+def named_trainer(pod: Mapping[str, Any]) -> str | None:
+    """The trainer container's name in a segment pod: the default-container annotation the Job's template
+    carries, else the container holding the contract; None when neither says."""
+    name = ((pod.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
+    if name:
+        return str(name)
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if any(e.get("name") == "PBT_SEGMENT" for e in c.get("env") or []):
+            return str(c.get("name"))
+    return None
 
+
+def trainer_name(pod: Mapping[str, Any]) -> str | None:
+    """The trainer container of a segment pod (`named_trainer`), else the first container."""
     containers = (pod.get("spec") or {}).get("containers") or []
-    return named(pod) or (containers[0].get("name") if containers else None)
+    return named_trainer(pod) or (containers[0].get("name") if containers else None)
 
 
 def trainer_started_at(pod: Mapping[str, Any]) -> str | None:
