@@ -36,28 +36,14 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 from autoscalelib import AutoscaleCluster, Sampler, build_addons  # noqa: E402
 from clusterlib import Cluster, run_testcluster  # noqa: E402
-
-WORKER = ROOT / "benchmarks" / "workers" / "sleepy_worker.py"
+from operator_turnaround import manifest as turnaround_manifest  # noqa: E402
 
 
 def manifest(name: str, storage: Path, times: Path, population: int, parallelism: int, segments: int,
              seconds: float, jitter: float) -> dict[str, Any]:
-    env = {"PBT_BENCH_TIMES": str(times), "PBT_BENCH_SECONDS": str(seconds), "PBT_BENCH_JITTER": str(jitter)}
-    return {
-        "apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name},
-        "spec": {
-            "population": population, "parallelism": parallelism, "mode": "asynchronous", "seed": 1,
-            "segment": {"steps": 1}, "budget": {"segments": segments},
-            "hyperparameters": {"lr": {"type": "float", "min": 0.01, "max": 1.0, "log": True}},
-            "storage": {"uri": storage.as_uri()},
-            "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{
-                "name": "w", "image": "bench", "command": ["python", str(WORKER)],
-                "env": [{"name": k, "value": v} for k, v in env.items()],
-                "volumeMounts": [{"name": "checkpoints", "mountPath": str(storage)}],  # file:// needs a volume
-                "resources": {"limits": {"nvidia.com/gpu": 1}}}],
-                "volumes": [{"name": "checkpoints", "hostPath": {"path": str(storage)}}]}},
-        },
-    }
+    """The turnaround benchmark's sleeping-worker training, asynchronous."""
+    return turnaround_manifest(name, storage, times, population, parallelism, segments, "asynchronous",
+                               seconds, jitter)
 
 
 def pool_empty(c: Cluster) -> bool:
