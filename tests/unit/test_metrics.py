@@ -134,6 +134,12 @@ def test_job_seconds() -> None:
     assert job_seconds({"status": {}}, "2026-01-01T00:01:30Z") is None
     assert job_seconds({"status": {"startTime": "garbage"}}, "2026-01-01T00:01:30Z") is None
     assert job_seconds(job, "2025-12-31T23:59:00Z") == 0.0  # clock skew never gives a negative duration
+    # the pod's success seen before the Job controller's startTime write: the earliest pod start stands in
+    pods = [{"status": {"startTime": "2026-01-01T00:00:40Z"}}, {"status": {"startTime": "2026-01-01T00:00:10Z"}},
+            {"status": {}}]
+    assert job_seconds({"status": {}}, "2026-01-01T00:01:30Z", pods) == 80.0
+    assert job_seconds(job, "2026-01-01T00:01:30Z", pods) == 90.0  # the Job's own start wins when it has one
+    assert job_seconds({"status": {}}, "2026-01-01T00:01:30Z", [{"status": {}}]) is None
 
 
 def test_metrics_endpoint_serves_every_metric(monkeypatch: pytest.MonkeyPatch) -> None:

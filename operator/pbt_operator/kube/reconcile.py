@@ -385,7 +385,7 @@ def tell_finished_jobs(p: Pass) -> None:
             if not res.disrupted and engine.last is not None and engine.last.ref == sug.ref:
                 p.new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
             out.finished += int(res.ok)
-            secs = None if res.disrupted else job_seconds(p.jobs_by_name[jname], finished_at)
+            secs = None if res.disrupted else job_seconds(p.jobs_by_name[jname], finished_at, p.pods_of.get(jname, ()))
             if secs is not None:
                 out.segment_seconds.append(secs)
             if not res.ok:
@@ -586,10 +586,14 @@ def member_phase_idle(spec: TrainingSpec, engine: Engine, member: int) -> str:
     return "Waiting"
 
 
-def job_seconds(job: Mapping[str, Any], finished_at: str) -> float | None:
+def job_seconds(job: Mapping[str, Any], finished_at: str, pods: Iterable[Mapping[str, Any]] = ()) -> float | None:
     """A segment Job's duration: status.startTime to `finished_at` (its completionTime, or the time the
-    pass saw its pod succeed). None when the Job has no start time or a timestamp does not parse."""
-    start = (job.get("status") or {}).get("startTime")
+    pass saw its pod succeed). The pass can see the pod succeed before the Job controller's status write
+    that sets startTime reaches it (the Job is read from a watch, and that write follows the pod's
+    creation), so then the earliest pod start stands in: the same instant to within the controller's hop.
+    None when neither is known or a timestamp does not parse."""
+    start = (job.get("status") or {}).get("startTime") or min(
+        (str(t) for t in ((pod.get("status") or {}).get("startTime") for pod in pods) if t), default=None)
     if not start:
         return None
     try:
