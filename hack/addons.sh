@@ -20,52 +20,18 @@ set -euo pipefail
 KARPENTER_VERSION="${PBT_KARPENTER_VERSION:-v1.15.0}"
 KUEUE_VERSION="${PBT_KUEUE_VERSION:-v0.17.0}"
 
-CACHE_ROOT="${PBT_CACHE_DIR:-$HOME/.cache/pbt-operator}"
-BUILD_ROOT="$CACHE_ROOT/build"
-CLUSTER_DIR="${PBT_CLUSTER_DIR:-$CACHE_ROOT/cluster}"
-BUILD_JOBS="${PBT_BUILD_JOBS:-2}"
+LOG_TAG=addons
+# shellcheck source=hack/lib.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXAMPLES="$REPO/examples/autoscaling"
-
-log() { printf '[addons %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 karpenter_dir() { echo "$CACHE_ROOT/karpenter-$KARPENTER_VERSION"; }
 kueue_dir() { echo "$CACHE_ROOT/kueue-$KUEUE_VERSION"; }
 
 # ---- build -----------------------------------------------------------------------------------------
-go_env() {
-  # the same module and build caches as hack/testcluster.sh build
-  export GOFLAGS="-trimpath -mod=mod -buildvcs=false" CGO_ENABLED=0
-  export GOMODCACHE="$BUILD_ROOT/gomod" GOCACHE="$BUILD_ROOT/gocache" GOMAXPROCS="$BUILD_JOBS"
-  # GOTOOLCHAIN=auto: a module that needs a newer Go than the local one (Karpenter v1.15 wants
-  # 1.26.9) gets that toolchain from the Go module proxy, cached in GOMODCACHE.
-  export GOTOOLCHAIN=auto
-  command -v go >/dev/null || die "go is not on PATH"
-}
-
-module_go_version() { # module version -> the go directive of its go.mod
-  local gomod
-  gomod="$( (GOTOOLCHAIN=local go mod download -json "$1@$2" 2>/dev/null || true) | sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p')"
-  [[ -f "$gomod" ]] || die "could not download $1@$2 from the Go module proxy"
-  sed -n 's/^go \([0-9.]*\).*/\1/p' "$gomod" | head -1
-}
-
-module_dir() { # module version -> its extracted source directory
-  local d
-  d="$(go mod download -json "$1@$2" | sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')"
-  [[ -d "$d" ]] || die "could not extract $1@$2"
-  echo "$d"
-}
-
-new_build_module() { # dir module version -> writes go.mod requiring module@version
-  local dir="$1" gov
-  mkdir -p "$dir"
-  gov="$(module_go_version "$2" "$3")"
-  printf 'module pbt-operator.local/build/%s\n\ngo %s\n\nrequire %s %s\n' "$(basename "$dir")" "$gov" "$2" "$3" \
-    >"$dir/go.mod"
-  : >"$dir/go.sum"
-}
+# hack/lib.sh's Go environment with GOTOOLCHAIN=auto: a module that needs a newer Go than the local one
+# (Karpenter v1.15 wants 1.26.9) gets that toolchain from the Go module proxy, cached in the module cache.
 
 built() { # dir version
   [[ -f "$1/.version" && "$(cat "$1/.version")" == "$2" ]]
@@ -77,12 +43,10 @@ build_karpenter() {
   local dir="$BUILD_ROOT/karpenter-$KARPENTER_VERSION" src t0=$SECONDS
   log "building karpenter $KARPENTER_VERSION (kwok provider) in $dir"
   new_build_module "$dir" sigs.k8s.io/karpenter "$KARPENTER_VERSION"
-  cd "$dir"
   mkdir -p "$out/bin" "$out/crds"
-  nice -n 10 go build -p "$BUILD_JOBS" -ldflags "-s -w -X sigs.k8s.io/karpenter/pkg/operator.Version=$KARPENTER_VERSION" \
-    -o "$out/bin/karpenter-kwok.tmp" sigs.k8s.io/karpenter/kwok
-  mv "$out/bin/karpenter-kwok.tmp" "$out/bin/karpenter-kwok"
-  src="$(module_dir sigs.k8s.io/karpenter "$KARPENTER_VERSION")"
+  go_build "$dir" "$out/bin/karpenter-kwok" sigs.k8s.io/karpenter/kwok \
+    -ldflags "-s -w -X sigs.k8s.io/karpenter/pkg/operator.Version=$KARPENTER_VERSION"
+  src="$(module_download sigs.k8s.io/karpenter "$KARPENTER_VERSION" Dir)"
   cp "$src"/kwok/charts/crds/*.yaml "$src"/kwok/apis/crds/*.yaml "$out/crds/"
   chmod -R u+w "$out/crds"
   echo "$KARPENTER_VERSION" >"$out/.version"
@@ -95,8 +59,7 @@ build_kueue() {
   local dir="$BUILD_ROOT/kueue-$KUEUE_VERSION" src t0=$SECONDS
   log "building kueue $KUEUE_VERSION in $dir"
   new_build_module "$dir" sigs.k8s.io/kueue "$KUEUE_VERSION"
-  cd "$dir"
-  src="$(module_dir sigs.k8s.io/kueue "$KUEUE_VERSION")"
+  src="$(module_download sigs.k8s.io/kueue "$KUEUE_VERSION" Dir)"
   # With its internal certificate management off, Kueue reads its metrics certificate from a fixed
   # /etc path. The build module's main package is Kueue's cmd/kueue/main.go with that one path read
   # from KUEUE_METRICS_CERT_DIR instead (the module itself untouched), so nothing goes under /etc.
@@ -104,9 +67,7 @@ build_kueue() {
     || die "kueue $KUEUE_VERSION: cmd/kueue/main.go no longer has the fixed metrics cert path; update hack/addons.sh"
   sed 's|"/etc/kueue/metrics/certs"|os.Getenv("KUEUE_METRICS_CERT_DIR")|' "$src/cmd/kueue/main.go" >"$dir/main.go"
   mkdir -p "$out/bin" "$out/crds" "$out/webhook"
-  nice -n 10 go build -p "$BUILD_JOBS" -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
-    -o "$out/bin/kueue.tmp" .
-  mv "$out/bin/kueue.tmp" "$out/bin/kueue"
+  go_build "$dir" "$out/bin/kueue" . -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
   cp "$src"/config/components/crd/bases/*.yaml "$out/crds/"
   cp "$src"/config/components/webhook/manifests.yaml "$out/webhook/"
   chmod -R u+w "$out/crds" "$out/webhook"
@@ -119,8 +80,8 @@ cmd_build() {
   ((${#names[@]})) || names=(karpenter kueue)
   for n in "${names[@]}"; do
     case "$n" in
-      karpenter) built "$(karpenter_dir)" "$KARPENTER_VERSION" || { go_env; (build_karpenter); } ;;
-      kueue) built "$(kueue_dir)" "$KUEUE_VERSION" || { go_env; (build_kueue); } ;;
+      karpenter) built "$(karpenter_dir)" "$KARPENTER_VERSION" || { go_env auto; with_lock karpenter build_karpenter; } ;;
+      kueue) built "$(kueue_dir)" "$KUEUE_VERSION" || { go_env auto; with_lock kueue build_kueue; } ;;
       *) die "unknown add-on $n (karpenter, kueue)" ;;
     esac
   done
@@ -135,18 +96,6 @@ cluster_env() {
 }
 
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG" "$@"; }
-
-pick_ports() {
-  python3 -c '
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-' "$1"
-}
 
 start_proc() { # name args... (pid in $CLUSTER_DIR/pids/addon-<name>)
   local name="$1"; shift

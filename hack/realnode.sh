@@ -31,9 +31,11 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
+LOG_TAG=realnode
+# shellcheck source=hack/lib.sh
+source "$HERE/lib.sh" # caches, Go builds, locks; the Kubernetes version (the kubelet's is the API server's)
 
 # ---- pinned versions -------------------------------------------------------------------------------
-K8S_VERSION="${PBT_K8S_VERSION:-v1.36.5}"
 CONTAINERD_VERSION="${PBT_CONTAINERD_VERSION:-v2.4.2}"
 CRICTL_VERSION="${PBT_CRICTL_VERSION:-v1.37.0}"
 RUNC_VERSION="${PBT_RUNC_VERSION:-v1.5.3}"
@@ -41,15 +43,10 @@ RUNC_VERSION="${PBT_RUNC_VERSION:-v1.5.3}"
 # buildah brings Debian's runc 1.1.5 along, which cannot start containerd 2.4's containers (see docs).
 DEBIAN_PACKAGES=(containernetworking-plugins iptables buildah debootstrap libseccomp-dev pkg-config gcc)
 
-CACHE_ROOT="${PBT_CACHE_DIR:-$HOME/.cache/pbt-operator}"
-BUILD_ROOT="$CACHE_ROOT/build"
-K8S_BIN="$CACHE_ROOT/$K8S_VERSION/bin"
 NODE_BIN="$CACHE_ROOT/node/containerd-$CONTAINERD_VERSION/bin"
 CRICTL_BIN="$CACHE_ROOT/node/crictl-$CRICTL_VERSION/bin"
 RUNC_BIN="$CACHE_ROOT/node/runc-$RUNC_VERSION/bin"
 IMAGE_CACHE="$CACHE_ROOT/node/images"
-BUILD_JOBS="${PBT_BUILD_JOBS:-2}"
-CLUSTER_DIR="${PBT_CLUSTER_DIR:-$CACHE_ROOT/cluster}"
 NODE_DIR="$CLUSTER_DIR/node"
 
 BRIDGE="${PBT_NODE_BRIDGE:-pbt0}"
@@ -62,18 +59,11 @@ CNI_BIN_DIR="${PBT_CNI_BIN_DIR:-/usr/lib/cni}"
 PAUSE_IMAGE="localhost/pbt-pause:1"
 DEVICE_PLUGIN_DIR=/var/lib/kubelet/device-plugins
 
-log() { printf '[realnode %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+# One real node per machine: the bridge, the cgroup root and the kubelet's iptables chains are
+# machine-wide, whatever PBT_CACHE_DIR says, so the marker of the running node is too (/run: gone on reboot).
+ACTIVE_FILE="${PBT_REALNODE_ACTIVE_FILE:-/run/pbt-operator-realnode.active}"
 
 # ---- build -----------------------------------------------------------------------------------------
-go_env() {
-  export GOTOOLCHAIN=local GOFLAGS="-trimpath -mod=mod -buildvcs=false" CGO_ENABLED=0
-  export GOMODCACHE="$BUILD_ROOT/gomod" GOCACHE="$BUILD_ROOT/gocache" GOMAXPROCS="$BUILD_JOBS"
-  command -v go >/dev/null || die "go is not on PATH (Go >= 1.26 is needed to build the node)"
-}
-
-stamp_ok() { [[ -x "$1/$2" && -f "$1/.$2.version" && "$(cat "$1/.$2.version")" == "$3" ]]; }
-
 debian_ok() {
   local p
   for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -81,80 +71,50 @@ debian_ok() {
   done
 }
 
-install_debian() {
+apt_install() {
   debian_ok && return 0
   command -v apt-get >/dev/null || die "apt-get is needed to install ${DEBIAN_PACKAGES[*]}"
+  local t0=$SECONDS
   log "installing Debian packages: ${DEBIAN_PACKAGES[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${DEBIAN_PACKAGES[@]}" >/dev/null
+  # -o DPkg::Lock::Timeout: wait for another apt on the machine instead of failing
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    "${DEBIAN_PACKAGES[@]}" >/dev/null
+  log "Debian packages installed in $((SECONDS - t0))s"
 }
+
+install_debian() { debian_ok || with_lock debian apt_install; } # the node build and the image build both need them
 
 build_containerd() {
   local n all=1
   for n in containerd containerd-shim-runc-v2 ctr; do stamp_ok "$NODE_BIN" "$n" "$CONTAINERD_VERSION" || all=0; done
   ((all)) && return 0
   local dir="$BUILD_ROOT/containerd-$CONTAINERD_VERSION" mod=github.com/containerd/containerd/v2
-  mkdir -p "$dir" "$NODE_BIN"
-  cd "$dir"
-  printf 'module pbt-operator.local/build/containerd\n\ngo 1.26.0\n\nrequire %s %s\n' "$mod" "$CONTAINERD_VERSION" >go.mod
-  : >go.sum
+  new_build_module "$dir" "$mod" "$CONTAINERD_VERSION"
   for n in containerd containerd-shim-runc-v2 ctr; do
     stamp_ok "$NODE_BIN" "$n" "$CONTAINERD_VERSION" && continue
-    log "  go build $mod/cmd/$n ($CONTAINERD_VERSION)"
-    nice -n 10 go build -p "$BUILD_JOBS" -tags "no_btrfs no_devmapper no_zfs no_aufs" \
-      -ldflags "-s -w -X $mod/version.Version=$CONTAINERD_VERSION" -o "$NODE_BIN/$n.tmp" "$mod/cmd/$n"
-    mv "$NODE_BIN/$n.tmp" "$NODE_BIN/$n"
-    echo "$CONTAINERD_VERSION" >"$NODE_BIN/.$n.version"
+    go_build "$dir" "$NODE_BIN/$n" "$mod/cmd/$n" -tags "no_btrfs no_devmapper no_zfs no_aufs" \
+      -ldflags "-s -w -X $mod/version.Version=$CONTAINERD_VERSION"
+    write_stamp "$NODE_BIN" "$n" "$CONTAINERD_VERSION"
   done
 }
 
 build_crictl() {
   stamp_ok "$CRICTL_BIN" crictl "$CRICTL_VERSION" && return 0
   local dir="$BUILD_ROOT/crictl-$CRICTL_VERSION"
-  mkdir -p "$dir" "$CRICTL_BIN"
-  cd "$dir"
-  printf 'module pbt-operator.local/build/crictl\n\ngo 1.26.0\n\nrequire sigs.k8s.io/cri-tools %s\n' "$CRICTL_VERSION" >go.mod
-  : >go.sum
-  log "  go build sigs.k8s.io/cri-tools/cmd/crictl ($CRICTL_VERSION)"
-  nice -n 10 go build -p "$BUILD_JOBS" -ldflags "-s -w" -o "$CRICTL_BIN/crictl.tmp" sigs.k8s.io/cri-tools/cmd/crictl
-  mv "$CRICTL_BIN/crictl.tmp" "$CRICTL_BIN/crictl"
-  echo "$CRICTL_VERSION" >"$CRICTL_BIN/.crictl.version"
+  new_build_module "$dir" sigs.k8s.io/cri-tools "$CRICTL_VERSION"
+  go_build "$dir" "$CRICTL_BIN/crictl" sigs.k8s.io/cri-tools/cmd/crictl -ldflags "-s -w"
+  write_stamp "$CRICTL_BIN" crictl "$CRICTL_VERSION"
 }
 
 build_runc() {
   stamp_ok "$RUNC_BIN" runc "$RUNC_VERSION" && return 0
   local dir="$BUILD_ROOT/runc-$RUNC_VERSION"
-  mkdir -p "$dir" "$RUNC_BIN"
-  cd "$dir"
-  printf 'module pbt-operator.local/build/runc\n\ngo 1.26.0\n\nrequire github.com/opencontainers/runc %s\n' "$RUNC_VERSION" >go.mod
-  : >go.sum
-  log "  go build github.com/opencontainers/runc ($RUNC_VERSION, cgo, seccomp)"
-  CGO_ENABLED=1 nice -n 10 go build -p "$BUILD_JOBS" -tags "seccomp urfave_cli_no_docs" \
-    -ldflags "-s -w -X main.version=${RUNC_VERSION#v}" -o "$RUNC_BIN/runc.tmp" github.com/opencontainers/runc
-  mv "$RUNC_BIN/runc.tmp" "$RUNC_BIN/runc"
-  echo "$RUNC_VERSION" >"$RUNC_BIN/.runc.version"
-}
-
-build_kube_node() {
-  # The kubelet and kube-proxy come from the same k8s.io/kubernetes module as the control plane:
-  # reuse hack/testcluster.sh's build module (its go.mod maps the staging modules) and caches.
-  local n all=1
-  for n in kubelet kube-proxy; do stamp_ok "$K8S_BIN" "$n" "$K8S_VERSION" || all=0; done
-  ((all)) && return 0
-  local dir="$BUILD_ROOT/kubernetes-$K8S_VERSION" minor="${K8S_VERSION#v1.}"
-  [[ -f "$dir/go.mod" ]] || "$HERE/testcluster.sh" build
-  cd "$dir"
-  local pkg="k8s.io/component-base/version" cpkg="k8s.io/client-go/pkg/version" ldflags="-s -w" kv
-  for kv in "gitVersion=$K8S_VERSION" "gitMajor=1" "gitMinor=${minor%%.*}" "gitTreeState=clean"; do
-    ldflags+=" -X $pkg.$kv -X $cpkg.$kv"
-  done
-  for n in kubelet kube-proxy; do
-    stamp_ok "$K8S_BIN" "$n" "$K8S_VERSION" && continue
-    log "  go build k8s.io/kubernetes/cmd/$n ($K8S_VERSION)"
-    nice -n 10 go build -p "$BUILD_JOBS" -ldflags "$ldflags" -o "$K8S_BIN/$n.tmp" "k8s.io/kubernetes/cmd/$n"
-    mv "$K8S_BIN/$n.tmp" "$K8S_BIN/$n"
-    echo "$K8S_VERSION" >"$K8S_BIN/.$n.version"
-  done
+  new_build_module "$dir" github.com/opencontainers/runc "$RUNC_VERSION"
+  # cgo + libseccomp (Debian's libseccomp-dev): RuntimeDefault seccomp profiles need it
+  CGO_ENABLED=1 go_build "$dir" "$RUNC_BIN/runc" github.com/opencontainers/runc -tags "seccomp urfave_cli_no_docs" \
+    -ldflags "-s -w -X main.version=${RUNC_VERSION#v}"
+  write_stamp "$RUNC_BIN" runc "$RUNC_VERSION"
 }
 
 all_built() {
@@ -166,17 +126,23 @@ all_built() {
   for n in kubelet kube-proxy; do stamp_ok "$K8S_BIN" "$n" "$K8S_VERSION" || return 1; done
 }
 
-cmd_build() {
-  if all_built; then log "node binaries cached ($NODE_BIN, $K8S_BIN)"; return 0; fi
+build_node() {
+  all_built && return 0
   local t0=$SECONDS
   install_debian
   go_env
-  (build_containerd)
-  (build_crictl)
-  (build_runc)
-  (build_kube_node)
+  build_containerd
+  build_runc
+  # the kubelet and kube-proxy come from the control plane's k8s.io/kubernetes build module and caches
+  build_k8s_binaries kubelet kube-proxy
+  build_crictl
   all_built || die "node build incomplete"
   log "built the node in $((SECONDS - t0))s"
+}
+
+cmd_build() {
+  if all_built; then log "node binaries cached ($NODE_BIN, $K8S_BIN)"; return 0; fi
+  with_lock node build_node
 }
 
 # ---- images ----------------------------------------------------------------------------------------
@@ -270,18 +236,41 @@ build_image() { # dockerfile repo key -> prints the archive path
 }
 
 # The digits image's base (pytorch/pytorch:<torch>-cuda...-runtime) is stood in for by the python stand-in
-# plus the same torch release from PyPI; only with PBT_E2E_TORCH=1 (a download of several GB).
+# plus the same torch release from PyPI (the CUDA build: PyPI has no other); only with PBT_E2E_TORCH=1.
+# The wheels (2.8 GB) are fetched once on the host with pip (which reuses the host's pip cache and
+# PIP_FIND_LINKS if it holds them) into a directory cached by version, and the image build installs
+# from that directory through a read-only bind mount, offline: no download per build, no wheel copies
+# in a layer.
 TORCH_BASE_IMAGE="docker.io/pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
 TORCH_VERSION="2.5.1"
+TORCH_PYTHON="3.11" # bookworm's python3, the stand-in's
+TORCH_WHEELS="$CACHE_ROOT/node/wheels/torch-$TORCH_VERSION-cp${TORCH_PYTHON/./}"
+
+torch_wheels() {
+  [[ -f "$TORCH_WHEELS/.complete" ]] && return 0
+  local py t0=$SECONDS
+  py="${PBT_PYTHON:-python3}"
+  rm -rf "$TORCH_WHEELS.tmp"
+  log "downloading torch $TORCH_VERSION and its dependencies (wheels for python $TORCH_PYTHON) into $TORCH_WHEELS"
+  nice -n 10 "$py" -m pip download -q --only-binary=:all: --python-version "$TORCH_PYTHON" --implementation cp \
+    --abi "cp${TORCH_PYTHON/./}" --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 --platform any -d "$TORCH_WHEELS.tmp" "torch==$TORCH_VERSION" \
+    || die "pip could not download torch $TORCH_VERSION"
+  touch "$TORCH_WHEELS.tmp/.complete"
+  rm -rf "$TORCH_WHEELS" && mv "$TORCH_WHEELS.tmp" "$TORCH_WHEELS"
+  log "torch wheels in $((SECONDS - t0))s ($(du -sh "$TORCH_WHEELS" | cut -f1))"
+}
 
 build_torch_base() {
   image_present "$TORCH_BASE_IMAGE" && return 0
+  torch_wheels
   local d t0=$SECONDS
   d="$(mktemp -d)"
-  printf 'FROM %s\nRUN pip install --no-cache-dir "torch==%s"\n' "$BASE_IMAGE" "$TORCH_VERSION" >"$d/Dockerfile"
-  log "building the stand-in $TORCH_BASE_IMAGE (python stand-in + torch $TORCH_VERSION from PyPI)"
-  bah bud --pull=never --isolation chroot --network host --layers=false -q -f "$d/Dockerfile" \
-    -t "$TORCH_BASE_IMAGE" "$d" >"$IMAGE_CACHE/build-torch-base.log" 2>&1 \
+  printf 'FROM %s\nRUN pip install --no-cache-dir --no-index --find-links /wheels "torch==%s"\n' \
+    "$BASE_IMAGE" "$TORCH_VERSION" >"$d/Dockerfile"
+  log "building the stand-in $TORCH_BASE_IMAGE (python stand-in + torch $TORCH_VERSION)"
+  bah bud --pull=never --isolation chroot --network host --layers=false -q -v "$TORCH_WHEELS:/wheels:ro" \
+    -f "$d/Dockerfile" -t "$TORCH_BASE_IMAGE" "$d" >"$IMAGE_CACHE/build-torch-base.log" 2>&1 \
     || { tail -30 "$IMAGE_CACHE/build-torch-base.log" >&2; die "building the torch stand-in failed"; }
   rm -rf "$d"
   log "torch stand-in built in $((SECONDS - t0))s"
@@ -290,9 +279,11 @@ build_torch_base() {
 cmd_images() {
   install_debian
   mkdir -p "$IMAGE_CACHE"
-  # one image build at a time per machine (a second caller waits, then finds the cache warm)
-  exec 9>"$IMAGE_CACHE/.lock"
-  flock 9
+  # one image build at a time per cache (a second caller waits, then finds the cache warm)
+  with_lock images build_images
+}
+
+build_images() {
   build_base
   build_pause
   local src=(pyproject.toml README.md operator worker)
@@ -307,6 +298,9 @@ cmd_images() {
   fi
   printf '%s\n' "PBT_OPERATOR_IMAGE=$OPERATOR_IMAGE_REPO:$okey" "PBT_WORKER_IMAGE=$WORKER_IMAGE_REPO:$wkey" \
     >"$IMAGE_CACHE/current"
+  if [[ "${PBT_E2E_TORCH:-0}" == 1 ]]; then
+    echo "PBT_DIGITS_IMAGE=$DIGITS_IMAGE_REPO:$(src_key examples/digits "${src[@]}")" >>"$IMAGE_CACHE/current"
+  fi
 }
 
 # ---- run -------------------------------------------------------------------------------------------
@@ -518,11 +512,7 @@ node_up() {
   source "$CLUSTER_DIR/env"
   mkdir -p "$NODE_DIR/pids" "$NODE_DIR/logs"
   local kport hport pport pmport
-  read -r kport hport pport pmport <<<"$(python3 -c '
-import socket
-s = [socket.socket() for _ in range(4)]
-[x.bind(("127.0.0.1", 0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))')"
+  read -r kport hport pport pmport <<<"$(pick_ports 4)"
   cgroups_up
   # directories outside our own that containerd and the CNI plugins create (result cache, netns
   # mount points, shim sockets): removed by down when they did not exist before
@@ -535,7 +525,7 @@ print(" ".join(str(x.getsockname()[1]) for x in s))')"
   start_proc containerd nsenter --target "$(cat "$NODE_DIR/pids/mntns")" --mount -- "$NODE_BIN/containerd" --config "$NODE_DIR/containerd.toml" --log-level warn
   wait_until 60 containerd ctr_ version || { tail -30 "$NODE_DIR/logs/containerd.log" >&2; return 1; }
   # shellcheck disable=SC2046
-  import_images $(sed -n 's/^PBT_\(OPERATOR\|WORKER\)_IMAGE=\(.*\):\(.*\)$/\2:\3/p' "$IMAGE_CACHE/current" \
+  import_images $(sed -n 's/^PBT_\(OPERATOR\|WORKER\|DIGITS\)_IMAGE=\(.*\):\(.*\)$/\2:\3/p' "$IMAGE_CACHE/current" \
                   | while IFS=: read -r repo key; do echo "$IMAGE_CACHE/$(basename "$repo")-$key.tar"; done)
   start_proc kubelet nsenter --target "$(cat "$NODE_DIR/pids/mntns")" --mount -- "$K8S_BIN/kubelet" --config "$NODE_DIR/kubelet.yaml" \
     --kubeconfig "$NODE_DIR/kubelet.kubeconfig" --root-dir "$NODE_DIR/kubelet" --cert-dir "$NODE_DIR/kubelet/pki" \
@@ -569,8 +559,15 @@ cmd_up() {
   mkdir -p "$CLUSTER_DIR"
   [[ -d "$NODE_DIR" ]] && die "$NODE_DIR exists: a real node runs there (hack/realnode.sh down first)"
   # One real node per machine (the bridge and the cgroup root are machine-wide): a node left behind by a
-  # run that was killed with its watchdog is removed first.
-  local active="$CACHE_ROOT/node/active"
+  # run that was killed with its watchdog is removed first. The check and the claim hold a machine-wide lock.
+  local active="$ACTIVE_FILE" other
+  exec 8>"${ACTIVE_FILE%.active}.lock"
+  flock 8
+  # a kubelet of a real node that no marker names (e.g. started by an older version of this script)
+  other="$(pgrep -f -- "kubelet --config .*/node/kubelet.yaml" | head -1 || true)"
+  if [[ -n "$other" && ! -f "$active" ]]; then
+    die "a real node runs in another state directory on this machine (kubelet pid $other)"
+  fi
   if [[ -f "$active" ]]; then
     local old kl wd
     old="$(cat "$active")"
@@ -594,6 +591,7 @@ cmd_up() {
   mkdir -p "$NODE_DIR/pids" "$NODE_DIR/logs"
   echo "$CLUSTER_DIR" >"$active"
   net_up
+  flock -u 8; exec 8>&-
   if ! PBT_APISERVER_ADDRESS="$BRIDGE_IP" \
        PBT_APISERVER_FLAGS="--kubelet-preferred-address-types=InternalIP ${PBT_APISERVER_FLAGS:-}" \
        "$HERE/testcluster.sh" up; then
@@ -675,7 +673,7 @@ node_down() {
   for h in /sys/fs/cgroup/*/; do cgroup_rmtree "${h%/}$CGROUP_ROOT"; done
   rm -rf "$CLUSTER_DIR/logs/node" && mkdir -p "$CLUSTER_DIR/logs" && mv "$NODE_DIR/logs" "$CLUSTER_DIR/logs/node" || true
   rm -rf "$NODE_DIR"
-  [[ "$(cat "$CACHE_ROOT/node/active" 2>/dev/null)" == "$CLUSTER_DIR" ]] && rm -f "$CACHE_ROOT/node/active"
+  [[ "$(cat "$ACTIVE_FILE" 2>/dev/null)" == "$CLUSTER_DIR" ]] && rm -f "$ACTIVE_FILE"
   log "removed the real node ($NODE_NAME)"
 }
 

@@ -19,99 +19,47 @@
 set -euo pipefail
 
 # ---- pinned versions -------------------------------------------------------------------------------
-K8S_VERSION="${PBT_K8S_VERSION:-v1.36.5}"
+# (the Kubernetes version, PBT_K8S_VERSION, is pinned in hack/lib.sh: the real node's kubelet shares it)
 ETCD_VERSION="${PBT_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${PBT_HELM_VERSION:-v3.22.0}"
 
-CACHE_ROOT="${PBT_CACHE_DIR:-$HOME/.cache/pbt-operator}"
-BIN_DIR="$CACHE_ROOT/$K8S_VERSION/bin"
-BUILD_ROOT="$CACHE_ROOT/build"
-CLUSTER_DIR="${PBT_CLUSTER_DIR:-$CACHE_ROOT/cluster}"
-BUILD_JOBS="${PBT_BUILD_JOBS:-2}"
+LOG_TAG=testcluster
+# shellcheck source=hack/lib.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
+BIN_DIR="$K8S_BIN"
 # The API server's address: loopback, or the real node's bridge address (hack/realnode.sh) so pods reach it.
 API_ADDRESS="${PBT_APISERVER_ADDRESS:-127.0.0.1}"
 
-log() { printf '[testcluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
 # ---- build -----------------------------------------------------------------------------------------
-go_env() {
-  export GOTOOLCHAIN=local GOFLAGS="-trimpath -mod=mod -buildvcs=false" CGO_ENABLED=0
-  export GOMODCACHE="$BUILD_ROOT/gomod" GOCACHE="$BUILD_ROOT/gocache"
-  export GOMAXPROCS="$BUILD_JOBS"
-  # The build is a background chore: keep the machine usable for whoever else runs on it.
-  command -v go >/dev/null || die "go is not on PATH (Go >= 1.26 is needed to build the control plane)"
-}
-
-stamp_ok() { # binary version
-  [[ -x "$BIN_DIR/$1" && -f "$BIN_DIR/.$1.version" && "$(cat "$BIN_DIR/.$1.version")" == "$2" ]]
-}
-
-write_stamp() { echo "$2" >"$BIN_DIR/.$1.version"; }
-
-build_kubernetes() {
-  local names=(kube-apiserver kube-controller-manager kube-scheduler kubectl) n missing=0
-  for n in "${names[@]}"; do stamp_ok "$n" "$K8S_VERSION" || missing=1; done
-  ((missing)) || return 0
-  local dir="$BUILD_ROOT/kubernetes-$K8S_VERSION" minor="${K8S_VERSION#v1.}" staging gomod
-  local staging_version="v0.$minor"
-  mkdir -p "$dir" "$BIN_DIR"
-  log "building kubernetes $K8S_VERSION (staging modules $staging_version) in $dir"
-  cd "$dir"
-  # k8s.io/kubernetes requires its staging modules at v0.0.0 and maps them to ./staging with
-  # replace directives, which only apply inside its own repository. Map them to the published
-  # modules of the same release instead.
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p')"
-  [[ -f "$gomod" ]] || die "could not download k8s.io/kubernetes@$K8S_VERSION"
-  staging="$(sed -n '/^replace (/,/^)/p' "$gomod" | awk '$2 == "=>" && $3 ~ /staging/ {print $1}')"
-  {
-    echo "module pbt-operator.local/build/kubernetes"
-    echo
-    echo "go 1.26.0"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    for n in $staging; do echo "	$n => $n $staging_version"; done
-    echo ")"
-  } >go.mod
-  : >go.sum
-  local pkg="k8s.io/component-base/version" cpkg="k8s.io/client-go/pkg/version"
-  local ldflags="-s -w"
-  local kv
-  for kv in "gitVersion=$K8S_VERSION" "gitMajor=1" "gitMinor=${minor%%.*}" "gitTreeState=clean" \
-            "buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; do
-    ldflags+=" -X $pkg.$kv -X $cpkg.$kv"
-  done
-  for n in "${names[@]}"; do
-    stamp_ok "$n" "$K8S_VERSION" && continue
-    log "  go build k8s.io/kubernetes/cmd/$n"
-    nice -n 10 go build -p "$BUILD_JOBS" -ldflags "$ldflags" -o "$BIN_DIR/$n.tmp" "k8s.io/kubernetes/cmd/$n"
-    mv "$BIN_DIR/$n.tmp" "$BIN_DIR/$n"
-    write_stamp "$n" "$K8S_VERSION"
-  done
-}
+CONTROL_PLANE=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 
 build_simple() { # name module version package ldflags
   local name="$1" module="$2" version="$3" pkg="$4" ldflags="$5"
-  stamp_ok "$name" "$version" && return 0
+  stamp_ok "$BIN_DIR" "$name" "$version" && return 0
   local dir="$BUILD_ROOT/$name-$version"
-  mkdir -p "$dir" "$BIN_DIR"
   log "building $name $version in $dir"
-  cd "$dir"
-  printf 'module pbt-operator.local/build/%s\n\ngo 1.26.0\n\nrequire %s %s\n' "$name" "$module" "$version" >go.mod
-  : >go.sum
-  nice -n 10 go build -p "$BUILD_JOBS" -ldflags "-s -w $ldflags" -o "$BIN_DIR/$name.tmp" "$pkg"
-  mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
-  write_stamp "$name" "$version"
+  new_build_module "$dir" "$module" "$version"
+  go_build "$dir" "$BIN_DIR/$name" "$pkg" -ldflags "-s -w $ldflags"
+  write_stamp "$BIN_DIR" "$name" "$version"
 }
 
 all_built() {
   local n
-  for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-    stamp_ok "$n" "$K8S_VERSION" || return 1
-  done
-  stamp_ok etcd "$ETCD_VERSION" && stamp_ok helm "$HELM_VERSION"
+  for n in "${CONTROL_PLANE[@]}"; do stamp_ok "$BIN_DIR" "$n" "$K8S_VERSION" || return 1; done
+  stamp_ok "$BIN_DIR" etcd "$ETCD_VERSION" && stamp_ok "$BIN_DIR" helm "$HELM_VERSION"
+}
+
+build_all() {
+  all_built && return 0
+  go_env
+  local t0=$SECONDS
+  build_simple etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 ""
+  build_simple helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  log "building kubernetes $K8S_VERSION (${CONTROL_PLANE[*]})"
+  build_k8s_binaries "${CONTROL_PLANE[@]}"
+  all_built || die "build incomplete"
+  log "built everything in $((SECONDS - t0))s into $BIN_DIR ($(du -sh "$BIN_DIR" | cut -f1))"
 }
 
 cmd_build() {
@@ -119,14 +67,7 @@ cmd_build() {
     log "binaries cached in $BIN_DIR"
     return 0
   fi
-  go_env
-  local t0=$SECONDS
-  (build_simple etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "")
-  (build_simple helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
-     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION")
-  (build_kubernetes)
-  all_built || die "build incomplete"
-  log "built everything in $((SECONDS - t0))s into $BIN_DIR ($(du -sh "$BIN_DIR" | cut -f1))"
+  with_lock control-plane build_all
 }
 
 cmd_clean_build() {
@@ -138,20 +79,6 @@ cmd_clean_build() {
 }
 
 # ---- run -------------------------------------------------------------------------------------------
-pick_ports() { # n -> n free loopback ports (one line)
-  local py
-  py="$(command -v python3 || command -v python)" || die "python3 is needed to pick free ports"
-  "$py" -c '
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-' "$1"
-}
-
 gen_certs() {
   local d="$CLUSTER_DIR/pki"
   mkdir -p "$d"
