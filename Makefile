@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXAMPLE ?= digits
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit integration e2e lint cluster-build clean
+.PHONY: venv run test unit integration e2e lint cluster-build prebuild clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ run: venv
 cluster-build:
 	hack/testcluster.sh build
 
+## Start the e2e tiers' builds in the background (control plane, Karpenter, Kueue, real node, images):
+## they overlap with the venv, lint and the unit tests; each e2e fixture waits for what it needs.
+prebuild:
+	hack/prebuild.sh start
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -33,11 +38,11 @@ unit: venv
 integration: venv
 	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
 
-e2e: venv cluster-build
+e2e: prebuild venv
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
-## The whole suite: lint, unit, integration, e2e (what .ci/run calls)
-test: venv cluster-build lint
+## The whole suite: lint, unit, integration, e2e (what .ci/run calls); the e2e builds run in the background
+test: prebuild venv lint
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 clean:

@@ -74,3 +74,24 @@ def delete_marker() -> object:
 @pytest.fixture(scope="session")
 def deep_merge() -> Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]]:
     return merge
+
+
+def _run_order(item: pytest.Item) -> int:
+    """Cheap tests first, then the tiers in the order of the builds they need (hack/prebuild.sh builds
+    them in the background in that order while the earlier tiers run): the control plane, then Karpenter
+    and Kueue, then the real node and its images."""
+    parts = item.path.parts
+    if "unit" in parts:
+        return 0
+    if "integration" in parts:
+        return 1
+    if item.get_closest_marker("node"):
+        return 4
+    if item.get_closest_marker("addons"):
+        return 3
+    return 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # a stable sort: a module's tests stay together and in their order (module fixtures start once)
+    items.sort(key=_run_order)

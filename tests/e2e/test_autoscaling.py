@@ -24,7 +24,7 @@ from autoscalelib import EXAMPLES, AutoscaleCluster, Sampler, build_addons
 from clusterlib import Cluster, run_testcluster
 from test_operator import OperatorProcess, check_finished, jobs_of, training, wait_phase
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.addons]
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_DELAY = 3.0  # simulated boot time of a GPU node in these tests (seconds)
