@@ -429,3 +429,29 @@ def test_more_gpus_than_the_node_has_shows_the_schedulers_reason(node: Node, ns:
     msgs = [e["message"] for e in events(node, ns) if e["involvedObject"]["kind"] in
             ("PopulationMember", "PopulationTraining")]
     assert any("Insufficient nvidia.com/gpu" in m for m in msgs), msgs
+
+
+@pytest.mark.torch
+def test_digits_image_trains_segments_on_the_cpu(node: Node, ns: str) -> None:
+    """The digits example's image (examples/digits/Dockerfile on the torch stand-in base; PBT_E2E_TORCH=1
+    builds it, several GB) runs its segments on the node: torch on the CPU, checkpoints in S3."""
+    image = node.env.get("PBT_DIGITS_IMAGE")
+    if not image:
+        pytest.skip("the digits image is built only with PBT_E2E_TORCH=1 (torch from PyPI, several GB)")
+    c = node.cluster
+    trainer = {"name": "train", "image": image, "imagePullPolicy": "Never", "command": ["python", "/app/train.py"],
+               "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                             "limits": {"memory": "2Gi", "nvidia.com/gpu": 1}},
+               "securityContext": RESTRICTED, "env": [{"name": "PBT_CPU", "value": "1"}]}
+    hps = {"lr": {"type": "float", "min": 1e-3, "max": 0.5, "log": True, "initial": {"min": 0.05, "max": 0.3}},
+           "momentum": {"type": "float", "min": 0.0, "max": 0.95},
+           "batch_size": {"type": "int", "min": 8, "max": 128, "log": True}}
+    c.apply(training(ns, "digits", [trainer], population=2, segments=2, hyperparameters=hps,
+                     objective={"metric": "score", "direction": "max"},
+                     segment={"steps": 40, "timeoutSeconds": 300}), ns)
+    obj = wait_phase(node, ns, "digits", timeout=600)
+    pods = pods_of(node, ns, "digits")
+    assert len(pods) == 4, [p["metadata"]["name"] for p in pods]
+    assert all(p["status"]["containerStatuses"][0]["image"].endswith(image.split("/", 1)[1]) for p in pods)
+    # a digits classifier after two short segments is far better than chance (0.1)
+    assert obj["status"]["best"]["score"] > 0.3, obj["status"]["best"]
