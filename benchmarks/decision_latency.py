@@ -1,7 +1,7 @@
 """Time one PB2 decision (`pbt_operator.core.pb2.suggest`) against the size of the history.
 
     .venv/bin/python benchmarks/decision_latency.py [--repeats 20] [--sizes 100,1000,10000]
-        [--dims 3,10] [--parallel bucb] [--set fit_rows=32 ...]
+        [--dims 3,10] [--parallel MODE (default: Pb2Settings.parallel)] [--set fit_rows=32 ...]
 
 For each history size (rows = finished segments) and each space (3 hyperparameters: log-float, int,
 float; 10 hyperparameters: the same plus six floats and one categorical) it times `suggest` with a
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--dims", default="3,10")
-    ap.add_argument("--parallel", default="bucb")
+    ap.add_argument("--parallel", default=Pb2Settings.parallel, help="PB2 parallel mode (default: the default mode)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override an integer Pb2Settings field, e.g. --set fit_rows=32 (repeatable)")
     args = ap.parse_args(argv)

@@ -2,7 +2,8 @@
 each measured against its physical limit (issue 14).
 
     .venv/bin/python benchmarks/search_quality.py [--seeds 20] [--problems lr-schedule,cat-flip,rl,quadratic]
-        [--pops 4,8,16] [--methods ...] [--jobs 2] [--out results.json]
+        [--pops 4,8,16] [--methods ...] [--jobs 2] [--pb2 JSON] [--pb2-settings JSON] [--pb2-fraction 0.5]
+        [--out results.json]
 
 Problems and their limits: benchmarks/problems.py (`digits`, the torch example, runs through the
 real local runner and has no known limit; it is opt-in: `--problems digits`, raw accuracy reported).
@@ -16,7 +17,9 @@ segments per member. A seed is the manifest's `spec.seed` plus the simulator's n
 so for one seed all methods start from the same initial members.
 
 Methods (all with exploit truncation 0.25 unless said otherwise):
-* `pb2-<mode>`: explore pb2 with `parallel: <mode>`, every other PB2 setting at its default
+* `pb2-<mode>`: explore pb2 with `parallel: <mode>`, every other PB2 setting at its default, and
+  truncation at 0.5, as the README recommends with PB2 (`PB2_FRACTION`; `--pb2-fraction 0.25` for
+  the same fraction as PBT)
 * `pbt`: explore perturb (factors 0.8/1.2, resample probability 0.25)
 * `pbt-crossover`: the same with `crossover: true`
 * `tournament`: exploit tournament (size 2), explore perturb
@@ -49,7 +52,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -73,6 +76,11 @@ DIGITS = "digits"
 
 # Extra spec.explore.pb2 settings for every pb2 method (--pb2 JSON), e.g. {"window": 25}.
 PB2_EXTRA: dict[str, Any] = {}
+# Pb2Settings fields that are not manifest fields (--pb2-settings JSON), e.g. {"window_search": true}.
+PB2_FIELDS: dict[str, Any] = {}
+# Truncation fraction of the pb2 methods: what the README recommends with PB2 (the manifest default,
+# 0.25, is PBT's: benchmarks/README.md has both).
+PB2_FRACTION = 0.5
 
 
 def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed: int, segments: int,
@@ -81,6 +89,7 @@ def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed
     exploit: dict[str, Any] = {"strategy": "truncation", "fraction": 0.25}
     explore: dict[str, Any] = {"strategy": "perturb", "factors": list(factors), "resampleProbability": 0.25}
     if method.startswith("pb2-"):
+        exploit = {"strategy": "truncation", "fraction": PB2_FRACTION}
         explore = {"strategy": "pb2", "pb2": {"parallel": method[4:], **PB2_EXTRA}}
     elif method == "pbt-crossover":
         explore["crossover"] = True
@@ -121,6 +130,8 @@ def simulate(problem: Problem, method: str, population: int, seed: int) -> RunRe
     """One run on the simulated cluster (see the module docstring)."""
     spec: TrainingSpec = parse_manifest(manifest(problem.hyperparameters, method, population, seed,
                                                  problem.segments, problem.steps, problem.factors))
+    if PB2_FIELDS:
+        spec = replace(spec, explore=replace(spec.explore, pb2=replace(spec.explore.pb2, **PB2_FIELDS)))
     t_decide = time.process_time()
     eng = Engine(spec)
     queue: list[tuple[float, int, int]] = []
@@ -185,9 +196,13 @@ def run_digits(method: str, population: int, seed: int, workdir: Path) -> RunRes
 
 
 def _task(args: tuple[str, str, int, int, dict[str, Any]]) -> RunResult | tuple[str, int, int, float]:
+    global PB2_FRACTION
     prob, method, pop, seed, extra = args
     PB2_EXTRA.clear()
-    PB2_EXTRA.update(extra)
+    PB2_EXTRA.update(extra.get("manifest", {}))
+    PB2_FIELDS.clear()
+    PB2_FIELDS.update(extra.get("fields", {}))
+    PB2_FRACTION = float(extra.get("fraction", PB2_FRACTION))
     if method == "limit":
         return prob, pop, seed, PROBLEMS[prob].limit(pop, seed)
     if prob == DIGITS:
@@ -362,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--pb2", default="{}", help='extra spec.explore.pb2 settings for every pb2 method, JSON, '
                                                  'e.g. \'{"window": 25}\'')
+    ap.add_argument("--pb2-settings", default="{}", help='Pb2Settings fields that are not manifest fields, JSON, '
+                                                          'e.g. \'{"window_search": true}\'')
+    ap.add_argument("--pb2-fraction", type=float, default=PB2_FRACTION,
+                    help=f"truncation fraction of the pb2 methods (default {PB2_FRACTION})")
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON")
     ap.add_argument("--quiet", action="store_true", help="no line per run")
     a = ap.parse_args(argv)
@@ -377,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     t0 = time.perf_counter()
-    rows, results, limits = benchmark(problems, pops, range(a.seeds), methods, a.jobs, json.loads(a.pb2),
+    extra = {"manifest": json.loads(a.pb2), "fields": json.loads(a.pb2_settings), "fraction": a.pb2_fraction}
+    rows, results, limits = benchmark(problems, pops, range(a.seeds), methods, a.jobs, extra,
                                       log=None if a.quiet else (lambda s: print(s, flush=True)))
     wall = time.perf_counter() - t0
     print()

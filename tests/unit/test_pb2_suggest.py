@@ -162,12 +162,12 @@ def test_forced_cholesky_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_unexpected_exception_never_escapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pbt_operator.core.pb2 import decide
+    from pbt_operator.core.pb2 import window
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(decide, "fit", boom)
+    monkeypatch.setattr(window, "fit", boom)
     space = mixed_space()
     rows = history(space, 20)
     ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))

@@ -53,9 +53,10 @@ import numpy as np
 from ..choices import PB2_PARALLEL, check_table
 from ..space import Space, Value
 from ..types import Pb2Settings
+from . import window
 from .acquisition import Domain, Region, beta_schedule, maximise_ucb, thompson
-from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, select_rows, unit_columns
-from .gp import Posterior, fit
+from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, unit_columns
+from .gp import Posterior
 from .kernel import Hyper, Layout
 
 PARALLEL_MODES = PB2_PARALLEL  # spec.explore.pb2.parallel: core/choices.py holds the list
@@ -120,17 +121,18 @@ def _suggest(
     layout = Layout(dx=1 + domain.p, q=domain.q)
     # Kernel hyperparameters are fitted on a smaller subsample than the posterior is conditioned on:
     # the fit costs O(n^3) per likelihood evaluation and needs dozens of them, the posterior one.
-    fit_idx = select_rows(prep.rows.tau, max(2, int(settings.fit_rows)), rng)
-    fitted = fit(layout, prep.rows.take(fit_idx), prep.y[fit_idx], max(1, int(settings.fit_restarts)), rng)
+    # The window is chosen by marginal likelihood once the history is long (pb2/window.py).
+    win = window.choose(prep, layout, settings, rng)
+    fitted = win.fitted
     theta = fitted.theta
     n_pending = len(prep.pending)
     beta_full = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
     if _FILL[mode] is None or n_pending == 0:
-        post = Posterior(theta, layout, prep.rows, prep.y)
+        post = Posterior(theta, layout, win.rows, win.y)
     else:
         sqrt_full = math.sqrt(beta_full)
-        post = Posterior(theta, layout, Encoded.concat(prep.rows, prep.pending), prep.y,
-                         fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, prep.y, sqrt_full))
+        post = Posterior(theta, layout, Encoded.concat(win.rows, prep.pending), win.y,
+                         fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, win.y, sqrt_full))
 
     region = _region(space, domain, center, settings.trust_region)
     factor = budget_factor(remaining)
@@ -138,9 +140,9 @@ def _suggest(
     if mode == "randomized":
         beta *= float(rng.gamma(RANDOM_SHAPE, 1.0 / RANDOM_SHAPE))
     if mode == "thompson" and factor > 0.0:
-        pick = thompson(domain, post, prep.y, prep.query_tau, prep.query_c, settings.candidates, rng, region)
+        pick = thompson(domain, post, win.y, prep.query_tau, prep.query_c, settings.candidates, rng, region)
     else:
-        pick = maximise_ucb(domain, post, prep.y, prep.query_tau, prep.query_c, math.sqrt(beta),
+        pick = maximise_ucb(domain, post, win.y, prep.query_tau, prep.query_c, math.sqrt(beta),
                             settings.candidates, settings.restarts, rng, region)
 
     hyperparameters = decode(space, pick.u, pick.h)
@@ -148,13 +150,13 @@ def _suggest(
         raise Pb2Fallback(f"internal error: {hyperparameters} is outside the space")
 
     hp = Hyper.of(theta, layout)
-    mu = pick.mu * prep.y_std + prep.y_mean
-    sigma = pick.sigma * prep.y_std
+    mu = pick.mu * win.y_std + win.y_mean
+    sigma = pick.sigma * win.y_std
     head = (f"pb2 {mode}: sample={pick.score:.3g}" if mode == "thompson" and factor > 0.0
             else f"pb2 {mode}: ucb={pick.score:.3g} beta={beta:.3g}")
     parts = [
         f"{head} mu={mu:.4g} sigma={sigma:.3g} (rate)",
-        f"rows={len(prep.rows)}/{prep.n_total}",
+        f"rows={len(win.rows)}/{prep.n_total}",
         f"pending={n_pending}",
         f"eps={hp.eps:.3g} noise={hp.noise:.2g}",
     ]
@@ -167,6 +169,8 @@ def _suggest(
     if fitted.failed_starts:
         parts.append(f"{fitted.failed_starts}/{fitted.starts} fit starts failed")
     parts.extend(prep.notes)
+    if win.note:
+        parts.append(win.note)
     return Pb2Choice(hyperparameters, " ".join(parts))
 
 
