@@ -422,3 +422,41 @@ def test_an_oom_killed_trainer_fails_the_segment_with_the_kubelets_reason() -> N
     pod["status"]["containerStatuses"][0]["state"]["terminated"].update(reason="Error", message="")
     res = job_outcome(job, [pod], sug, "score")
     assert res is not None and res.error == "exit code 137: Error"
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_bounded_member_history_decides_as_an_unbounded_one_through_crashes(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member status keeps its newest HISTORY_WINDOW segments: with a window of 4 over 24 segments
+    and a crash every third pass (every pass rebuilds from those windows), the same Jobs run once each,
+    with the same best and totals, as with a window that holds everything; the member objects stop
+    growing."""
+    import pbt_operator.kube.reconcile as R
+
+    spec = {"mode": mode, "population": 4, "budget": {"segments": 24}, "parallelism": 2}
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 10_000)
+    ref = FakeCluster(training_obj(**spec))
+    drive(ref, random.Random(5), crash_every=3, fail_jobs={"toy-m001-s00003-a0"}, max_passes=5000)
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 4)
+    c = FakeCluster(training_obj(**spec))
+    sizes: list[int] = []
+    orig = c.apply
+
+    def apply(p: Any, limit: int | None = None) -> None:
+        orig(p, limit)
+        sizes.append(max((len(json.dumps(m)) for m in c.members.values()), default=0))
+
+    c.apply = apply  # type: ignore[method-assign]
+    drive(c, random.Random(5), crash_every=3, fail_jobs={"toy-m001-s00003-a0"}, max_passes=5000)
+    assert sorted(c.jobs) == sorted(ref.jobs)
+    st, rst = c.training["status"], ref.training["status"]
+    assert st["phase"] == rst["phase"] == "Succeeded"
+    assert st["best"] == rst["best"]
+    assert (st["segmentsDone"], st["failures"]) == (rst["segmentsDone"], rst["failures"]) == (96, 1)
+    assert st["schedule"] == rst["schedule"][-len(st["schedule"]):] and len(st["schedule"]) < len(rst["schedule"])
+    for m in c.members.values():
+        done = [h for h in m["status"]["history"] if h["status"] == "done"]
+        assert len(done) == 4 and all("counters" in h for h in done)
+        assert m["status"]["completedSegment"] == 23
+    assert max(sizes[len(sizes) // 2:]) <= max(sizes[: len(sizes) // 2]) * 1.2  # flat, not growing
+    assert max(len(json.dumps(m)) for m in ref.members.values()) > 2 * max(sizes)

@@ -53,8 +53,55 @@ class TrainingState:
     failed: str | None
 
 
+@dataclass(frozen=True)
+class Counters:
+    """The engine's running totals after one absorbed record (`Engine.counters`): what a bounded
+    journal cannot recount once records fall out of its window. `seq` numbers absorbed records (done
+    and failed) in the order the engine took them; the operator stores these with each history entry
+    so that an engine rebuilt from a window (`Engine(..., base=...)`) resumes with the exact totals."""
+
+    seq: int
+    done: int
+    failed: int
+    since_best: int
+    best: Ref | None
+    finish: Finish | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"seq": self.seq, "done": self.done, "failed": self.failed, "sinceBest": self.since_best,
+                             "best": list(self.best) if self.best is not None else None}
+        if self.finish is not None:
+            d["finish"] = [self.finish.reason, self.finish.message]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Counters:
+        best = d.get("best")
+        fin = d.get("finish")
+        return cls(int(d["seq"]), int(d["done"]), int(d["failed"]), int(d["sinceBest"]),
+                   (int(best[0]), int(best[1])) if best is not None else None,
+                   Finish(str(fin[0]), str(fin[1])) if fin else None)
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where a windowed rebuild starts: the totals after the last record absorbed before the rebuild
+    (`counters`), and each member's best record among those that left its window (`evicted_best`),
+    one of which may be the training's best."""
+
+    counters: Counters
+    records: list[Record] = dataclasses.field(default_factory=list)  # the window up to counters.seq, in order
+    evicted_best: dict[int, Record] = dataclasses.field(default_factory=dict)
+
+
 class Engine:
-    def __init__(self, spec: TrainingSpec, records: Iterable[Record] = (), pending: Iterable[Suggestion] = ()):
+    def __init__(self, spec: TrainingSpec, records: Iterable[Record] = (), pending: Iterable[Suggestion] = (),
+                 window: int | None = None, base: Base | None = None):
+        """`window`: keep only each member's newest `window` finished segments (at least the
+        significance test's window) as the state decisions read (records, PB2 rows, lineage for garbage
+        collection); None keeps everything (the local runner). `base`: the records given are a window
+        (`base.records`, up to `base.counters.seq`) are placed as they are, with the totals taken
+        from `base` (they cannot be recounted from a window); `records` are then absorbed one by one."""
         # The engine branches on these two (exploit and explore strategies raise where they dispatch):
         # a value the spec would refuse is a bug to report, never a reason to run the other branch.
         branches = (("spec.mode", spec.mode, MODES),
@@ -72,8 +119,29 @@ class Engine:
         self.failure: Finish | None = None  # the training failed (the first failure stays the reason)
         self.best: Record | None = None
         self._since_best = 0
-        self._rows: list[Any] = []  # PB2 rows, built incrementally
+        self._rows: dict[Ref, Any] = {}  # PB2 rows, built incrementally, in absorption order
         self.last: Record | None = None  # the record the latest tell() produced, for drivers to persist
+        self.window = None if window is None else max(1, int(window), spec.exploit.significance.window)
+        self.seq = 0  # records absorbed (done and failed)
+        self.done_count = 0
+        self.failure_count = 0
+        self._member_refs: dict[int, list[Ref]] = {}  # each member's done refs in the window, oldest first
+        self.evicted_best: dict[int, Record] = {}  # each member's best record that left the window
+        self.evicted_garbage: list[Ref] = []  # checkpoints that left the window unused: collectable
+        if base is not None:
+            c = base.counters
+            self.evicted_best = dict(base.evicted_best)
+            for rec in base.records:
+                self._place(rec)
+            self.seq, self.done_count, self.failure_count = c.seq, c.done, c.failed
+            self._since_best, self.finish = c.since_best, c.finish
+            self.best = None
+            if c.best is not None:
+                found = self.records.get(c.best) or next(
+                    (r for r in self.evicted_best.values() if r.ref == c.best), None)
+                if found is None:
+                    raise ValueError(f"rebuild: the best record m{c.best[0]}/s{c.best[1]} is in no window")
+                self.best = found
         for rec in records:
             self._absorb(rec)
         for s in pending:
@@ -142,6 +210,11 @@ class Engine:
         batch = [self._next(m) for m in sorted(self.latest) if m not in self.pending]
         return [s for s in batch if s is not None]
 
+    def replay(self, rec: Record) -> None:
+        """Absorb a journal record after construction, exactly as the constructor absorbs `records`
+        (core/policy.rebuild uses it to learn the totals after each one)."""
+        self._absorb(rec)
+
     def cancel(self, member: int) -> None:
         """Drop a decided segment that never started (the training finished before it ran)."""
         self.pending.pop(member, None)
@@ -156,7 +229,7 @@ class Engine:
 
     def state(self) -> TrainingState:
         return TrainingState(
-            done_segments=len(self.records),
+            done_segments=self.done_count,
             total_segments=self.spec.population * self.spec.budget.segments,
             running=len(self.pending),
             best=self.best,
@@ -167,42 +240,101 @@ class Engine:
     def schedule(self, ref: Ref | None = None) -> list[dict[str, Any]]:
         """The hyperparameter schedule of `ref` (default: the best checkpoint)."""
         target = ref if ref is not None else (self.best.ref if self.best else None)
-        return schedule(self.records, target) if target is not None else []
+        if target is None:
+            return []
+        if self.window is None:
+            return schedule(self.records, target)
+        known = {**{r.ref: r for r in self.evicted_best.values()}, **self.records}
+        return schedule(known, target, partial=True)
 
     def garbage(self, exclude: Iterable[Ref] = ()) -> list[Ref]:
         """Checkpoints that may be deleted now, but those in `exclude` (already handed out for
         deletion: `core/policy.garbage_batch` keeps that memory, so it survives a rebuilt engine)."""
-        return collectable(
+        refs = collectable(
             self.records, {m: r.ref for m, r in self.latest.items()}, self.pending.values(),
             self.best.ref if self.best else None, exclude,
         )
+        if self.evicted_garbage:
+            done = set(exclude)
+            self.evicted_garbage = [r for r in self.evicted_garbage if r not in done]
+            live, listed = self._live(), set(refs)
+            refs += [r for r in self.evicted_garbage if r not in live and r not in listed]
+        return refs
+
+    def counters(self) -> Counters:
+        """The running totals now (after the latest absorbed record)."""
+        return Counters(self.seq, self.done_count, self.failure_count, self._since_best,
+                        self.best.ref if self.best is not None else None, self.finish)
+
+    def _live(self) -> set[Ref]:
+        live = {r.ref for r in self.latest.values()} | {s.restore for s in self.pending.values() if s.restore}
+        if self.best is not None:
+            live.add(self.best.ref)
+        return live
 
     # -- internals --------------------------------------------------------------------------------
     def _internal(self, score: float) -> float:
         return self.spec.objective.internal(score)
 
-    def _absorb(self, rec: Record) -> None:
-        self.last = rec
+    def _place(self, rec: Record) -> None:
+        """Put a record of a window where absorbing it put it, without touching the totals."""
         if rec.status != "done":
             self.failures.append(rec)
             return
+        self._keep(rec)
+
+    def _keep(self, rec: Record) -> None:
         self.records[rec.ref] = rec
         self.order.append(rec.ref)
         prev = self.latest.get(rec.member)
         if prev is None or rec.segment >= prev.segment:
             self.latest[rec.member] = rec
+        before = rec.suggestion.score_before
+        dt = rec.steps_end - rec.suggestion.steps_start
+        if before is not None and dt > 0 and rec.score is not None:
+            s = self._internal(rec.score)
+            self._rows[rec.ref] = (rec.suggestion.steps_start, self._internal(before), rec.suggestion.hyperparameters,
+                                   (s - self._internal(before)) / dt)
+        if self.window is not None:
+            refs = self._member_refs.setdefault(rec.member, [])
+            refs.append(rec.ref)
+            while len(refs) > self.window:
+                self._evict(refs.pop(0))
+
+    def _evict(self, ref: Ref) -> None:
+        """A record leaves the window: decisions stop reading it; its checkpoint is collectable unless it
+        is live (a member's latest, restored by a pending segment, the best); the best of what left is
+        kept per member, since it may be (or have been) the training's best."""
+        rec = self.records.pop(ref)
+        self.order.remove(ref)
+        # Failed attempts leave with their segment (only the current segment's attempts are counted).
+        self.failures = [f for f in self.failures if f.member != ref[0] or f.segment > ref[1]]
+        self._rows.pop(ref, None)
+        old = self.evicted_best.get(rec.member)
+        if old is None or self._internal(rec.score) > self._internal(old.score):  # type: ignore[arg-type]
+            self.evicted_best[rec.member] = rec
+        if ref not in self._live():
+            self.evicted_garbage.append(ref)
+
+    def _absorb(self, rec: Record) -> None:
+        self.last = rec
+        self.seq += 1
+        if rec.status != "done":
+            self.failure_count += 1
+            self.failures.append(rec)
+            return
+        self.done_count += 1
+        self._keep(rec)
         assert rec.score is not None
         s = self._internal(rec.score)
         if self.best is None or s > self._internal(self.best.score):  # type: ignore[arg-type]
+            old = self.best
             self.best = rec
+            if old is not None and old.ref not in self.records and old.ref not in self._live():
+                self.evicted_garbage.append(old.ref)  # a best that had left the window: no longer live
             self._since_best = 0
         else:
             self._since_best += 1
-        before = rec.suggestion.score_before
-        dt = rec.steps_end - rec.suggestion.steps_start
-        if before is not None and dt > 0:
-            self._rows.append((rec.suggestion.steps_start, self._internal(before), rec.suggestion.hyperparameters,
-                               (s - self._internal(before)) / dt))
         b = self.spec.budget
         if b.target_score is not None and s >= self._internal(b.target_score) and self.finish is None:
             self.finish = Finish(TARGET_REACHED, f"member {rec.member} scored {rec.score:.6g} (target {b.target_score:g})")
@@ -287,7 +419,7 @@ class Engine:
             from .pb2 import Pb2Pending, Pb2Row, suggest
         except ImportError as e:  # pragma: no cover - only while pb2 is missing
             return None, f"pb2 unavailable ({e})"
-        rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in self._rows]
+        rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in self._rows.values()]
         pend = [
             Pb2Pending(t=float(s.steps_start), c=self._internal(s.score_before), hyperparameters=s.hyperparameters)
             for s in self.pending.values()

@@ -14,9 +14,10 @@ from typing import Any
 from .types import Record, Ref, Suggestion
 
 
-def chain(records: Mapping[Ref, Record], ref: Ref) -> list[Record]:
+def chain(records: Mapping[Ref, Record], ref: Ref, partial: bool = False) -> list[Record]:
     """Records from the first segment to `ref`, following restore links. Raises on a cycle or a gap,
-    which would mean corrupted state rather than something to paper over."""
+    which would mean corrupted state rather than something to paper over; with `partial` (an engine
+    that keeps a window of each member's history), a gap ends the chain: the known tail is returned."""
     out: list[Record] = []
     seen: set[Ref] = set()
     cur: Ref | None = ref
@@ -25,6 +26,8 @@ def chain(records: Mapping[Ref, Record], ref: Ref) -> list[Record]:
             raise ValueError(f"lineage cycle at member {cur[0]} segment {cur[1]}")
         seen.add(cur)
         rec = records.get(cur)
+        if rec is None and partial:
+            break
         if rec is None:
             raise ValueError(f"lineage gap: member {cur[0]} segment {cur[1]} has no record")
         out.append(rec)
@@ -33,8 +36,9 @@ def chain(records: Mapping[Ref, Record], ref: Ref) -> list[Record]:
     return out
 
 
-def schedule(records: Mapping[Ref, Record], ref: Ref) -> list[dict[str, Any]]:
-    """The hyperparameter schedule along a lineage: one entry per segment, in training order."""
+def schedule(records: Mapping[Ref, Record], ref: Ref, partial: bool = False) -> list[dict[str, Any]]:
+    """The hyperparameter schedule along a lineage: one entry per segment, in training order (with
+    `partial`, its newest part that `records` still hold)."""
     return [
         {
             "member": r.member,
@@ -45,7 +49,7 @@ def schedule(records: Mapping[Ref, Record], ref: Ref) -> list[dict[str, Any]]:
             "score": r.score,
             "kind": r.suggestion.kind,
         }
-        for r in chain(records, ref)
+        for r in chain(records, ref, partial)
     ]
 
 

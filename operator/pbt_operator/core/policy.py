@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .engine import Engine
+from .engine import Base, Counters, Engine
 from .types import Record, Ref, SegmentResult, Suggestion
 
 if TYPE_CHECKING:
@@ -59,6 +59,19 @@ class Rebuilt:
     engine: Engine
     started: list[Suggestion] = field(default_factory=list)  # initial segments of members that had none
     decisions: list[Decision] = field(default_factory=list)  # owed decisions, in the order they were made
+    # The records absorbed anew (kept ones after the base, then the owed ones told again), with the
+    # totals after each: a bounded journal rewrites their entries, so that its order and totals are
+    # those of the engine that now runs.
+    retold: list[tuple[Record, Counters]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Journaled:
+    """A journal entry of a bounded journal: the record, and the engine's totals right after it was
+    absorbed (None for entries written before totals were kept, or never absorbed: a refused Job)."""
+
+    record: Record
+    counters: Counters | None = None
 
 
 def result_of(rec: Record) -> SegmentResult:
@@ -67,7 +80,8 @@ def result_of(rec: Record) -> SegmentResult:
                          error=rec.error if rec.status != "done" else None, duration=rec.duration)
 
 
-def rebuild(spec: TrainingSpec, records: Iterable[Record], decided: Mapping[int, Suggestion]) -> Rebuilt:
+def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: Mapping[int, Suggestion],
+            window: int | None = None, evicted_best: Mapping[int, Record] | None = None) -> Rebuilt:
     """The engine an uninterrupted driver would have now.
 
     `records`: every finished attempt (done or failed), in the order the driver told them; `decided`:
@@ -75,22 +89,47 @@ def rebuild(spec: TrainingSpec, records: Iterable[Record], decided: Mapping[int,
     causes, so a record whose segment and attempt are still its member's latest decision is a
     result whose decision was lost: it is told again (after the rest are absorbed, in journal
     order), and the engine makes that decision again, identically.
+
+    A bounded journal (`window`: the operator keeps each member's newest finished segments only)
+    gives `Journaled` entries in absorption order and each member's best record that left its window.
+    The totals a window cannot recount come from the entry absorbed last before the first owed one;
+    the window up to it is placed as it is, later kept entries are absorbed one by one, then the owed
+    ones are told again. The engine is then the one an uninterrupted operator with the same window
+    has: tests/unit/test_bounded_history.py checks it decision by decision.
     """
-    owed: list[Record] = []
-    kept: list[Record] = []
-    for rec in records:
-        cur = decided.get(rec.member)
-        if cur is not None and cur.ref == rec.ref and cur.attempt == rec.suggestion.attempt:
-            owed.append(rec)
+    owed: list[Journaled] = []
+    kept: list[Journaled] = []
+    for item in records:
+        j = item if isinstance(item, Journaled) else Journaled(item)
+        cur = decided.get(j.record.member)
+        if cur is not None and cur.ref == j.record.ref and cur.attempt == j.record.suggestion.attempt:
+            owed.append(j)
         else:
-            kept.append(rec)
-    done = {r.ref for r in kept if r.status == "done"}
+            kept.append(j)
+    done = {j.record.ref for j in kept if j.record.status == "done"}
     pending = [s for s in decided.values() if s.ref not in done]
-    engine = Engine(spec, kept, pending)
+    first_owed = min((j.counters.seq for j in owed if j.counters is not None), default=None)
+    bases = [j for j in kept if j.counters is not None and (first_owed is None or j.counters.seq < first_owed)]
+    if window is None or not bases:
+        engine = Engine(spec, [j.record for j in kept], pending, window)
+    else:
+        last = max(bases, key=lambda j: j.counters.seq if j.counters is not None else -1)
+        assert last.counters is not None
+        upto = last.counters.seq
+        placed = [j.record for j in kept if j.counters is None or j.counters.seq <= upto]
+        later = [j.record for j in kept if j.counters is not None and j.counters.seq > upto]
+        engine = Engine(spec, [], pending, window, Base(last.counters, placed, dict(evicted_best or {})))
     had = {s.member for s in pending}
-    out = Rebuilt(engine, [s for s in engine.start() if s.member not in had])
-    for rec in owed:
-        out.decisions += [Decision(s, rec.suggestion) for s in engine.tell(result_of(rec))]
+    out = Rebuilt(engine)
+    if window is not None and bases:
+        for rec in later:  # absorbed again after owed ones they once followed: their totals change
+            engine.replay(rec)
+            out.retold.append((rec, engine.counters()))
+    out.started = [s for s in engine.start() if s.member not in had]
+    for j in owed:
+        out.decisions += [Decision(s, j.record.suggestion) for s in engine.tell(result_of(j.record))]
+        if engine.last is not None and engine.last.ref == j.record.ref:
+            out.retold.append((engine.last, engine.counters()))
     return out
 
 
@@ -128,5 +167,5 @@ def garbage_batch(engine: Engine, handed_out: set[Ref], limit: int | None = GC_B
     return refs
 
 
-__all__ = ["GC_BATCH", "Decision", "Rebuilt", "admit", "garbage_batch", "pick_next", "progress_key", "rebuild",
+__all__ = ["GC_BATCH", "Decision", "Journaled", "Rebuilt", "admit", "garbage_batch", "pick_next", "progress_key", "rebuild",
            "result_of"]

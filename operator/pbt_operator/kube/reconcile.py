@@ -26,8 +26,8 @@ from typing import Any
 from ..checkpoints import checkpoint_uri
 from ..contract import parse_result
 from ..core.display import describe_change
-from ..core.engine import Engine
-from ..core.policy import Decision, admit, garbage_batch, rebuild
+from ..core.engine import Counters, Engine
+from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild
 from ..core.types import Record, SegmentResult, Suggestion
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
@@ -43,6 +43,12 @@ from .builders import (
     pod_selector,
     record_entry,
 )
+
+# Each member's status keeps its newest HISTORY_WINDOW finished segments (and the failed attempts of
+# the segments it is on), each with the engine's totals after it: what decisions and a rebuild need
+# (docs/operator.md, "Bounded member state"). The complete record of every segment is written by the
+# worker to storage, where `pbt status` and `pbt export` read it.
+HISTORY_WINDOW = 32
 
 
 @dataclass
@@ -244,6 +250,7 @@ class Pass:
     decided: dict[int, Decision] = field(default_factory=dict)  # each member's latest decision this pass
     told: set[str] = field(default_factory=set)  # Jobs whose outcome was told this pass
     new_history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    rewritten: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # entries the rebuild absorbed anew
     events: Sequence[Mapping[str, Any]] = ()  # Events that explain waits (segments.events_wanted)
     running: int = 0
     waiting: list[Suggestion] = field(default_factory=list)
@@ -348,17 +355,43 @@ def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, mem
         seg = (m.get("spec") or {}).get("segment")
         if seg:
             current[i] = Suggestion.from_dict(seg)
-    # Completion order (then member index): the order results were told in, here and in a pass
-    # that read the Jobs, so a rebuild makes the same decisions.
-    entries = sorted((h for hs in histories.values() for h in hs),
-                     key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
-                                    h["suggestion"].get("attempt", 0)))
-    rebuilt = rebuild(spec, (Record.from_dict(h) for h in entries), current)
+    evicted = {i: Record.from_dict(b) for i, m in by_index.items()
+               if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
+    rebuilt = rebuild(spec, journal_order(h for hs in histories.values() for h in hs), current, HISTORY_WINDOW,
+                      evicted)
     p = Pass(training, spec, root, now, out, rebuilt.engine, by_index, histories, current,
              {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods))
     p.new_members = [s for s in rebuilt.started if s.member not in by_index]
     p.decide(rebuilt.decisions)
+    jobs_of = {(h["suggestion"]["member"], h["suggestion"]["segment"], h["suggestion"].get("attempt", 0),
+                h.get("status", "done")): h for hs in histories.values() for h in hs}
+    for rec, counters in rebuilt.retold:
+        old = jobs_of.get((rec.member, rec.segment, rec.suggestion.attempt, rec.status)) or {}
+        p.rewritten.setdefault(rec.member, []).append(
+            history_entry(rec, str(old.get("finishedAt") or now), str(old.get("job") or job_name(p.name, rec.suggestion)),
+                          counters))
     return p
+
+
+def history_entry(rec: Record, finished_at: str, job: str, counters: Counters) -> dict[str, Any]:
+    """A member status history entry: the compact record and the engine's totals right after it."""
+    return {**record_entry(rec, finished_at, job), "counters": counters.to_dict()}
+
+
+def journal_order(entries: Iterable[Mapping[str, Any]]) -> list[Journaled]:
+    """History entries in the order the engine absorbed them: by their totals' sequence number; entries
+    without one (written before bounded histories, or a refused Job's attempt that was never absorbed)
+    first, in completion order (then member index), as they always were."""
+    def key(h: Mapping[str, Any]) -> tuple[Any, ...]:
+        seq = (h.get("counters") or {}).get("seq")
+        sug = h["suggestion"]
+        return (seq is not None, seq or 0, h.get("finishedAt", ""), sug["member"], sug["segment"], sug.get("attempt", 0))
+
+    out = []
+    for h in sorted(entries, key=key):
+        c = h.get("counters")
+        out.append(Journaled(Record.from_dict(h), Counters.from_dict(c) if isinstance(c, dict) else None))
+    return out
 
 
 def tell_finished_jobs(p: Pass) -> None:
@@ -383,7 +416,8 @@ def tell_finished_jobs(p: Pass) -> None:
             p.told.add(jname)
             new = engine.tell(res)
             if not res.disrupted and engine.last is not None and engine.last.ref == sug.ref:
-                p.new_history.setdefault(m_idx, []).append(record_entry(engine.last, finished_at, jname))
+                p.new_history.setdefault(m_idx, []).append(history_entry(engine.last, finished_at, jname,
+                                                                         engine.counters()))
             out.finished += int(res.ok)
             secs = None if res.disrupted else job_seconds(p.jobs_by_name[jname], finished_at, p.pods_of.get(jname, ()))
             if secs is not None:
@@ -520,7 +554,8 @@ def write_member_statuses(p: Pass) -> None:
     engine, out = p.engine, p.out
     created = {j["metadata"]["name"] for j in out.create_jobs}
     for m_idx, mobj in p.by_index.items():
-        hist = p.histories.get(m_idx, []) + p.new_history.get(m_idx, [])
+        hist = bounded_history(engine, m_idx, p.histories.get(m_idx, []),
+                               p.rewritten.get(m_idx, []) + p.new_history.get(m_idx, []))
         cur_sug = engine.pending.get(m_idx)
         if cur_sug is not None:
             has_job = m_idx in p.live or job_name(p.name, cur_sug) in created
@@ -531,6 +566,9 @@ def write_member_statuses(p: Pass) -> None:
         extra: dict[str, Any] = {"disruptions": len(dp), "disruptedPods": dp} if dp else {}
         if m_idx in p.waits:
             extra["waiting"] = p.waits[m_idx].to_dict()
+        if m_idx in engine.evicted_best:
+            best = record_entry(engine.evicted_best[m_idx], "", "")
+            extra["evictedBest"] = {k: v for k, v in best.items() if k not in ("finishedAt", "job")}
         st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
@@ -547,6 +585,25 @@ def write_member_statuses(p: Pass) -> None:
             out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_DISRUPTED,
                                         f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
                                         "node loss): it reruns from the same checkpoint, not counted as a failure"))
+
+
+def bounded_history(engine: Engine, member: int, read: Sequence[Mapping[str, Any]],
+                    new: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A member's history as the engine holds it: the entries read, with those written anew this pass
+    (new results, and entries the rebuild absorbed again) in place of their old selves, less what left
+    the window (done segments the engine no longer keeps, failed attempts it no longer counts)."""
+    def ident(h: Mapping[str, Any]) -> tuple[Any, ...]:
+        sug = h["suggestion"]
+        return (sug["segment"], sug.get("attempt", 0), h.get("status", "done"))
+
+    fresh = {ident(h) for h in new}
+    failed = {(f.segment, f.suggestion.attempt) for f in engine.failures if f.member == member}
+    out = []
+    for h in [*(h for h in read if ident(h) not in fresh), *new]:
+        seg, attempt, status = ident(h)
+        if (status == "done" and (member, seg) in engine.records) or (status != "done" and (seg, attempt) in failed):
+            out.append(dict(h))
+    return out
 
 
 def finish_pass(p: Pass) -> None:
@@ -687,7 +744,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         "waiting": len(waits or {}),
         "queued": queued,
         "selector": pod_selector(spec.name),
-        "failures": len(engine.failures),
+        "failures": engine.failure_count,
     }
     if best is not None:
         status["best"] = {
