@@ -24,3 +24,13 @@ def storage_root(uri: str | None, training: str, run_dir: Path) -> str:
 def checkpoint_uri(root: str, training: str, ref: Ref) -> str:
     member, segment = ref
     return f"{root.rstrip('/')}/{training}/m{member:03d}/{segment:05d}/"
+
+
+def record_uri(root: str, training: str, member: int, segment: int, attempt: int) -> str:
+    """Where a segment's worker writes its complete record: beside the checkpoints, under `records/`
+    (not inside the checkpoint prefix, which garbage collection deletes)."""
+    return f"{records_prefix(root, training)}m{member:03d}/{segment:05d}-a{attempt}.json"
+
+
+def records_prefix(root: str, training: str) -> str:
+    return f"{root.rstrip('/')}/{training}/records/"

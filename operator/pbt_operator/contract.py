@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .checkpoints import checkpoint_uri
+from .checkpoints import checkpoint_uri, record_uri
 from .core.types import SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
@@ -21,9 +21,11 @@ MAX_RESULT_BYTES = 4096
 
 
 def build_contract(
-    training: str, sug: Suggestion, root: str, result_path: str, gc: Sequence[str] = ()
+    training: str, sug: Suggestion, root: str, result_path: str, gc: Sequence[str] = (), record: bool = False
 ) -> dict[str, Any]:
-    return {
+    """`record`: ask the worker to write the segment's complete record to storage (the operator does:
+    its member statuses keep only a window; `pbt run` keeps every record in results.jsonl)."""
+    doc = {
         "version": CONTRACT_VERSION,
         "training": training,
         "member": sug.member,
@@ -35,6 +37,10 @@ def build_contract(
         "result": result_path,
         "gc": list(gc),
     }
+    if record:
+        doc["record"] = {"uri": record_uri(root, training, sug.member, sug.segment, sug.attempt),
+                         "decision": sug.to_dict()}
+    return doc
 
 
 def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score",

@@ -61,8 +61,10 @@ def status_lines(run: RunData) -> list[str]:
     spec, eng = run.spec, run.engine
     out = [f"{spec.name}  ({run.source})  phase: {run.phase or '-'}  {spec.mode}, "
            f"{spec.exploit.strategy} + {spec.explore.strategy}",
-           f"segments: {len(run.done)} done / {spec.population * spec.budget.segments} budgeted, "
-           f"{len(run.failures)} failed attempts; metric {spec.objective.metric} ({spec.objective.direction})"]
+           f"segments: {eng.done_count} done / {spec.population * spec.budget.segments} budgeted, "
+           f"{eng.failure_count} failed attempts; metric {spec.objective.metric} ({spec.objective.direction})"]
+    if run.note:
+        out.append(f"note: {run.note}")
     if run.spec_inferred:
         out.append("(manifest unknown: spec reconstructed from results.jsonl; pass --manifest for the real one)")
     for c in run.status.get("conditions") or []:
@@ -97,7 +99,7 @@ def status_lines(run: RunData) -> list[str]:
     out.append(f"checkpoint: {run.checkpoint(best.ref)}")
     out.append("best lineage (the schedule that produced it):")
     out.append(f"  {'steps':>15}  {'member':>6} {'seg':>4} {'kind':<8} {'score':>10}  hyperparameters")
-    for s in eng.schedule(best.ref):
+    for s in run.schedule(best.ref):
         rng = f"{s['steps_start']}-{s['steps_end']}"
         out.append(f"  {rng:>15}  {'m' + str(s['member']):>6} {s['segment']:>4} {s['kind']:<8} "
                    f"{_fmt(s['score']):>10}  {_hp(s['hyperparameters'])}")
@@ -150,6 +152,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     run = _load(args)
     doc = run.export_document()
+    if run.note:
+        print(f"pbt export: note: {run.note}", file=sys.stderr)
     if doc.get("best", True) is None:
         print(f"pbt export: {run.source} has no finished segment yet", file=sys.stderr)
         return 2

@@ -9,8 +9,11 @@ checkpoint URIs are built from. Nothing here writes anything.
   comes from `manifest.json` (written by `pbt run` since the results commands exist), from
   `--manifest`, or, for older folders, is reconstructed from the records themselves (hyperparameter
   names, types and observed ranges; objective from best.json) - enough for tables and plots.
-- Cluster: the PopulationTraining's spec and status plus every PopulationMember's `status.history`
-  (Record dicts with `finishedAt`), ordered as the operator orders them when it rebuilds its engine.
+- Cluster: the PopulationTraining's spec and status, and every segment's complete record from
+  storage (written by the worker under `<storage>/<training>/records/`, read with the user's own
+  credentials the AWS way), merged with the members' `status.history` (a bounded window with the
+  engine's totals). When storage cannot be read, the window alone is shown, with totals and best exact
+  and `RunData.note` saying what is missing and why.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class RunData:
     members: dict[int, MemberInfo] = field(default_factory=dict)
     manifest_path: Path | None = None  # the manifest a local run was started from, when known
     spec_inferred: bool = False  # True when the spec was reconstructed from the records
+    note: str | None = None  # what is missing from `records` (a cluster run whose storage was unreadable)
     _engine: Engine | None = None
 
     @property
@@ -77,7 +81,15 @@ class RunData:
         return checkpoint_uri(self.root, self.spec.name, ref)
 
     def schedule(self, ref: Ref | None = None) -> list[dict[str, Any]]:
-        return self.engine.schedule(ref)
+        """The lineage's schedule; only its known part when records are missing (see `note`)."""
+        try:
+            return self.engine.schedule(ref)
+        except ValueError:  # a lineage gap: records older than the status window, storage unread
+            from .core.lineage import schedule
+
+            target = ref if ref is not None else (self.best.ref if self.best else None)
+            known = {**{r.ref: r for r in self.engine.evicted_best.values()}, **self.engine.records}
+            return schedule(known, target, partial=True) if target is not None else []
 
     def export_document(self) -> dict[str, Any]:
         """The best member, its checkpoint and its schedule: what `pbt export` prints and `pbt replay` reads."""
@@ -103,8 +115,10 @@ class RunData:
             "steps": best.steps_end,
             "hyperparameters": dict(best.suggestion.hyperparameters),
             "checkpoint": self.checkpoint(best.ref),
-            "schedule": eng.schedule(best.ref),
+            "schedule": self.schedule(best.ref),
         })
+        if self.note:
+            doc["note"] = self.note
         return doc
 
 
@@ -239,7 +253,77 @@ def load_cluster(name: str, namespace: str | None = None, manifest: str | None =
         raise SourceError(f"reading pbt/{name} in {namespace}: {e.status} {e.reason}") from None
     except Exception as e:  # connection refused, TLS, timeouts: say where we looked
         raise SourceError(f"reading pbt/{name} in {namespace}: {type(e).__name__}: {e}") from None
-    return from_cluster_objects(training, listed["items"], manifest)
+    run = from_cluster_objects(training, listed["items"], manifest)
+    return with_storage_records(run, listed["items"])
+
+
+def with_storage_records(run: RunData, members: Sequence[Mapping[str, Any]]) -> RunData:
+    """`run` with every segment's record read from storage, merged with the members' status windows
+    (attempts the worker could not record, such as a refused Job or a killed pod, are only there).
+    Unreadable storage leaves `run` as it is, with `note` saying so."""
+    from .checkpoints import records_prefix
+
+    prefix = records_prefix(run.root, run.spec.name)
+    try:
+        stored = storage_records(prefix)
+    except Exception as e:  # no credentials, unreachable, denied: the status window still answers
+        run.note = (f"the full history could not be read from storage ({prefix}: {type(e).__name__}: "
+                    f"{str(e)[:200]}); shown: each member's newest segments kept in the cluster status "
+                    f"(totals and best are exact; lineage and tables are partial)")
+        return run
+    if not stored:
+        if run.engine.done_count > len(run.done):
+            run.note = (f"no segment records in storage under {prefix} (workers older than the records, or "
+                        f"records written elsewhere); shown: each member's newest segments kept in the cluster "
+                        f"status (totals and best are exact; lineage and tables are partial)")
+        return run
+    entries = {_ident(r): (f, r) for f, r in stored}
+    for m in members:
+        for h in (m.get("status") or {}).get("history") or []:
+            rec = Record.from_dict(h)
+            entries.setdefault(_ident(rec), (str(h.get("finishedAt") or ""), rec))
+    ordered = sorted(entries.values(), key=lambda fr: (fr[0], fr[1].member, fr[1].segment, fr[1].suggestion.attempt))
+    run.records = [r for _, r in ordered]
+    run._engine = None
+    return run
+
+
+def _ident(r: Record) -> tuple[int, int, int, str]:
+    return (r.member, r.segment, r.suggestion.attempt, r.status)
+
+
+def storage_records(prefix: str, threads: int = 16) -> list[tuple[str, Record]]:
+    """Every segment record under `prefix` as (finished time, Record), read in parallel; records that do
+    not parse are skipped (a foreign file, a newer format)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pbt_worker.storage import open_storage
+
+    storage = open_storage(prefix)
+    keys = [k for k in storage.list(prefix) if k.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        raw = list(pool.map(lambda k: storage.get_bytes(prefix, k), keys))
+    out = []
+    for data in raw:
+        try:
+            out.append(record_from_storage(json.loads(data)))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def record_from_storage(doc: Mapping[str, Any]) -> tuple[str, Record]:
+    """A worker's segment record (pbt_worker.Segment.record) as (finished time, Record)."""
+    from .core.types import Suggestion
+
+    if doc.get("format") != "pbt-segment-record":
+        raise ValueError("not a segment record")
+    steps = doc["steps"]
+    sug = Suggestion.from_dict(doc["decision"])
+    ok = doc.get("error") is None and doc.get("score") is not None
+    rec = Record(sug, doc.get("score"), int(steps["end"]), doc.get("metrics") or {}, "done" if ok else "failed",
+                 None if ok else str(doc.get("error")), doc.get("seconds"))
+    return str(doc.get("finished") or ""), rec
 
 
 def from_cluster_objects(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
@@ -256,17 +340,24 @@ def from_cluster_objects(training: Mapping[str, Any], members: Sequence[Mapping[
             spec = parse_spec(training.get("spec"), name=name, namespace=ns)
         except SpecError as e:
             raise SourceError(f"pbt/{name}: its spec does not parse: {e}") from None
-    entries = [h for m in members for h in ((m.get("status") or {}).get("history") or [])]
-    entries.sort(key=lambda h: (h.get("finishedAt", ""), h["suggestion"]["member"], h["suggestion"]["segment"],
-                                h["suggestion"].get("attempt", 0)))
-    records = [Record.from_dict(h) for h in entries]
+    from .core.policy import rebuild
+    from .kube.reconcile import HISTORY_WINDOW, journal_order
+
+    journal = journal_order(h for m in members for h in ((m.get("status") or {}).get("history") or []))
+    records = [j.record for j in journal]
+    evicted = {int(m["spec"]["index"]): Record.from_dict(b) for m in members
+               if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
+    # The engine the operator holds, totals and best exact, from the windows (no decision is owed here).
+    engine = rebuild(spec, journal, {}, HISTORY_WINDOW, evicted).engine
     info = {}
     for m in members:
         idx = int(m["spec"]["index"])
         info[idx] = MemberInfo(idx, m["metadata"]["name"], (m.get("status") or {}).get("phase"))
     status = dict(training.get("status") or {})
     root = (spec.storage.uri or "").rstrip("/")
-    return RunData(spec, records, root, f"cluster:{ns}/{name}", status.get("phase"), status, info, manifest_path)
+    run = RunData(spec, records, root, f"cluster:{ns}/{name}", status.get("phase"), status, info, manifest_path)
+    run._engine = engine
+    return run
 
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ is covered by tests/e2e.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 import re
@@ -460,3 +461,48 @@ def test_bounded_member_history_decides_as_an_unbounded_one_through_crashes(
         assert m["status"]["completedSegment"] == 23
     assert max(sizes[len(sizes) // 2:]) <= max(sizes[: len(sizes) // 2]) * 1.2  # flat, not growing
     assert max(len(json.dumps(m)) for m in ref.members.values()) > 2 * max(sizes)
+
+
+def test_results_read_the_full_history_from_storage_and_say_when_they_cannot(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Member statuses keep a window of 4 of 10 segments; the workers' records in storage hold all of
+    them. `pbt status`/`export` (results_source) read storage and show the whole history and schedule;
+    with storage unreadable they show the window, with exact totals and best, and say what is missing."""
+    import pbt_operator.kube.reconcile as R
+    from pbt_operator import results_source as RS
+    from pbt_worker import Segment
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 4)
+    c = FakeCluster(training_obj(population=3, budget={"segments": 10}, storage={"uri": tmp_path.as_uri()}))
+    finish = c.finish
+
+    def finish_and_record(job: dict[str, Any], fail: bool = False) -> None:
+        finish(job, fail)
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        contract = dict(json.loads(env["PBT_SEGMENT"]), result=str(tmp_path / "result.json"))
+        seg = Segment(contract)
+        term = c.pods[-1]["status"]["containerStatuses"][0]["state"]["terminated"]
+        seg.save(b"weights")
+        seg.report(json.loads(term["message"])["score"])
+
+    c.finish = finish_and_record  # type: ignore[method-assign]
+    drive(c, random.Random(3))
+    members = list(c.members.values())
+    window = RS.from_cluster_objects(c.training, members)
+    assert len(window.done) == 3 * 4 and window.engine.done_count == 30
+    full = RS.with_storage_records(RS.from_cluster_objects(c.training, members), members)
+    assert full.note is None and len(full.done) == 30 and full.engine.done_count == 30
+    assert full.best is not None and window.best is not None and full.best.ref == window.best.ref
+    schedule = full.export_document()["schedule"]
+    assert schedule[0]["steps_start"] == 0 and schedule[0]["segment"] == 0  # back to a first segment
+    assert all(a["steps_end"] == b["steps_start"] for a, b in itertools.pairwise(schedule))
+    assert len(schedule) > 4
+    assert window.export_document()["schedule"] == schedule[-len(window.export_document()["schedule"]):]
+
+    def unreachable(prefix: str, threads: int = 16) -> Any:
+        raise PermissionError("AccessDenied")
+
+    monkeypatch.setattr(RS, "storage_records", unreachable)
+    partial = RS.with_storage_records(RS.from_cluster_objects(c.training, members), members)
+    assert partial.note is not None and "AccessDenied" in partial.note and "records/" in partial.note
+    assert len(partial.done) == 12 and partial.engine.done_count == 30 and partial.best == window.best

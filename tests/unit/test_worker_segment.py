@@ -338,3 +338,49 @@ def test_without_a_writable_temp_dir_checkpoints_go_through_memory(monkeypatch: 
         info = st.put("s3://bucket/q/", "blob", data)
         assert info.size == len(data) and st.get_bytes("s3://bucket/q/", "blob") == data
     assert "no writable temp directory" in caplog.text
+
+
+def test_the_segment_record_is_written_beside_the_checkpoints(base: str, tmp_path: Path) -> None:
+    """With `record` in the contract, report() writes the segment's complete record (decision, parent,
+    checkpoint, result, timings) in one object; a rerun of the same attempt replaces it; a failure
+    writes a record with the error."""
+    from pbt_operator.contract import build_contract
+    from pbt_operator.core.types import Suggestion
+    from pbt_operator.results_source import record_from_storage
+
+    root = base.rstrip("/")
+    sug = Suggestion(2, 3, {"lr": 0.1}, (0, 2), 30, 10, "exploit", score_before=0.5, donor=0, reason="why", attempt=1)
+    contract = build_contract("t", sug, root, str(tmp_path / "r.json"), record=True)
+    uri = contract["record"]["uri"]
+    assert uri == f"{root}/t/records/m002/00003-a1.json"
+    store = open_storage(uri)
+    prefix, key = uri.rsplit("/", 1)
+    for score in (0.7, 0.8):  # the second: a rerun after a disruption
+        seg = Segment(contract)
+        seg.save({"w": score})
+        seg.report(score, loss=0.1)
+    doc = json.loads(store.get_bytes(prefix + "/", key))
+    assert doc["score"] == 0.8 and doc["metrics"] == {"loss": 0.1} and doc["steps"] == {"start": 30, "end": 40}
+    assert doc["restore"] == f"{root}/t/m000/00002/" and doc["checkpoint"] == f"{root}/t/m002/00003/"
+    assert doc["decision"] == sug.to_dict() and doc["seconds"] >= 0 and doc["finished"] >= doc["started"]
+    finished, rec = record_from_storage(doc)
+    assert finished == doc["finished"]
+    assert rec.suggestion == sug and rec.score == 0.8 and rec.steps_end == 40 and rec.status == "done"
+    failing = dict(contract, record={"uri": f"{root}/t/records/m002/00003-a2.json", "decision": sug.to_dict()})
+    with pytest.raises(ReportError):
+        Segment(failing).report(float("nan"))
+    _, bad = record_from_storage(json.loads(store.get_bytes(prefix + "/", "00003-a2.json")))
+    assert bad.status == "failed" and "nan" in (bad.error or "")
+
+
+def test_a_record_field_must_name_an_object() -> None:
+    from pbt_worker.contract import parse_contract
+    from pbt_worker.errors import ContractError
+
+    data = {"version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {}, "restore": None,
+            "steps": {"start": 0, "budget": 1}, "checkpoint": "file:///x/t/m000/00000/", "result": "r", "gc": []}
+    for bad, why in (("file:///x/r.json", "must be an object"), ({"uri": "file:///x/records/"}, "not a prefix"),
+                     ({"decision": {}}, "record.uri")):
+        with pytest.raises(ContractError, match=why):
+            parse_contract({**data, "record": bad})
+    assert parse_contract({**data, "record": {"uri": "file:///x/r.json"}}).record == "file:///x/r.json"

@@ -39,6 +39,10 @@ class Contract:
     result: str | None
     gc: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Optional: where the worker writes the segment's complete record (an object URI ending in .json),
+    # and the driver's decision that started the segment, which goes into it.
+    record: str | None = None
+    decision: Mapping[str, Any] | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -137,6 +141,20 @@ def parse_contract(data: Mapping[str, Any], *, require_result: bool = True) -> C
         if uri == checkpoint:
             raise ContractError(f"{ENV_VAR}: field 'gc' lists {uri!r}, the checkpoint this segment saves to")
 
+    record = data.get("record")
+    decision = None
+    if record is not None:
+        if not isinstance(record, Mapping):
+            raise ContractError(f"{ENV_VAR}: field 'record' must be an object {{uri, decision}}, got {record!r}")
+        uri = _require(record, "uri", "record.")
+        if isinstance(uri, str) and uri.endswith("/"):
+            raise ContractError(f"{ENV_VAR}: field 'record.uri' must name an object, not a prefix: {uri!r}")
+        uri = validate_uri(uri + "/" if isinstance(uri, str) else uri, "record.uri")[:-1]
+        decision = record.get("decision")
+        if decision is not None and not isinstance(decision, Mapping):
+            raise ContractError(f"{ENV_VAR}: field 'record.decision' must be an object, got {decision!r}")
+        record = uri
+
     return Contract(
         version=version,
         training=training,
@@ -150,6 +168,8 @@ def parse_contract(data: Mapping[str, Any], *, require_result: bool = True) -> C
         result=result,
         gc=gc,
         raw=data,
+        record=record,
+        decision=decision,
     )
 
 

@@ -24,6 +24,10 @@ log = logging.getLogger("pbt_worker")
 MAIN = "state"
 
 
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 def _metric_value(name: str, value: Any) -> Any:
     """Metrics must survive strict JSON: non-finite floats become null (with a warning), not NaN."""
     if isinstance(value, bool | str) or value is None:
@@ -63,6 +67,8 @@ class Segment:
         self.checkpoint_uri = c.checkpoint
         self.result = c.result
         self.gc: tuple[str, ...] = c.gc
+        self.record_uri = c.record
+        self.started = time.time()
         self._storage = storage
         self._scratch: Path | None = None
         self._reader: CheckpointReader | None = None
@@ -271,8 +277,37 @@ class Segment:
         except OSError as exc:  # "if it can": the exit status still says the segment failed
             log.error("could not write the error result to %s: %s", self.result, exc)
 
+    def record(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        """The segment's complete record (docs/worker.md, "Segment records"): the decision that started
+        it, what it restored and saved, its result and its timings."""
+        finished = time.time()
+        return {
+            "format": "pbt-segment-record", "version": 1,
+            "training": self.training, "member": self.member, "segment": self.index,
+            "decision": dict(self.contract.decision or {}),
+            "hyperparameters": dict(self.hyperparameters),
+            "restore": self.restore_uri, "checkpoint": self.checkpoint_uri if self.saved is not None else None,
+            "steps": {"start": self.steps_start, "end": result.get("steps", self.steps_start)},
+            "score": result.get("score"), "metrics": dict(result.get("metrics") or {}), "error": result.get("error"),
+            "started": _iso(self.started), "finished": _iso(finished), "seconds": round(finished - self.started, 3),
+        }
+
+    def _write_record(self, result: Mapping[str, Any]) -> None:
+        """Write the record next to the checkpoints, in one atomic put under a name per segment and
+        attempt (a rerun of the same attempt, after a disruption, replaces it). A failure is logged:
+        the driver has the result from the result file, and a segment is worth more than its record."""
+        if self.record_uri is None:
+            return
+        prefix, key = self.record_uri.rsplit("/", 1)
+        try:
+            data = json.dumps(self.record(result), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+            self.storage_for(self.record_uri).put(prefix + "/", key, data)
+        except Exception as exc:
+            log.warning("could not write the segment record %s: %s", self.record_uri, exc)
+
     def _write_result(self, text: str, result: dict[str, Any]) -> None:
         self.last_result = result
+        self._write_record(result)
         if self.result is None:
             return
         # Written in place, not via rename: in Kubernetes the path is a mounted file

@@ -98,7 +98,7 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     it; and the only deadline at creation is the pending timeout: the training timeout is set when
     the trainer starts (segments.desired_deadline), so waiting never counts as training."""
     tname = training["metadata"]["name"]
-    contract = build_contract(tname, sug, root, TERMINATION_LOG, gc)
+    contract = build_contract(tname, sug, root, TERMINATION_LOG, gc, record=True)
     labels = {LABEL_TRAINING: tname, LABEL_MEMBER: str(sug.member), LABEL_SEGMENT: str(sug.segment),
               LABEL_ATTEMPT: str(sug.attempt)}
     pod = copy.deepcopy(dict(template))
