@@ -19,7 +19,7 @@ import pytest
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import DEFAULT_CONTAINER, LABEL_TRAINING, job_name, member_name
-from pbt_operator.kube.reconcile import MAX_SELECTED_JOBS, job_outcome, plan, world_selectors
+from pbt_operator.kube.reconcile import MAX_SELECTED_JOBS, job_outcome, next_cache, plan, world_selectors
 
 CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
 
@@ -56,10 +56,14 @@ def matches(selector: str, labels: dict[str, str]) -> bool:
 
 
 class FakeCluster:
-    def __init__(self, training: dict[str, Any], select: bool = False):
+    def __init__(self, training: dict[str, Any], select: bool = False, cache: bool = False):
         """`select`: each pass reads only the Jobs and pods `world_selectors` asks for, as the
-        operator does; otherwise it gets everything."""
+        operator does; otherwise it gets everything. `cache`: passes reuse the previous pass's engine
+        (reconcile.EngineCache) as the operator's daemon does; members get resourceVersions."""
         self.select = select
+        self.use_cache = cache
+        self.cache: Any = None
+        self.rv = 0
         self.training = training
         self.members: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -94,8 +98,10 @@ class FakeCluster:
                 self.members.setdefault(m["metadata"]["name"], m)
             elif w[0] == "mstatus":
                 self.members[w[1]]["status"] = copy.deepcopy(w[2])
+                self.bump(self.members[w[1]], p)
             elif w[0] == "mspec":
                 self.members[w[1]]["spec"]["segment"] = copy.deepcopy(w[2])
+                self.bump(self.members[w[1]], p)
             elif w[0] == "job":
                 self.jobs.setdefault(w[1]["metadata"]["name"], copy.deepcopy(w[1]))
             else:
@@ -103,6 +109,12 @@ class FakeCluster:
         if limit is None:
             self.events += p.events
             self.collected |= p.collected
+
+    def bump(self, member: dict[str, Any], p: Any) -> None:
+        """A write's new resourceVersion, as the API server's answer gives it to the operator."""
+        self.rv += 1
+        member["metadata"]["resourceVersion"] = str(self.rv)
+        p.versions[member["metadata"]["name"]] = str(self.rv)
 
     def running(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs.values() if not (j.get("status") or {}).get("conditions")]
@@ -138,8 +150,11 @@ class FakeCluster:
             jobs = [j for j in jobs if job_sel is not None and matches(job_sel, j["metadata"]["labels"])]
             pods = [q for q in pods if pod_sel is not None and matches(pod_sel, q["metadata"]["labels"])]
             self.read_sizes.append((len(jobs), len(pods)))
-        p = plan(self.training, members, jobs, pods, self.now(), self.collected)
+        cache, self.cache = self.cache, None
+        p = plan(self.training, members, jobs, pods, self.now(), self.collected, cache=cache)
         self.apply(p, limit)
+        if self.use_cache and limit is None:
+            self.cache = next_cache(self.training, members, p)
         self.max_running = max(self.max_running, len(self.running()))
         return p
 
@@ -506,3 +521,40 @@ def test_results_read_the_full_history_from_storage_and_say_when_they_cannot(
     partial = RS.with_storage_records(RS.from_cluster_objects(c.training, members), members)
     assert partial.note is not None and "AccessDenied" in partial.note and "records/" in partial.note
     assert len(partial.done) == 12 and partial.engine.done_count == 30 and partial.best == window.best
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_an_engine_kept_across_passes_decides_and_writes_as_a_rebuild_each_pass(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes that reuse the previous pass's engine (dropped after a crash, a failure or a foreign
+    write) write exactly what passes that rebuild from the bounded histories write, while rebuilding
+    only after the crashes; an edited member (another writer) invalidates the cache."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 4)
+    rebuilds = []
+    real = R.rebuild
+    monkeypatch.setattr(R, "rebuild", lambda *a, **k: rebuilds.append(1) or real(*a, **k))
+    spec = {"mode": mode, "population": 5, "budget": {"segments": 12}, "parallelism": 3}
+    runs = []
+    for cache in (False, True):
+        rebuilds.clear()
+        c = FakeCluster(training_obj(**spec), cache=cache)
+        drive(c, random.Random(11), crash_every=7, fail_jobs={"toy-m002-s00004-a0"}, max_passes=5000)
+        runs.append((c, len(rebuilds)))
+    (plain, n_plain), (cached, n_cached) = runs
+    assert sorted(cached.jobs) == sorted(plain.jobs)
+    assert cached.training["status"] == plain.training["status"]
+    for name, m in plain.members.items():
+        assert cached.members[name]["status"] == m["status"] and cached.members[name]["spec"] == m["spec"]
+    assert n_cached < n_plain / 3, (n_cached, n_plain)
+    # another writer's change to a member: the next pass rebuilds
+    c = FakeCluster(training_obj(**spec), cache=True)
+    for _ in range(4):
+        c.reconcile()
+    assert c.cache is not None
+    some = next(iter(c.members.values()))
+    some["metadata"]["resourceVersion"] = "edited"
+    rebuilds.clear()
+    c.reconcile()
+    assert rebuilds == [1]

@@ -146,10 +146,17 @@ class Api:
                 GROUP, VERSION, ns, MEMBERS, body),
             lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body["metadata"]["name"]))
             for m in p.create_members])
-        self._together([lambda mname=mname, st=st: self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, MEMBERS, mname, {"status": st}) for mname, st in p.member_statuses.items()])
-        specs = [lambda mname=mname, seg=seg: self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}}) for mname, seg in p.member_specs.items()]
+        def noted(mname: str, obj: Any) -> None:
+            """The member's resourceVersion after our write: the engine cache is valid while members stay
+            exactly as we left them (reconcile.EngineCache)."""
+            rv = ((obj or {}).get("metadata") or {}).get("resourceVersion") if isinstance(obj, dict) else None
+            if rv is not None:
+                p.versions[mname] = str(rv)
+
+        self._together([lambda mname=mname, st=st: noted(mname, self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, MEMBERS, mname, {"status": st})) for mname, st in p.member_statuses.items()])
+        specs = [lambda mname=mname, seg=seg: noted(mname, self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})) for mname, seg in p.member_specs.items()]
         if p.spec is not None and p.spec.mode == "asynchronous":
             # No batch to replay exactly: each member is decided on its own when its segment ends, so
             # the specs go out together. One by one, they were most of a pass at population 1,000

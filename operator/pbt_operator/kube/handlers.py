@@ -26,7 +26,16 @@ from .apierrors import classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
 from .ownership import ForeignChild, leftovers_message
-from .reconcile import EventSpec, events_wanted, job_event_matters, plan, pod_event_matters, storage_root
+from .reconcile import (
+    EngineCache,
+    EventSpec,
+    events_wanted,
+    job_event_matters,
+    next_cache,
+    plan,
+    pod_event_matters,
+    storage_root,
+)
 
 log = logging.getLogger("pbt_operator")
 IDLE_RESYNC = 30.0  # seconds between passes when nothing wakes the daemon (a safety net for missed events)
@@ -105,9 +114,20 @@ def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: Even
     metrics.count_event(ev.reason, target["metadata"].get("namespace", ""), training["metadata"]["name"])
 
 
-def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple[bool, bool, Any]:
+class CacheBox:
+    """The daemon's engine cache (reconcile.EngineCache), None until a pass succeeded in full."""
+
+    def __init__(self) -> None:
+        self.cache: EngineCache | None = None
+
+
+def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]],
+                   box: CacheBox | None = None) -> tuple[bool, bool, Any]:
     """Returns (done, again, plan): `again` when members were just created, or a refused Job was just
-    recorded as a failed attempt, and a second pass should follow at once. Raises Retry for a wait."""
+    recorded as a failed attempt, and a second pass should follow at once. Raises Retry for a wait.
+    `box`: the engine kept from the previous pass; dropped unless this pass's writes all succeed."""
+    box = box if box is not None else CacheBox()
+    cache, box.cache = box.cache, None
     a = api()
     w = a.world(ns, name)
     training = w.training
@@ -120,7 +140,7 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple
     wanted = events_wanted(w.jobs, w.pods)
     events = a.events(ns, wanted) if wanted else []
     t0 = time.perf_counter()
-    p = plan(training, w.members, w.jobs, w.pods, _now(), collected, events)
+    p = plan(training, w.members, w.jobs, w.pods, _now(), collected, events, cache)
     metrics.observe_plan(ns, name, time.perf_counter() - t0, p)
     by_name = {m["metadata"]["name"]: m for m in w.members}
     try:
@@ -142,6 +162,8 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]]) -> tuple
         a.patch_member_status(ns, mname, rec[0])
         _post(training, by_name, rec[1])
         again = True
+    if not refused:
+        box.cache = next_cache(training, w.members, p)
     if refused:
         job, err = refused[0]
         _accepted(a, training, p.status, False, lifecycle.refusal_reason(err),
@@ -227,12 +249,13 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
                           **_: Any) -> None:
     wake = WAKEUPS.get(namespace, name)
     collected: set[tuple[int, int]] = set()
+    box = CacheBox()
     failures = 0
     while not stopped:
         wake.clear()
         try:
             t0 = time.perf_counter()
-            done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected)
+            done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected, box)
             _pass_done(namespace, name, time.perf_counter() - t0)
             failures = 0
         except Retry as r:  # a wait the training's status explains: look again soon, or when woken

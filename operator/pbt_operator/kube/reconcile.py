@@ -73,6 +73,8 @@ class Plan:
     collected: set[tuple[int, int]] = field(default_factory=set)
     done: bool = False
     spec: TrainingSpec | None = None
+    engine: Engine | None = None  # the engine after this pass (kept across passes: EngineCache)
+    versions: dict[str, str] = field(default_factory=dict)  # member -> resourceVersion after our writes (api.apply)
     started: list[str] = field(default_factory=list)  # job names created this pass (metrics)
     finished: int = 0  # segments that finished with a score this pass (metrics)
     segment_seconds: list[float] = field(default_factory=list)  # Job startTime -> completion, this pass (metrics)
@@ -242,7 +244,7 @@ class Pass:
     out: Plan
     engine: Engine
     by_index: dict[int, Mapping[str, Any]]  # member index -> PopulationMember
-    histories: dict[int, list[dict[str, Any]]]  # member index -> status.history as read
+    histories: dict[int, list[dict[str, Any]]]  # member index -> status.history as read (not to be modified)
     current: dict[int, Suggestion]  # member index -> spec.segment as read (its latest persisted decision)
     jobs_by_name: dict[str, Mapping[str, Any]]
     pods_of: dict[str, list[Mapping[str, Any]]]
@@ -257,6 +259,8 @@ class Pass:
     live: dict[int, Mapping[str, Any]] = field(default_factory=dict)  # member -> its current Job, not finished
     waits: dict[int, S.Waiting] = field(default_factory=dict)  # member -> why its created segment waits
     disrupted: dict[int, list[str]] = field(default_factory=dict)  # member -> its Job's disrupted pods
+    cached: bool = False  # the engine came from the previous pass (EngineCache)
+    outcome_before: Any = None  # (outcome, failure) at the start of a cached pass
 
     @property
     def name(self) -> str:
@@ -294,16 +298,54 @@ def segment_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], s
     return res
 
 
+@dataclass
+class EngineCache:
+    """A training's engine kept in memory from one pass to the next, so that a pass costs what its
+    active members cost rather than a rebuild from every member's history. Valid while the training
+    is the same object at the same generation (uid, metadata.generation: a spec edit rebuilds) and
+    every member is exactly as the last pass left it (resourceVersion, from our own writes' answers):
+    any other writer, a member created or deleted, a failed write or a restart means a rebuild from
+    the bounded histories, which gives this very engine (core/policy.rebuild)."""
+
+    uid: str | None
+    generation: int | None
+    versions: dict[str, str]
+    engine: Engine
+
+    def engine_for(self, training: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> Engine | None:
+        meta = training["metadata"]
+        if (self.uid, self.generation) != (meta.get("uid"), meta.get("generation")):
+            return None
+        if {str(m["metadata"]["name"]): str(m["metadata"].get("resourceVersion")) for m in members} != self.versions:
+            return None
+        return self.engine
+
+
+def next_cache(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], p: Plan) -> EngineCache | None:
+    """The cache after a pass whose writes all succeeded: the members as read, with the versions our
+    writes returned (None when the pass created members or has no engine)."""
+    if p.engine is None or p.create_members or p.done:
+        return None
+    versions = {str(m["metadata"]["name"]): str(m["metadata"].get("resourceVersion")) for m in members}
+    versions.update(p.versions)
+    meta = training["metadata"]
+    return EngineCache(meta.get("uid"), meta.get("generation"), versions, p.engine)
+
+
 def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs: Sequence[Mapping[str, Any]],
          pods: Sequence[Mapping[str, Any]], now: str, collected: set[tuple[int, int]] | None = None,
-         events: Sequence[Mapping[str, Any]] = ()) -> Plan:
+         events: Sequence[Mapping[str, Any]] = (), cache: EngineCache | None = None) -> Plan:
+    """`cache`: the engine the previous pass left (EngineCache), used when still valid. The pass
+    changes that engine in place: a caller that does not apply the plan in full must drop the cache."""
     out = Plan(collected=set(collected or ()))
     try:
         spec, root = parse_training(training)
     except SpecError as e:
         return invalid_spec(training, e, now, out)
     out.spec = spec
-    p = rebuild_pass(training, spec, root, members, jobs, pods, now, out)
+    engine = cache.engine_for(training, members) if cache is not None else None
+    p = rebuild_pass(training, spec, root, members, jobs, pods, now, out, engine)
+    out.engine = p.engine
     p.events = events
     tell_finished_jobs(p)
     out.events += decision_events(p)
@@ -343,18 +385,25 @@ def invalid_spec(training: Mapping[str, Any], e: SpecError, now: str, out: Plan)
 
 
 def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, members: Sequence[Mapping[str, Any]],
-                 jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], now: str, out: Plan) -> Pass:
+                 jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], now: str, out: Plan,
+                 engine: Engine | None = None) -> Pass:
     """Read this driver's journal (member statuses hold finished segments, member specs the latest
     decisions) and rebuild the engine from it with the driver policy; members that do not exist yet
     (a fresh training, a member deleted by hand, a crash between creates) are created with their
-    first segment."""
+    first segment. `engine`: the previous pass's engine, still valid (EngineCache): no rebuild, nothing
+    owed, and only the members that can change get a status computed."""
     by_index: dict[int, Mapping[str, Any]] = {int(m["spec"]["index"]): m for m in members}
-    histories = {i: list((m.get("status") or {}).get("history") or []) for i, m in by_index.items()}
+    histories = {i: (m.get("status") or {}).get("history") or [] for i, m in by_index.items()}
     current: dict[int, Suggestion] = {}
     for i, m in by_index.items():
         seg = (m.get("spec") or {}).get("segment")
         if seg:
             current[i] = Suggestion.from_dict(seg)
+    if engine is not None:
+        p = Pass(training, spec, root, now, out, engine, by_index, histories, current,
+                 {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods), cached=True)
+        p.outcome_before = (engine.outcome, engine.failure)
+        return p
     evicted = {i: Record.from_dict(b) for i, m in by_index.items()
                if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
     rebuilt = rebuild(spec, journal_order(h for hs in histories.values() for h in hs), current, HISTORY_WINDOW,
@@ -554,6 +603,8 @@ def write_member_statuses(p: Pass) -> None:
     engine, out = p.engine, p.out
     created = {j["metadata"]["name"] for j in out.create_jobs}
     for m_idx, mobj in p.by_index.items():
+        if not changing(p, m_idx, created):
+            continue
         hist = bounded_history(engine, m_idx, p.histories.get(m_idx, []),
                                p.rewritten.get(m_idx, []) + p.new_history.get(m_idx, []))
         cur_sug = engine.pending.get(m_idx)
@@ -585,6 +636,18 @@ def write_member_statuses(p: Pass) -> None:
             out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_DISRUPTED,
                                         f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
                                         "node loss): it reruns from the same checkpoint, not counted as a failure"))
+
+
+def changing(p: Pass, m_idx: int, created: set[str]) -> bool:
+    """Whether a member's status can differ from what it holds: always after a rebuild; with the
+    previous pass's engine, only for members with a result, a decided segment, a wait or a disruption,
+    or all of them when the training's outcome changed (phases follow it)."""
+    if not p.cached or (p.engine.outcome, p.engine.failure) != p.outcome_before:
+        return True
+    mobj = p.by_index[m_idx]
+    old = mobj.get("status") or {}
+    return (m_idx in p.new_history or m_idx in p.engine.pending or m_idx in p.waits or m_idx in p.disrupted
+            or bool(old.get("waiting")) or old.get("phase") in ("Running", "Pending", "Queued") or not old)
 
 
 def bounded_history(engine: Engine, member: int, read: Sequence[Mapping[str, Any]],
