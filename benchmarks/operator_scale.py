@@ -55,10 +55,12 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.samples: list[tuple[float, float]] = []
+        self.load: list[float] = []  # the machine's 1-minute load average, once a second (it is shared)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
+            self.load.append(os.getloadavg()[0])
             try:
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -165,7 +167,7 @@ def run(cluster: Cluster, work: Path, label: str, population: int, segments: int
             "seconds": seconds, "phase": (obj.get("status") or {}).get("phase"), "ran": len(rows), "wall": t1 - t0,
             "t0": t0, "t1": t1, "mem": mem.samples, "passes": passes, "turn": turn_pairs,
             "requests": requests, "by_verb": {k: after.get(k, 0) - before.get(k, 0) for k in after},
-            "events": n_events, "largest": (what, size)}
+            "events": n_events, "largest": (what, size), "load": mem.load}
 
 
 def _up(port: int) -> bool:
@@ -187,7 +189,9 @@ def report(r: dict[str, Any]) -> None:
     what, size = r["largest"]
     print(f"\n{r['label']}: population {r['population']} x {r['segments']} segments, parallelism {r['parallelism']}, "
           f"~{r['seconds']:g} s segments: {r['ran']} segments ran, {r['phase']}, {r['wall']:.0f} s "
-          f"({60 * r['ran'] / r['wall']:.0f} segments/min)")
+          f"({60 * r['ran'] / r['wall']:.0f} segments/min); load average during the run: min "
+          f"{min(r['load'], default=float('nan')):.1f}, median {med(r['load']):.1f}, max "
+          f"{max(r['load'], default=float('nan')):.1f}")
     print("| metric | whole run | first quarter | last quarter | target |\n|---|---|---|---|---|")
     print(f"| operator memory (RSS), peak / medians | {max(v for _, v in mem):.0f} MiB | {med(m_first):.0f} MiB "
           f"| {med(m_last):.0f} MiB | < 500 MiB |")
