@@ -334,10 +334,31 @@ def test_trust_region_keeps_numeric_choices_near_the_donor() -> None:
     assert far.hyperparameters is not None and far.hyperparameters["x"] > 0.6
 
 
-def test_trust_region_frees_the_numeric_range_when_the_category_changes() -> None:
+def test_trust_region_holds_when_the_category_changes() -> None:
+    """A switch of category keeps the numeric box: freed, the acquisition went to the corners of the
+    range, where a category it knows little about has the largest uncertainty."""
     from pbt_operator.core.pb2.acquisition import Region
 
-    region = Region.around(np.array([0.2, 0.5]), np.array([1]), 0.25)
+    region = Region.around(np.array([0.2, 0.5]), 0.25)
     lo, hi = region.bounds(np.array([[1], [0], [2]]))
-    np.testing.assert_allclose(lo, [[0.0, 0.25], [0.0, 0.0], [0.0, 0.0]])
-    np.testing.assert_allclose(hi, [[0.45, 0.75], [1.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(lo, [[0.0, 0.25]] * 3)
+    np.testing.assert_allclose(hi, [[0.45, 0.75]] * 3)
+
+
+def test_a_category_switch_stays_near_the_donors_numbers() -> None:
+    """History only in category a, which has stopped paying; b is unknown. PB2 switches to b, at a
+    learning rate within the trust region of the donor's, not at a corner of the range."""
+    space = Space((Param("lr", "float", 1e-5, 1.0, log=True), Param("opt", "categorical", choices=("a", "b"))))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        lr = float(10 ** rng.uniform(-3.5, -2.5))
+        rows.append(Pb2Row(t=float(10 * (i // 4)), c=0.0, hyperparameters={"lr": lr, "opt": "a"},
+                           rate=-1.0 + 0.01 * rng.standard_normal()))
+    center = {"lr": 1e-3, "opt": "a"}
+    for seed in range(4):
+        ch = suggest(space, rows, [], 100.0, 0.0, SETTINGS, np.random.default_rng(seed), center=center)
+        assert ch.hyperparameters is not None, ch.reason
+        if ch.hyperparameters["opt"] == "b":
+            u = space["lr"].to_unit(ch.hyperparameters["lr"])
+            assert abs(u - space["lr"].to_unit(1e-3)) <= 0.25 + 1e-9, ch.hyperparameters

@@ -188,7 +188,7 @@ class Pb2Settings:
     fit_restarts: int = 1
     # Half-width, in the unit space of each numeric hyperparameter, of the trust region around the
     # donor's configuration that the acquisition searches (1: the whole space). Categorical changes
-    # are free and free the numeric range too (pbt_operator.core.pb2.decide).
+    # are free; the numeric box holds for them too (pbt_operator.core.pb2.acquisition.Region).
     trust_region: float = 0.25
     # Choose the data window by marginal likelihood once the history holds at least 2 x `fit_rows`
     # rows (pbt_operator.core.pb2.window; the PB2 paper's implementation does so). Not a manifest

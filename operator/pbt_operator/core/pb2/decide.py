@@ -26,8 +26,8 @@ The modes follow the slide's list ("Challenge I"):
 
 Trust region (TuRBO-style, Eriksson et al. 2019): the acquisition searches the numeric
 hyperparameters within +- `trust_region` (unit space, log scale where the parameter is log) of the
-donor's configuration, the whole range for a configuration whose categorical part differs. The
-member restarts from the donor's weights, and on a moving optimum the best next configuration is
+donor's configuration, whatever the categorical part (a switch of category used to free the range,
+and went to its corners: `acquisition.Region`). The member restarts from the donor's weights, and on a moving optimum the best next configuration is
 near the one that just did best: a global search spends a population's few exploit decisions on
 the corners of the space, where the GP's uncertainty (and so UCB) is largest and its mean reverts
 to the average rate (benchmarks/README.md: search quality).
@@ -178,10 +178,10 @@ def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, ra
     """The trust region around the donor's configuration, or None (search everywhere)."""
     if center is None or radius >= 1.0 or domain.p == 0:
         return None
-    u, h, status = unit_columns(space, [center])
+    u, _, status = unit_columns(space, [center])
     if status[0] != 0:
         return None
-    return Region.around(u[0], h[0], max(0.0, float(radius)))
+    return Region.around(u[0], max(0.0, float(radius)))
 
 
 # How each parallel mode fills in the pending points' values (standardised units), given their
