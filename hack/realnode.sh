@@ -157,8 +157,13 @@ OPERATOR_IMAGE_REPO="localhost/pbt-operator"
 WORKER_IMAGE_REPO="localhost/pbt-quadratic-worker"
 DIGITS_IMAGE_REPO="localhost/pbt-digits-worker"
 
+# buildah's run root (its mount bookkeeping and locks) belongs to one `images` run: each run has its own
+# private mount namespace, so a run root shared with another one (another PBT_CACHE_DIR, another
+# checkout) would claim layers mounted that are not mounted here ("merged: no such file or directory").
+BUILDAH_RUNROOT=""
 bah() {
-  nice -n 10 buildah --root "$CACHE_ROOT/node/buildah/storage" --runroot "${TMPDIR:-/tmp}/pbt-buildah-run-$(id -u)" \
+  [[ -n "$BUILDAH_RUNROOT" ]] || die "internal: buildah used outside \`images\`"
+  nice -n 10 buildah --root "$CACHE_ROOT/node/buildah/storage" --runroot "$BUILDAH_RUNROOT" \
     --storage-driver overlay "$@"
 }
 
@@ -284,6 +289,9 @@ cmd_images() {
 }
 
 build_images() {
+  BUILDAH_RUNROOT="$(mktemp -d "${TMPDIR:-/tmp}/pbt-buildah-run.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$BUILDAH_RUNROOT'" EXIT
   build_base
   build_pause
   local src=(pyproject.toml README.md operator worker)
@@ -561,7 +569,7 @@ cmd_up() {
   # One real node per machine (the bridge and the cgroup root are machine-wide): a node left behind by a
   # run that was killed with its watchdog is removed first. The check and the claim hold a machine-wide lock.
   local active="$ACTIVE_FILE" other
-  exec 8>"${ACTIVE_FILE%.active}.lock"
+  exec 8</run # flock(2) on the directory: a machine-wide lock that leaves no file behind
   flock 8
   # a kubelet of a real node that no marker names (e.g. started by an older version of this script)
   other="$(pgrep -f -- "kubelet --config .*/node/kubelet.yaml" | head -1 || true)"
