@@ -186,7 +186,8 @@ MEMBER_FIELDS: dict[str, str] = {
     "spec.training": "The PopulationTraining this member belongs to.",
     "spec.index": "The member's number in its population.",
     "spec.segment": "The decided next segment: hyperparameters, checkpoint to restore, steps, attempt.",
-    "status": "The member's finished segments (history), current phase, score and hyperparameters.",
+    "status": ("The member's current phase, score and hyperparameters, and its newest finished segments (history: a "
+               "bounded window; every segment's full record is in storage under <storage>/<training>/records/)."),
     "status.conditions": "Conditions per the Kubernetes API conventions.",
 }
 CONDITION_FIELDS: dict[str, str] = {
