@@ -259,16 +259,21 @@ def test_selective_reads_decide_exactly_as_full_reads(mode: str) -> None:
 
 
 def test_world_selectors() -> None:
-    def member(i: int, seg: int, attempt: int = 0) -> dict[str, Any]:
+    def member(i: int, seg: int, attempt: int = 0, **status: Any) -> dict[str, Any]:
         sug = Suggestion(member=i, segment=seg, hyperparameters={"h0": 0.1}, restore=None, steps_start=0,
                          steps_budget=5, kind="start", attempt=attempt)
-        return {"spec": {"segment": sug.to_dict()}}
+        return {"spec": {"segment": sug.to_dict()}, "status": status}
 
     assert world_selectors("toy", []) == (None, None)
-    jobs, pods = world_selectors("toy", [member(0, 3), member(1, 2, attempt=1), member(2, 3)])
-    assert jobs == f"{LABEL_TRAINING}=toy,pbt.dev/segment in (2,3)"
+    jobs, pods = world_selectors("toy", [member(0, 3), member(1, 2, attempt=1, phase="Running"), member(2, 3),
+                                         member(3, 4, phase="Queued"), member(4, 5, completedSegment=5),
+                                         member(5, 6, completedSegment=5, phase="Pending")])
+    assert jobs == f"{LABEL_TRAINING}=toy,pbt.dev/member in (0,1,2,5),pbt.dev/segment in (2,3,6)"
     assert pods == (f"{LABEL_TRAINING}=toy,batch.kubernetes.io/job-name in "
-                    "(toy-m000-s00003-a0,toy-m001-s00002-a1,toy-m002-s00003-a0)")
+                    "(toy-m000-s00003-a0,toy-m001-s00002-a1,toy-m002-s00003-a0,toy-m005-s00006-a0)")
+    queued = [member(i, 1, phase="Queued") for i in range(MAX_SELECTED_JOBS + 1)]
+    assert world_selectors("toy", [*queued, member(999, 1)])[1] == \
+        f"{LABEL_TRAINING}=toy,batch.kubernetes.io/job-name in (toy-m999-s00001-a0)"
     many = [member(i, 1) for i in range(MAX_SELECTED_JOBS + 1)]
     assert world_selectors("toy", many) == (f"{LABEL_TRAINING}=toy", f"{LABEL_TRAINING}=toy")
     broken = [member(0, 1), {"spec": {"segment": {"member": 0}}}]
@@ -558,3 +563,13 @@ def test_an_engine_kept_across_passes_decides_and_writes_as_a_rebuild_each_pass(
     rebuilds.clear()
     c.reconcile()
     assert rebuilds == [1]
+
+
+def test_a_population_larger_than_the_selector_limit_still_reads_only_running_segments() -> None:
+    """Population 210 (over MAX_SELECTED_JOBS), parallelism 4: queued members and finished ones select
+    no Job, so every pass reads about the running segments' Jobs and pods, not all 420 Jobs."""
+    c = FakeCluster(training_obj(population=MAX_SELECTED_JOBS + 10, parallelism=4, budget={"segments": 2}),
+                    select=True, cache=True)
+    drive(c, random.Random(2), max_passes=5000)
+    assert c.training["status"]["phase"] == "Succeeded" and len(c.jobs) == 2 * (MAX_SELECTED_JOBS + 10)
+    assert max(j for j, _ in c.read_sizes[5:]) <= 8 and max(p for _, p in c.read_sizes[5:]) <= 4

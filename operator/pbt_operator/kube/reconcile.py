@@ -33,6 +33,7 @@ from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from . import segments as S
 from .builders import (
+    LABEL_MEMBER,
     LABEL_SEGMENT,
     LABEL_TRAINING,
     build_job,
@@ -153,14 +154,17 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
 
     A pass only looks at the Jobs of the members' current segments (and their retries), and at those
     Jobs' pods: listing every finished Job and pod of the training instead made each pass's reads,
-    mostly JSON decoding, grow with the whole history. Jobs are selected by segment number (every
-    attempt of a current segment; other members' Jobs with those numbers come along, harmlessly),
-    pods by their Job's name. A member whose segment does not parse selects everything: the pass
-    then reports it as it always did.
+    mostly JSON decoding, grow with the whole history. Members whose status says their current segment
+    has no Job yet (phase Queued: the status is written before any Job of its pass) or is already
+    finished (completedSegment) need none. Jobs are selected by member and segment number (every attempt
+    of a current segment; other Jobs in that cross product come along, harmlessly), pods by their Job's
+    name. A member whose segment does not parse selects everything: the pass then reports it as it
+    always did.
     """
     base = f"{LABEL_TRAINING}={training}"
     names: list[str] = []
     segments: set[int] = set()
+    indices: set[int] = set()
     for m in members:
         seg = (m.get("spec") or {}).get("segment")
         if not seg:
@@ -169,13 +173,19 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
             sug = Suggestion.from_dict(seg)
         except (TypeError, ValueError, KeyError):
             return base, base
+        st = m.get("status") or {}
+        done = st.get("completedSegment")
+        if st.get("phase") == "Queued" or (isinstance(done, int) and done >= sug.segment):
+            continue
         names.append(job_name(training, sug))
         segments.add(int(sug.segment))
+        indices.add(int(sug.member))
     if not names:
         return None, None
     if len(names) > MAX_SELECTED_JOBS:
         return base, base
-    return (f"{base},{LABEL_SEGMENT} in ({','.join(str(k) for k in sorted(segments))})",
+    return (f"{base},{LABEL_MEMBER} in ({','.join(str(i) for i in sorted(indices))}),"
+            f"{LABEL_SEGMENT} in ({','.join(str(k) for k in sorted(segments))})",
             f"{base},{POD_JOB_LABEL} in ({','.join(sorted(names))})")
 
 
