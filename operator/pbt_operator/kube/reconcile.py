@@ -170,16 +170,18 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
         if not seg:
             continue
         try:
-            sug = Suggestion.from_dict(seg)
+            member, segment, attempt = (int(seg[k]) if k in seg else 0 for k in ("member", "segment", "attempt"))
+            if "member" not in seg or "segment" not in seg:
+                raise KeyError("member/segment")
         except (TypeError, ValueError, KeyError):
             return base, base
         st = m.get("status") or {}
         done = st.get("completedSegment")
-        if st.get("phase") == "Queued" or (isinstance(done, int) and done >= sug.segment):
+        if st.get("phase") == "Queued" or (isinstance(done, int) and done >= segment):
             continue
-        names.append(job_name(training, sug))
-        segments.add(int(sug.segment))
-        indices.add(int(sug.member))
+        names.append(f"{training}-m{member:03d}-s{segment:05d}-a{attempt}")  # builders.job_name
+        segments.add(segment)
+        indices.add(member)
     if not names:
         return None, None
     if len(names) > MAX_SELECTED_JOBS:
@@ -255,7 +257,8 @@ class Pass:
     engine: Engine
     by_index: dict[int, Mapping[str, Any]]  # member index -> PopulationMember
     histories: dict[int, list[dict[str, Any]]]  # member index -> status.history as read (not to be modified)
-    current: dict[int, Suggestion]  # member index -> spec.segment as read (its latest persisted decision)
+    current: dict[int, Suggestion]  # member index -> spec.segment as read (its latest persisted decision; empty
+    # with the previous pass's engine, which holds them already)
     jobs_by_name: dict[str, Mapping[str, Any]]
     pods_of: dict[str, list[Mapping[str, Any]]]
     new_members: list[Suggestion] = field(default_factory=list)  # members to create, with their first segment
@@ -404,16 +407,16 @@ def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, mem
     owed, and only the members that can change get a status computed."""
     by_index: dict[int, Mapping[str, Any]] = {int(m["spec"]["index"]): m for m in members}
     histories = {i: (m.get("status") or {}).get("history") or [] for i, m in by_index.items()}
+    if engine is not None:
+        p = Pass(training, spec, root, now, out, engine, by_index, histories, {},
+                 {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods), cached=True)
+        p.outcome_before = (engine.outcome, engine.failure)
+        return p
     current: dict[int, Suggestion] = {}
     for i, m in by_index.items():
         seg = (m.get("spec") or {}).get("segment")
         if seg:
             current[i] = Suggestion.from_dict(seg)
-    if engine is not None:
-        p = Pass(training, spec, root, now, out, engine, by_index, histories, current,
-                 {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods), cached=True)
-        p.outcome_before = (engine.outcome, engine.failure)
-        return p
     evicted = {i: Record.from_dict(b) for i, m in by_index.items()
                if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
     rebuilt = rebuild(spec, journal_order(h for hs in histories.values() for h in hs), current, HISTORY_WINDOW,
@@ -459,10 +462,8 @@ def tell_finished_jobs(p: Pass) -> None:
     engine, out = p.engine, p.out
     for _ in range(4):  # a told result may decide a retry whose Job already exists (after a crash)
         outcomes = []
-        for m_idx, sug in engine.pending.items():
-            jname = job_name(p.name, sug)
-            job = p.jobs_by_name.get(jname)
-            if job is None or jname in p.told:
+        for m_idx, sug, jname, job in pending_jobs(p):
+            if jname in p.told:
                 continue
             res = p.result(jname, job, sug)
             if res is None:
@@ -485,6 +486,22 @@ def tell_finished_jobs(p: Pass) -> None:
                 out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
                                             f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
             p.decide([Decision(s, sug) for s in new])
+
+
+def pending_jobs(p: Pass) -> list[tuple[int, Suggestion, str, Mapping[str, Any]]]:
+    """(member, its pending segment, Job name, Job) for each Job read that runs a pending segment, by
+    member index. Walks the Jobs read (the running segments') rather than every pending segment: at a
+    large population most members wait in the queue with no Job."""
+    out = []
+    for jname, job in p.jobs_by_name.items():
+        try:
+            m_idx = int(((job.get("metadata") or {}).get("labels") or {}).get(LABEL_MEMBER, ""))
+        except ValueError:
+            continue
+        sug = p.engine.pending.get(m_idx)
+        if sug is not None and job_name(p.name, sug) == jname:
+            out.append((m_idx, sug, jname, job))
+    return sorted(out, key=lambda o: o[0])
 
 
 def decision_events(p: Pass) -> list[EventSpec]:
@@ -517,10 +534,14 @@ def write_members(p: Pass) -> None:
         out.create_members.append(build_member(p.training, s))
         out.events.append(EventSpec("training", "Normal", C.EV_MEMBER_CREATED,
                                     f"member {s.member} created: {describe_change({}, s.hyperparameters)}"))
-    for m_idx, s in p.engine.pending.items():
-        prev = p.current.get(m_idx)
-        if m_idx in p.by_index and (prev is None or prev.to_dict() != s.to_dict()):
-            out.member_specs[member_name(p.name, m_idx)] = s.to_dict()
+    # With the previous pass's engine, only this pass's decisions can differ from the member specs.
+    candidates = [m for m in p.decided if m in p.engine.pending] if p.cached else list(p.engine.pending)
+    for m_idx in candidates:
+        s = p.engine.pending[m_idx]
+        if m_idx in p.by_index:
+            d = s.to_dict()
+            if (p.by_index[m_idx].get("spec") or {}).get("segment") != d:
+                out.member_specs[member_name(p.name, m_idx)] = d
 
 
 def admit_segments(p: Pass) -> None:
@@ -529,16 +550,14 @@ def admit_segments(p: Pass) -> None:
     (driver policy; none while suspended), and hand the first started Job a batch of checkpoints to
     delete."""
     engine, out, spec = p.engine, p.out, p.spec
-    waiting: list[Suggestion] = []
-    for m_idx, sug in engine.pending.items():
-        jname = job_name(p.name, sug)
-        job = p.jobs_by_name.get(jname)
-        if job is None:
-            waiting.append(sug)
-        elif jname not in p.told and p.result(jname, job, sug) is None:
+    with_job = set()
+    for m_idx, sug, jname, job in pending_jobs(p):
+        with_job.add(m_idx)
+        if jname not in p.told and p.result(jname, job, sug) is None:
             p.running += 1
             p.live[m_idx] = job
             p.disrupted[m_idx] = p.disrupted_pods(jname, m_idx)
+    waiting = [sug for m_idx, sug in engine.pending.items() if m_idx not in with_job]
     stopped = stop_segments(p)
     if engine.finish or engine.failure:
         for m_idx in stopped:
@@ -654,10 +673,14 @@ def changing(p: Pass, m_idx: int, created: set[str]) -> bool:
     or all of them when the training's outcome changed (phases follow it)."""
     if not p.cached or (p.engine.outcome, p.engine.failure) != p.outcome_before:
         return True
-    mobj = p.by_index[m_idx]
-    old = mobj.get("status") or {}
-    return (m_idx in p.new_history or m_idx in p.engine.pending or m_idx in p.waits or m_idx in p.disrupted
-            or bool(old.get("waiting")) or old.get("phase") in ("Running", "Pending", "Queued") or not old)
+    old = p.by_index[m_idx].get("status") or {}
+    if (m_idx in p.new_history or m_idx in p.decided or m_idx in p.waits or m_idx in p.live or m_idx in p.disrupted
+            or not old or old.get("waiting") or old.get("phase") in ("Running", "Pending")):
+        return True
+    sug = p.engine.pending.get(m_idx)
+    if sug is None:
+        return old.get("phase") == "Queued"  # cancelled (the training ended)
+    return job_name(p.name, sug) in created  # a queued segment that starts now
 
 
 def bounded_history(engine: Engine, member: int, read: Sequence[Mapping[str, Any]],
