@@ -9,7 +9,8 @@ operator as a real process:
 - wide: population 1,000 x 3 segments, parallelism 64 (many members, short histories);
 - long: population 20 x 300 segments, parallelism 20 (few members, long histories).
 Each reports: the operator's peak resident memory (sampled every second) and its first/last-quarter
-medians, pass time (one whole reconcile pass: reads, plan, writes; PBT_PASS_LOG) median and p95, overall
+medians, its CPU seconds per finished segment (whole run, first and last quarter: less moved by the
+machine's other work than wall times), the load average during the run, pass time (one whole reconcile pass: reads, plan, writes; PBT_PASS_LOG) median and p95, overall
 and in the first and last quarter of the run, API requests per segment (the passes' own requests,
 pbt_api_requests_total, plus the Events posted), turnaround (a segment's worker exiting -> the next
 segment Job created) median and p95, overall and by quarter, and the largest object (JSON bytes as the
@@ -56,12 +57,15 @@ class MemorySampler(threading.Thread):
         self.pid = pid
         self.samples: list[tuple[float, float]] = []
         self.load: list[float] = []  # the machine's 1-minute load average, once a second (it is shared)
+        self.cpu: list[tuple[float, float]] = []  # (unix time, the operator's CPU seconds so far)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
             self.load.append(os.getloadavg()[0])
             try:
+                fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self.cpu.append((time.time(), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")))
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         self.samples.append((time.time(), int(line.split()[1]) / 1024.0))
@@ -167,7 +171,7 @@ def run(cluster: Cluster, work: Path, label: str, population: int, segments: int
             "seconds": seconds, "phase": (obj.get("status") or {}).get("phase"), "ran": len(rows), "wall": t1 - t0,
             "t0": t0, "t1": t1, "mem": mem.samples, "passes": passes, "turn": turn_pairs,
             "requests": requests, "by_verb": {k: after.get(k, 0) - before.get(k, 0) for k in after},
-            "events": n_events, "largest": (what, size), "load": mem.load}
+            "events": n_events, "largest": (what, size), "load": mem.load, "cpu": mem.cpu, "ends": ends}
 
 
 def _up(port: int) -> bool:
@@ -203,6 +207,19 @@ def report(r: dict[str, Any]) -> None:
           f"| {med(t_last):.3f} s | < 1 s, flat |")
     print(f"| turnaround, p95 | {pct(t_all, 0.95):.3f} s | {pct(t_first, 0.95):.3f} s | {pct(t_last, 0.95):.3f} s "
           f"| < 3 s |")
+    cpu, ends = r.get("cpu") or [], r.get("ends") or []
+    if len(cpu) > 8:
+        q = (t1 - t0) / 4
+
+        def per_segment(a: float, b: float) -> float:
+            """The operator's CPU seconds per segment finished in [a, b]: unlike wall times, barely
+            moved by other work on a shared machine."""
+            inside = [c for t, c in cpu if a <= t <= b]
+            done = sum(1 for e in ends if a <= e <= b)
+            return (inside[-1] - inside[0]) / done if len(inside) > 1 and done else float("nan")
+
+        print(f"| operator CPU per segment | {per_segment(t0, t1) * 1e3:.0f} ms | {per_segment(t0, t0 + q) * 1e3:.0f} ms "
+              f"| {per_segment(t1 - q, t1) * 1e3:.0f} ms | flat |")
     verbs = ", ".join(f"{k} {v / max(1, r['ran']):.2f}" for k, v in sorted(r["by_verb"].items()) if v)
     print(f"| API requests per segment (passes) | {r['requests'] / max(1, r['ran']):.2f} ({verbs}) | | | |")
     print(f"| Events per segment | {r['events'] / max(1, r['ran']):.2f} | | | |")
