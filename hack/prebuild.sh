@@ -29,7 +29,9 @@ step() { # name command...: one step of a chain, its output in $PREBUILD_DIR/nam
   local name="$1" t0=$SECONDS rc=0; shift
   rm -f "$PREBUILD_DIR/$name.ok" "$PREBUILD_DIR/$name.failed"
   echo "$(date -u +%FT%TZ) start" >"$PREBUILD_DIR/$name.time"
-  "$@" >"$PREBUILD_DIR/$name.log" 2>&1 </dev/null || rc=$?
+  # bash's `time`: the step's CPU (its children's, as they are waited for) next to its wall time
+  local TIMEFORMAT="$name: wall %R s, cpu user %U s sys %S s"
+  { time "$@" >"$PREBUILD_DIR/$name.log" 2>&1 </dev/null || rc=$?; } 2>>"$PREBUILD_DIR/$name.time"
   if ((rc == 0)); then
     echo "$((SECONDS - t0))s" >"$PREBUILD_DIR/$name.ok"
   else
