@@ -301,8 +301,14 @@ build_images() {
   build_image Dockerfile "$OPERATOR_IMAGE_REPO" "$okey" >/dev/null
   build_image examples/quadratic/Dockerfile "$WORKER_IMAGE_REPO" "$wkey" >/dev/null
   if [[ "${PBT_E2E_TORCH:-0}" == 1 ]]; then
-    build_torch_base
-    build_image examples/digits/Dockerfile "$DIGITS_IMAGE_REPO" "$(src_key examples/digits "${src[@]}")" >/dev/null
+    local dkey
+    dkey="$(src_key examples/digits "${src[@]}")"
+    if [[ ! -f "$IMAGE_CACHE/$(basename "$DIGITS_IMAGE_REPO")-$dkey.tar" ]]; then
+      build_torch_base
+      build_image examples/digits/Dockerfile "$DIGITS_IMAGE_REPO" "$dkey" >/dev/null
+      # the stand-in torch base (5-6 GB) is only needed to build the archive: the cached wheels rebuild it
+      bah rmi -f "$TORCH_BASE_IMAGE" >/dev/null 2>&1 || true
+    fi
   fi
   printf '%s\n' "PBT_OPERATOR_IMAGE=$OPERATOR_IMAGE_REPO:$okey" "PBT_WORKER_IMAGE=$WORKER_IMAGE_REPO:$wkey" \
     >"$IMAGE_CACHE/current"
