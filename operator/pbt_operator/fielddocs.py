@@ -134,7 +134,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.pb2.kappa", "number >= 0, 1", "UCB exploration weight", row=False),
     Field("spec.explore.pb2.trustRegion", "(0, 1], 0.25",
           "how far a new configuration may move from the donor's, as a share of each numeric range (log scale "
-          "where log: true), unless its categories change; 1 searches everywhere"),
+          "where log: true), whether or not its categories change; 1 searches everywhere"),
     Field("spec.storage", "", "where checkpoints live", row=False),
     Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
           "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "
