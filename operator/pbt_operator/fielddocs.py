@@ -103,9 +103,9 @@ FIELDS: tuple[Field, ...] = (
           "the first value, or a narrower range or subset to draw the first values from", row=False),
     Field("spec.exploit", "", "how poor members copy better ones", row=False),
     Field("spec.exploit.strategy", _alts(EXPLOIT_STRATEGIES), "`none`: members train alone (a random-search baseline)"),
-    Field("spec.exploit.fraction", "(0, 0.5], 0.25",
-          "truncation: the bottom fraction copies a member of the top fraction; 0.5 is better with "
-          "`explore.strategy: pb2` (README: \"Choosing PB2 settings\")"),
+    Field("spec.exploit.fraction", "(0, 0.5], 0.25 (0.5 with `explore.strategy: pb2`)",
+          "truncation: the bottom fraction copies a member of the top fraction; PB2 picks hyperparameters "
+          "only for members that copy, so its default is larger (README: \"Choosing PB2 settings\")"),
     Field("spec.exploit.size", "int >= 2, 2", "tournament size: the loser copies the winner"),
     Field("spec.exploit.significance", "`{enabled: false, alpha: 0.05, window: 4}`",
           "only copy when Welch's t-test over the last `window` scores says the donor is better"),

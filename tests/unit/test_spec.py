@@ -32,6 +32,13 @@ def test_minimal_manifest_defaults(make_spec: Any) -> None:
     assert lr.kind == "float" and lr.log and lr.low == 1e-4 and lr.high == 1e-1
 
 
+def test_truncation_fraction_defaults_to_half_with_pb2(make_spec: Any) -> None:
+    # PB2 decides hyperparameters only for the members that copy: its default re-decides half of them
+    assert make_spec({"explore": {"strategy": "pb2"}}).exploit.fraction == 0.5
+    assert make_spec({"explore": {"strategy": "resample"}}).exploit.fraction == 0.25
+    assert make_spec({"explore": {"strategy": "pb2"}, "exploit": {"fraction": 0.2}}).exploit.fraction == 0.2  # given wins
+
+
 def test_full_manifest_values(make_spec: Any) -> None:
     spec = make_spec({
         "population": 8, "parallelism": 3, "mode": "synchronous", "seed": 7,

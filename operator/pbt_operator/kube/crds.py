@@ -187,13 +187,14 @@ TRAINING_STATUS = _obj(
 # Schema defaults: the spec model's own defaults (its dataclasses), so `kubectl get -o yaml` and the
 # printer columns (METRIC, MODE) show what the operator will use. An object default ({}) on a section
 # lets the defaults inside it apply when the section is left out. Nothing in spec.worker (refused on a
-# cluster) or where a default depends on other fields (parallelism = population).
+# cluster) or where a default depends on other fields (parallelism = population; exploit.fraction = 0.5 with
+# explore pb2, else 0.25).
 DEFAULTS: dict[str, Any] = {
     "spec.mode": "asynchronous", "spec.seed": 0,
     "spec.objective": {}, "spec.objective.metric": S.Objective().metric, "spec.objective.direction": S.Objective().direction,
     "spec.segment": {}, "spec.segment.steps": S.SegmentSpec().steps,
     "spec.budget": {}, "spec.budget.segments": S.Budget().segments,
-    "spec.exploit": {}, "spec.exploit.strategy": S.Exploit().strategy, "spec.exploit.fraction": S.Exploit().fraction,
+    "spec.exploit": {}, "spec.exploit.strategy": S.Exploit().strategy,
     "spec.exploit.size": S.Exploit().size, "spec.exploit.significance": {},
     "spec.exploit.significance.enabled": S.Significance().enabled,
     "spec.exploit.significance.alpha": S.Significance().alpha,
