@@ -75,13 +75,16 @@ class MemorySampler(threading.Thread):
 
 
 def scrape(port: int) -> dict[str, float]:
-    """pbt_api_requests_total by verb, summed: {verb: count}."""
+    """pbt_api_requests_total by verb, summed: {verb: count}; and pbt_engine_rebuilds_total as "rebuilds"
+    (passes that rebuilt the engine rather than reuse the previous pass's; not an API request)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("pbt_api_requests_total{"):
             verb = line.split('verb="')[1].split('"')[0]
             out[verb] = out.get(verb, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("pbt_engine_rebuilds_total{"):
+            out["rebuilds"] = out.get("rebuilds", 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -165,13 +168,15 @@ def run(cluster: Cluster, work: Path, label: str, population: int, segments: int
     events = cluster.kubectl_json("get", "events", "-n", ns, "--chunk-size=500", timeout=300)["items"]
     n_events = sum(e.get("count", 1) for e in events
                    if e["involvedObject"]["kind"] in ("PopulationTraining", "PopulationMember"))
+    rebuilds = after.pop("rebuilds", 0.0) - before.pop("rebuilds", 0.0)
     requests = sum(after.values()) - sum(before.values())
     what, size = largest_object(cluster, ns, name)
     return {"label": label, "population": population, "segments": segments, "parallelism": parallelism,
             "seconds": seconds, "phase": (obj.get("status") or {}).get("phase"), "ran": len(rows), "wall": t1 - t0,
             "t0": t0, "t1": t1, "mem": mem.samples, "passes": passes, "turn": turn_pairs,
             "requests": requests, "by_verb": {k: after.get(k, 0) - before.get(k, 0) for k in after},
-            "events": n_events, "largest": (what, size), "load": mem.load, "cpu": mem.cpu, "ends": ends}
+            "events": n_events, "largest": (what, size), "load": mem.load, "cpu": mem.cpu, "ends": ends,
+            "rebuilds": rebuilds}
 
 
 def _up(port: int) -> bool:
@@ -202,7 +207,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"| pass time, median | {med(p_all):.3f} s | {med(p_first):.3f} s | {med(p_last):.3f} s | flat |")
     print(f"| pass time, p95 | {pct(p_all, 0.95):.3f} s | {pct(p_first, 0.95):.3f} s | {pct(p_last, 0.95):.3f} s "
           f"| flat |")
-    print(f"| passes | {len(p_all)} | {len(p_first)} | {len(p_last)} | |")
+    print(f"| passes (of which rebuilt the engine) | {len(p_all)} ({r.get('rebuilds', 0):.0f}) | {len(p_first)} "
+          f"| {len(p_last)} | |")
     print(f"| turnaround (worker exit -> next Job), median | {med(t_all):.3f} s | {med(t_first):.3f} s "
           f"| {med(t_last):.3f} s | < 1 s, flat |")
     print(f"| turnaround, p95 | {pct(t_all, 0.95):.3f} s | {pct(t_first, 0.95):.3f} s | {pct(t_last, 0.95):.3f} s "

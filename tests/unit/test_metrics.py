@@ -22,8 +22,8 @@ SEGMENT_SECONDS = 7.0
 class MeteredCluster(FakeCluster):
     """Reports every pass to the metrics module as handlers.reconcile_once does; Jobs get a startTime."""
 
-    def __init__(self, training: dict[str, Any]):
-        super().__init__(training)
+    def __init__(self, training: dict[str, Any], cache: bool = False):
+        super().__init__(training, cache=cache)
         self.passes = 0
 
     def reconcile(self, limit: int | None = None) -> Any:
@@ -60,10 +60,10 @@ def value(name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
-def make(ns: str, **spec: Any) -> MeteredCluster:
+def make(ns: str, cache: bool = False, **spec: Any) -> MeteredCluster:
     t = training_obj(**spec)
     t["metadata"]["namespace"] = ns  # metrics are process-global: each test its own label set
-    return MeteredCluster(t)
+    return MeteredCluster(t, cache)
 
 
 def test_metrics_after_a_training_runs() -> None:
@@ -92,6 +92,16 @@ def test_metrics_after_a_training_runs() -> None:
     assert value("pbt_segment_duration_seconds_bucket", le="15.0", **lab) == n_segments
     assert value("pbt_best_score", **lab) == st["best"]["score"]
     assert value("pbt_running_segments", **lab) == 0 and value("pbt_queued_members", **lab) == 0
+
+
+def test_engine_rebuilds_are_counted() -> None:
+    """Every pass rebuilds without the engine cache; with it, only the passes after members were
+    created (their first resourceVersions are not ours yet)."""
+    for cache, ns in ((False, "metrics-nocache"), (True, "metrics-cache")):
+        c = make(ns, cache)
+        drive(c, random.Random(0))
+        n = value("pbt_engine_rebuilds_total", namespace=ns, training="toy")
+        assert n == c.passes if not cache else 1 <= n <= 3, (cache, n, c.passes)
 
 
 def test_running_and_queued_gauges_follow_the_status() -> None:

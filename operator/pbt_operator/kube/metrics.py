@@ -29,6 +29,9 @@ QUEUED = Gauge("pbt_queued_members", "Members waiting for a slot", _LABELS)
 WAITING = Gauge("pbt_waiting_segments",
                 "Segment Jobs created but not training: waiting for admission, a node, the scheduler, an image", _LABELS)
 BEST = Gauge("pbt_best_score", "Best score so far", _LABELS)
+ENGINE_REBUILDS = Counter("pbt_engine_rebuilds_total", "Passes that rebuilt the engine from the member histories "
+                          "(the first pass, a restart, another writer, a failed write) instead of reusing the "
+                          "previous pass's", _LABELS)
 RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that raised", _LABELS)
 PASS_SECONDS = Histogram("pbt_reconcile_pass_seconds", "One whole reconcile pass: reads, plan and writes",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -52,6 +55,8 @@ def start_server_from_env() -> None:
 
 def observe_plan(ns: str, name: str, seconds: float, plan: Any) -> None:
     DECISION_SECONDS.observe(seconds)
+    if getattr(plan, "rebuilt", False):
+        ENGINE_REBUILDS.labels(ns, name).inc()
     st = plan.status or {}
     RUNNING.labels(ns, name).set(st.get("running", 0))
     QUEUED.labels(ns, name).set(st.get("queued", 0))

@@ -76,6 +76,7 @@ class Plan:
     spec: TrainingSpec | None = None
     engine: Engine | None = None  # the engine after this pass (kept across passes: EngineCache)
     versions: dict[str, str] = field(default_factory=dict)  # member -> resourceVersion after our writes (api.apply)
+    rebuilt: bool = False  # this pass rebuilt the engine (no valid EngineCache): metrics
     started: list[str] = field(default_factory=list)  # job names created this pass (metrics)
     finished: int = 0  # segments that finished with a score this pass (metrics)
     segment_seconds: list[float] = field(default_factory=list)  # Job startTime -> completion, this pass (metrics)
@@ -357,6 +358,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
         return invalid_spec(training, e, now, out)
     out.spec = spec
     engine = cache.engine_for(training, members) if cache is not None else None
+    out.rebuilt = engine is None
     p = rebuild_pass(training, spec, root, members, jobs, pods, now, out, engine)
     out.engine = p.engine
     p.events = events
