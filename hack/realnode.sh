@@ -163,7 +163,7 @@ DIGITS_IMAGE_REPO="localhost/pbt-digits-worker"
 BUILDAH_RUNROOT=""
 bah() {
   [[ -n "$BUILDAH_RUNROOT" ]] || die "internal: buildah used outside \`images\`"
-  nice -n 10 buildah --root "$CACHE_ROOT/node/buildah/storage" --runroot "$BUILDAH_RUNROOT" \
+  nice -n "$BUILD_NICE" buildah --root "$CACHE_ROOT/node/buildah/storage" --runroot "$BUILDAH_RUNROOT" \
     --storage-driver overlay "$@"
 }
 
@@ -176,7 +176,7 @@ build_base() {
   if [[ ! -f "$root/.complete" ]]; then
     rm -rf "$root"
     log "debootstrap $BASE_SUITE ($BASE_PACKAGES) into $root (stand-in for $BASE_IMAGE)"
-    nice -n 10 debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$root" "$DEBIAN_MIRROR" \
+    nice -n "$BUILD_NICE" debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$root" "$DEBIAN_MIRROR" \
       >"$IMAGE_CACHE/debootstrap.log" 2>&1 || { tail -20 "$IMAGE_CACHE/debootstrap.log" >&2; die "debootstrap failed"; }
     # what a container image does not need: apt lists, docs, man pages
     # like the official python image: pip on PATH and no PEP 668 marker (a container is its own environment)
@@ -257,7 +257,7 @@ torch_wheels() {
   py="${PBT_PYTHON:-python3}"
   rm -rf "$TORCH_WHEELS.tmp"
   log "downloading torch $TORCH_VERSION and its dependencies (wheels for python $TORCH_PYTHON) into $TORCH_WHEELS"
-  nice -n 10 "$py" -m pip download -q --only-binary=:all: --python-version "$TORCH_PYTHON" --implementation cp \
+  nice -n "$BUILD_NICE" "$py" -m pip download -q --only-binary=:all: --python-version "$TORCH_PYTHON" --implementation cp \
     --abi "cp${TORCH_PYTHON/./}" --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 --platform any -d "$TORCH_WHEELS.tmp" "torch==$TORCH_VERSION" \
     || die "pip could not download torch $TORCH_VERSION"
