@@ -81,6 +81,8 @@ def _run_order(item: pytest.Item) -> int:
     them in the background in that order while the earlier tiers run): the control plane, then Karpenter
     and Kueue, then the real node and its images."""
     parts = item.path.parts
+    if "helm_binary" in getattr(item, "fixturenames", ()):
+        return 2  # the chart's unit tests need helm, built with the control plane
     if "unit" in parts:
         return 0
     if "integration" in parts:
