@@ -118,7 +118,7 @@ with_lock() {
       tail -n 25 "$PREBUILD_DIR/$name.log" >&2 || true
       log "building $name again here"
     fi
-    "$@"
+    "$@" && rm -f "$PREBUILD_DIR/$name.failed"
   )
 }
 

@@ -27,6 +27,7 @@ off() { [[ "${1:-}" =~ ^(0|false|no|off)$ ]]; }
 
 step() { # name command...: one step of a chain, its output in $PREBUILD_DIR/name.log
   local name="$1" t0=$SECONDS rc=0; shift
+  mkdir -p "$PREBUILD_DIR"
   rm -f "$PREBUILD_DIR/$name.ok" "$PREBUILD_DIR/$name.failed"
   echo "$(date -u +%FT%TZ) start" >"$PREBUILD_DIR/$name.time"
   # bash's `time`: the step's CPU (its children's, as they are waited for) next to its wall time
@@ -42,7 +43,9 @@ step() { # name command...: one step of a chain, its output in $PREBUILD_DIR/nam
 
 chain_go() {
   step control-plane bash "$HERE/testcluster.sh" build
-  step addons bash "$HERE/addons.sh" build karpenter kueue
+  # step names are the build locks' names (hack/lib.sh with_lock), so a waiting build finds their logs
+  step karpenter bash "$HERE/addons.sh" build karpenter
+  step kueue bash "$HERE/addons.sh" build kueue
   if [[ "$(id -u)" == 0 ]]; then step node bash "$HERE/realnode.sh" build; fi
 }
 
