@@ -442,13 +442,16 @@ def test_digits_image_trains_segments_on_the_cpu(node: Node, ns: str) -> None:
     trainer = {"name": "train", "image": image, "imagePullPolicy": "Never", "command": ["python", "/app/train.py"],
                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
                              "limits": {"memory": "2Gi", "nvidia.com/gpu": 1}},
-               "securityContext": RESTRICTED, "env": [{"name": "PBT_CPU", "value": "1"}]}
+               "securityContext": RESTRICTED, "env": [{"name": "PBT_CPU", "value": "1"}],
+               # torch (dynamo, via the optimizer) needs a writable temp dir: with a read-only root, a volume
+               "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
     hps = {"lr": {"type": "float", "min": 1e-3, "max": 0.5, "log": True, "initial": {"min": 0.05, "max": 0.3}},
            "momentum": {"type": "float", "min": 0.0, "max": 0.95},
            "batch_size": {"type": "int", "min": 8, "max": 128, "log": True}}
-    c.apply(training(ns, "digits", [trainer], population=2, segments=2, hyperparameters=hps,
-                     objective={"metric": "score", "direction": "max"},
-                     segment={"steps": 40, "timeoutSeconds": 300}), ns)
+    t = training(ns, "digits", [trainer], population=2, segments=2, hyperparameters=hps,
+                 objective={"metric": "score", "direction": "max"}, segment={"steps": 40, "timeoutSeconds": 300})
+    t["spec"]["template"]["spec"]["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    c.apply(t, ns)
     obj = wait_phase(node, ns, "digits", timeout=600)
     pods = pods_of(node, ns, "digits")
     assert len(pods) == 4, [p["metadata"]["name"] for p in pods]
