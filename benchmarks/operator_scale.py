@@ -75,16 +75,27 @@ class MemorySampler(threading.Thread):
 
 
 def scrape(port: int) -> dict[str, float]:
-    """pbt_api_requests_total by verb, summed: {verb: count}; and pbt_engine_rebuilds_total as "rebuilds"
-    (passes that rebuilt the engine rather than reuse the previous pass's; not an API request)."""
+    """pbt_api_requests_total by verb and resource: {"PATCH populationmembers/status": count, ...}; and
+    pbt_engine_rebuilds_total as "rebuilds" (passes that rebuilt the engine rather than reuse the
+    previous pass's; not an API request)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("pbt_api_requests_total{"):
             verb = line.split('verb="')[1].split('"')[0]
-            out[verb] = out.get(verb, 0.0) + float(line.rsplit(" ", 1)[1])
+            resource = line.split('resource="')[1].split('"')[0] if 'resource="' in line else "?"
+            key = f"{verb} {resource}"
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith("pbt_engine_rebuilds_total{"):
             out["rebuilds"] = out.get("rebuilds", 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def by_verb(requests: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, n in requests.items():
+        verb = key.split(" ", 1)[0]
+        out[verb] = out.get(verb, 0.0) + n
     return out
 
 
@@ -174,7 +185,7 @@ def run(cluster: Cluster, work: Path, label: str, population: int, segments: int
     return {"label": label, "population": population, "segments": segments, "parallelism": parallelism,
             "seconds": seconds, "phase": (obj.get("status") or {}).get("phase"), "ran": len(rows), "wall": t1 - t0,
             "t0": t0, "t1": t1, "mem": mem.samples, "passes": passes, "turn": turn_pairs,
-            "requests": requests, "by_verb": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+            "requests": requests, "by_request": {k: after.get(k, 0) - before.get(k, 0) for k in after},
             "events": n_events, "largest": (what, size), "load": mem.load, "cpu": mem.cpu, "ends": ends,
             "rebuilds": rebuilds}
 
@@ -226,8 +237,10 @@ def report(r: dict[str, Any]) -> None:
 
         print(f"| operator CPU per segment | {per_segment(t0, t1) * 1e3:.0f} ms | {per_segment(t0, t0 + q) * 1e3:.0f} ms "
               f"| {per_segment(t1 - q, t1) * 1e3:.0f} ms | flat |")
-    verbs = ", ".join(f"{k} {v / max(1, r['ran']):.2f}" for k, v in sorted(r["by_verb"].items()) if v)
+    verbs = ", ".join(f"{k} {v / max(1, r['ran']):.2f}" for k, v in sorted(by_verb(r["by_request"]).items()) if v)
     print(f"| API requests per segment (passes) | {r['requests'] / max(1, r['ran']):.2f} ({verbs}) | | | |")
+    each = ", ".join(f"{k} {v / max(1, r['ran']):.2f}" for k, v in sorted(r["by_request"].items()) if v)
+    print(f"| the same by resource | {each} | | | |")
     print(f"| Events per segment | {r['events'] / max(1, r['ran']):.2f} | | | |")
     print(f"| largest object | {size / 1024:.1f} KiB ({what}) | | | < 256 KiB |")
 

@@ -8,11 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pbt_operator.kube.api import Api
+from pbt_operator.kube.membercache import MemberCache
 
 
 def bare_api() -> Api:
     api = Api.__new__(Api)
     api.pool = ThreadPoolExecutor(max_workers=8)
+    api.members = MemberCache(lambda ns, **kw: None)  # no namespace watched: write-through does nothing
     return api
 
 
@@ -81,3 +83,17 @@ def test_member_specs_of_an_asynchronous_training_go_out_together() -> None:
     p.status = {}
     api.apply("ns", "toy", p)
     assert sorted(done) == ["toy-m000", "toy-m001", "toy-m002"]
+
+
+def test_requests_are_counted_by_resource_and_subresource() -> None:
+    from pbt_operator.kube.api import request_resource
+
+    base = "https://127.0.0.1:6443"
+    assert request_resource(f"{base}/apis/pbt.dev/v1alpha1/namespaces/ns/populationmembers/t-m000/status") == \
+        "populationmembers/status"
+    assert request_resource(f"{base}/apis/pbt.dev/v1alpha1/namespaces/ns/populationmembers/t-m000") == \
+        "populationmembers"
+    assert request_resource(f"{base}/apis/batch/v1/namespaces/ns/jobs?labelSelector=a%3Db") == "jobs"
+    assert request_resource(f"{base}/api/v1/namespaces/ns/pods") == "pods"
+    assert request_resource(f"{base}/apis/pbt.dev/v1alpha1/namespaces/ns/populationtrainings/t/status") == \
+        "populationtrainings/status"

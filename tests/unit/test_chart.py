@@ -39,7 +39,7 @@ def helm_binary() -> Path:
 needs_helm = pytest.mark.usefixtures("helm_binary")
 
 # (apiGroup, resource, verb) the operator uses in each namespace it watches: kube/api.py (get trainings,
-# get/list/create/patch members, get/list/create jobs, list pods, create one dry-run Job and pod per new
+# get/list/watch/create/patch members, get/list/create jobs, list pods, create one dry-run Job and pod per new
 # training, patch statuses), kube/handlers.py through kopf (list/watch/patch trainings, watch jobs and
 # pods, create events); kube/segments.py (patch jobs' deadlines, delete stopped segment Jobs, list events
 # that explain a waiting segment).
@@ -48,7 +48,8 @@ NEEDED = {
 } | {
     ("pbt.dev", "populationtrainings/status", "patch"),
     ("pbt.dev", "populationmembers", "get"),
-    ("pbt.dev", "populationmembers", "list"), ("pbt.dev", "populationmembers", "create"),
+    ("pbt.dev", "populationmembers", "list"), ("pbt.dev", "populationmembers", "watch"),
+    ("pbt.dev", "populationmembers", "create"),
     ("pbt.dev", "populationmembers", "patch"), ("pbt.dev", "populationmembers/status", "patch"),
     ("batch", "jobs", "get"), ("batch", "jobs", "list"), ("batch", "jobs", "watch"), ("batch", "jobs", "create"),
     ("batch", "jobs", "patch"), ("batch", "jobs", "delete"),

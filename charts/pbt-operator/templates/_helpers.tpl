@@ -57,11 +57,12 @@ everything else).
 - apiGroups: ["pbt.dev"]
   resources: ["populationtrainings/status"]
   verbs: ["patch"]
-# PopulationMembers: listed, created and patched (spec.segment, then status history) by the reconcile pass;
-# get when a create meets an existing name (is it ours, by owner UID, or a previous training's?).
+# PopulationMembers: listed and watched (the passes read them from a watch-fed cache, kube/membercache.py),
+# created and patched (spec.segment, then status history) by the reconcile pass; get when a create meets
+# an existing name (is it ours, by owner UID, or a previous training's?).
 - apiGroups: ["pbt.dev"]
   resources: ["populationmembers"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["pbt.dev"]
   resources: ["populationmembers/status"]
   verbs: ["patch"]

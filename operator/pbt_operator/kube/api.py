@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, cast
 
@@ -21,6 +23,7 @@ from . import metrics
 from .apierrors import ApiError, classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
+from .membercache import MemberCache
 from .ownership import ForeignChild, names, owner_uids, split_owned, uid_of
 from .reconcile import Plan, world_selectors
 
@@ -47,25 +50,43 @@ class World(NamedTuple):
     leftovers: dict[str, list[str]]
 
 
+def request_resource(url: str) -> str:
+    """The resource (and subresource) a request's URL names, for counting: ".../namespaces/NS/
+    populationmembers/NAME/status" -> "populationmembers/status", ".../namespaces/NS/jobs" -> "jobs"."""
+    parts = [p for p in urllib.parse.urlsplit(str(url)).path.split("/") if p]
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2:]
+        return rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    return parts[-1] if parts else ""
+
+
 def _counted(api_client: Any) -> Any:
-    """Every request through this client counts in pbt_api_requests_total (API load per segment)."""
+    """Every request through this client counts in pbt_api_requests_total (API load per segment), by
+    verb and resource."""
     call = api_client.call_api
 
-    def call_api(method: str, *args: Any, **kwargs: Any) -> Any:
-        metrics.API_REQUESTS.labels(str(method).upper()).inc()
-        return call(method, *args, **kwargs)
+    def call_api(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        metrics.API_REQUESTS.labels(str(method).upper(), request_resource(url)).inc()
+        return call(method, url, *args, **kwargs)
 
     api_client.call_api = call_api
     return api_client
 
 
 class Api:
-    def __init__(self) -> None:
+    def __init__(self, on_member_deleted: Callable[[str, str], None] | None = None) -> None:
+        """`on_member_deleted(namespace, training)`: called from the member watch's thread when a
+        member is deleted (the handlers wake that training's pass, which recreates it)."""
         shared = _counted(client.ApiClient())
         self.custom = client.CustomObjectsApi(shared)
         self.batch = client.BatchV1Api(shared)
         self.core = client.CoreV1Api(shared)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pbt-api")
+        # The member watches have their own client: a watch holds its connection for minutes, and its
+        # requests are not the passes' (pbt_api_requests_total).
+        watcher = client.CustomObjectsApi(client.ApiClient())
+        self.members = MemberCache(lambda ns, **kw: watcher.list_namespaced_custom_object(
+            GROUP, VERSION, ns, MEMBERS, **kw), on_member_deleted)
 
     def training(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
@@ -77,22 +98,27 @@ class Api:
 
     def world(self, ns: str, name: str) -> World:
         """The training (None once deleted), its members, and the Jobs and pods of their current
-        segments. Reads in two rounds of parallel requests (they sit on the path from a pod finishing
-        to the next Job being created): the training and its members, then the Jobs and pods those
-        members' current segments need (`reconcile.world_selectors`), rather than every Job and pod
-        the training ever had. Jobs and pods come back as plain dicts (the generic path).
+        segments. The training is read from the API server; the members come from memory
+        (`membercache`: a watch per namespace, started with a fresh LIST, with our own writes' answers
+        written through), so a pass costs what its running segments cost, not its population; then
+        one round of parallel requests for the Jobs and pods those members' current segments need
+        (`reconcile.world_selectors`), rather than every Job and pod the training ever had. Jobs and
+        pods come back as plain dicts (the generic path).
 
         Only children owned by this very training (by UID, down the chain member -> Job -> pod) are
         returned: a previous training of the same name may still have members and Jobs with our
-        labels and names. While the training has no member of its own, those are its `leftovers`."""
+        labels and names. While the training has no member of its own, those are its `leftovers`,
+        read from the API server itself (a new training's first passes: nothing may be missed there)."""
         sel = f"{LABEL_TRAINING}={name}"
         f_training: Future[Any] = self.pool.submit(self.training, ns, name)
-        f_members: Future[Any] = self.pool.submit(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, MEMBERS, label_selector=sel)
-        training, all_members = f_training.result(), f_members.result()["items"]
+        cached = self.members.members(ns, name)
+        training = f_training.result()
         if training is None:
             return World(None, [], [], [], {})
-        members, foreign = split_owned(all_members, [uid_of(training)])
+        members, foreign = split_owned(cached if cached is not None else self.list_members(ns, name),
+                                       [uid_of(training)])
+        if not members and cached is not None:
+            members, foreign = split_owned(self.list_members(ns, name), [uid_of(training)])
         if not members:
             # Before creating anything: no Job of an earlier training of this name may be left, or
             # the new members would meet its Jobs under the same names.
@@ -113,6 +139,12 @@ class Api:
         pods, _ = split_owned(f_pods.result()["items"], [uid_of(j) for j in jobs])
         return World(training, cast(list[dict[str, Any]], members), cast(list[dict[str, Any]], jobs),
                      cast(list[dict[str, Any]], pods), {})
+
+    def list_members(self, ns: str, name: str) -> list[dict[str, Any]]:
+        """The training's members as the API server holds them (a LIST: a consistent read)."""
+        listed: Any = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS,
+                                                                label_selector=f"{LABEL_TRAINING}={name}")
+        return cast(list[dict[str, Any]], listed["items"])
 
     def events(self, ns: str, selectors: list[str]) -> list[dict[str, Any]]:
         """Events the pass needs to explain a waiting segment (reconcile.events_wanted: the Job
@@ -141,14 +173,16 @@ class Api:
 
         Returns the Jobs the API server refused (`apierrors`: invalid, forbidden, over quota) with the
         reason; every other failure raises once all writes of its phase are done."""
-        self._together([lambda body=m: self._create(
+        self._together([lambda body=m: self.members.offer(ns, self._create(
             "PopulationMember", body, lambda: self.custom.create_namespaced_custom_object(
                 GROUP, VERSION, ns, MEMBERS, body),
-            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body["metadata"]["name"]))
+            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, MEMBERS, body["metadata"]["name"])))
             for m in p.create_members])
         def noted(mname: str, obj: Any) -> None:
             """The member's resourceVersion after our write: the engine cache is valid while members stay
-            exactly as we left them (reconcile.EngineCache)."""
+            exactly as we left them (reconcile.EngineCache). Written through to the member cache: the next
+            pass may start before the watch delivers this write, and must not read an older member."""
+            self.members.offer(ns, obj)
             rv = ((obj or {}).get("metadata") or {}).get("resourceVersion") if isinstance(obj, dict) else None
             if rv is not None:
                 p.versions[mname] = str(rv)
@@ -203,7 +237,8 @@ class Api:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, TRAININGS, name, {"status": status})
 
     def patch_member_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, MEMBERS, name, {"status": status})
+        self.members.offer(ns, self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, MEMBERS, name, {"status": status}))
 
     def dry_run(self, ns: str, obj: dict[str, Any]) -> None:
         """Create `obj` (a Job or a Pod) as a server-side dry run: validation and every admission step,
@@ -250,11 +285,12 @@ class Api:
                 raise
 
     @staticmethod
-    def _create(kind: str, body: dict[str, Any], create: Any, get: Any) -> None:
+    def _create(kind: str, body: dict[str, Any], create: Any, get: Any) -> Any:
         """Create-if-absent. A 409 is "already done" only when the existing object has the owner the new
-        one would have; anything else of that name is someone else's and raises ForeignChild."""
+        one would have; anything else of that name is someone else's and raises ForeignChild. Returns
+        the object as the API server holds it (None when it went away in between)."""
         try:
-            create()
+            return create()
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -262,7 +298,8 @@ class Api:
                 existing = get()
             except ApiException as e2:
                 if e2.status == 404:  # gone in between (being deleted): the next pass creates it
-                    return
+                    return None
                 raise
             if not owner_uids(existing) & owner_uids(body):
                 raise ForeignChild(kind, body["metadata"]["name"], owner_uids(existing)) from None
+            return existing

@@ -1,8 +1,9 @@
 """kopf handlers: thin. One daemon per PopulationTraining runs reconcile passes; watch events on the
-training, its members, Jobs and pods only wake that daemon.
+training, its Jobs and pods (and the deletion of a member: kube/membercache.py) only wake that daemon.
 
 A single writer per training (its daemon) means no two passes race over the same member, and every
-pass starts from what the API server holds, so the operator keeps nothing but caches in memory.
+pass starts from what the API server holds (members through a watch-fed cache that never goes back
+behind our own writes), so the operator keeps nothing but caches in memory.
 """
 
 from __future__ import annotations
@@ -71,13 +72,21 @@ class Wakeups:
 
 WAKEUPS = Wakeups()
 _API: Api | None = None
+_LOOP: asyncio.AbstractEventLoop | None = None  # kopf's event loop, where WAKEUPS live
+
+
+def _wake_from_thread(ns: str, name: str) -> None:
+    """WAKEUPS.wake from another thread (the member watch's)."""
+    loop = _LOOP
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(WAKEUPS.wake, ns, name)
 
 
 def api() -> Api:
     global _API
     if _API is None:
         load_config()
-        _API = Api()
+        _API = Api(on_member_deleted=_wake_from_thread)
     return _API
 
 
@@ -247,6 +256,8 @@ def _pass_done(ns: str, name: str, seconds: float) -> None:
 @kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                           **_: Any) -> None:
+    global _LOOP
+    _LOOP = asyncio.get_running_loop()
     wake = WAKEUPS.get(namespace, name)
     collected: set[tuple[int, int]] = set()
     box = CacheBox()

@@ -36,7 +36,8 @@ RECONCILE_ERRORS = Counter("pbt_reconcile_errors_total", "Reconcile passes that 
 PASS_SECONDS = Histogram("pbt_reconcile_pass_seconds", "One whole reconcile pass: reads, plan and writes",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 API_REQUESTS = Counter("pbt_api_requests_total", "Requests the reconcile passes sent to the API server "
-                       "(kopf's own watches, finalizers and Events not included)", ["verb"])
+                       "(kopf's own watches, finalizers and Events not included), by verb and resource "
+                       "(populationmembers/status: the status subresource)", ["verb", "resource"])
 
 _EVENT_COUNTERS = {
     "SegmentFailed": SEGMENTS_FAILED,
