@@ -262,36 +262,40 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
     collected: set[tuple[int, int]] = set()
     box = CacheBox()
     failures = 0
-    while not stopped:
-        wake.clear()
-        try:
-            t0 = time.perf_counter()
-            done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected, box)
-            _pass_done(namespace, name, time.perf_counter() - t0)
-            failures = 0
-        except Retry as r:  # a wait the training's status explains: look again soon, or when woken
+    try:
+        while not stopped:
+            wake.clear()
             try:
-                await asyncio.wait_for(wake.wait(), timeout=r.after)
+                t0 = time.perf_counter()
+                done, again, _p = await asyncio.to_thread(reconcile_once, namespace, name, collected, box)
+                _pass_done(namespace, name, time.perf_counter() - t0)
+                failures = 0
+            except Retry as r:  # a wait the training's status explains: look again soon, or when woken
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=r.after)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            except Exception as e:  # an API hiccup must not kill the daemon; back off and retry
+                failures += 1
+                metrics.RECONCILE_ERRORS.labels(namespace, name).inc()
+                logger.warning("reconcile of %s/%s failed (%s); retrying", namespace, name, e)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                continue
+            if done:
+                logger.info("training %s/%s finished", namespace, name)
+                return
+            if again:
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=IDLE_RESYNC)
             except asyncio.TimeoutError:
                 pass
-            continue
-        except Exception as e:  # an API hiccup must not kill the daemon; back off and retry
-            failures += 1
-            metrics.RECONCILE_ERRORS.labels(namespace, name).inc()
-            logger.warning("reconcile of %s/%s failed (%s); retrying", namespace, name, e)
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
-            continue
-        if done:
-            logger.info("training %s/%s finished", namespace, name)
-            return
-        if again:
-            continue
-        try:
-            await asyncio.wait_for(wake.wait(), timeout=IDLE_RESYNC)
-        except asyncio.TimeoutError:
-            pass
-    if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
-        metrics.forget(namespace, name)
+        if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+            metrics.forget(namespace, name)
+    finally:
+        if _API is not None:  # a finished or deleted training's members leave the member cache
+            _API.members.forget(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "populationtrainings", id="training-events")

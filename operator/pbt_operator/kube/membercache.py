@@ -2,10 +2,14 @@
 members cost rather than LISTing every member of its training (with their histories) each time.
 
 One watch per namespace (server-side label selector: objects with a training label), started by the
-first pass that needs it, begins with a fresh LIST (a consistent read): a restarted operator starts
-from what the API server holds, never from anything older. Passes read from `MemberStore`, which
-follows two ordering rules so that a pass never decides on a member older than one it wrote itself
-(the next pass can start before the watch delivers that write):
+first pass that needs it. The cache holds the members of the trainings whose passes asked for them
+(a running training's), not every member in the namespace: finished trainings' members cost no
+memory. A training's members are loaded by a fresh LIST (a consistent read) on its first pass after
+the operator starts, after the watch was established, and again whenever the watch has to start over
+(its resourceVersion expired: 410 Gone), so a restarted operator starts from what the API server
+holds, never from anything older; from then on the watch keeps them. Passes read from `MemberStore`,
+which follows two ordering rules so that a pass never decides on a member older than one it wrote
+itself (the next pass can start before the watch delivers that write):
 
 - newest wins: the object a write of ours returned (write-through) and every watch event are offered
   to the store, which keeps whichever has the higher resourceVersion. resourceVersions of one resource
@@ -16,8 +20,9 @@ follows two ordering rules so that a pass never decides on a member older than o
   late (a write's answer overtaken by the delete's event) does not bring the member back; a member
   created again under that name has a higher resourceVersion and is taken.
 
-A re-LIST (the watch's resourceVersion expired: 410 Gone) replaces the store with the list, except
-objects newer than the list (written after it was taken), which stay.
+A training's LIST replaces what the store holds of it, except objects newer than the list (written
+after it was taken), which stay. Tracking begins before that LIST and the watch is established before
+either, so no event after the list is missed.
 Whose member is whose is still decided by owner UID (`ownership.split_owned`), as for a LIST.
 """
 
@@ -56,90 +61,125 @@ def _name(obj: Mapping[str, Any]) -> str:
 
 
 class MemberStore:
-    """The members of one namespace as last known, with the ordering rules above. Pure logic and a lock:
-    the watch thread and every training's pass share it. Objects are stored as given and handed out
-    as they are: callers must not modify them (the reconcile pass does not)."""
+    """The members of the tracked trainings of one namespace, as last known, with the ordering rules
+    above. Pure logic and a lock: the watch thread and every training's pass share it. Objects are
+    stored as given and handed out as they are: callers must not modify them (the reconcile pass does
+    not)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.objs: dict[str, Mapping[str, Any]] = {}
-        self.tombstones: dict[str, int] = {}  # name -> resourceVersion of its deletion
-        self.synced = threading.Event()  # set once a LIST was applied
-        self.broken: str | None = None  # why the store cannot be trusted (a non-numeric resourceVersion)
+        self.objs: dict[str, dict[str, Mapping[str, Any]]] = {}  # tracked training -> member name -> object
+        self.tombstones: dict[str, dict[str, int]] = {}  # training -> member name -> resourceVersion of its deletion
+        self.loaded: set[str] = set()  # trainings whose LIST was applied
+        self.broken: dict[str, str] = {}  # training -> why its members cannot be trusted (a non-numeric resourceVersion)
+
+    def track(self, training: str) -> None:
+        """Keep this training's members from now on (watch events are ignored for untracked ones)."""
+        with self.lock:
+            self.objs.setdefault(training, {})
+            self.tombstones.setdefault(training, {})
+
+    def untrack(self, training: str) -> None:
+        """Forget a training (its daemon ended: finished or deleted)."""
+        with self.lock:
+            for d in (self.objs, self.tombstones, self.broken):
+                d.pop(training, None)
+            self.loaded.discard(training)
+
+    def tracked(self) -> list[str]:
+        with self.lock:
+            return sorted(self.objs)
 
     def offer(self, obj: Mapping[str, Any]) -> bool:
-        """A watch event's object (ADDED, MODIFIED) or the answer to one of our writes: kept when it is
-        newer than what the store holds of that name and than that name's deletion. True when kept."""
+        """A watch event's object (ADDED, MODIFIED) or the answer to one of our writes: kept when its
+        training is tracked and it is newer than what the store holds of that name and than that name's
+        deletion. True when kept."""
+        training = _training(obj)
         with self.lock:
-            try:
-                return self._offer(obj)
-            except StoreUnusable as e:
-                self.broken = str(e)
+            bucket = self.objs.get(training)
+            if bucket is None:
                 return False
-
-    def _offer(self, obj: Mapping[str, Any]) -> bool:
-        name, rv = _name(obj), rv_of(obj)
-        cur = self.objs.get(name)
-        if cur is not None and rv_of(cur) >= rv:
-            return False
-        if cur is None and self.tombstones.get(name, -1) >= rv:
-            return False
-        self.objs[name] = obj
-        return True
+            try:
+                name, rv = _name(obj), rv_of(obj)
+                cur = bucket.get(name)
+                if cur is not None and rv_of(cur) >= rv:
+                    return False
+                if cur is None and self.tombstones[training].get(name, -1) >= rv:
+                    return False
+            except StoreUnusable as e:
+                self.broken[training] = str(e)
+                return False
+            bucket[name] = obj
+            return True
 
     def delete(self, obj: Mapping[str, Any]) -> bool:
         """A DELETED event (its object carries the resourceVersion of the deletion). A stored object of
         that name that is newer (created again after the deletion) stays. True when one was removed."""
+        training = _training(obj)
         with self.lock:
+            bucket = self.objs.get(training)
+            if bucket is None:
+                return False
             try:
                 name, rv = _name(obj), rv_of(obj)
-                cur = self.objs.get(name)
+                cur = bucket.get(name)
                 if cur is not None and rv_of(cur) > rv:
                     return False
             except StoreUnusable as e:
-                self.broken = str(e)
+                self.broken[training] = str(e)
                 return False
-            self.tombstones[name] = max(rv, self.tombstones.get(name, -1))
-            return self.objs.pop(name, None) is not None
+            tombs = self.tombstones[training]
+            tombs[name] = max(rv, tombs.get(name, -1))
+            return bucket.pop(name, None) is not None
 
-    def replace(self, items: Iterable[Mapping[str, Any]], list_rv: str | int) -> None:
-        """A fresh LIST at `list_rv`: it is the truth as of then. What the store holds that is newer (a
-        write of ours answered after the list was taken) stays; tombstones newer than the list keep their
-        members out; older tombstones are no longer needed."""
+    def load(self, training: str, items: Iterable[Mapping[str, Any]], list_rv: str | int) -> None:
+        """A fresh LIST of the training's members at `list_rv`: the truth as of then. What the store
+        holds that is newer (a write of ours answered after the list was taken) stays; tombstones newer
+        than the list keep their members out; older tombstones are no longer needed. Nothing happens
+        for an untracked training."""
         with self.lock:
+            if training not in self.objs:
+                return
+            tombs = self.tombstones[training]
             try:
                 at = int(str(list_rv))
                 new: dict[str, Mapping[str, Any]] = {}
                 for it in items:
                     name = _name(it)
-                    if self.tombstones.get(name, -1) >= rv_of(it):
+                    if tombs.get(name, -1) >= rv_of(it):
                         continue
                     new[name] = it
-                for name, cur in self.objs.items():
+                for name, cur in self.objs[training].items():
                     if rv_of(cur) > at and (name not in new or rv_of(new[name]) < rv_of(cur)):
                         new[name] = cur
-                self.tombstones = {n: rv for n, rv in self.tombstones.items() if rv > at}
             except (StoreUnusable, ValueError) as e:
-                self.broken = str(e)
+                self.broken[training] = str(e)
                 return
-            self.objs = new
-            self.broken = None
-            self.synced.set()
+            self.objs[training] = new
+            self.tombstones[training] = {n: rv for n, rv in tombs.items() if rv > at}
+            self.broken.pop(training, None)
+            self.loaded.add(training)
 
-    def of_training(self, training: str) -> list[Mapping[str, Any]]:
-        """Members labelled with this training's name, by name (as a LIST returns them); owners are
-        checked by the caller. Raises StoreUnusable when the store cannot be trusted."""
+    def of_training(self, training: str) -> list[Mapping[str, Any]] | None:
+        """The training's members by name (as a LIST returns them; owners are checked by the caller),
+        None until its LIST was applied. Raises StoreUnusable when they cannot be trusted."""
         with self.lock:
-            if self.broken is not None:
-                raise StoreUnusable(self.broken)
-            return [o for n, o in sorted(self.objs.items())
-                    if ((o.get("metadata") or {}).get("labels") or {}).get(LABEL_TRAINING) == training]
+            if training in self.broken:
+                raise StoreUnusable(self.broken[training])
+            if training not in self.loaded:
+                return None
+            return [o for _, o in sorted(self.objs[training].items())]
+
+
+def _training(obj: Mapping[str, Any]) -> str:
+    return str(((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_TRAINING) or "")
 
 
 class NamespaceWatch(threading.Thread):
-    """LIST, then WATCH from the list's resourceVersion, forever; a new LIST when the watch's
-    resourceVersion has expired (410) or after repeated failures. `on_delete(training)` is called for
-    each deleted member (its training's pass recreates a member deleted by hand)."""
+    """Establishes a WATCH of the namespace's members at a current resourceVersion (a LIST of one item
+    gives it), reloads the tracked trainings (a LIST each), then follows the watch, forever; starts over
+    when the watch's resourceVersion has expired (410) or after repeated failures. `on_delete(ns,
+    training)` is called for each deleted member of a tracked training (its pass recreates it)."""
 
     def __init__(self, ns: str, store: MemberStore, list_fn: Callable[..., Any],
                  on_delete: Callable[[str, str], None] | None = None):
@@ -151,6 +191,13 @@ class NamespaceWatch(threading.Thread):
         self.list_fn = list_fn
         self.on_delete = on_delete
         self.stopping = threading.Event()
+        self.established = threading.Event()  # a watch position is known: trainings may be loaded
+
+    def load(self, training: str) -> None:
+        """LIST one training's members into the store (tracking it first: no event after the LIST is lost)."""
+        self.store.track(training)
+        listed = self.list_fn(self.ns, label_selector=f"{LABEL_TRAINING}={training}")
+        self.store.load(training, listed.get("items") or [], listed["metadata"]["resourceVersion"])
 
     def run(self) -> None:
         rv: str | None = None
@@ -158,18 +205,19 @@ class NamespaceWatch(threading.Thread):
         while not self.stopping.is_set():
             try:
                 if rv is None:
-                    listed = self.list_fn(self.ns, label_selector=LABEL_TRAINING)
-                    rv = str(listed["metadata"]["resourceVersion"])
-                    self.store.replace(listed.get("items") or [], rv)
+                    rv = str(self.list_fn(self.ns, label_selector=LABEL_TRAINING, limit=1)["metadata"]["resourceVersion"])
+                    for training in self.store.tracked():  # what happened while the watch was down
+                        self.load(training)
+                    self.established.set()
                 rv = self._watch(rv)
                 failures = 0
             except ApiException as e:
-                if e.status == 410:  # expired: start again from a fresh LIST
+                if e.status == 410:  # expired: start over
                     rv = None
                     continue
                 failures += 1
                 log.warning("watch of PopulationMembers in %s failed (%s); retrying", self.ns, e)
-            except Exception as e:  # the network, the API server restarting: retry, re-LIST after a few
+            except Exception as e:  # the network, the API server restarting: retry, start over after a few
                 failures += 1
                 log.warning("watch of PopulationMembers in %s failed (%s); retrying", self.ns, e)
             if failures:
@@ -187,9 +235,7 @@ class NamespaceWatch(threading.Thread):
             if kind in ("ADDED", "MODIFIED"):
                 self.store.offer(obj)
             elif kind == "DELETED" and self.store.delete(obj) and self.on_delete is not None:
-                training = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_TRAINING)
-                if training:
-                    self.on_delete(self.ns, str(training))
+                self.on_delete(self.ns, _training(obj))
             if new_rv:
                 rv = str(new_rv)
             if self.stopping.is_set():
@@ -207,34 +253,46 @@ class MemberCache:
         self.stores: dict[str, MemberStore] = {}
         self.watches: dict[str, NamespaceWatch] = {}
 
-    def store(self, ns: str) -> MemberStore:
+    def watch(self, ns: str) -> NamespaceWatch:
         with self.lock:
-            st = self.stores.get(ns)
-            if st is None:
+            w = self.watches.get(ns)
+            if w is None:
                 st = self.stores[ns] = MemberStore()
                 w = self.watches[ns] = NamespaceWatch(ns, st, self.list_fn, self.on_delete)
                 w.start()
-            return st
+            return w
 
     def members(self, ns: str, training: str, timeout: float = SYNC_TIMEOUT) -> list[Mapping[str, Any]] | None:
-        """The training's members from memory, or None when the namespace's first LIST has not come
-        within `timeout` or the store cannot be trusted (the caller then reads the API server)."""
-        st = self.store(ns)
+        """The training's members from memory (LISTed into it on the training's first call), or None when
+        the namespace's watch is not established within `timeout` or the store cannot be trusted (the
+        caller then reads the API server)."""
+        w = self.watch(ns)
         t0 = time.monotonic()
-        if not st.synced.wait(timeout):
-            log.warning("PopulationMembers in %s not listed after %.0f s; reading them directly", ns,
+        if not w.established.wait(timeout):
+            log.warning("no watch of PopulationMembers in %s after %.0f s; reading them directly", ns,
                         time.monotonic() - t0)
             return None
         try:
-            return st.of_training(training)
+            got = w.store.of_training(training)
+            if got is None:
+                w.load(training)
+                got = w.store.of_training(training)
+            return got
         except StoreUnusable as e:
-            log.warning("member cache of %s unusable (%s); reading members directly", ns, e)
+            log.warning("member cache of %s/%s unusable (%s); reading members directly", ns, training, e)
             return None
 
     def offer(self, ns: str, obj: Any) -> None:
         """Write-through: the object one of our writes returned."""
-        if isinstance(obj, Mapping) and ns in self.stores:
-            self.stores[ns].offer(obj)
+        st = self.stores.get(ns)
+        if isinstance(obj, Mapping) and st is not None:
+            st.offer(obj)
+
+    def forget(self, ns: str, training: str) -> None:
+        """The training's daemon ended (finished, deleted): its members leave memory."""
+        st = self.stores.get(ns)
+        if st is not None:
+            st.untrack(training)
 
     def stop(self) -> None:
         for w in self.watches.values():
