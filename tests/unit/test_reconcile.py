@@ -573,3 +573,34 @@ def test_a_population_larger_than_the_selector_limit_still_reads_only_running_se
     drive(c, random.Random(2), max_passes=5000)
     assert c.training["status"]["phase"] == "Succeeded" and len(c.jobs) == 2 * (MAX_SELECTED_JOBS + 10)
     assert max(j for j, _ in c.read_sizes[5:]) <= 8 and max(p for _, p in c.read_sizes[5:]) <= 4
+
+
+def test_retained_checkpoints_go_through_the_training_status_to_a_rebuilt_engine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.retainedCheckpoints (checkpoints that left their windows while live) is what a rebuilt
+    engine starts from: one that is no longer live is handed to the next Job to delete and leaves the
+    list. Here a restart (no engine kept, nothing remembered as handed out) finds [0, 0] in the list."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    c = FakeCluster(training_obj(population=3, budget={"segments": 8}, parallelism=2))
+    rng = random.Random(2)
+    while min((m.get("status") or {}).get("completedSegment", -1) for m in c.members.values() or [{}]) < 3:
+        p = c.reconcile()
+        running = c.running()
+        if running and not p.create_members:
+            c.finish(rng.choice(running))
+    c.collected, c.cache = set(), None
+    c.training["status"]["retainedCheckpoints"] = [[0, 0], ["x"]]  # one that does not parse is skipped
+    assert R.retained_checkpoints(c.training) == [(0, 0)]
+    handed: list[str] = []
+    for _ in range(6):
+        p = c.reconcile()
+        for j in p.create_jobs:
+            env = {e["name"]: e.get("value") for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
+            handed += json.loads(env["PBT_SEGMENT"])["gc"]
+        running = c.running()
+        if running:
+            c.finish(rng.choice(running))
+    assert any(u.endswith("/m000/00000/") for u in handed), handed
+    assert [0, 0] not in (c.training["status"].get("retainedCheckpoints") or [])

@@ -92,6 +92,7 @@ class Base:
     counters: Counters
     records: list[Record] = dataclasses.field(default_factory=list)  # the window up to counters.seq, in order
     evicted_best: dict[int, Record] = dataclasses.field(default_factory=dict)
+    evicted_live: list[Ref] = dataclasses.field(default_factory=list)  # Engine.evicted_live, as last persisted
 
 
 class Engine:
@@ -128,9 +129,14 @@ class Engine:
         self._member_refs: dict[int, list[Ref]] = {}  # each member's done refs in the window, oldest first
         self.evicted_best: dict[int, Record] = {}  # each member's best record that left the window
         self.evicted_garbage: list[Ref] = []  # checkpoints that left the window unused: collectable
+        # Checkpoints that left the window while live (the best, restored by a pending segment):
+        # collectable once they are not. A driver persists this list (the operator: the training's
+        # status.retainedCheckpoints) so that a rebuilt engine still collects them.
+        self.evicted_live: list[Ref] = []
         if base is not None:
             c = base.counters
             self.evicted_best = dict(base.evicted_best)
+            self.evicted_live = list(base.evicted_live)
             for rec in base.records:
                 self._place(rec)
             self.seq, self.done_count, self.failure_count = c.seq, c.done, c.failed
@@ -254,6 +260,12 @@ class Engine:
             self.records, {m: r.ref for m, r in self.latest.items()}, self.pending.values(),
             self.best.ref if self.best else None, exclude,
         )
+        if self.evicted_live:
+            live = self._live()
+            freed = [r for r in self.evicted_live if r not in live]
+            if freed:
+                self.evicted_live = [r for r in self.evicted_live if r in live]
+                self.evicted_garbage += [r for r in freed if r not in self.evicted_garbage]
         if self.evicted_garbage:
             done = set(exclude)
             self.evicted_garbage = [r for r in self.evicted_garbage if r not in done]
@@ -315,6 +327,8 @@ class Engine:
             self.evicted_best[rec.member] = rec
         if ref not in self._live():
             self.evicted_garbage.append(ref)
+        elif ref not in self.evicted_live:
+            self.evicted_live.append(ref)
 
     def _absorb(self, rec: Record) -> None:
         self.last = rec
@@ -330,7 +344,8 @@ class Engine:
         if self.best is None or s > self._internal(self.best.score):  # type: ignore[arg-type]
             old = self.best
             self.best = rec
-            if old is not None and old.ref not in self.records and old.ref not in self._live():
+            if old is not None and old.ref not in self.records and old.ref not in self._live() \
+                    and old.ref not in self.evicted_live:  # (those are freed by garbage())
                 self.evicted_garbage.append(old.ref)  # a best that had left the window: no longer live
             self._since_best = 0
         else:

@@ -81,7 +81,8 @@ def result_of(rec: Record) -> SegmentResult:
 
 
 def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: Mapping[int, Suggestion],
-            window: int | None = None, evicted_best: Mapping[int, Record] | None = None) -> Rebuilt:
+            window: int | None = None, evicted_best: Mapping[int, Record] | None = None,
+            evicted_live: Sequence[Ref] = ()) -> Rebuilt:
     """The engine an uninterrupted driver would have now.
 
     `records`: every finished attempt (done or failed), in the order the driver told them; `decided`:
@@ -95,7 +96,9 @@ def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: 
     The totals a window cannot recount come from the entry absorbed last before the first owed one;
     the window up to it is placed as it is, later kept entries are absorbed one by one, then the owed
     ones are told again. The engine is then the one an uninterrupted operator with the same window
-    has: tests/unit/test_bounded_history.py checks it decision by decision.
+    has: tests/unit/test_bounded_history.py checks it decision by decision. `evicted_live`: the
+    checkpoints that had left their windows while still live (Engine.evicted_live, as the driver last
+    persisted it), so that the rebuilt engine collects them once they are not.
     """
     owed: list[Journaled] = []
     kept: list[Journaled] = []
@@ -112,13 +115,15 @@ def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: 
     bases = [j for j in kept if j.counters is not None and (first_owed is None or j.counters.seq < first_owed)]
     if window is None or not bases:
         engine = Engine(spec, [j.record for j in kept], pending, window)
+        engine.evicted_live += [r for r in evicted_live if r not in engine.evicted_live and r not in engine.records]
     else:
         last = max(bases, key=lambda j: j.counters.seq if j.counters is not None else -1)
         assert last.counters is not None
         upto = last.counters.seq
         placed = [j.record for j in kept if j.counters is None or j.counters.seq <= upto]
         later = [j.record for j in kept if j.counters is not None and j.counters.seq > upto]
-        engine = Engine(spec, [], pending, window, Base(last.counters, placed, dict(evicted_best or {})))
+        engine = Engine(spec, [], pending, window, Base(last.counters, placed, dict(evicted_best or {}),
+                                                        list(evicted_live)))
     had = {s.member for s in pending}
     out = Rebuilt(engine)
     if window is not None and bases:

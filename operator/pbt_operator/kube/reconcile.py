@@ -422,7 +422,7 @@ def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, mem
     evicted = {i: Record.from_dict(b) for i, m in by_index.items()
                if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
     rebuilt = rebuild(spec, journal_order(h for hs in histories.values() for h in hs), current, HISTORY_WINDOW,
-                      evicted)
+                      evicted, retained_checkpoints(training))
     p = Pass(training, spec, root, now, out, rebuilt.engine, by_index, histories, current,
              {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods))
     p.new_members = [s for s in rebuilt.started if s.member not in by_index]
@@ -435,6 +435,19 @@ def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, mem
             history_entry(rec, str(old.get("finishedAt") or now), str(old.get("job") or job_name(p.name, rec.suggestion)),
                           counters))
     return p
+
+
+def retained_checkpoints(training: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """status.retainedCheckpoints: the checkpoints that left their members' windows while still live
+    (Engine.evicted_live), as [member, segment] pairs; entries that do not parse are skipped."""
+    out = []
+    for item in (training.get("status") or {}).get("retainedCheckpoints") or []:
+        try:
+            m, seg = item
+            out.append((int(m), int(seg)))
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def history_entry(rec: Record, finished_at: str, job: str, counters: Counters) -> dict[str, Any]:
@@ -853,6 +866,11 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         }
     if engine.done and best is not None:
         status["schedule"] = engine.schedule(best.ref)
+    if engine.evicted_live:
+        # What a restarted operator cannot learn from the member windows: checkpoints that left them
+        # while live, to delete once they are not. At most ~population + 1 are live at once (pending
+        # restores and the best); the bound only guards the object's size.
+        status["retainedCheckpoints"] = [[m, seg] for m, seg in engine.evicted_live[-2 * max(1, spec.population):]]
     return status
 
 
