@@ -277,6 +277,10 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
                     pass
                 continue
             except Exception as e:  # an API hiccup must not kill the daemon; back off and retry
+                if _API is not None:
+                    # A write whose answer was lost may have landed all the same: the next pass reads
+                    # this training's members with a fresh LIST rather than from the cache.
+                    _API.members.forget(namespace, name)
                 failures += 1
                 metrics.RECONCILE_ERRORS.labels(namespace, name).inc()
                 logger.warning("reconcile of %s/%s failed (%s); retrying", namespace, name, e)
