@@ -125,6 +125,23 @@ class Cluster:
         except TimeoutError as e:
             raise AssertionError(f"{e}\n{self.debug_dump()}") from None
 
+    def wait_phase(self, ns: str, name: str, phase: str = "Succeeded", timeout: float = 240,
+                   describe: Callable[[], str] = lambda: "") -> dict[str, Any]:
+        """Wait until PopulationTraining `name` reaches `phase` and return it. A training that fails
+        while another phase is awaited fails the wait at once; on failure or timeout the message ends
+        with `describe()` (the operator's log, wherever the test's operator runs)."""
+        def check() -> dict[str, Any] | None:
+            obj = self.get("pbt", name, ns)
+            st = (obj or {}).get("status") or {}
+            if st.get("phase") == "Failed" and phase != "Failed":
+                raise AssertionError(f"training failed: {json.dumps(st)[:3000]}")
+            return obj if st.get("phase") == phase else None
+
+        try:
+            return self.wait_for(check, timeout, interval=1.0, desc=f"pbt/{name} {phase}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{describe()}") from None
+
     def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
         """Wait until each CRD (by name) is Established. `kubectl wait --for=condition=Established`
         fails at once instead of waiting while a CRD just created has no status.conditions yet

@@ -102,17 +102,7 @@ def training(name: str, storage: Path, *, population: int = 4, parallelism: int 
 
 def wait_phase(cluster: Cluster, ns: str, name: str, op: OperatorProcess, timeout: float = 240,
                phase: str = "Succeeded") -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        obj = cluster.get("pbt", name, ns)
-        st = (obj or {}).get("status") or {}
-        if st.get("phase") == "Failed" and phase != "Failed":
-            raise AssertionError(f"training failed: {json.dumps(st)[:2000]}\n{op.tail()}")
-        return obj if st.get("phase") == phase else None
-
-    try:
-        return cluster.wait_for(check, timeout, interval=1.0, desc=f"pbt/{name} {phase}")
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n--- operator log\n{op.tail()}") from None
+    return cluster.wait_phase(ns, name, phase, timeout, describe=lambda: f"--- operator log\n{op.tail()}")
 
 
 def jobs_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:

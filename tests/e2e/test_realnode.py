@@ -223,19 +223,8 @@ def training(ns: str, name: str, containers: list[dict[str, Any]], *, population
 
 
 def wait_phase(node: Node, ns: str, name: str, phase: str = "Succeeded", timeout: float = 300) -> dict[str, Any]:
-    c = node.cluster
-
-    def check() -> dict[str, Any] | None:
-        obj = c.get("pbt", name, ns)
-        st = (obj or {}).get("status") or {}
-        if st.get("phase") == "Failed" and phase != "Failed":
-            raise AssertionError(f"training failed: {json.dumps(st)[:3000]}")
-        return obj if st.get("phase") == phase else None
-
-    try:
-        return c.wait_for(check, timeout, interval=1.0, desc=f"pbt/{name} {phase}")
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{c.debug_dump(ns)}\n--- operator\n{operator_log(node)}") from None
+    return node.cluster.wait_phase(ns, name, phase, timeout,
+                                   describe=lambda: f"--- operator\n{operator_log(node)}")
 
 
 def pods_of(node: Node, ns: str, name: str) -> list[dict[str, Any]]:
