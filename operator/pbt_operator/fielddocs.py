@@ -120,7 +120,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.resampleProbability", "[0, 1], 0.25",
           "per hyperparameter, draw from the prior instead of perturbing"),
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
-    Field("spec.explore.pb2", "`{parallel: liar-pessimistic, window, maxRows: 128, minRows: 4, candidates: 128, restarts: 2, "
+    Field("spec.explore.pb2", "`{parallel: liar-pessimistic, window, maxRows: 128, minRows, candidates: 128, restarts: 2, "
           "kappa: 1, trustRegion: 0.25}`", "PB2's settings"),
     Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
           "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),
@@ -128,7 +128,8 @@ FIELDS: tuple[Field, ...] = (
           row=False),
     Field("spec.explore.pb2.maxRows", "int >= 8, 128", "the GP's largest number of rows (older ones subsampled)",
           row=False),
-    Field("spec.explore.pb2.minRows", "int >= 2, 4", "below this many rows PB2 perturbs instead", row=False),
+    Field("spec.explore.pb2.minRows", "int >= 2, 2 x (numeric hyperparameters + categorical choices), within [4, 32]",
+          "below this many rows PB2 perturbs instead", row=False),
     Field("spec.explore.pb2.candidates", "int >= 1, 128", "random candidates scored by the acquisition", row=False),
     Field("spec.explore.pb2.restarts", "int >= 0, 2", "L-BFGS-B starts from the best candidates", row=False),
     Field("spec.explore.pb2.kappa", "number >= 0, 1", "UCB exploration weight", row=False),

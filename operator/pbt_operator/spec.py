@@ -383,7 +383,7 @@ def parse_spec(
         parallel=p.str("parallel", Pb2Settings.parallel, choices=PB2_PARALLEL),
         window=p.int("window", None, minimum=1),
         max_rows=p.int("maxRows", Pb2Settings.max_rows, minimum=8),
-        min_rows=p.int("minRows", Pb2Settings.min_rows, minimum=2),
+        min_rows=p.int("minRows", None, minimum=2),
         candidates=p.int("candidates", Pb2Settings.candidates, minimum=1),
         restarts=p.int("restarts", Pb2Settings.restarts, minimum=0),
         kappa=kappa,

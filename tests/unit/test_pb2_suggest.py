@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pbt_operator.core.pb2 import PARALLEL_MODES, Pb2Pending, Pb2Row, suggest
 from pbt_operator.core.pb2.acquisition import BETA_SCALE, beta_schedule, beta_theory
+from pbt_operator.core.pb2.data import auto_min_rows
 from pbt_operator.core.space import Param, Space
 from pbt_operator.core.types import Pb2Settings
 
@@ -97,9 +98,29 @@ def test_thompson_consecutive_choices_differ() -> None:
 def test_too_few_rows_falls_back() -> None:
     space = mixed_space()
     rows = history(space, 3)
-    ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))
+    ch = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, min_rows=4), np.random.default_rng(0))
     assert ch.hyperparameters is None
     assert ch.reason == "pb2 fallback: only 3 rows (need 4)"
+
+
+def test_min_rows_by_default_grows_with_the_numbers_and_the_categorical_choices() -> None:
+    """Two rows per numeric hyperparameter and per categorical choice, within [4, 32]: the mixed space
+    (3 numbers, 3 optimizers) waits for 12 rows; an explicit minRows still wins."""
+    space = mixed_space()
+    assert auto_min_rows(space) == 12
+    assert auto_min_rows(Space((Param("lr", "float", 1e-4, 1e-1, log=True),))) == 4
+    assert auto_min_rows(Space((Param("a", "float", 0, 1), Param("b", "float", 0, 1)))) == 4
+    assert auto_min_rows(Space((Param("a", "float", 0, 1),
+                                Param("o", "categorical", choices=("sgd", "adam", "rmsprop"))))) == 8
+    many = Space(tuple(Param(f"x{i}", "float", 0, 1) for i in range(40)))
+    assert auto_min_rows(many) == 32
+    rows = history(space, 11)
+    ch = suggest(space, rows, [], *t_c(rows), SETTINGS, np.random.default_rng(0))
+    assert ch.reason == "pb2 fallback: only 11 rows (need 12)"
+    ch = suggest(space, rows, [], *t_c(rows), replace(SETTINGS, min_rows=4), np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
+    ch = suggest(space, history(space, 12), [], *t_c(history(space, 12)), SETTINGS, np.random.default_rng(0))
+    assert ch.hyperparameters is not None, ch.reason
 
 
 def test_nonfinite_rows_are_dropped_and_counted() -> None:
@@ -123,7 +144,7 @@ def test_only_nonfinite_rows_falls_back_with_count() -> None:
     rows = [replace(r, rate=math.nan) for r in history(space, 10)]
     ch = suggest(space, rows, [], 100.0, 0.0, SETTINGS, np.random.default_rng(0))
     assert ch.hyperparameters is None
-    assert ch.reason == "pb2 fallback: only 0 rows (need 4); dropped 10 non-finite"
+    assert ch.reason == "pb2 fallback: only 0 rows (need 12); dropped 10 non-finite"
 
 
 def test_invalid_rows_and_pending_are_skipped() -> None:

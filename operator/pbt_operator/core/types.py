@@ -166,7 +166,10 @@ class Pb2Settings:
     # (benchmarks/decision_latency.py).
     window: int | None = None
     max_rows: int = 128
-    min_rows: int = 4
+    # Below this many rows PB2 perturbs instead. None: `auto_min_rows(space)`, which grows with what the
+    # GP has to learn: a categorical's choices are unknown to its Hamming kernel until rows with them
+    # exist, so a space with categoricals needs more rows than its numeric dimensions alone suggest.
+    min_rows: int | None = None
     # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
     # The starts are optimised as one stacked problem, whose shared line search slows each of them:
     # on 24 synthetic 10-hyperparameter histories, against a 512-candidate, 8-start, 200-iteration

@@ -188,7 +188,7 @@ TRAINING_STATUS = _obj(
 # printer columns (METRIC, MODE) show what the operator will use. An object default ({}) on a section
 # lets the defaults inside it apply when the section is left out. Nothing in spec.worker (refused on a
 # cluster) or where a default depends on other fields (parallelism = population; exploit.fraction = 0.5 with
-# explore pb2, else 0.25).
+# explore pb2, else 0.25; explore.pb2.minRows grows with the hyperparameter space).
 DEFAULTS: dict[str, Any] = {
     "spec.mode": "asynchronous", "spec.seed": 0,
     "spec.objective": {}, "spec.objective.metric": S.Objective().metric, "spec.objective.direction": S.Objective().direction,
@@ -204,7 +204,7 @@ DEFAULTS: dict[str, Any] = {
     "spec.explore.resampleProbability": S.Explore().resample_probability,
     "spec.explore.crossover": S.Explore().crossover, "spec.explore.pb2": {},
     "spec.explore.pb2.parallel": Pb2Settings.parallel, "spec.explore.pb2.maxRows": Pb2Settings.max_rows,
-    "spec.explore.pb2.minRows": Pb2Settings.min_rows, "spec.explore.pb2.candidates": Pb2Settings.candidates,
+    "spec.explore.pb2.candidates": Pb2Settings.candidates,
     "spec.explore.pb2.restarts": Pb2Settings.restarts, "spec.explore.pb2.kappa": Pb2Settings.kappa,
     "spec.explore.pb2.trustRegion": Pb2Settings.trust_region,
     "spec.failurePolicy": {}, "spec.failurePolicy.maxRetries": S.FailurePolicy().max_retries,
