@@ -19,6 +19,7 @@ import pytest
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import DEFAULT_CONTAINER, LABEL_TRAINING, job_name, member_name
+from pbt_operator.kube.mergepatch import apply_merge_patch, merge_patch
 from pbt_operator.kube.reconcile import MAX_SELECTED_JOBS, job_outcome, next_cache, plan, world_selectors
 
 CKPT = re.compile(r"/m(\d{3})/(\d{5})/$")
@@ -74,6 +75,7 @@ class FakeCluster:
         self.events: list[Any] = []
         self.collected: set[tuple[int, int]] = set()
         self.read_sizes: list[tuple[int, int]] = []
+        self.status_writes = 0  # member status patches
 
     def now(self) -> str:
         self.clock += 1
@@ -96,8 +98,10 @@ class FakeCluster:
                 m = copy.deepcopy(w[1])
                 m["metadata"]["uid"] = "u-" + m["metadata"]["name"]
                 self.members.setdefault(m["metadata"]["name"], m)
-            elif w[0] == "mstatus":
-                self.members[w[1]]["status"] = copy.deepcopy(w[2])
+            elif w[0] == "mstatus":  # a merge patch, as the operator sends it (kube/mergepatch.py)
+                self.members[w[1]]["status"] = apply_merge_patch(self.members[w[1]].get("status"), merge_patch(
+                    p.prior_members.get(w[1]) or {}, copy.deepcopy(w[2]), keep=("conditions",)))
+                self.status_writes += 1
                 self.bump(self.members[w[1]], p)
             elif w[0] == "mspec":
                 self.members[w[1]]["spec"]["segment"] = copy.deepcopy(w[2])
@@ -105,7 +109,8 @@ class FakeCluster:
             elif w[0] == "job":
                 self.jobs.setdefault(w[1]["metadata"]["name"], copy.deepcopy(w[1]))
             else:
-                self.training["status"] = copy.deepcopy(w[1])
+                self.training["status"] = apply_merge_patch(self.training.get("status"),
+                                                            merge_patch(p.prior_status, copy.deepcopy(w[1])))
         if limit is None:
             self.events += p.events
             self.collected |= p.collected
@@ -604,3 +609,35 @@ def test_retained_checkpoints_go_through_the_training_status_to_a_rebuilt_engine
             c.finish(rng.choice(running))
     assert any(u.endswith("/m000/00000/") for u in handed), handed
     assert [0, 0] not in (c.training["status"].get("retainedCheckpoints") or [])
+
+
+def test_status_writes_delete_what_the_new_status_no_longer_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statuses go out as merge patches: a key the new status leaves out (an older evictedBest's fields
+    at their defaults in the newer one, a cleared wait) must be deleted, or the stored status never
+    equals the computed one and every pass writes it again. With a window of 4 over 24 segments (the
+    evicted best changes), member status writes stay under two per segment (its result; its start when
+    it was queued), and each stored evictedBest is exactly the engine's."""
+    import pbt_operator.kube.reconcile as R
+    from pbt_operator.kube.builders import record_entry
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 4)
+    c = FakeCluster(training_obj(population=4, budget={"segments": 24}, parallelism=2), cache=True)
+    drive(c, random.Random(4), max_passes=5000)
+    assert c.training["status"]["phase"] == "Succeeded"
+    assert c.status_writes <= 2 * 96, c.status_writes  # (234 when dropped keys were left behind)
+    p = c.reconcile()
+    assert p.engine is not None and p.engine.evicted_best
+    for m, rec in p.engine.evicted_best.items():
+        want = {k: v for k, v in record_entry(rec, "", "").items() if k not in ("finishedAt", "job")}
+        assert c.members[member_name("toy", m)]["status"]["evictedBest"] == want
+
+
+def test_merge_patch_deletes_dropped_keys_at_every_level() -> None:
+    old = {"phase": "Pending", "waiting": {"reason": "Starting", "since": "t"}, "evictedBest": {
+        "score": 1.0, "suggestion": {"segment": 3, "donor": 2, "restore": [2, 2]}}, "conditions": [1]}
+    new = {"phase": "Running", "evictedBest": {"score": 2.0, "suggestion": {"segment": 5, "restore": [0, 4]}}}
+    patch = merge_patch(old, new, keep=("conditions",))
+    assert patch == {"phase": "Running", "waiting": None, "evictedBest": {
+        "score": 2.0, "suggestion": {"segment": 5, "restore": [0, 4], "donor": None}}}
+    assert apply_merge_patch(old, patch) == {**new, "conditions": [1]}
+    assert apply_merge_patch(old, new) != {**new, "conditions": [1]}  # what a plain patch left behind

@@ -24,6 +24,7 @@ from .apierrors import ApiError, classify
 from .builders import LABEL_TRAINING
 from .crds import GROUP, VERSION
 from .membercache import MemberCache
+from .mergepatch import merge_patch
 from .ownership import ForeignChild, names, owner_uids, split_owned, uid_of
 from .reconcile import Plan, world_selectors
 
@@ -187,8 +188,12 @@ class Api:
             if rv is not None:
                 p.versions[mname] = str(rv)
 
+        # Merge patches against the statuses as read: keys a new status no longer has are deleted
+        # (kube/mergepatch.py); conditions are not the pass's to delete.
         self._together([lambda mname=mname, st=st: noted(mname, self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, MEMBERS, mname, {"status": st})) for mname, st in p.member_statuses.items()])
+            GROUP, VERSION, ns, MEMBERS, mname, {"status": merge_patch(p.prior_members.get(mname) or {}, st,
+                                                                       keep=("conditions",))}))
+            for mname, st in p.member_statuses.items()])
         specs = [lambda mname=mname, seg=seg: noted(mname, self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, ns, MEMBERS, mname, {"spec": {"segment": seg}})) for mname, seg in p.member_specs.items()]
         if p.spec is not None and p.spec.mode == "asynchronous":
@@ -221,7 +226,7 @@ class Api:
             "batch", "v1", ns, "jobs", jname, body)) for jname, body in p.patch_jobs.items()]
         if p.status and p.status_changed:
             writes.append(lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, TRAININGS, name, {"status": p.status}))
+                GROUP, VERSION, ns, TRAININGS, name, {"status": merge_patch(p.prior_status, p.status, keep=("kopf",))}))
         self._together(writes)
         # Last: stopping a segment Job. Its segment's fate (recorded failure, finished training, or a
         # member spec that reruns it) is already written, so a crash before this leaves a Job the next

@@ -44,6 +44,7 @@ from .builders import (
     pod_selector,
     record_entry,
 )
+from .mergepatch import stored_form
 
 # Each member's status keeps its newest HISTORY_WINDOW finished segments (and the failed attempts of
 # the segments it is on), each with the engine's totals after it: what decisions and a rebuild need
@@ -70,6 +71,10 @@ class Plan:
     delete_jobs: list[tuple[str, str]] = field(default_factory=list)  # (name, uid): stopped segments, after all else
     status: dict[str, Any] = field(default_factory=dict)
     status_changed: bool = True  # False: `status` equals what the training already has (no write)
+    # The statuses as read (member name -> status without conditions; the training's): api.apply writes
+    # merge patches against them, deleting the keys a new status no longer has (kube/mergepatch.py).
+    prior_members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prior_status: dict[str, Any] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
     collected: set[tuple[int, int]] = field(default_factory=set)
     done: bool = False
@@ -669,8 +674,9 @@ def write_member_statuses(p: Pass) -> None:
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
         if old.get("disruptions") and "disruptions" not in st:
             st["disruptions"] = old["disruptions"]
-        if st != old:
+        if stored_form(st) != old:
             out.member_statuses[member_name(p.name, m_idx)] = st
+            out.prior_members[member_name(p.name, m_idx)] = old
         wait = p.waits.get(m_idx)
         if wait is not None and wait.reason not in S.TRANSIENT and wait.reason != (old.get("waiting") or {}).get("reason"):
             out.events.append(EventSpec(member_name(p.name, m_idx),
@@ -725,7 +731,8 @@ def finish_pass(p: Pass) -> None:
     out.done = engine.done
     out.status = training_status(p.spec, engine, old_status, p.now, p.training["metadata"].get("generation"),
                                  p.running - len(p.waits), len(p.waiting), p.root, p.waits)
-    out.status_changed = out.status != old_status
+    out.status_changed = stored_form(out.status) != old_status
+    out.prior_status = dict(old_status)
     paused = p.spec.suspend or p.spec.parallelism == 0
     if paused != (old_status.get("phase") == "Suspended") and not out.done and (paused or old_status):
         why = "spec.suspend is true" if p.spec.suspend else "spec.parallelism is 0"
