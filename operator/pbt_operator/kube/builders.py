@@ -42,7 +42,12 @@ def member_name(training: str, index: int) -> str:
 def job_name(training: str, sug: Suggestion) -> str:
     """Deterministic: the same decision always maps to the same Job, so a create after a crash is a
     409 (already done), never a second run of the segment."""
-    return f"{training}-m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}"
+    return segment_job_name(training, sug.member, sug.segment, sug.attempt)
+
+
+def segment_job_name(training: str, member: int, segment: int, attempt: int) -> str:
+    """`job_name` from the numbers alone (a pass selecting Jobs by name parses no hyperparameters)."""
+    return f"{training}-m{member:03d}-s{segment:05d}-a{attempt}"
 
 
 def trainer_index(template: Mapping[str, Any]) -> int:

@@ -43,6 +43,7 @@ from .builders import (
     member_status,
     pod_selector,
     record_entry,
+    segment_job_name,
 )
 from .mergepatch import stored_form
 
@@ -185,7 +186,7 @@ def world_selectors(training: str, members: Sequence[Mapping[str, Any]]) -> tupl
         done = st.get("completedSegment")
         if st.get("phase") == "Queued" or (isinstance(done, int) and done >= segment):
             continue
-        names.append(f"{training}-m{member:03d}-s{segment:05d}-a{attempt}")  # builders.job_name
+        names.append(segment_job_name(training, member, segment, attempt))
         segments.add(segment)
         indices.add(member)
     if not names:
