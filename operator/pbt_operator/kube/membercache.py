@@ -94,43 +94,47 @@ class MemberStore:
         """A watch event's object (ADDED, MODIFIED) or the answer to one of our writes: kept when its
         training is tracked and it is newer than what the store holds of that name and than that name's
         deletion. True when kept."""
-        training = _training(obj)
         with self.lock:
-            bucket = self.objs.get(training)
-            if bucket is None:
+            found = self._locate(obj)
+            if found is None:
                 return False
-            try:
-                name, rv = _name(obj), rv_of(obj)
-                cur = bucket.get(name)
-                if cur is not None and rv_of(cur) >= rv:
-                    return False
-                if cur is None and self.tombstones[training].get(name, -1) >= rv:
-                    return False
-            except StoreUnusable as e:
-                self.broken[training] = str(e)
+            training, name, rv, cur_rv = found
+            if cur_rv is not None and cur_rv >= rv:
                 return False
-            bucket[name] = obj
+            if cur_rv is None and self.tombstones[training].get(name, -1) >= rv:
+                return False
+            self.objs[training][name] = obj
             return True
 
     def delete(self, obj: Mapping[str, Any]) -> bool:
         """A DELETED event (its object carries the resourceVersion of the deletion). A stored object of
         that name that is newer (created again after the deletion) stays. True when one was removed."""
-        training = _training(obj)
         with self.lock:
-            bucket = self.objs.get(training)
-            if bucket is None:
+            found = self._locate(obj)
+            if found is None:
                 return False
-            try:
-                name, rv = _name(obj), rv_of(obj)
-                cur = bucket.get(name)
-                if cur is not None and rv_of(cur) > rv:
-                    return False
-            except StoreUnusable as e:
-                self.broken[training] = str(e)
+            training, name, rv, cur_rv = found
+            if cur_rv is not None and cur_rv > rv:
                 return False
             tombs = self.tombstones[training]
             tombs[name] = max(rv, tombs.get(name, -1))
-            return bucket.pop(name, None) is not None
+            return self.objs[training].pop(name, None) is not None
+
+    def _locate(self, obj: Mapping[str, Any]) -> tuple[str, str, int, int | None] | None:
+        """(training, name, resourceVersion, that of the stored object of that name or None) for an
+        offered or deleted object; None when its training is not tracked or an ordering cannot be
+        decided (the training is then marked broken). Called with the lock held."""
+        training = _training(obj)
+        bucket = self.objs.get(training)
+        if bucket is None:
+            return None
+        try:
+            name, rv = _name(obj), rv_of(obj)
+            cur = bucket.get(name)
+            return training, name, rv, (rv_of(cur) if cur is not None else None)
+        except StoreUnusable as e:
+            self.broken[training] = str(e)
+            return None
 
     def load(self, training: str, items: Iterable[Mapping[str, Any]], list_rv: str | int) -> None:
         """A fresh LIST of the training's members at `list_rv`: the truth as of then. What the store
