@@ -84,9 +84,11 @@ def test_unschedulable_segment_says_why_and_its_pending_timeout_fails_it(
     head, row = c.kubectl("get", "pbt", "nogpu", "-n", namespace).stdout.splitlines()
     at = head.index(" WAITING ") + 1  # a column of `kubectl get pbt` (empty cells make split() useless)
     assert row[at:at + len("WAITING")].split() == ["2"], (head, row)
-    warn = [e for e in events(c, namespace) if e["reason"] == "Unschedulable"
-            and e["involvedObject"]["kind"] == "PopulationMember"]
-    assert warn and warn[0]["type"] == "Warning" and "Insufficient nvidia.com/gpu" in warn[0]["message"]
+    # (Events are posted after the pass's status writes, so the Event may lag what was read above)
+    warn = c.wait_for(lambda: [e for e in events(c, namespace) if e["reason"] == "Unschedulable"
+                               and e["involvedObject"]["kind"] == "PopulationMember"], 30, interval=0.5,
+                      desc="an Unschedulable Event on a member")
+    assert warn[0]["type"] == "Warning" and "Insufficient nvidia.com/gpu" in warn[0]["message"]
     # the pending timeout fails it, saying what it waited for
     obj = wait_phase(c, namespace, "nogpu", op, timeout=120, phase="Failed")
     failed = cond(obj, "Failed")["message"]

@@ -405,3 +405,62 @@ def test_queued_job_waits_for_admission_and_wakes_the_operator() -> None:
     assert pod_event_matters("MODIFIED", running_pod(jobs[0], at(5), "p"))
     assert pod_event_matters("MODIFIED", pod(scheduled={"status": "False", "reason": "Unschedulable"}))
     assert not pod_event_matters("MODIFIED", pod(node="n1", scheduled={"status": "True"}))
+
+
+def test_pending_timeout_names_the_wait_its_pod_had_not_the_moment_after_its_deletion() -> None:
+    """At the pending deadline the Job controller deletes the pod first and marks the Job failed
+    (FailureTarget) in a later write: a pass in between sees the Job without an active pod. That
+    moment must not replace what the member waited for, so the PendingTimeout failure still quotes
+    the scheduler (it quoted "WaitingForPod: the Job controller has not created its pod yet")."""
+    t, members, jobs = started_world(segment={"steps": 5, "timeoutSeconds": 30, "pendingTimeoutSeconds": 25},
+                                     failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
+    msg = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods = [pod(j["metadata"]["name"], uid=f"p{i}", created=at(1),
+                scheduled={"status": "False", "reason": "Unschedulable", "message": msg}) for i, j in enumerate(jobs)]
+
+    def written(p: Any) -> None:  # the pass's member statuses, as the next pass reads them
+        for m in members:
+            m["status"] = p.member_statuses.get(m["metadata"]["name"], m.get("status") or {})
+        t["status"] = p.status
+
+    p = plan(t, members, jobs, pods, at(10))
+    assert {m["waiting"]["reason"] for m in p.member_statuses.values()} == {C.UNSCHEDULABLE}
+    written(p)
+    # the deadline (26 s after the Job's start): the pods are being deleted, the Jobs not yet marked
+    for pd in pods:
+        pd["metadata"]["deletionTimestamp"] = at(27)
+    p = plan(t, members, jobs, pods, at(27))
+    assert all(m["status"]["waiting"]["reason"] == C.UNSCHEDULABLE for m in members if m["metadata"]["name"]
+               not in p.member_statuses) and all(st["waiting"]["reason"] == C.UNSCHEDULABLE
+                                                 for st in p.member_statuses.values())
+    assert not [e for e in p.events if e.reason == C.UNSCHEDULABLE]  # no second Warning for the same wait
+    written(p)
+    # ... gone, and the next pass sees the Jobs failed at their deadline
+    for j in jobs:
+        j["status"]["conditions"] = [{"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}]
+    p = plan(t, members, jobs, [], at(28))
+    assert p.status["phase"] == "Failed"
+    failed = next(c for c in p.status["conditions"] if c["type"] == C.FAILED)["message"]
+    assert "PendingTimeout" in failed and "pendingTimeoutSeconds (25 s)" in failed, failed
+    assert f"it was waiting: {C.UNSCHEDULABLE}: {msg}" in failed, failed
+
+
+def test_a_podless_moment_keeps_only_a_wait_of_the_same_jobs_pod() -> None:
+    """kept_waiting: a wait for the Job's pod (scheduler, node, image, starting) outlives the moment
+    the pod is gone; a queue's admission, a wait recorded before this Job, and any wait with a pod do not."""
+    j = job(start=at(5))
+    j["metadata"]["creationTimestamp"] = at(4)
+    podless = S.waiting_of(j, [])
+    assert podless is not None and podless.reason == C.WAITING_FOR_POD
+    unsched = {"reason": C.UNSCHEDULABLE, "message": "0/2 nodes", "since": at(6)}
+    assert S.kept_waiting(podless, unsched, j) == S.Waiting(C.UNSCHEDULABLE, "0/2 nodes", at(6))
+    starting = {"reason": C.STARTING, "message": "scheduled on node n1; ContainerCreating", "since": at(6)}
+    assert S.kept_waiting(podless, starting, j) == S.Waiting(C.STARTING, starting["message"], at(6))
+    assert S.kept_waiting(podless, {**unsched, "since": at(3)}, j) == podless  # an earlier Job's pod
+    assert S.kept_waiting(podless, {"reason": C.UNSCHEDULABLE, "message": "x"}, j) == podless  # whose, unknown
+    admission = {"reason": C.WAITING_FOR_ADMISSION, "message": "queue", "since": at(4)}
+    assert S.kept_waiting(podless, admission, j) == podless  # admitted now: that wait is over
+    assert S.kept_waiting(podless, None, j) == podless
+    scheduled = S.Waiting(C.STARTING, "scheduled on node n1; ContainerCreating", at(6))
+    assert S.kept_waiting(scheduled, unsched, j) == scheduled  # a pod tells its own state
+    assert S.kept_waiting(None, unsched, j) is None  # the trainer started

@@ -635,10 +635,12 @@ def stop_segments(p: Pass) -> list[int]:
 
 def watch_segments(p: Pass) -> None:
     """For each segment Job still running: why it waits, if it does (worth reporting: kube/segments.py
-    notable), and its deadline moved to the trainer's start when that has changed."""
+    notable; a moment without a pod keeps the wait its pod had: kept_waiting), and its deadline moved to
+    the trainer's start when that has changed."""
     for m_idx, job in p.live.items():
         jpods = p.pods_of.get(job["metadata"]["name"], [])
-        w = S.waiting_of(job, jpods, p.events)
+        recorded = ((p.by_index.get(m_idx) or {}).get("status") or {}).get("waiting")
+        w = S.kept_waiting(S.waiting_of(job, jpods, p.events), recorded, job)
         if w is not None and S.notable(w, p.now):  # (a few seconds of starting are not worth a write)
             p.waits[m_idx] = w
         d = S.desired_deadline(job, jpods, p.spec.segment)

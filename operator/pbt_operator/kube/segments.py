@@ -188,6 +188,27 @@ def waiting_of(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
 
 TRANSIENT = (C.STARTING, C.WAITING_FOR_POD)
 TRANSIENT_SECONDS = 20.0
+# Waits that a Job's pod tells (what the scheduler, a node autoscaler or the kubelet says about it).
+POD_WAITS = (C.SCHEDULING_GATED, C.UNSCHEDULABLE, C.WAITING_FOR_NODE, C.IMAGE_PULL_ERROR, C.CONTAINER_ERROR,
+             C.STARTING)
+
+
+def kept_waiting(w: Waiting | None, recorded: Mapping[str, Any] | None, job: Mapping[str, Any]) -> Waiting | None:
+    """The wait to record for a segment this pass: `w` (waiting_of), except that a moment without a
+    pod (WAITING_FOR_POD) keeps the member's recorded wait for a pod of the same Job.
+
+    Why: a Job that had a pod and has none is between states. At the pending deadline the Job
+    controller deletes the pod before it marks the Job failed, and a pass in between would otherwise
+    record "has not created its pod yet" as the reason, which the PendingTimeout failure then quotes
+    instead of the scheduler's message; a pod evicted before it started is replaced by one that waits
+    for the same thing. The recorded wait is this Job's when it began at or after the Job's creation
+    (a pod's creation); waits about the Job itself (a queue's admission) end when it has no pod yet."""
+    if w is None or w.reason != C.WAITING_FOR_POD or not recorded or recorded.get("reason") not in POD_WAITS:
+        return w
+    since, created = parse_time(recorded.get("since")), parse_time((job.get("metadata") or {}).get("creationTimestamp"))
+    if since is None or created is None or since < created:
+        return w
+    return Waiting(str(recorded["reason"]), str(recorded.get("message") or ""), str(recorded["since"]))
 
 
 def notable(w: Waiting, now: str) -> bool:
@@ -349,6 +370,7 @@ __all__ = [
     "events_wanted",
     "initial_deadline",
     "job_finished",
+    "kept_waiting",
     "notable",
     "started",
     "summarize",
