@@ -204,11 +204,11 @@ def _task(args: tuple[str, str, int, int, dict[str, Any]]) -> RunResult | tuple[
     PB2_FIELDS.update(extra.get("fields", {}))
     PB2_FRACTION = float(extra.get("fraction", PB2_FRACTION))
     if method == "limit":
-        return prob, pop, seed, PROBLEMS[prob].limit(pop, seed)
+        return prob, pop, seed, PROBLEMS[prob].for_seed(seed).limit(pop, seed)
     if prob == DIGITS:
         with tempfile.TemporaryDirectory(prefix="pbt-sq-") as tmp:
             return run_digits(method, pop, seed, Path(tmp))
-    return simulate(PROBLEMS[prob], method, pop, seed)
+    return simulate(PROBLEMS[prob].for_seed(seed), method, pop, seed)
 
 
 @dataclass
@@ -329,7 +329,7 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
 # (its spread across seeds is a fraction of a percent; the RL oracle's look-ahead is the costliest
 # part of the benchmark). Oracle runs are deterministic, so they are cached between invocations.
 LIMIT_SEEDS = 5
-LIMIT_CACHE = Path(tempfile.gettempdir()) / "pbt-search-quality-limits-v1.json"
+LIMIT_CACHE = Path(tempfile.gettempdir()) / "pbt-search-quality-limits-v2.json"
 
 
 def _load_limits() -> dict[str, float]:
