@@ -14,18 +14,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def sq():
+def _benchmark_module(name: str):
+    """Load benchmarks/<name>.py under a private name (benchmarks/ is not a package), then unload it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    path = ROOT / "benchmarks" / "search_quality.py"
-    spec = importlib.util.spec_from_file_location("search_quality_under_test", path)
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def sq():
+    yield from _benchmark_module("search_quality")
 
 
 def test_every_method_gets_the_same_budget_and_a_row(sq):
@@ -77,16 +83,7 @@ def test_oracle_is_the_limit_of_a_fixed_good_configuration():
 
 @pytest.fixture(scope="module")
 def fixed():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    path = ROOT / "benchmarks" / "fixed_configs.py"
-    spec = importlib.util.spec_from_file_location("fixed_configs_under_test", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(ROOT / "benchmarks"))
+    yield from _benchmark_module("fixed_configs")
 
 
 def test_fixed_grid_covers_the_space_within_its_size(fixed):
