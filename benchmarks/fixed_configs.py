@@ -1,8 +1,9 @@
 """How much does a schedule matter? The best *fixed* configuration of each search-quality problem,
 chosen with hindsight, as a fraction of the problem's physical limit.
 
-    .venv/bin/python benchmarks/fixed_configs.py [--seeds 10] [--problems lr-schedule,cat-flip,rl,quadratic]
-        [--pops 4,8,16] [--points 21] [--jobs 2]
+    .venv/bin/python benchmarks/fixed_configs.py [--seeds 10] [--problems lr-schedule,cat-flip,rl,rl-reach,quadratic]
+        [--pops 4,8,16] [--points 21] [--max-configs 64] [--jobs 2]
+    .venv/bin/python benchmarks/fixed_configs.py --schedules --problems rl-reach [--seeds 5]
 
 Issue 14 asks for problems "where the optimal hyperparameters move during training": on such a
 problem no single configuration, however well chosen, reaches the limit, and the gap between the
@@ -18,6 +19,11 @@ after seeing the results.
 A problem whose best fixed configuration comes close to the limit does not test moving optima,
 whatever its oracle does: there a method wins by finding one good configuration, which random
 search over the whole space can do as well.
+
+`--schedules` searches, with hindsight, the family of geometric schedules whose start and end are
+both on that grid (so every fixed configuration of the grid is in the family): one member per
+seed, ranked by the median of its final noise-free score (to 3 places), ties by the worst seed (many
+schedules tie at the top, and a median over few seeds hides a schedule that fails one seed in ten). `rl-reach`'s oracle trains at the winner.
 """
 
 from __future__ import annotations
@@ -43,20 +49,20 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import search_quality as sq  # noqa: E402
-from problems import PROBLEMS, Problem  # noqa: E402
+from problems import PROBLEMS, Problem, geometric_schedule  # noqa: E402
 
 MAX_CONFIGS = 64
 
 
-def grid(problem: Problem, points: int) -> list[dict[str, Any]]:
+def grid(problem: Problem, points: int, max_configs: int = MAX_CONFIGS) -> list[dict[str, Any]]:
     """The grid's configurations: every categorical choice times `points` values per numeric
-    hyperparameter, fewer per axis when the product would exceed MAX_CONFIGS."""
+    hyperparameter, fewer per axis when the product would exceed `max_configs`."""
     spec = problem.hyperparameters
     cats = {n: list(s["choices"]) for n, s in spec.items() if s["type"] == "categorical"}
     nums = [n for n in spec if n not in cats]
     n_cat = math.prod(len(c) for c in cats.values()) if cats else 1
     per_axis = points
-    while per_axis > 2 and n_cat * per_axis ** len(nums) > MAX_CONFIGS:
+    while per_axis > 2 and n_cat * per_axis ** len(nums) > max_configs:
         per_axis -= 1
     axes: dict[str, list[Any]] = dict(cats)
     for n in nums:
@@ -81,6 +87,46 @@ def fixed_run(problem: Problem, hp: dict[str, Any], seed: int, member: int) -> f
     return float(problem.true_score(state))
 
 
+def schedule_run(problem: Problem, start: dict[str, Any], end: dict[str, Any], seed: int) -> float:
+    """One member (member 0, the same noise as fixed_run's) trained on the geometric schedule from
+    `start` to `end`; its noise-free final score. With start == end it is fixed_run's."""
+    rng = np.random.default_rng([seed, 0, 7])
+    state = problem.init(np.random.default_rng([seed, 0, 0]))
+    pairs = {n: (float(start[n]), float(end[n])) for n in start}
+    for k in range(problem.segments):
+        hp = geometric_schedule(pairs, k, problem.segments)
+        state = problem.train(state, hp, k * problem.steps, problem.steps, rng)
+    return float(problem.true_score(state))
+
+
+def _schedule_task(args: tuple[str, int, dict[str, Any], list[dict[str, Any]], Sequence[int]]
+                   ) -> list[tuple[float, float, int, int]]:
+    name, i, start, ends, seeds = args
+    prob = PROBLEMS[name]
+    out = []
+    for j, end in enumerate(ends):
+        finals = [schedule_run(prob.for_seed(s), start, end, s) for s in seeds]
+        out.append((round(statistics.median(finals), 3), min(finals), i, j))
+    return out
+
+
+def schedules(name: str, points: int, seeds: Sequence[int], jobs: int) -> None:
+    """Print the best geometric schedules of the grid with hindsight (see the module docstring)."""
+    configs = grid(PROBLEMS[name], points)
+    if any(isinstance(v, str) for hp in configs for v in hp.values()):
+        raise SystemExit(f"--schedules: {name} has a categorical hyperparameter; only numeric spaces")
+    with ProcessPoolExecutor(jobs) as ex:
+        found = [r for rows in ex.map(_schedule_task, [(name, i, hp, configs, list(seeds))
+                                                       for i, hp in enumerate(configs)]) for r in rows]
+    found.sort(reverse=True)
+    fixed = max(r for r in found if r[2] == r[3])
+    print(f"\n{name}: {len(found)} schedules, final score over {len(seeds)} seeds (one member): "
+          "median (to 3 places), then the worst seed")
+    for med, worst, i, j in found[:5]:
+        print(f"  {med:.3f} {worst:.4f}  {describe(configs[i])}  ->  {describe(configs[j])}")
+    print(f"  best fixed: {fixed[0]:.3f} {fixed[1]:.4f}  {describe(configs[fixed[2]])}")
+
+
 def _task(args: tuple[str, int, dict[str, Any], Sequence[int], int]) -> tuple[str, int, list[list[float]]]:
     name, index, hp, seeds, members = args
     prob = PROBLEMS[name]
@@ -98,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pops", "--populations", dest="pops", default="4,8,16")
     ap.add_argument("--points", type=int, default=21, help="grid values per numeric hyperparameter (at most)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--max-configs", type=int, default=MAX_CONFIGS,
+                    help="at most this many fixed configurations per problem (a finer grid: raise it)")
+    ap.add_argument("--schedules", action="store_true",
+                    help="search geometric schedules between grid points instead (numeric spaces only)")
     a = ap.parse_args(argv)
     problems = [p for p in a.problems.split(",") if p]
     for p in problems:
@@ -112,8 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {sq.machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     t0 = time.perf_counter()
+    if a.schedules:
+        for p in problems:
+            schedules(p, a.points, seeds, a.jobs)
+        print(f"\nwall time: {time.perf_counter() - t0:.1f} s with {a.jobs} processes ({sq.machine()})")
+        return 0
     _, _, limits = sq.benchmark(problems, pops, seeds, methods=(), jobs=a.jobs)
-    grids = {p: grid(PROBLEMS[p], a.points) for p in problems}
+    grids = {p: grid(PROBLEMS[p], a.points, a.max_configs) for p in problems}
     tasks = [(p, i, hp, seeds, pops[-1]) for p in problems for i, hp in enumerate(grids[p])]
     finals: dict[tuple[str, int], list[list[float]]] = {}
     with ProcessPoolExecutor(a.jobs) as ex:

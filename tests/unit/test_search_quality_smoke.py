@@ -130,3 +130,29 @@ def test_cat_flip_optima_are_drawn_per_seed_and_shared_within_one():
     elsewhere = a.train(0.0, {"optimizer": "adam", "lr": best["lr"] * 10 ** 0.4}, 0, 5, np.random.default_rng(0))
     assert at_best > elsewhere
     assert b.best_hp(60, 0.0)["optimizer"] == "sgd" and P.RL.for_seed(5) is P.RL
+
+
+def test_rl_reach_needs_a_schedule(fixed):
+    """rl-reach is a test of moving optima only if no fixed configuration comes near its limit: exploring
+    widely is what finds the target and what costs reward there, and the advantages' scale grows by
+    orders of magnitude on the way. The best fixed configuration of the grid stays below 0.8 of the
+    limit (benchmarks/README.md, `fixed_configs.py --problems rl-reach`); the oracle's schedule is in
+    the family it was chosen from and reaches the task's maximum return (1, at zero exploration)."""
+    import problems as P  # on the path while the fixture is
+
+    prob = fixed.PROBLEMS["rl-reach"]
+    limit = prob.limit(4, 0)
+    assert 0.95 < limit <= 1.0
+    best = max(max(fixed.fixed_run(prob, hp, 0, m) for m in range(4)) for hp in fixed.grid(prob, 21))
+    assert best < 0.8 * limit
+    start = {k: a for k, (a, _) in P.REACH_SCHEDULE.items()}
+    end = {k: b for k, (_, b) in P.REACH_SCHEDULE.items()}
+    assert fixed.schedule_run(prob, start, end, 0) > 0.95
+    assert fixed.schedule_run(prob, end, end, 0) == fixed.fixed_run(prob, end, 0, 0)  # constants are in the family
+    # the exact expected return: exploration costs reward at the target; the mean's offset costs more
+    at = P.reach_expected_return(P.REACH_TARGET, 1.0)
+    assert at == pytest.approx(0.5) and P.reach_expected_return(P.REACH_TARGET + 1.0, 1.0) < at
+    rng = np.random.default_rng(3)
+    a = P.REACH_TARGET + 0.3 + rng.standard_normal((200_000, P.REACH_DIM))
+    sampled = np.exp(-np.sum((a - P.REACH_TARGET) ** 2, axis=1) / 2.0).mean()
+    assert sampled == pytest.approx(P.reach_expected_return(P.REACH_TARGET + 0.3, 1.0), rel=0.01)
