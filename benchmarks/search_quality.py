@@ -1,7 +1,7 @@
 """Search quality where PBT is meant to win: problems whose best hyperparameters move during training,
 each measured against its physical limit (issue 14).
 
-    .venv/bin/python benchmarks/search_quality.py [--seeds 20] [--problems lr-schedule,cat-flip,rl,quadratic]
+    .venv/bin/python benchmarks/search_quality.py [--seeds 20] [--problems lr-schedule,cat-flip,rl,rl-reach,quadratic]
         [--pops 4,8,16] [--methods ...] [--jobs 2] [--pb2 JSON] [--pb2-settings JSON] [--pb2-fraction 0.5]
         [--out results.json]
 
