@@ -333,15 +333,17 @@ def geometric_schedule(schedule: Mapping[str, tuple[float, float]], segment: int
     return {k: float(a * (b / a) ** x) for k, (a, b) in schedule.items()}
 
 
+REACH_SEGMENTS, REACH_STEPS = 20, 5
+
 RL_REACH = Problem(
     name="rl-reach",
     hyperparameters=REACH_SPACE,
-    segments=20, steps=5,
+    segments=REACH_SEGMENTS, steps=REACH_STEPS,
     init=lambda rng: (np.zeros(REACH_DIM), 1.0, 0.0),
     train=_reach_train,
     true_score=lambda s: reach_expected_return(s[0], s[1]),
     report=lambda s, rng: float(s[2]),
-    best_hp=lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // 5, 20),
+    best_hp=lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // REACH_STEPS, REACH_SEGMENTS),
 )
 
 
