@@ -130,8 +130,14 @@ class Sampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
     def stop(self) -> None:
+        """Stop sampling and take one last sample now: the loop's last one may predate what the test has
+        just waited for (e.g. the pool's last node going away)."""
         self.stop_event.set()
         self.join(10)
+        try:
+            self.samples.append(self.sample())
+        except Exception:  # a transient API error: the loop's last sample stands
+            pass
 
     # -- summaries ---------------------------------------------------------------------------
     def peak_running(self) -> int:

@@ -18,6 +18,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,9 +259,17 @@ def test_installed_chart_runs_a_training_as_its_service_account(
     plain = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "not-ours"},
              "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never",
                                                              "containers": [{"name": "c", "image": "x"}]}}}}
-    cluster.apply(plain, ns)
-    refused = cluster.kubectl("delete", "job", "not-ours", "-n", ns, "--wait=false", f"--as={operator_user}",
-                              check=False)
+    # The API server loads a new ValidatingAdmissionPolicy and its binding asynchronously (its policy
+    # source resyncs and type-checks them), so right after `helm install` a request can precede the
+    # enforcement: retry on a fresh Job for a while; what must hold is that it is enforced, within seconds.
+    deadline = time.monotonic() + 30
+    while True:
+        cluster.apply(plain, ns)
+        refused = cluster.kubectl("delete", "job", "not-ours", "-n", ns, "--wait=false", f"--as={operator_user}",
+                                  check=False)
+        if refused.returncode != 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert refused.returncode != 0 and "only its own segment Jobs" in refused.stderr, refused.stderr
     cluster.kubectl("delete", "job", "not-ours", "-n", ns)  # an admin is not affected
     # pods: create is granted for one server-side dry run per new training (quota, LimitRange, Pod Security
