@@ -39,7 +39,7 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -78,25 +78,25 @@ def grid(problem: Problem, points: int, max_configs: int = MAX_CONFIGS) -> list[
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(axes[n] for n in names))]
 
 
-def fixed_run(problem: Problem, hp: dict[str, Any], seed: int, member: int) -> float:
-    """One member trained at `hp` for the whole budget, segment by segment; its noise-free final score."""
+def _member_run(problem: Problem, hp_at: Callable[[int], Mapping[str, Any]], seed: int, member: int) -> float:
+    """One member trained for the whole budget, segment k at `hp_at(k)`; its noise-free final score."""
     rng = np.random.default_rng([seed, member, 7])
     state = problem.init(np.random.default_rng([seed, member, 0]))
     for k in range(problem.segments):
-        state = problem.train(state, hp, k * problem.steps, problem.steps, rng)
+        state = problem.train(state, hp_at(k), k * problem.steps, problem.steps, rng)
     return float(problem.true_score(state))
+
+
+def fixed_run(problem: Problem, hp: dict[str, Any], seed: int, member: int) -> float:
+    """One member trained at `hp` for the whole budget; its noise-free final score."""
+    return _member_run(problem, lambda k: hp, seed, member)
 
 
 def schedule_run(problem: Problem, start: dict[str, Any], end: dict[str, Any], seed: int) -> float:
     """One member (member 0, the same noise as fixed_run's) trained on the geometric schedule from
     `start` to `end`; its noise-free final score. With start == end it is fixed_run's."""
-    rng = np.random.default_rng([seed, 0, 7])
-    state = problem.init(np.random.default_rng([seed, 0, 0]))
     pairs = {n: (float(start[n]), float(end[n])) for n in start}
-    for k in range(problem.segments):
-        hp = geometric_schedule(pairs, k, problem.segments)
-        state = problem.train(state, hp, k * problem.steps, problem.steps, rng)
-    return float(problem.true_score(state))
+    return _member_run(problem, lambda k: geometric_schedule(pairs, k, problem.segments), seed, 0)
 
 
 def _schedule_task(args: tuple[str, int, dict[str, Any], list[dict[str, Any]], Sequence[int]]

@@ -34,6 +34,11 @@ def sq():
     yield from _benchmark_module("search_quality")
 
 
+@pytest.fixture(scope="module")
+def P():  # benchmarks/problems.py, by its usual short name
+    yield from _benchmark_module("problems")
+
+
 def test_every_method_gets_the_same_budget_and_a_row(sq):
     quick = replace(sq.PROBLEMS["lr-schedule"], segments=4)
     sq.PROBLEMS["quick"] = quick
@@ -57,12 +62,7 @@ def test_every_method_gets_the_same_budget_and_a_row(sq):
     assert a.final != sq.simulate(quick, "pb2-bucb", 4, 2).final
 
 
-def test_oracle_is_the_limit_of_a_fixed_good_configuration():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import problems as P
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_oracle_is_the_limit_of_a_fixed_good_configuration(P):
     lr = P.LR_SCHEDULE
     limit = lr.limit(4, 0)
     rng = np.random.default_rng(0)
@@ -111,12 +111,7 @@ def test_no_fixed_configuration_reaches_the_limit_where_the_optimum_moves(fixed)
     assert max(fixed.fixed_run(quad, hp, 0, 0) for hp in fixed.grid(quad, 5)) == pytest.approx(quad.limit(4, 0))
 
 
-def test_cat_flip_optima_are_drawn_per_seed_and_shared_within_one():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import problems as P
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_cat_flip_optima_are_drawn_per_seed_and_shared_within_one(P):
     a, b = P.CAT_FLIP.for_seed(0), P.CAT_FLIP.for_seed(1)
     assert P.cat_optimizers(0) == P.cat_optimizers(0) != P.cat_optimizers(1)
     for name, (lr, early, late) in P.cat_optimizers(3).items():
@@ -132,14 +127,12 @@ def test_cat_flip_optima_are_drawn_per_seed_and_shared_within_one():
     assert b.best_hp(60, 0.0)["optimizer"] == "sgd" and P.RL.for_seed(5) is P.RL
 
 
-def test_rl_reach_needs_a_schedule(fixed):
+def test_rl_reach_needs_a_schedule(fixed, P):
     """rl-reach is a test of moving optima only if no fixed configuration comes near its limit: exploring
     widely is what finds the target and what costs reward there, and the advantages' scale grows by
     orders of magnitude on the way. The best fixed configuration of the grid stays below 0.8 of the
     limit (benchmarks/README.md, `fixed_configs.py --problems rl-reach`); the oracle's schedule is in
     the family it was chosen from and reaches the task's maximum return (1, at zero exploration)."""
-    import problems as P  # on the path while the fixture is
-
     prob = fixed.PROBLEMS["rl-reach"]
     limit = prob.limit(4, 0)
     assert 0.95 < limit <= 1.0

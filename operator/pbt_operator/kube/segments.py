@@ -205,7 +205,7 @@ def kept_waiting(w: Waiting | None, recorded: Mapping[str, Any] | None, job: Map
     (a pod's creation); waits about the Job itself (a queue's admission) end when it has no pod yet."""
     if w is None or w.reason != C.WAITING_FOR_POD or not recorded or recorded.get("reason") not in POD_WAITS:
         return w
-    since, created = parse_time(recorded.get("since")), parse_time((job.get("metadata") or {}).get("creationTimestamp"))
+    since, created = parse_time(recorded.get("since")), parse_time(_created(job))
     if since is None or created is None or since < created:
         return w
     return Waiting(str(recorded["reason"]), str(recorded.get("message") or ""), str(recorded["since"]))
