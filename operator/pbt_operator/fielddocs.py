@@ -106,6 +106,9 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.exploit.fraction", "(0, 0.5], 0.25 (0.5 with `explore.strategy: pb2`)",
           "truncation: the bottom fraction copies a member of the top fraction; PB2 picks hyperparameters "
           "only for members that copy, so its default is larger (README: \"Choosing PB2 settings\")"),
+    Field("spec.exploit.donorFraction", "(0, 0.5], `fraction` (at most 0.25 with `explore.strategy: pb2`)",
+          "truncation: the top fraction whose members are copied; with PB2 half the population re-decides, but "
+          "copies only the best quarter's checkpoints (README: \"Choosing PB2 settings\")"),
     Field("spec.exploit.size", "int >= 2, 2", "tournament size: the loser copies the winner"),
     Field("spec.exploit.significance", "`{enabled: false, alpha: 0.05, window: 4}`",
           "only copy when Welch's t-test over the last `window` scores says the donor is better"),
@@ -121,7 +124,7 @@ FIELDS: tuple[Field, ...] = (
           "per hyperparameter, draw from the prior instead of perturbing"),
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
     Field("spec.explore.pb2", "`{parallel: liar-pessimistic, window, maxRows: 128, minRows, candidates: 128, restarts: 2, "
-          "kappa: 1, trustRegion: 0.25}`", "PB2's settings"),
+          "kappa: 1, trustRegion: 0.25, retune: 0.05}`", "PB2's settings"),
     Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
           "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),
     Field("spec.explore.pb2.window", "int >= 1, none", "only rows within this many steps of the newest are used",
@@ -136,6 +139,10 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.pb2.trustRegion", "(0, 1], 0.25",
           "how far a new configuration may move from the donor's, as a share of each numeric range (log scale "
           "where log: true), whether or not its categories change; 1 searches everywhere"),
+    Field("spec.explore.pb2.retune", "[0, 1], 0.05",
+          "a member that keeps its weights moves its numbers to PB2's best predicted ones within this share of "
+          "each numeric range of its own (categories kept; no exploration bonus); 0 keeps its configuration, as "
+          "in PBT"),
     Field("spec.storage", "", "where checkpoints live", row=False),
     Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
           "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "

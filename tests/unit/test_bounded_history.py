@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from pbt_operator.core.engine import Engine
-from pbt_operator.core.policy import Journaled, rebuild
+from pbt_operator.core.policy import Journaled, garbage_batch, rebuild, still_listable
 from pbt_operator.core.types import Record, SegmentResult
 
 SPACE = {"x": {"type": "float", "min": 0.0, "max": 1.0}, "lr": {"type": "float", "min": 1e-4, "max": 1e-1, "log": True}}
@@ -215,3 +215,78 @@ def test_without_the_persisted_list_a_rebuilt_engine_would_leave_it_in_storage(m
     (What the test above guards against.)"""
     _, early, late = _donor_left_behind(make_spec, True, persist_live=False)
     assert not early and not late
+
+
+def _tell_one(engine: Engine, journal: Journal, rng: random.Random) -> None:
+    """One pending member, drawn by `rng`, reports a score that rises slowly with member and segment;
+    the result goes to the journal as a driver would write it."""
+    m = rng.choice(sorted(engine.pending))
+    sug = engine.pending[m]
+    engine.tell(SegmentResult(m, sug.segment, 1.0 + 0.1 * m + 0.01 * sug.segment + rng.random() * 0.01,
+                              sug.steps_start + sug.steps_budget))
+    assert engine.last is not None
+    journal.write(engine.last, engine)
+
+
+@pytest.mark.parametrize("persist", [True, False], ids=["persisted", "forgotten"])
+def test_checkpoints_that_left_their_windows_unhanded_survive_a_rebuild(make_spec: Any, persist: bool) -> None:
+    """Members train until checkpoints leave their windows (window 2) with no segment started in
+    between to take them for deletion: the running engine lists them as garbage. An engine rebuilt
+    from the windows (an operator restart) lists them too only when given what the driver persisted
+    with the histories that dropped them (`uncollected`: Engine.evicted_live and evicted_garbage, the
+    operator's member status.uncollected); the live ones among them stay out of garbage either way."""
+    spec = make(make_spec, PBT, 12)
+    engine = Engine(spec, window=2)
+    journal = Journal()
+    engine.start()
+    rng = random.Random(5)
+    for _ in range(30):
+        _tell_one(engine, journal, rng)
+    left = sorted(engine.evicted_garbage)
+    assert left, "nothing left a window unused: the test would prove nothing"
+    running = engine.garbage()
+    assert set(left) <= set(running)
+    outside = [*engine.evicted_live, *engine.evicted_garbage]
+    live = set(engine.evicted_live)
+    rebuilt = rebuild(spec, journal.ordered(), dict(engine.pending), 2, dict(engine.evicted_best),
+                      list(engine.evicted_live), outside if persist else []).engine
+    after = rebuilt.garbage()
+    assert not live & set(after)
+    if persist:
+        assert sorted(after) == sorted(running), (after, running)
+    else:
+        assert not set(left) & set(after)  # what a restart used to leave in storage for good
+
+
+def test_forgetting_what_no_engine_lists_again_changes_no_garbage_list(make_spec: Any) -> None:
+    """core/policy.still_listable: of the checkpoints handed out for deletion, a driver keeps only those
+    the engine can still list (its window and evicted lists) and those its journal still holds outside
+    the window (`persisted`: the operator's status.uncollected, written before some of them were handed
+    out). Forgetting the rest changes nothing that the running engine, or one rebuilt from the journal,
+    lists as garbage; forgetting the persisted ones too would hand those out again after a rebuild."""
+    spec = make(make_spec, PBT, 40)
+    engine = Engine(spec, window=2)
+    journal = Journal()
+    engine.start()
+    rng = random.Random(5)
+    handed: set[tuple[int, int]] = set()
+    persisted: list[tuple[int, int]] = []
+    for i in range(150):
+        _tell_one(engine, journal, rng)
+        if i == 120:  # the journal's list of what left the windows unhanded, as last written
+            persisted = [*engine.evicted_live, *engine.evicted_garbage]
+        if i % 3 == 0:
+            garbage_batch(engine, handed, limit=4)
+    garbage_batch(engine, handed, limit=None)
+    kept = still_listable(engine, handed, persisted)
+    assert len(handed) >= 100 and len(kept) <= len(engine.records) + len(persisted), (len(handed), len(kept))
+    assert engine.garbage(exclude=kept) == engine.garbage(exclude=handed) == []
+    outside = [*persisted, *engine.evicted_live, *engine.evicted_garbage]
+
+    def rebuilt() -> Engine:
+        return rebuild(spec, journal.ordered(), dict(engine.pending), 2, dict(engine.evicted_best),
+                       list(engine.evicted_live), outside).engine
+
+    assert rebuilt().garbage(exclude=kept) == []
+    assert set(persisted) & handed - set(engine.records), "no persisted entry was handed out: proves nothing"
+    assert rebuilt().garbage(exclude=still_listable(engine, handed)) != []

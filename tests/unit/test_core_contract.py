@@ -57,6 +57,9 @@ def test_parse_result_ok() -> None:
     assert r.ok and r.steps == 60  # steps default to start + budget
     r = parse_result('{"score": 0.5, "metrics": {"val_acc": 0.8}}', SUG, metric="val_acc")
     assert r.ok and r.score == 0.8
+    assert r.gc_failed == 0
+    r = parse_result('{"score": 0.5, "steps": 60, "gcFailed": 3}', SUG)  # 3 of the gc deletes failed
+    assert r.ok and r.gc_failed == 3
 
 
 def test_parse_result_failures_name_the_problem() -> None:
@@ -80,6 +83,11 @@ def test_parse_result_failures_name_the_problem() -> None:
         ('{"score": 1, "metrics": {"x": "' + "a" * MAX_RESULT_BYTES + '"}}', "at most 4096"),
         (b"\xff\xfe", "not JSON"),
         ('{"score": 1' + "0" * 400 + "}", "score is out of range"),  # float() would raise OverflowError
+        ('{"score": 1, "gcFailed": -1}', "result.gcFailed must be a non-negative integer"),
+        ('{"score": 1, "gcFailed": true}', "result.gcFailed must be a non-negative integer"),
+        ('{"score": 1, "gcFailed": 1.5}', "result.gcFailed must be a non-negative integer"),
+        ('{"score": 1, "gcFailed": "2"}', "result.gcFailed must be a non-negative integer"),
+        ('{"score": 1, "gcFailed": [1]}', "result.gcFailed must be a non-negative integer"),
     ]
     for text, why in cases:
         r = parse_result(text, SUG)
@@ -91,11 +99,12 @@ def test_parse_result_failures_name_the_problem() -> None:
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
                  st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
                               lambda ch: st.lists(ch, max_size=4) | st.dictionaries(
-                                  st.sampled_from(["score", "metrics", "steps", "error", "x"]), ch, max_size=4),
+                                  st.sampled_from(["score", "metrics", "steps", "error", "gcFailed", "x"]), ch, max_size=4),
                               max_leaves=12).map(lambda d: json.dumps(d, allow_nan=True))))
 def test_parse_result_never_raises(text: str | bytes) -> None:
     r = parse_result(text, SUG, metric="score")
     if r.ok:
         assert isinstance(r.score, float) and r.steps >= SUG.steps_start
+        assert type(r.gc_failed) is int and r.gc_failed >= 0
     else:
         assert r.error

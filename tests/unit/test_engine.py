@@ -389,6 +389,47 @@ def test_truncation_bottom_copies_top(scores: dict[int, float], fraction: float,
             assert ch.donor is None
 
 
+@SETTINGS
+@given(st.dictionaries(st.integers(0, 30), st.floats(-100, 100), min_size=2, max_size=16),
+       st.sampled_from([0.25, 0.5]), st.sampled_from([0.1, 0.25, 0.5]), st.integers(0, 2**32 - 1))
+def test_truncation_bottom_copies_the_donor_fraction(scores: dict[int, float], fraction: float, donors: float,
+                                                     seed: int) -> None:
+    order = exploit_mod.ranked(scores)
+    n = len(order)
+    q = max(1, int(np.floor(n * fraction + 1e-9)))
+    qd = max(1, int(np.floor(n * donors + 1e-9)))
+    for m in scores:
+        ch = exploit_mod.truncation(m, scores, fraction, np.random.default_rng(seed), donors)
+        if order.index(m) >= n - q and any(scores[d] > scores[m] for d in order[:qd]):
+            assert ch.donor in order[:qd] and scores[ch.donor] > scores[m]
+        else:
+            assert ch.donor is None
+
+
+def test_truncation_with_pb2s_donors_copies_the_top_quarter() -> None:
+    scores = {m: float(m) for m in range(8)}  # member 7 best, 0 worst
+    rng = np.random.default_rng(0)
+    for m in range(4):  # the bottom half copies ...
+        assert {exploit_mod.truncation(m, scores, 0.5, rng, 0.25).donor for _ in range(50)} == {6, 7}  # ... the top 2
+    assert exploit_mod.truncation(4, scores, 0.5, rng, 0.25).donor is None
+    # four members: the two worst copy the best one
+    four = {0: 1.0, 1: 3.0, 2: 2.0, 3: 0.5}
+    assert {exploit_mod.truncation(m, four, 0.5, rng, 0.25).donor for m in (0, 3) for _ in range(20)} == {1}
+
+
+def test_pb2s_bottom_half_copies_the_best_of_four(make_spec: Any) -> None:
+    """The engine hands spec.exploit.donorFraction to truncation: with PB2's defaults (the bottom half
+    copies the top quarter) both of the two worst of four copy the best, whatever the seed."""
+    for seed in range(10):
+        eng = Engine(spec_for(make_spec, population=4, seed=seed, explore={"strategy": "pb2"}))
+        sugs = eng.start()
+        for m, score in ((0, 4.0), (1, 3.0), (2, 2.0)):
+            eng.tell(SegmentResult(m, 0, score, 10))
+        out = eng.tell(SegmentResult(3, 0, 1.0, 10))
+        assert len(out) == 1 and out[0].kind == "exploit", out
+        assert out[0].restore == sugs[0].ref, (seed, out[0].reason)
+
+
 def test_truncation_example() -> None:
     scores = {m: float(m) for m in range(8)}  # member 7 best, 0 worst
     rng = np.random.default_rng(0)
@@ -825,3 +866,49 @@ def test_no_retry_after_the_target_was_reached(make_spec: Any) -> None:
     assert eng.finished
     assert eng.tell(SegmentResult(1, 0, None, 0, error="boom")) == []
     assert 1 not in eng.pending
+
+
+# --------------------------------------------------------------------------------------------------
+# PB2: a member that keeps its weights is retuned within `retune` (categories kept)
+
+
+def _pb2_run(make_spec: Any, retune: float) -> list[tuple[Suggestion, Suggestion]]:
+    """A PB2 population on a moving optimum (best lr 1e-3 rising to 1e-1); every (segment, next) pair
+    where the next segment continues from the member's own checkpoint."""
+    spec = make_spec({
+        "population": 4, "seed": 3, "budget": {"segments": 14}, "segment": {"steps": 5},
+        "hyperparameters": {"lr": {"type": "float", "min": 1e-5, "max": 1.0, "log": True},
+                            "opt": {"type": "categorical", "choices": ["sgd", "adam"]}},
+        "exploit": {"strategy": "truncation", "fraction": 0.5},
+        "explore": {"strategy": "pb2", "pb2": {"retune": retune}},
+    })
+    eng = Engine(spec)
+    weights: dict[Ref, float] = {}
+    queue = list(eng.start())
+    pairs: list[tuple[Suggestion, Suggestion]] = []
+    rng = np.random.default_rng(0)
+    while queue:
+        s = queue.pop(0)
+        opt = -3.0 + 2.0 * s.steps_start / 70.0
+        gain = 5.0 * float(np.exp(-0.5 * ((np.log10(s.hyperparameters["lr"]) - opt) / 0.5) ** 2))
+        w = (weights[s.restore] if s.restore is not None else 0.0) + gain
+        weights[s.ref] = w
+        new = eng.tell(SegmentResult(s.member, s.segment, w + 0.1 * float(rng.standard_normal()), s.steps_start + 5))
+        pairs += [(s, n) for n in new if n.kind == "continue" and n.restore == s.ref]
+        queue += new
+    assert eng.done and not eng.failed
+    return pairs
+
+
+def test_pb2_retunes_a_member_that_keeps_its_weights_within_the_box(make_spec: Any) -> None:
+    pairs = _pb2_run(make_spec, 0.05)
+    moved = [(a, b) for a, b in pairs if b.hyperparameters != a.hyperparameters]
+    assert moved, "PB2 never retuned a member that kept its weights"
+    for a, b in moved:
+        assert b.hyperparameters["opt"] == a.hyperparameters["opt"]  # categories stay
+        step = abs(np.log10(b.hyperparameters["lr"]) - np.log10(a.hyperparameters["lr"])) / 5.0  # 5 decades
+        assert 0.0 < step <= 0.05 + 1e-9 and "retune" in b.reason
+    # the optimum rises: on the whole the retuned learning rates follow it up
+    assert np.mean([np.log10(b.hyperparameters["lr"] / a.hyperparameters["lr"]) for a, b in moved]) > 0
+    # retune 0: a member that keeps its weights keeps its configuration, as in PBT
+    assert all(b.hyperparameters == a.hyperparameters for a, b in _pb2_run(make_spec, 0.0))

@@ -39,6 +39,17 @@ def test_truncation_fraction_defaults_to_half_with_pb2(make_spec: Any) -> None:
     assert make_spec({"explore": {"strategy": "pb2"}, "exploit": {"fraction": 0.2}}).exploit.fraction == 0.2  # given wins
 
 
+def test_donors_are_the_top_fraction_but_only_the_top_quarter_with_pb2(make_spec: Any) -> None:
+    def donors(exploit: dict[str, Any], strategy: str = "pb2") -> float:
+        return float(make_spec({"explore": {"strategy": strategy}, "exploit": exploit}).exploit.donors)
+
+    assert donors({}) == 0.25  # PB2: the bottom half copies the top quarter
+    assert donors({"fraction": 0.2}) == 0.2  # never a wider top than the bottom
+    assert donors({"donorFraction": 0.5}) == 0.5  # given wins: the top half, as before
+    assert donors({}, "perturb") == 0.25 and donors({"fraction": 0.5}, "perturb") == 0.5  # PBT: as the paper
+    assert donors({"fraction": 0.1, "donorFraction": 0.3}, "resample") == 0.3
+
+
 def test_full_manifest_values(make_spec: Any) -> None:
     spec = make_spec({
         "population": 8, "parallelism": 3, "mode": "synchronous", "seed": 7,
@@ -102,6 +113,7 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("crossover-str", {"explore": {"crossover": "yes"}}, ["spec.explore.crossover: must be true or false"]),
     ("trust-zero", {"explore": {"pb2": {"trustRegion": 0}}}, ["spec.explore.pb2.trustRegion: must be in (0, 1]"]),
     ("trust-big", {"explore": {"pb2": {"trustRegion": 1.5}}}, ["spec.explore.pb2.trustRegion: must be in (0, 1]"]),
+    ("retune-negative", {"explore": {"pb2": {"retune": -0.1}}}, ["spec.explore.pb2.retune: must be in [0, 1]"]),
     ("crossover-resample", {"explore": {"strategy": "resample", "crossover": True}},
      ["spec.explore.crossover: has no effect with strategy: resample"]),
     ("mode-choice", {"mode": "sync"}, ["spec.mode: must be one of: asynchronous, synchronous (got 'sync')"]),
@@ -161,6 +173,8 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("fraction-0", {"exploit": {"fraction": 0}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.0)"]),
     ("fraction-0.6", {"exploit": {"fraction": 0.6}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.6)"]),
     ("fraction-negative", {"exploit": {"fraction": -0.1}}, ["spec.exploit.fraction: must be in (0, 0.5]"]),
+    ("donors-0.7", {"exploit": {"donorFraction": 0.7}}, ["spec.exploit.donorFraction: must be in (0, 0.5]", "(got 0.7)"]),
+    ("donors-str", {"exploit": {"donorFraction": "top"}}, ["spec.exploit.donorFraction: must be a finite number"]),
     ("tournament-size", {"exploit": {"size": 5}}, ["spec.exploit.size: must be <= spec.population (4) (got 5)"]),
     ("tournament-size-1", {"exploit": {"size": 1}}, ["spec.exploit.size: must be >= 2 (got 1)"]),
     ("alpha-2", {"exploit": {"significance": {"alpha": 2}}}, ["spec.exploit.significance.alpha: must be in (0, 1)"]),

@@ -20,7 +20,7 @@ from . import exploit as exploit_mod
 from .choices import MODES, ON_EXHAUSTED
 from .explore import explore
 from .lineage import collectable, schedule
-from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, rng_for
+from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, RETUNE, rng_for
 from .space import Value
 from .types import (
     BUDGET_EXHAUSTED,
@@ -29,6 +29,7 @@ from .types import (
     TARGET_REACHED,
     DecisionKind,
     Finish,
+    Pb2Settings,
     Record,
     Ref,
     SegmentResult,
@@ -273,6 +274,16 @@ class Engine:
             refs += [r for r in self.evicted_garbage if r not in live and r not in listed]
         return refs
 
+    def outside(self, refs: Iterable[Ref]) -> None:
+        """A rebuilt engine learns the checkpoints outside the window that its driver persisted as not
+        yet handed out for deletion (core/policy.rebuild): the live ones are kept until they are not
+        (evicted_live, ahead of those it knows: they left earlier), the rest are collectable now."""
+        known = set(self.evicted_live) | set(self.evicted_garbage) | set(self.records)
+        extra = [r for r in dict.fromkeys(refs) if r not in known]
+        live = self._live()
+        self.evicted_live[:0] = [r for r in extra if r in live]
+        self.evicted_garbage += [r for r in extra if r not in live]
+
     def counters(self) -> Counters:
         """The running totals now (after the latest absorbed record)."""
         return Counters(self.seq, self.done_count, self.failure_count, self._since_best,
@@ -374,7 +385,7 @@ class Engine:
         rng = rng_for(spec.seed, m, k, EXPLOIT)
         scores = self._scores()
         choice = exploit_mod.choose(spec.exploit.strategy, m, scores, rng, fraction=spec.exploit.fraction,
-                                    size=spec.exploit.size)
+                                    size=spec.exploit.size, donors=spec.exploit.donors)
         reason = choice.reason
         if choice.donor is not None and spec.exploit.significance.enabled:
             ok, why = exploit_mod.significantly_better(
@@ -384,8 +395,30 @@ class Engine:
             if not ok:
                 return self._continue(rec, f"kept weights: {reason}")
         if choice.donor is None:
-            return self._continue(rec, "continue")
+            return self._retuned(rec) or self._continue(rec, "continue")
         return self._exploit(m, k, choice.donor, choice.second, reason, kind="exploit")
+
+    def _retuned(self, rec: Record) -> Suggestion | None:
+        """With PB2, a member that keeps its weights may still move its numbers a little: to the GP's
+        best posterior mean within `retune` of its own configuration (Pb2Settings.retune, which says
+        why). None: keep the configuration (not PB2, retune 0, or PB2 declined)."""
+        spec = self.spec
+        pb2 = spec.explore.pb2
+        if spec.explore.strategy != "pb2" or pb2.retune <= 0.0 or not spec.space.numeric:
+            return None
+        own = rec.suggestion.hyperparameters
+        hp, why = self._pb2(rec.member, rec.segment + 1, rec, purpose=RETUNE,
+                            settings=dataclasses.replace(pb2, trust_region=pb2.retune, kappa=0.0))
+        if hp is None:
+            return None
+        if any(hp[p.name] != own[p.name] for p in spec.space.categorical):
+            return None  # a member that keeps its weights keeps its categories
+        if hp == dict(own):
+            return None
+        s = self._continue(rec, f"continue; retune: {why}")
+        s = dataclasses.replace(s, hyperparameters=hp)
+        self.pending[rec.member] = s
+        return s
 
     def _recent(self, m: int) -> list[float]:
         w = self.spec.exploit.significance.window
@@ -429,7 +462,8 @@ class Engine:
         self.pending[m] = s
         return s
 
-    def _pb2(self, m: int, k: int, drec: Record) -> tuple[dict[str, Value] | None, str]:
+    def _pb2(self, m: int, k: int, drec: Record, purpose: int = PB2,
+             settings: Pb2Settings | None = None) -> tuple[dict[str, Value] | None, str]:
         try:
             from .pb2 import Pb2Pending, Pb2Row, suggest
         except ImportError as e:  # pragma: no cover - only while pb2 is missing
@@ -442,7 +476,8 @@ class Engine:
         ]
         choice = suggest(
             self.spec.space, rows, pend, float(drec.steps_end), self._internal(drec.score),  # type: ignore[arg-type]
-            self.spec.explore.pb2, rng_for(self.spec.seed, m, k, PB2), remaining=self.spec.budget.segments - k,
+            settings or self.spec.explore.pb2, rng_for(self.spec.seed, m, k, purpose),
+            remaining=self.spec.budget.segments - k,
             center=drec.suggestion.hyperparameters,
         )
         return choice.hyperparameters, choice.reason

@@ -11,7 +11,8 @@ executor; Jobs). Everything else about driving the engine is here, pure, and the
 - `admit`: which waiting segments start now: least-progressed member first, up to parallelism, and
   nothing new once the training finished or failed.
 - `garbage_batch`: checkpoints to hand to a starting segment for deletion, a bounded batch at a time,
-  each one once.
+  each one once; `still_listable`: the part of that memory that can still matter, so that it stays
+  bounded however long a training runs.
 - `Decision`: a decision with the segment that caused it, so a driver can tell a retry (same segment,
   next attempt) from a new decision when it reports them.
 
@@ -82,7 +83,7 @@ def result_of(rec: Record) -> SegmentResult:
 
 def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: Mapping[int, Suggestion],
             window: int | None = None, evicted_best: Mapping[int, Record] | None = None,
-            evicted_live: Sequence[Ref] = ()) -> Rebuilt:
+            evicted_live: Sequence[Ref] = (), uncollected: Sequence[Ref] = ()) -> Rebuilt:
     """The engine an uninterrupted driver would have now.
 
     `records`: every finished attempt (done or failed), in the order the driver told them; `decided`:
@@ -98,7 +99,10 @@ def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: 
     ones are told again. The engine is then the one an uninterrupted operator with the same window
     has: tests/unit/test_bounded_history.py checks it decision by decision. `evicted_live`: the
     checkpoints that had left their windows while still live (Engine.evicted_live, as the driver last
-    persisted it), so that the rebuilt engine collects them once they are not.
+    persisted it), so that the rebuilt engine collects them once they are not. `uncollected`: every
+    checkpoint that left its window and was not yet handed out for deletion, live or not, as the driver
+    persisted it with the history that dropped it (the operator: each member's status.uncollected), so
+    that no restart forgets one (Engine.outside).
     """
     owed: list[Journaled] = []
     kept: list[Journaled] = []
@@ -124,6 +128,7 @@ def rebuild(spec: TrainingSpec, records: Iterable[Record | Journaled], decided: 
         later = [j.record for j in kept if j.counters is not None and j.counters.seq > upto]
         engine = Engine(spec, [], pending, window, Base(last.counters, placed, dict(evicted_best or {}),
                                                         list(evicted_live)))
+    engine.outside(uncollected)
     had = {s.member for s in pending}
     out = Rebuilt(engine)
     if window is not None and bases:
@@ -172,5 +177,60 @@ def garbage_batch(engine: Engine, handed_out: set[Ref], limit: int | None = GC_B
     return refs
 
 
+def take_back(engine: Engine, handed_out: set[Ref], refs: Iterable[Ref]) -> None:
+    """Checkpoints handed to a segment that did not delete them (it never saved, or its deletes failed:
+    the result's gcFailed) go back among those to hand out: out of `handed_out`, and those outside the
+    window back to the engine (Engine.outside). Deleting twice is harmless; a checkpoint counted as
+    deleted that was not stays in storage for good. They were garbage when handed out and stay so (no
+    lineage revives a checkpoint), and garbage_batch checks liveness again anyway."""
+    refs = list(refs)
+    handed_out.difference_update(refs)
+    engine.outside(refs)
+
+
+def still_listable(engine: Engine, handed_out: Iterable[Ref], persisted: Iterable[Ref] = ()) -> set[Ref]:
+    """The refs of `handed_out` that the driver must keep remembering: those `engine` can still list as
+    garbage (in its records, the window, or in evicted_live / evicted_garbage) and those in `persisted`,
+    the refs outside the window that the driver's journal still holds for a rebuilt engine (the
+    operator: each member's status.uncollected as the pass leaves it, kube/reconcile.forget_collected).
+    The rest can be forgotten: what is left is bounded by the window (members x window, plus the
+    evicted and persisted lists, which hold what is not handed out yet or was handed out since the list
+    was last written), not by the training's length.
+
+    Forgetting can never leave a checkpoint in storage for good: every reader of the set uses it only
+    to leave refs out (Engine.garbage's `exclude`, lineage.collectable's `already`, the operator's
+    status.uncollected and status.leftoverCheckpoints), so a smaller set lists more, never less. The
+    worst a wrongly forgotten ref can cause is a second hand-out, and deleting a deleted prefix does
+    nothing.
+
+    Nor does it hand one out twice, outside a failed write or a restart. A forgotten ref is a done
+    checkpoint that was garbage when handed out and stays so (no lineage revives one). The engine that
+    runs lists garbage only from its records and evicted lists, and a ref gets back into those only
+    through Engine.outside: take_back, for a Job that did not delete it (meant) or a rebuild's persisted
+    lists. An engine rebuilt from the operator's statuses learns refs from (1) the histories: each is
+    the engine's window as the pass leaves it (bounded_history keeps only what the engine's records
+    hold), (2) status.retainedCheckpoints: a tail of evicted_live as the pass leaves it, (3)
+    status.uncollected: `persisted`, kept here, including a member's list not rewritten since a ref in
+    it was handed out, (4) evictedBest: listed only as a best that a newer one supersedes, and a best is
+    live, so in the engine's lists and never handed out. The unwindowed engine of `pbt run` keeps every
+    record, so there nothing is ever forgotten (nor can be: it could list any of them again).
+
+    A pass whose writes fail: the operator keeps the previous pass's set (the daemon replaces it only
+    once every write went out; kube/handlers.reconcile_once), so the next pass, which rebuilds from a
+    mix of older and newer statuses, remembers everything the previous pass's statuses could list; the
+    failed pass's own writes come from an engine that lists nothing that set forgot. A re-told result (a
+    decision that was never persisted, core/policy.rebuild) supersedes a best again only when that best
+    was superseded after the last pass whose writes all went out, so never one already forgotten. A
+    failed write thus adds no second hand-out to those it caused before (what the failed pass handed to
+    a Job that went out ahead of the failure); and one overlooked here would cost a second delete of a
+    deleted prefix, never a leak. A restart forgets the whole set anyway (status.uncollected keeps the
+    checkpoints outside the windows then)."""
+    outside = set(persisted)
+    outside.update(engine.evicted_live)
+    outside.update(engine.evicted_garbage)
+    records = engine.records
+    return {r for r in handed_out if r in records or r in outside}
+
+
 __all__ = ["GC_BATCH", "Decision", "Journaled", "Rebuilt", "admit", "garbage_batch", "pick_next", "progress_key", "rebuild",
-           "result_of"]
+           "result_of", "still_listable", "take_back"]

@@ -13,6 +13,7 @@ INITIAL = 0
 EXPLOIT = 1
 EXPLORE = 2
 PB2 = 3
+RETUNE = 4  # PB2's retune of a member that keeps its weights
 
 
 def rng_for(seed: int, member: int, segment: int, purpose: int) -> np.random.Generator:

@@ -98,6 +98,9 @@ class SegmentResult:
     # reruns from the same checkpoint and no retry is counted.
     disrupted: bool = False
     duration: float | None = None
+    # How many of the contract's gc deletes failed (the result's gcFailed): the driver hands the
+    # segment's gc list to a later segment again. The engine does not read it.
+    gc_failed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -173,8 +176,9 @@ class Pb2Settings:
     # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
     # The starts are optimised as one stacked problem, whose shared line search slows each of them:
     # on 24 synthetic 10-hyperparameter histories, against a 512-candidate, 8-start, 200-iteration
-    # reference, 2 starts end a median 0.002 (UCB, standardised) below it, 4 starts 0.004 below, and
-    # 1 start is as close in the median but 0.43 below in the worst tenth (benchmarks/pb2_convergence.py).
+    # reference, 1, 2 and 4 starts end a median 0.017, 0.015 and 0.008 (UCB, standardised) below it
+    # and 0.65, 0.57 and 0.48 below in the worst tenth (benchmarks/pb2_convergence.py, 2026-12-01;
+    # before rates were winsorised, 2 starts avoided 1 start's tail: benchmarks/README.md).
     candidates: int = 128
     restarts: int = 2
     # UCB exploration: beta_t = kappa * 0.02 * (GP-UCB / PB2 theorem beta_t, growing with t and the
@@ -183,16 +187,27 @@ class Pb2Settings:
     # Kernel hyperparameters are fitted by marginal likelihood on a subsample of `fit_rows` of the
     # GP's rows (each likelihood evaluation is O(fit_rows^3) and the fit needs dozens), with
     # `fit_restarts` L-BFGS-B starts (a neutral default plus random ones). One start is the default:
-    # the stacked multi-start problem converges more slowly within the iteration budget, and from the
-    # neutral start alone the fit ends closer to the best likelihood of 4 starts x 300 iterations
-    # (median gap 0.29 nats with 10 hyperparameters, 0.53 with two starts; none with 3), at 70% of
-    # the time (benchmarks/pb2_convergence.py).
+    # the stacked multi-start problem converges more slowly within the iteration budget; against the
+    # best likelihood of 4 starts x 300 iterations one start ends a median 1.03 nats short with 10
+    # hyperparameters and none with 3, two starts 1.12 and 0.07 at 1.6 times the time. Four starts
+    # end 0.20 short with 10 (0.35 with 3) at 2.2 times the time (benchmarks/pb2_convergence.py).
+    # The closer likelihood buys no better decisions: on lr-schedule-10d (10 hyperparameters), 2 or
+    # 4 starts move the final score by under 0.01 of the limit either way over 200 paired seeds, at
+    # 1.3-1.7 times the decision CPU (benchmarks/README.md, "Many hyperparameters").
     fit_rows: int = 40
     fit_restarts: int = 1
     # Half-width, in the unit space of each numeric hyperparameter, of the trust region around the
     # donor's configuration that the acquisition searches (1: the whole space). Categorical changes
     # are free; the numeric box holds for them too (pbt_operator.core.pb2.acquisition.Region).
     trust_region: float = 0.25
+    # Half-width (unit space, as `trust_region`) of the box within which a member that keeps its
+    # weights has its numeric hyperparameters moved to the GP's best posterior mean at its own time
+    # and score (greedy: no exploration bonus); its categories stay. 0: such a member keeps its
+    # configuration, as in PBT. Why: PB2 used to choose only at exploits, and a member that keeps
+    # winning keeps its configuration while the optimum moves away; on a moving learning rate those
+    # kept segments trailed the optimum by 0.5-0.7 bell widths while PB2's fresh choices were
+    # unbiased (benchmarks/README.md, "A family of moving optima").
+    retune: float = 0.05
     # Choose the data window by marginal likelihood once the history holds at least 2 x `fit_rows`
     # rows (pbt_operator.core.pb2.window; the PB2 paper's implementation does so). Not a manifest
     # field (the CRD would need it too); off by default:

@@ -102,6 +102,7 @@ TRAINING_SPEC = _obj(
         "exploit": _obj({
             "strategy": _enum(*EXPLOIT_STRATEGIES),
             "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
+            "donorFraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
             "size": _min(2),
             "significance": _obj({
                 "enabled": {"type": "boolean"},
@@ -121,6 +122,7 @@ TRAINING_SPEC = _obj(
                 "window": _min(1), "maxRows": _min(8), "minRows": _min(2), "candidates": _min(1),
                 "restarts": _min(0), "kappa": {"type": "number", "minimum": 0},
                 "trustRegion": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+                "retune": {"type": "number", "minimum": 0, "maximum": 1},
             }),
         }),
         "storage": _obj({
@@ -188,7 +190,8 @@ TRAINING_STATUS = _obj(
 # printer columns (METRIC, MODE) show what the operator will use. An object default ({}) on a section
 # lets the defaults inside it apply when the section is left out. Nothing in spec.worker (refused on a
 # cluster) or where a default depends on other fields (parallelism = population; exploit.fraction = 0.5 with
-# explore pb2, else 0.25; explore.pb2.minRows grows with the hyperparameter space).
+# explore pb2, else 0.25; exploit.donorFraction = fraction, at most 0.25 with pb2; explore.pb2.minRows grows
+# with the hyperparameter space).
 DEFAULTS: dict[str, Any] = {
     "spec.mode": "asynchronous", "spec.seed": 0,
     "spec.objective": {}, "spec.objective.metric": S.Objective().metric, "spec.objective.direction": S.Objective().direction,
@@ -206,7 +209,7 @@ DEFAULTS: dict[str, Any] = {
     "spec.explore.pb2.parallel": Pb2Settings.parallel, "spec.explore.pb2.maxRows": Pb2Settings.max_rows,
     "spec.explore.pb2.candidates": Pb2Settings.candidates,
     "spec.explore.pb2.restarts": Pb2Settings.restarts, "spec.explore.pb2.kappa": Pb2Settings.kappa,
-    "spec.explore.pb2.trustRegion": Pb2Settings.trust_region,
+    "spec.explore.pb2.trustRegion": Pb2Settings.trust_region, "spec.explore.pb2.retune": Pb2Settings.retune,
     "spec.failurePolicy": {}, "spec.failurePolicy.maxRetries": S.FailurePolicy().max_retries,
     "spec.failurePolicy.onExhausted": S.FailurePolicy().on_exhausted,
 }
