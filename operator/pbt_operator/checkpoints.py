@@ -6,9 +6,12 @@ under `pbt run` or in a cluster, and `pbt export` can find them from a status re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .core.types import Ref
+
+_REF = re.compile(r"/m(\d{3,})/(\d{5,})/$")
 
 
 def storage_root(uri: str | None, training: str, run_dir: Path) -> str:
@@ -24,6 +27,16 @@ def storage_root(uri: str | None, training: str, run_dir: Path) -> str:
 def checkpoint_uri(root: str, training: str, ref: Ref) -> str:
     member, segment = ref
     return f"{root.rstrip('/')}/{training}/m{member:03d}/{segment:05d}/"
+
+
+def checkpoint_ref(root: str, training: str, uri: str) -> Ref | None:
+    """The (member, segment) whose checkpoint_uri under `root` and `training` is `uri`; None for any
+    other URI (another root after a spec edit, a foreign string), so that a caller never mistakes one."""
+    m = _REF.search(uri)
+    if m is None:
+        return None
+    ref = (int(m.group(1)), int(m.group(2)))
+    return ref if checkpoint_uri(root, training, ref) == uri else None
 
 
 def record_uri(root: str, training: str, member: int, segment: int, attempt: int) -> str:

@@ -18,6 +18,8 @@ from .core.types import SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
 MAX_RESULT_BYTES = 4096
+# The result key counting the contract's gc deletes that failed: the driver offers the gc list again.
+GC_FAILED = "gcFailed"
 
 
 def build_contract(
@@ -63,9 +65,12 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
         return fail(f"result must be a JSON object (got {type(doc).__name__})")
     if "error" in doc:
         return fail(f"worker reported an error: {str(doc['error'])[:500]}")
-    unknown = set(doc) - {"score", "metrics", "steps", "version"}
+    unknown = set(doc) - {"score", "metrics", "steps", "version", GC_FAILED}
     if unknown:
-        return fail(f"result has unexpected keys {sorted(unknown)}; allowed: score, metrics, steps")
+        return fail(f"result has unexpected keys {sorted(unknown)}; allowed: score, metrics, steps, {GC_FAILED}")
+    gc_failed = doc.get(GC_FAILED, 0)
+    if isinstance(gc_failed, bool) or not isinstance(gc_failed, int) or gc_failed < 0:
+        return fail(f"result.{GC_FAILED} must be a non-negative integer (got {str(gc_failed)[:40]!r})")
     metrics = doc.get("metrics") or {}
     if not isinstance(metrics, dict):
         return fail(f"result.metrics must be an object (got {type(metrics).__name__})")
@@ -81,4 +86,4 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     steps = doc.get("steps", sug.steps_start + sug.steps_budget)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < sug.steps_start:
         return fail(f"result.steps must be an integer >= {sug.steps_start} (got {steps!r})")
-    return SegmentResult(sug.member, sug.segment, value, steps, metrics, duration=duration)
+    return SegmentResult(sug.member, sug.segment, value, steps, metrics, duration=duration, gc_failed=gc_failed)

@@ -210,6 +210,39 @@ def test_job_and_pod_watches_select_our_labels_on_the_server(monkeypatch: pytest
     assert not list(sel.collect(Resource("pbt.dev", "v1alpha1", "populationtrainings")))
 
 
+def test_watch_handlers_success_lines_leave_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the watch handlers' success lines go: the daemon's, and every failure, stay."""
+    import logging
+
+    import kopf
+    from pbt_operator.kube.handlers import configure
+
+    monkeypatch.setenv("PBT_METRICS_PORT", "0")
+    log = logging.getLogger("kopf.objects")
+    monkeypatch.setattr(log, "filters", [])
+    configure(settings=kopf.OperatorSettings())
+    configure(settings=kopf.OperatorSettings())  # a second start adds no second filter
+    assert len(log.filters) == 1
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    log.addHandler(keep)
+    monkeypatch.setattr(log, "level", logging.INFO)
+    try:
+        for line in ("Handler 'job-events' succeeded.", "Handler 'pod-events' succeeded.",
+                     "Handler 'training-events' succeeded.", "Handler 'reconcile' succeeded.",
+                     "Handler 'job-events' failed with an exception and will try again in 60 seconds: boom"):
+            log.info(line)
+    finally:
+        log.removeHandler(keep)
+    assert seen == ["Handler 'reconcile' succeeded.",
+                    "Handler 'job-events' failed with an exception and will try again in 60 seconds: boom"]
+
+
 def test_finished_training_is_not_ready() -> None:
     """API conventions: once finished, Ready is False (nothing runs); Succeeded says how it ended."""
     import random

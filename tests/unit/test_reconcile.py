@@ -113,7 +113,7 @@ class FakeCluster:
                                                             merge_patch(p.prior_status, copy.deepcopy(w[1])))
         if limit is None:
             self.events += p.events
-            self.collected |= p.collected
+            self.collected = set(p.collected)  # replaced, as the daemon does: a plan may give some back
 
     def bump(self, member: dict[str, Any], p: Any) -> None:
         """A write's new resourceVersion, as the API server's answer gives it to the operator."""
@@ -124,7 +124,8 @@ class FakeCluster:
     def running(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs.values() if not (j.get("status") or {}).get("conditions")]
 
-    def finish(self, job: dict[str, Any], fail: bool = False) -> None:
+    def finish(self, job: dict[str, Any], fail: bool = False, result: dict[str, Any] | None = None) -> None:
+        """`result`: more keys for the result the worker writes (its termination message)."""
         env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         c = json.loads(env["PBT_SEGMENT"])
         before = 0.0
@@ -141,7 +142,8 @@ class FakeCluster:
             term = {"exitCode": 1, "message": "Traceback: boom"}
             job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}
         else:
-            term = {"exitCode": 0, "message": json.dumps({"score": score, "steps": c["steps"]["start"] + 5})}
+            term = {"exitCode": 0, "message": json.dumps({"score": score, "steps": c["steps"]["start"] + 5,
+                                                          **(result or {})})}
             job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": t}
         self.pods.append({"metadata": {"name": job["metadata"]["name"] + "-p", "labels": {
             "job-name": job["metadata"]["name"], "batch.kubernetes.io/job-name": job["metadata"]["name"],
@@ -346,6 +348,27 @@ def test_hostile_termination_messages_fail_only_that_segment() -> None:
                "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0, "message": msg}}}]}}
         res = job_outcome(job, [pod], sug, "score")
         assert res is not None and not res.ok and why in (res.error or ""), (msg[:20], res)
+
+
+def test_a_pod_read_before_it_finished_waits_for_the_next_pass_not_a_failure() -> None:
+    """A pass lists Jobs and pods concurrently: a Job complete with its pod still running as read is a
+    stale read of the pod, not a segment without a result; a pod that finished without one, or none at
+    all, still fails the attempt."""
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    meta = {"labels": {"job-name": "j"}, "annotations": {DEFAULT_CONTAINER: "w"}}
+    running = {"metadata": meta, "status": {"phase": "Running", "containerStatuses": [
+        {"name": "w", "state": {"running": {"startedAt": "2026-12-01T00:00:00Z"}}}]}}
+    assert job_outcome(job, [running], sug, "score") is None
+    done = {"metadata": meta, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "w", "state": {"terminated": {"exitCode": 0, "message": '{"score": 0.5}'}}}]}}
+    res = job_outcome(job, [done], sug, "score")
+    assert res is not None and res.ok and res.score == 0.5
+    silent = {"metadata": meta, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "w", "state": {"terminated": {"exitCode": 0}}}]}}
+    for pods in ([silent], []):
+        res = job_outcome(job, pods, sug, "score")
+        assert res is not None and not res.ok and "no termination message" in (res.error or ""), pods
 
 
 def test_lastTransitionTime_kept_when_status_unchanged() -> None:
@@ -641,3 +664,328 @@ def test_merge_patch_deletes_dropped_keys_at_every_level() -> None:
         "score": 2.0, "suggestion": {"segment": 5, "restore": [0, 4], "donor": None}}}
     assert apply_merge_patch(old, patch) == {**new, "conditions": [1]}
     assert apply_merge_patch(old, new) != {**new, "conditions": [1]}  # what a plain patch left behind
+
+
+class StoredCluster(FakeCluster):
+    """A FakeCluster with storage: a segment that ends well has saved its checkpoint, then deleted the
+    contract's `gc` list (the worker's order, worker/pbt_worker/segment.py). `crashes`: that many
+    passes that hand a Job checkpoints to delete are cut off right after the member status writes
+    (results persisted, decisions and Jobs not: the dangerous moment), and the operator restarts (no
+    engine kept, nothing remembered as handed out)."""
+
+    def __init__(self, training: dict[str, Any], crashes: int = 0, cache: bool = False):
+        super().__init__(training, cache=cache)
+        self.stored: set[tuple[int, int]] = set()
+        self.crashes = crashes
+        self.restarts = 0
+
+    def apply(self, p: Any, limit: int | None = None) -> None:
+        if limit is None and self.crashes and any(self.gc_of(j) for j in p.create_jobs):
+            self.crashes -= 1
+            super().apply(p, len(p.create_members) + len(p.member_statuses))
+            self.restarts += 1
+            return
+        super().apply(p, limit)
+
+    def reconcile(self, limit: int | None = None) -> Any:
+        restarts = self.restarts
+        p = super().reconcile(limit)
+        if self.restarts != restarts:
+            self.collected, self.cache = set(), None
+        return p
+
+    @staticmethod
+    def gc_of(job: dict[str, Any]) -> list[tuple[int, int]]:
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        found = [CKPT.search(u) for u in json.loads(env["PBT_SEGMENT"])["gc"]]
+        return [(int(mm.group(1)), int(mm.group(2))) for mm in found if mm]
+
+    def finish(self, job: dict[str, Any], fail: bool = False, result: dict[str, Any] | None = None,
+               gc_fails: bool = False) -> None:
+        """`gc_fails`: the worker saved, but every delete of its gc list failed, and its result says so."""
+        gc = self.gc_of(job)
+        super().finish(job, fail, {"gcFailed": len(gc)} if gc_fails and gc else result)
+        if not fail:
+            labels = job["metadata"]["labels"]
+            self.stored.add((int(labels["pbt.dev/member"]), int(labels["pbt.dev/segment"])))
+            if not gc_fails:
+                self.stored -= set(gc)
+
+
+def promised(c: StoredCluster, window: int) -> set[tuple[int, int]]:
+    """What storage must still hold once the training ended (docs/operator.md, "Bounded member
+    state"), from the Jobs' contracts, not the operator's engine: each member's latest checkpoint and
+    the best, and their ancestors (restore links) as far as the members' windows reach."""
+    restore: dict[tuple[int, int], tuple[int, int] | None] = {}
+    for j in c.jobs.values():
+        env = {e["name"]: e.get("value") for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
+        k = json.loads(env["PBT_SEGMENT"])
+        mm = CKPT.search(k["restore"]) if k["restore"] else None
+        restore[(k["member"], k["segment"])] = (int(mm.group(1)), int(mm.group(2))) if mm else None
+    latest = {m: max(s for mm, s in c.ckpt if mm == m) for m, _ in c.ckpt}
+    in_window = {r for r in c.ckpt if r[1] > latest[r[0]] - window}
+    keep: set[tuple[int, int]] = set()
+    for ref in [*((m, s) for m, s in latest.items()), max(c.ckpt, key=lambda r: c.ckpt[r])]:
+        cur: tuple[int, int] | None = ref
+        while cur is not None and cur not in keep and (cur == ref or cur in in_window):
+            keep.add(cur)
+            cur = restore.get(cur) if cur in in_window else None
+    return keep
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_restart_between_persisting_results_and_starting_jobs_leaks_no_checkpoint(
+        monkeypatch: pytest.MonkeyPatch, cache: bool) -> None:
+    """Checkpoints that left their members' windows are known to the engine only: before they were
+    persisted with the member (status.uncollected), a restart after the member status writes and
+    before the Job that was to delete them forgot them for good. With a window of 2 (4: the
+    significance test's) over 12 segments and a restart at each of 8 such moments: storage ends with
+    what the docs promise to keep, and what else is left (made collectable by the last results, when no
+    Job starts to delete it) is still known to a restarted operator, which would hand it out."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    c = StoredCluster(training_obj(population=3, budget={"segments": 12}, parallelism=2), crashes=8, cache=cache)
+    drive(c, random.Random(1), max_passes=5000)
+    assert c.training["status"]["phase"] == "Succeeded" and c.restarts == 8
+    c.collected, c.cache = set(), None
+    p = c.reconcile()
+    assert p.engine is not None
+    keep = promised(c, p.engine.window or 0)
+    assert keep <= c.stored, sorted(keep - c.stored)  # nothing a member or the best needs was deleted
+    known = set(p.engine.garbage())
+    assert not known & keep
+    assert c.stored - keep <= known, sorted(c.stored - keep - known)  # nothing forgotten
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_memory_of_handed_out_checkpoints_stays_bounded_and_hands_each_out_once(
+        monkeypatch: pytest.MonkeyPatch, cache: bool) -> None:
+    """The operator remembers which checkpoints it handed to Jobs for deletion (the daemon's
+    `collected`) only while a rebuild could list them again: at most a few windows' worth, however long
+    the training runs (before, one entry per collected checkpoint: 150 here, 1M at 1,000 members x
+    1,000 segments). Forgetting the rest hands none out twice (no Job fails here, nothing restarts; with
+    `cache` False every pass rebuilds its engine from the statuses, as after a restart, but keeps the
+    set) and leaves none in storage: at the end it holds what the docs promise plus what the engine
+    still lists."""
+    from collections import Counter
+
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)  # the engine's window: 4 (the significance test's)
+    population = 3
+    c = StoredCluster(training_obj(population=population, budget={"segments": 60}, parallelism=2), cache=cache)
+    rng = random.Random(3)
+    sizes: list[int] = []
+    for _ in range(5000):
+        p = c.reconcile()
+        sizes.append(len(c.collected))
+        if p.done:
+            break
+        running = c.running()
+        if running and not p.create_members:
+            c.finish(rng.choice(running))
+    assert c.training["status"]["phase"] == "Succeeded" and p.engine is not None
+    window = p.engine.window or 0
+    handouts = Counter(r for j in c.jobs.values() for r in c.gc_of(j))
+    assert sum(handouts.values()) >= 100, "little was collected: the test would prove little"
+    twice = sorted(r for r, n in handouts.items() if n > 1)
+    assert not twice, twice
+    assert max(sizes) <= 2 * population * window, max(sizes)
+    assert not leftover_unknown(c)
+    assert c.stored - promised(c, window) == set(p.engine.garbage()) - set(handouts)  # the rest was deleted
+
+
+class WithdrawingCluster(StoredCluster):
+    """A StoredCluster whose deletes happen (a stopped Job is gone, having saved nothing)."""
+
+    def apply(self, p: Any, limit: int | None = None) -> None:
+        super().apply(p, limit)
+        if limit is None:
+            for jname, _uid in p.delete_jobs:
+                self.jobs.pop(jname, None)
+
+
+def leftover_unknown(c: StoredCluster) -> set[tuple[int, int]]:
+    """What storage holds beyond the promise that the operator, as it stands (its handed-out set and
+    engine kept), will never offer for deletion again."""
+    p = c.reconcile()
+    assert p.engine is not None
+    keep = promised(c, p.engine.window or 0)
+    assert keep <= c.stored, sorted(keep - c.stored)
+    return c.stored - keep - set(p.engine.garbage(exclude=c.collected))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_failed_attempt_gives_its_delete_list_back(monkeypatch: pytest.MonkeyPatch, cache: bool) -> None:
+    """A failed attempt's worker may never have saved, so never deleted its contract's gc list: those
+    checkpoints must be offered again (to the next starting Job, or, at the end, still be known), not
+    count as deleted. Before give_back, the failed Jobs' lists stayed in storage, unknown."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    c = StoredCluster(training_obj(population=3, budget={"segments": 12}, parallelism=2), cache=cache)
+    rng = random.Random(4)
+    failed_with_gc = 0
+    for _ in range(5000):
+        p = c.reconcile()
+        if p.done:
+            break
+        running = c.running()
+        if running and not p.create_members:
+            job = rng.choice(running)
+            fail = bool(c.gc_of(job)) and job["metadata"]["name"].endswith("-a0") and rng.random() < 0.5
+            failed_with_gc += fail
+            c.finish(job, fail=fail)
+    assert c.training["status"]["phase"] == "Succeeded" and failed_with_gc >= 3
+    assert not leftover_unknown(c)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_segment_whose_deletes_failed_gives_its_delete_list_back(monkeypatch: pytest.MonkeyPatch, cache: bool,
+                                                                   restart: bool) -> None:
+    """A segment that saved but whose worker could not delete its gc list (an S3 error, a denied delete:
+    the result's gcFailed) gives the list back: a Warning Event names the member and the count, the
+    next Job that starts is handed the checkpoints again (also after a restart in between), and at the
+    end storage holds exactly the promised checkpoints plus those status.leftoverCheckpoints counts.
+    Before, they counted as deleted and stayed in storage for good, unknown."""
+    import pbt_operator.kube.reconcile as R
+    from pbt_operator.kube.builders import member_name
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    c = StoredCluster(training_obj(population=3, budget={"segments": 12}, parallelism=2), cache=cache)
+    rng = random.Random(5)
+    failed = offered_again = 0
+    for _ in range(5000):
+        p = c.reconcile()
+        if p.done:
+            break
+        running = c.running()
+        if not running or p.create_members:
+            continue
+        job = rng.choice(running)
+        gc = c.gc_of(job)
+        if not gc or rng.random() < 0.5:
+            c.finish(job)
+            continue
+        failed += 1
+        c.finish(job, gc_fails=True)
+        if restart:
+            c.collected, c.cache = set(), None
+        p = c.reconcile()
+        member = int(job["metadata"]["labels"]["pbt.dev/member"])
+        ev = [e for e in p.events if e.reason == C.EV_CHECKPOINT_DELETE_FAILED] or [C.EV_CHECKPOINT_DELETE_FAILED]
+        assert len(ev) == 1 and ev[0].type == "Warning" and ev[0].target == member_name("toy", member), ev
+        assert f"could not delete {len(gc)} of the {len(gc)} old checkpoints" in ev[0].message
+        assert not [e for e in p.events if e.reason == C.EV_SEGMENT_FAILED]  # the segment itself succeeded
+        offered = {r for j in p.create_jobs for r in c.gc_of(j)}
+        assert all(r in offered or r not in c.collected for r in gc), (gc, sorted(offered))
+        offered_again += set(gc) <= offered
+    assert c.training["status"]["phase"] == "Succeeded" and failed >= 3 and offered_again >= 1
+    assert not leftover_unknown(c)
+    p = c.reconcile()
+    assert p.engine is not None
+    left = c.stored - promised(c, p.engine.window or 0)
+    assert c.training["status"].get("leftoverCheckpoints", {}).get("count", 0) == len(left)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("restart", [False, True])
+def test_jobs_withdrawn_before_training_give_their_delete_lists_back(
+        monkeypatch: pytest.MonkeyPatch, cache: bool, restart: bool) -> None:
+    """A Job deleted before its trainer ran (suspend; the same path serves scale-down and the end of
+    the training) deleted nothing: its gc list is offered to the next Job that starts, also after a
+    restart in between (those outside the windows through status.uncollected)."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    c = WithdrawingCluster(training_obj(population=3, budget={"segments": 12}, parallelism=2), cache=cache)
+    rng = random.Random(2)
+    withdrawn: list[tuple[int, int]] = []
+    for _ in range(2000):
+        p = c.reconcile()
+        with_gc = [j for j in p.create_jobs if c.gc_of(j)]
+        if with_gc and any(m >= 0 and s < 10 for m, s in c.gc_of(with_gc[0])) and len(withdrawn) < 1 \
+                and sum(1 for _ in c.ckpt) > 12:
+            withdrawn = c.gc_of(with_gc[0])
+            c.training["spec"]["suspend"] = True
+            c.training["metadata"]["generation"] += 1
+            p = c.reconcile()
+            assert with_gc[0]["metadata"]["name"] in {n for n, _ in p.delete_jobs}
+            if restart:
+                c.collected, c.cache = set(), None
+            c.training["spec"]["suspend"] = False
+            c.training["metadata"]["generation"] += 1
+            p = c.reconcile()
+            offered = [r for j in p.create_jobs for r in c.gc_of(j)]
+            assert set(withdrawn) <= set(offered), sorted(set(withdrawn) - set(offered))
+            break
+        running = c.running()
+        if running and not p.create_members:
+            c.finish(rng.choice(running))
+    assert withdrawn
+    assert any(s < (max(ss for mm, ss in c.ckpt if mm == m) - 2) for m, s in withdrawn)  # some outside a window
+
+
+def test_a_refused_job_gives_its_delete_list_back() -> None:
+    """A Job the API server refused never runs: what the plan handed it is not counted as handed out."""
+    from pbt_operator.kube.reconcile import collected_after
+
+    c = StoredCluster(training_obj(population=3, budget={"segments": 6}, parallelism=1))
+    rng = random.Random(0)
+    for _ in range(500):
+        p = c.reconcile()
+        with_gc = [j for j in p.create_jobs if c.gc_of(j)]
+        if with_gc:
+            name = with_gc[0]["metadata"]["name"]
+            refs = set(c.gc_of(with_gc[0]))
+            assert refs <= p.collected
+            assert not refs & collected_after(p, [name])
+            assert collected_after(p, []) == p.collected
+            return
+        running = c.running()
+        if running and not p.create_members:
+            c.finish(rng.choice(running))
+    raise AssertionError("no Job got a delete list")
+
+
+def test_checkpoint_ref_reads_back_only_this_trainings_uris() -> None:
+    from pbt_operator.checkpoints import checkpoint_ref, checkpoint_uri
+
+    uri = checkpoint_uri("s3://b/runs", "toy", (3, 41))
+    assert checkpoint_ref("s3://b/runs", "toy", uri) == (3, 41)
+    assert checkpoint_ref("s3://b/other", "toy", uri) is None  # another root (a spec edit): never mistaken
+    assert checkpoint_ref("s3://b/runs", "toy2", uri) is None
+    assert checkpoint_ref("s3://b/runs", "toy", "s3://b/runs/toy/records/") is None
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_finished_training_lists_the_checkpoints_no_segment_deleted(monkeypatch: pytest.MonkeyPatch,
+                                                                       cache: bool) -> None:
+    """Deletes ride on starting segments, so what the last results make collectable stays in storage:
+    the status of the training that ended says exactly how many and which (at most 20 URIs), one
+    Normal Event says so, and a later pass (e.g. after a restart, which no longer knows what was
+    deleted) keeps the list as written."""
+    import pbt_operator.kube.reconcile as R
+
+    monkeypatch.setattr(R, "HISTORY_WINDOW", 2)
+    monkeypatch.setattr(R, "LEFTOVERS_LISTED", 3)
+    c = StoredCluster(training_obj(population=3, budget={"segments": 12}, parallelism=2), cache=cache)
+    drive(c, random.Random(6), max_passes=5000)
+    st = c.training["status"]
+    assert st["phase"] == "Succeeded"
+    p = c.reconcile()
+    assert p.engine is not None
+    left = c.stored - promised(c, p.engine.window or 0)
+    assert left, "the scenario leaves nothing: it tests nothing"
+    lc = st["leftoverCheckpoints"]
+    assert lc["count"] == len(left) and lc["prefix"] == "s3://bucket/runs/toy/"
+    listed = {(int(mm.group(1)), int(mm.group(2))) for u in lc["uris"] if (mm := CKPT.search(u))}
+    assert len(lc["uris"]) == min(3, len(left)) and listed <= left
+    ev = [e for e in c.events if e.reason == C.EV_CHECKPOINTS_LEFT]
+    assert len(ev) == 1 and ev[0].type == "Normal" and f"{len(left)} checkpoints" in ev[0].message
+    c.collected, c.cache = set(), None  # a restart: what the status says stays
+    c.reconcile()
+    assert c.training["status"]["leftoverCheckpoints"] == lc
+    assert len([e for e in c.events if e.reason == C.EV_CHECKPOINTS_LEFT]) == 1

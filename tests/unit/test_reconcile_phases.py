@@ -126,12 +126,15 @@ def test_decision_events() -> None:
     cont = Suggestion(4, 1, {"h0": 0.2, "h1": 0.1}, (4, 0), 5, 5, "continue", 0.2, None, "continue")
     before = Suggestion(1, 1, {"h0": 0.1, "h1": 0.1}, (1, 0), 5, 5, "continue", 0.1, None, "continue")
     failing = Suggestion(3, 1, {"h0": 0.3, "h1": 0.3}, (3, 0), 5, 5, "continue", 0.1, None, "continue", attempt=1)
+    retuned = Suggestion(5, 1, {"h0": 0.25, "h1": 0.1}, (5, 0), 5, 5, "continue", 0.2, None, "continue; retune: pb2")
     p.decide([Decision(base, before), Decision(dataclasses.replace(retry_of, attempt=1), retry_of),
-              Decision(replaced, failing), Decision(cont, dataclasses.replace(cont, segment=0))])
+              Decision(replaced, failing), Decision(cont, dataclasses.replace(cont, segment=0)),
+              Decision(retuned, dataclasses.replace(retuned, segment=0, hyperparameters={"h0": 0.2, "h1": 0.1}))])
     events = decision_events(p)
     by = [(e.target, e.reason) for e in events]
     assert by == [("toy-m001", C.EV_EXPLOITED), ("toy-m001", C.EV_EXPLORED), ("toy-m002", C.EV_SEGMENT_RETRIED),
-                  ("toy-m003", C.EV_MEMBER_REPLACED)]
+                  ("toy-m003", C.EV_MEMBER_REPLACED), ("toy-m005", C.EV_EXPLORED)]
+    assert "h0" in events[4].message and events[4].message.endswith("(continue; retune: pb2)")
     assert events[0].message == "member 1 copies member 0 checkpoint s1 (score 0.3): why"
     assert events[1].message.endswith(" (how)") and "->" in events[1].message
     assert events[2].message == "segment 1 retried (attempt 1)"

@@ -384,3 +384,94 @@ def test_a_record_field_must_name_an_object() -> None:
         with pytest.raises(ContractError, match=why):
             parse_contract({**data, "record": bad})
     assert parse_contract({**data, "record": {"uri": "file:///x/r.json"}}).record == "file:///x/r.json"
+
+
+# -- gc deletes that fail ----------------------------------------------------------------------------------
+
+class DeniedDeletes:
+    """A file:// storage whose delete of some prefixes raises, as an S3 delete does when the bucket
+    denies it or the server is unreachable past the retry budget."""
+
+    def __init__(self, denied: set[str]) -> None:
+        from pbt_worker.storage.file import FileStorage
+
+        self.inner = FileStorage()
+        self.denied = denied
+        self.deletes: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def delete(self, prefix: str) -> None:
+        from pbt_worker import PermanentStorageError
+
+        self.deletes.append(prefix)
+        if prefix in self.denied:
+            raise PermanentStorageError(f"AccessDenied deleting {prefix}")
+        self.inner.delete(prefix)
+
+
+def _gc_setup(tmp_path: Path, denied: int) -> tuple[Segment, DeniedDeletes, list[str], Path]:
+    base = f"file://{tmp_path}/ck/"
+    old = []
+    for k in range(3):
+        make(base, k, member=1, restore=False).save(b"old")
+        old.append(f"{base}t/m001/{k:05d}/")
+    storage = DeniedDeletes(set(old[:denied]))
+    result = tmp_path / "result.json"
+    raw = dict(make(base, 0, result=str(result), gc=old).contract.raw)
+    return Segment(raw, storage), storage, old, result
+
+
+def _save_and_report(seg: Segment, order: str, **metrics: float) -> None:
+    """The two orders a program may call them in ("save-report" or "report-save")."""
+    if order == "save-report":
+        seg.save(b"new")
+        seg.report(0.5, **metrics)
+    else:
+        seg.report(0.5, **metrics)
+        seg.save(b"new")
+
+
+@pytest.mark.parametrize("order", ["save-report", "report-save"])
+def test_failed_gc_deletes_are_counted_in_the_result(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     order: str) -> None:
+    """A delete that fails after the save is counted in the result (gcFailed) so that the driver hands
+    the gc list to a later segment; reported before the save, the result file is rewritten to say so."""
+    seg, storage, old, result = _gc_setup(tmp_path, denied=2)
+    _save_and_report(seg, order, loss=0.25)
+    want = {"score": 0.5, "metrics": {"loss": 0.25}, "steps": 10, "gcFailed": 2}
+    assert json.loads(result.read_text()) == want and seg.last_result == want
+    assert seg.gc_failed == old[:2] and storage.deletes == old
+    assert [Path(u[len("file://"):]).exists() for u in old] == [True, True, False]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("a later segment will retry" in w for w in warnings)
+    assert old[0] in warnings[0] and "AccessDenied" in warnings[0]
+
+
+@pytest.mark.parametrize("order", ["save-report", "report-save"])
+def test_gc_deletes_that_succeed_leave_the_result_unchanged(tmp_path: Path, order: str) -> None:
+    seg, _, old, result = _gc_setup(tmp_path, denied=0)
+    _save_and_report(seg, order)
+    assert json.loads(result.read_text()) == {"score": 0.5, "metrics": {}, "steps": 10}
+    assert not any(Path(u[len("file://"):]).exists() for u in old)
+
+
+def test_a_report_before_the_save_keeps_room_for_the_failed_delete_count(tmp_path: Path) -> None:
+    """The rewritten result must still fit the 4096-byte termination message: a result reported before
+    the save is checked with room for gcFailed (at most the gc list's length)."""
+    seg, _, _, result = _gc_setup(tmp_path, denied=3)
+    base = len(json.dumps({"score": 0.5, "metrics": {"m": ""}, "steps": 10}, separators=(",", ":")))
+    with pytest.raises(ReportError, match="kept for gcFailed"):
+        seg.report(0.5, m="x" * (4096 - base))  # exactly 4096 bytes: fits alone, not with the count
+    seg.report(0.5, m="x" * (4096 - base - len(',"gcFailed":3')))
+    seg.save(b"new")
+    doc = json.loads(result.read_text())
+    assert doc["gcFailed"] == 3 and len(result.read_bytes()) == 4096
+
+
+def test_an_error_result_is_not_rewritten(tmp_path: Path) -> None:
+    seg, _, _, result = _gc_setup(tmp_path, denied=1)
+    seg.write_error("diverged")
+    seg.save(b"new")
+    assert json.loads(result.read_text()) == {"error": "diverged"}

@@ -23,6 +23,10 @@ log = logging.getLogger("pbt_worker")
 
 MAIN = "state"
 
+#: The result key that counts the ``gc`` deletes that failed (docs/segment-contract.md): the driver
+#: offers the segment's whole ``gc`` list to a later segment again. Only written when the count is > 0.
+GC_FAILED = "gcFailed"
+
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
@@ -73,6 +77,8 @@ class Segment:
         self._scratch: Path | None = None
         self._reader: CheckpointReader | None = None
         self.saved: Manifest | None = None
+        #: The ``gc`` URIs whose delete failed after the save (the result's ``gcFailed`` counts them).
+        self.gc_failed: list[str] = []
         #: The result dict last written by :meth:`report` (or an error dict); in-process drivers read it.
         self.last_result: dict[str, Any] | None = None
 
@@ -222,12 +228,19 @@ class Segment:
 
     def collect_garbage(self) -> None:
         """Delete the ``gc`` prefixes. Called after a successful save; failures are logged, not raised,
-        because a leftover old checkpoint wastes space while a failed segment wastes a whole segment."""
+        because a leftover old checkpoint wastes space while a failed segment wastes a whole segment.
+        They are not silent either: the result says how many failed (``gcFailed``) and the driver hands
+        the list to a later segment. A result already reported is rewritten to say so, whichever order
+        the program calls ``report()`` and ``save()`` in."""
         for uri in self.gc:
             try:
                 self.storage_for(uri).delete(uri)
             except Exception as exc:
-                log.warning("gc: could not delete %s: %s", uri, exc)
+                self.gc_failed.append(uri)
+                log.warning("gc: could not delete %s: %s; the result says so (%s) and a later segment "
+                            "will retry the delete", uri, exc, GC_FAILED)
+        if self.gc_failed and self.last_result is not None and "error" not in self.last_result:
+            self._rewrite_result({**self.last_result, GC_FAILED: len(self.gc_failed)})
 
     # -- report ------------------------------------------------------------------------------------------
     def report(self, score: float, *, steps: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -236,7 +249,8 @@ class Segment:
 
         ``steps`` defaults to ``steps_end``. Extra keyword arguments are metrics. A NaN/inf score means
         the segment failed: the result becomes ``{"error": ...}`` and ``ReportError`` is raised; so it is
-        for a result over 4096 bytes (it could not be delivered as a termination message).
+        for a result over 4096 bytes (it could not be delivered as a termination message). ``gcFailed``
+        counts the ``gc`` deletes that failed (collect_garbage); before the save, room is kept for it.
         """
         if isinstance(score, bool | str) or score is None:
             raise self._fail_report(f"score must be a number, got {score!r}")
@@ -251,12 +265,19 @@ class Segment:
             raise self._fail_report(f"steps must be a non-negative int, got {reached!r}")
         all_metrics = {**dict(metrics or {}), **more_metrics}
         clean = {str(k): _metric_value(str(k), v) for k, v in all_metrics.items()}
-        result = {"score": value, "metrics": clean, "steps": reached}
+        result: dict[str, Any] = {"score": value, "metrics": clean, "steps": reached}
+        if self.gc_failed:
+            result[GC_FAILED] = len(self.gc_failed)
         text = json.dumps(result, allow_nan=False, separators=(",", ":"))
         size = len(text.encode())
-        if size > RESULT_MAX_BYTES:
+        # Reported before the save: the deletes that follow may add GC_FAILED, so room for it is kept
+        # now (the rewritten result must fit as well).
+        reserve = len(f',"{GC_FAILED}":{len(self.gc)}') if self.gc and self.saved is None else 0
+        if size + reserve > RESULT_MAX_BYTES:
+            kept = f" ({reserve} bytes are kept for {GC_FAILED}, as the save comes after the report)" if reserve \
+                else ""
             raise self._fail_report(
-                f"result is {size} bytes, over the {RESULT_MAX_BYTES}-byte limit of the contract "
+                f"result is {size} bytes, over the {RESULT_MAX_BYTES}-byte limit of the contract{kept} "
                 f"(it travels as a Kubernetes termination message); report fewer or shorter metrics")
         self._write_result(text, result)
         return result
@@ -305,9 +326,21 @@ class Segment:
         except Exception as exc:
             log.warning("could not write the segment record %s: %s", self.record_uri, exc)
 
+    def _rewrite_result(self, result: dict[str, Any]) -> None:
+        """Replace the result reported earlier (the record in storage keeps what it said: a record is
+        about training, not about deletes)."""
+        self.last_result = result
+        try:
+            self._write_result_file(json.dumps(result, allow_nan=False, separators=(",", ":")))
+        except OSError as exc:
+            log.error("could not rewrite the result %s with %s: %s", self.result, GC_FAILED, exc)
+
     def _write_result(self, text: str, result: dict[str, Any]) -> None:
         self.last_result = result
         self._write_record(result)
+        self._write_result_file(text)
+
+    def _write_result_file(self, text: str) -> None:
         if self.result is None:
             return
         # Written in place, not via rename: in Kubernetes the path is a mounted file

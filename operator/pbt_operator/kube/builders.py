@@ -166,6 +166,20 @@ def build_job(training: Mapping[str, Any], member: Mapping[str, Any], sug: Sugge
     return job
 
 
+def job_gc(job: Mapping[str, Any]) -> list[str]:
+    """The checkpoint prefixes a segment Job was handed to delete (its contract's `gc`, build_job): what
+    a Job that never saved must give back. [] for anything that does not read as a contract."""
+    try:
+        for c in job["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env") or []:
+                if e.get("name") == "PBT_SEGMENT":
+                    gc = json.loads(e["value"]).get("gc")
+                    return [u for u in gc if isinstance(u, str)] if isinstance(gc, list) else []
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return []
+
+
 def member_status(sug: Suggestion | None, history: Sequence[Mapping[str, Any]], phase: str,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What `kubectl get pbtm` shows: current segment, latest score, hyperparameters, parent."""

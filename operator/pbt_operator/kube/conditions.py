@@ -71,6 +71,8 @@ EV_NAME_CONFLICT = "NameConflict"
 EV_SEGMENT_STOPPED = "SegmentStopped"  # the operator deleted a segment Job (finished, suspended, scaled down)
 EV_SUSPENDED = "Suspended"
 EV_RESUMED = "Resumed"
+EV_CHECKPOINTS_LEFT = "CheckpointsLeft"  # the training ended with collectable checkpoints no segment deleted
+EV_CHECKPOINT_DELETE_FAILED = "CheckpointDeleteFailed"  # a segment saved but some of its gc deletes failed
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,

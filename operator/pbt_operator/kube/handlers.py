@@ -30,6 +30,7 @@ from .ownership import ForeignChild, leftovers_message
 from .reconcile import (
     EngineCache,
     EventSpec,
+    collected_after,
     events_wanted,
     job_event_matters,
     next_cache,
@@ -90,8 +91,26 @@ def api() -> Api:
     return _API
 
 
+WATCH_HANDLERS = ("training-events", "job-events", "pod-events")
+
+
+class QuietWatchHandlers(logging.Filter):
+    """Drops kopf's "Handler 'job-events' succeeded." lines: the watch handlers only wake a daemon, and
+    run for every change of every Job and pod of every training, so at INFO they were nearly all of the
+    operator's log (thousands of lines a minute at a few hundred members) and buried what passes did.
+    Their failures still log."""
+
+    DROPPED = frozenset(f"Handler '{h}' succeeded." for h in WATCH_HANDLERS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.DROPPED
+
+
 @kopf.on.startup(id="configure")
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    objects_log = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietWatchHandlers) for f in objects_log.filters):
+        objects_log.addFilter(QuietWatchHandlers())
     settings.persistence.finalizer = "pbt.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pbt.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -158,7 +177,12 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]],
         _accepted(a, training, p.status, False, C.NAME_CONFLICT, str(e), EventSpec(
             "training", "Warning", C.EV_NAME_CONFLICT, str(e)))
         raise Retry(LEFTOVER_RETRY * 5) from None
-    collected |= p.collected
+    # Replaced, not added to: the plan gives back what Jobs that never save held (reconcile.give_back)
+    # and forgets what no rebuild can list again (reconcile.forget_collected: the set stays bounded).
+    # Only after every write went out: a pass that raised leaves the previous set, which its successor needs.
+    after = collected_after(p, [job["metadata"]["name"] for job, _ in refused])
+    collected.clear()
+    collected |= after
     for ev in p.events:
         _post(training, by_name, ev)
     again = bool(p.create_members)

@@ -23,12 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoints import checkpoint_uri
+from ..checkpoints import checkpoint_ref, checkpoint_uri
 from ..contract import parse_result
 from ..core.display import describe_change
 from ..core.engine import Counters, Engine
-from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild
-from ..core.types import Record, SegmentResult, Suggestion
+from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild, still_listable, take_back
+from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from . import segments as S
@@ -38,6 +38,7 @@ from .builders import (
     LABEL_TRAINING,
     build_job,
     build_member,
+    job_gc,
     job_name,
     member_name,
     member_status,
@@ -77,7 +78,13 @@ class Plan:
     prior_members: dict[str, dict[str, Any]] = field(default_factory=dict)
     prior_status: dict[str, Any] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
+    # Checkpoints handed to Jobs for deletion: what the daemon passed in, plus this pass's hand-outs,
+    # less what Jobs gave back and what no rebuild can list again (forget_collected: bounded by the windows).
     collected: set[tuple[int, int]] = field(default_factory=set)
+    # What `collected` held when the pass began: checkpoints handed to Jobs that exist. A member's
+    # status.uncollected keeps the rest, including those this pass hands out (its Job may not get created).
+    handed_before: frozenset[tuple[int, int]] = frozenset()
+    handed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # Job to create -> what it deletes
     done: bool = False
     spec: TrainingSpec | None = None
     engine: Engine | None = None  # the engine after this pass (kept across passes: EngineCache)
@@ -130,6 +137,11 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
         complete = {"type": "Complete"}
     if complete:
         ok = [t for _, t in terminated if t.get("exitCode") == 0]
+        if not ok and any((p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for p in mine):
+            # The Job says its pod succeeded, but the pod as read has not finished: a pass lists Jobs
+            # and pods concurrently, so the pod may have been read just before it terminated and the
+            # Job just after. The next pass (its update wakes the daemon) reads the result.
+            return None
         msg = ok[-1].get("message") if ok else None
         if msg is None:
             return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
@@ -280,6 +292,9 @@ class Pass:
     waits: dict[int, S.Waiting] = field(default_factory=dict)  # member -> why its created segment waits
     disrupted: dict[int, list[str]] = field(default_factory=dict)  # member -> its Job's disrupted pods
     cached: bool = False  # the engine came from the previous pass (EngineCache)
+    # Members some of whose checkpoints a Job gave back this pass (give_back): their status.uncollected
+    # is rewritten
+    gave_back: set[int] = field(default_factory=set)
     outcome_before: Any = None  # (outcome, failure) at the start of a cached pass
 
     @property
@@ -357,7 +372,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
          events: Sequence[Mapping[str, Any]] = (), cache: EngineCache | None = None) -> Plan:
     """`cache`: the engine the previous pass left (EngineCache), used when still valid. The pass
     changes that engine in place: a caller that does not apply the plan in full must drop the cache."""
-    out = Plan(collected=set(collected or ()))
+    out = Plan(collected=set(collected or ()), handed_before=frozenset(collected or ()))
     try:
         spec, root = parse_training(training)
     except SpecError as e:
@@ -374,6 +389,7 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
     admit_segments(p)
     write_member_statuses(p)
     finish_pass(p)
+    forget_collected(p)
     return out
 
 
@@ -428,7 +444,7 @@ def rebuild_pass(training: Mapping[str, Any], spec: TrainingSpec, root: str, mem
     evicted = {i: Record.from_dict(b) for i, m in by_index.items()
                if isinstance(b := (m.get("status") or {}).get("evictedBest"), dict)}
     rebuilt = rebuild(spec, journal_order(h for hs in histories.values() for h in hs), current, HISTORY_WINDOW,
-                      evicted, retained_checkpoints(training))
+                      evicted, retained_checkpoints(training), uncollected_checkpoints(by_index))
     p = Pass(training, spec, root, now, out, rebuilt.engine, by_index, histories, current,
              {j["metadata"]["name"]: j for j in jobs}, pods_by_job(pods))
     p.new_members = [s for s in rebuilt.started if s.member not in by_index]
@@ -453,6 +469,47 @@ def retained_checkpoints(training: Mapping[str, Any]) -> list[tuple[int, int]]:
             out.append((int(m), int(seg)))
         except (TypeError, ValueError):
             continue
+    return out
+
+
+def collected_after(p: Plan, refused: Iterable[str]) -> set[Ref]:
+    """What counts as handed out once the plan is applied: the plan's `collected`, less what it handed
+    to Jobs the API server refused (they will never delete it). The daemon replaces its set with this
+    (the plan may also have given some back, give_back, and forgotten some, forget_collected)."""
+    out = set(p.collected)
+    for name in refused:
+        out.difference_update(p.handed.get(name, ()))
+    return out
+
+
+def forget_collected(p: Pass) -> None:
+    """Bound the memory of what was handed out for deletion (`Plan.collected`, which the daemon keeps
+    across passes): keep only what the engine can still list as garbage and what the members' statuses,
+    as this pass leaves them, still hold in status.uncollected (a rebuilt engine gets those back);
+    core/policy.still_listable says why forgetting the rest never leaks a checkpoint nor hands one out
+    twice. Last in the pass: leftovers reads the whole set. Without it the set grew by one entry per
+    collected checkpoint for the training's life (1,000 members x 1,000 segments: 1M refs, copied twice
+    per pass: benchmarks/README.md, "Operator scale")."""
+    out = p.out
+    persisted: list[Ref] = []
+    for m_idx, mobj in p.by_index.items():
+        st = out.member_statuses.get(member_name(p.name, m_idx))
+        if st is None:
+            st = mobj.get("status") or {}
+        persisted += [(m_idx, seg) for seg in st.get("uncollected") or [] if isinstance(seg, int)]
+    out.collected = still_listable(p.engine, out.collected, persisted)
+
+
+def uncollected_checkpoints(by_index: Mapping[int, Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """Each member's status.uncollected: its checkpoints that left its window and were not yet handed
+    to a Job for deletion (live ones, or garbage), as segment numbers; entries that do not parse are
+    skipped. A rebuilt engine gets them as it gets status.retainedCheckpoints: it keeps the live ones
+    and hands out the rest."""
+    out = []
+    for i, m in sorted(by_index.items()):
+        for seg in (m.get("status") or {}).get("uncollected") or []:
+            if isinstance(seg, int) and not isinstance(seg, bool) and seg >= 0:
+                out.append((i, seg))
     return out
 
 
@@ -503,6 +560,10 @@ def tell_finished_jobs(p: Pass) -> None:
             secs = None if res.disrupted else job_seconds(p.jobs_by_name[jname], finished_at, p.pods_of.get(jname, ()))
             if secs is not None:
                 out.segment_seconds.append(secs)
+            if not res.ok and not res.disrupted:
+                give_back(p, p.jobs_by_name[jname])
+            elif res.gc_failed:
+                gc_failed(p, m_idx, sug, res.gc_failed, p.jobs_by_name[jname])
             if not res.ok:
                 out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
                                             f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
@@ -544,6 +605,10 @@ def decision_events(p: Pass) -> list[EventSpec]:
                                     f"{describe_change(donor_hp, s.hyperparameters)} ({s.explore_reason})"))
         elif s.kind == "replace":
             events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
+        elif s.kind == "continue" and d.cause.member == s.member and s.hyperparameters != d.cause.hyperparameters:
+            # PB2's retune of a member that keeps its weights (Pb2Settings.retune): announced like an explore
+            events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
+                                    f"{describe_change(d.cause.hyperparameters, s.hyperparameters)} ({s.reason})"[:1000]))
     return events
 
 
@@ -585,18 +650,49 @@ def admit_segments(p: Pass) -> None:
             engine.cancel(m_idx)
     watch_segments(p)
     to_start, p.waiting = admit(engine, waiting, p.running, 0 if spec.suspend else spec.parallelism)
-    gc_uris: list[str] = []
+    gc: list[Ref] = []
     if to_start:
-        gc_uris = [checkpoint_uri(p.root, p.name, r) for r in garbage_batch(engine, out.collected)]
+        gc = garbage_batch(engine, out.collected)
+    gc_uris = [checkpoint_uri(p.root, p.name, r) for r in gc]
     for i, s in enumerate(to_start):
         mobj = p.by_index.get(s.member)
         if mobj is None:
             continue  # created this pass; its Job follows next pass, once the member has a uid
+        if i == 0 and gc:
+            out.handed[job_name(p.name, s)] = gc
         out.create_jobs.append(build_job(p.training, mobj, s, p.root, gc_uris if i == 0 else [], spec.template or {},
                                          spec.storage.credentials_secret, spec.segment, queue_name=spec.queue_name,
                                          job_labels=spec.job_labels, job_annotations=spec.job_annotations))
         out.started.append(job_name(p.name, s))
     p.running += len(out.create_jobs)
+
+
+def give_back(p: Pass, job: Mapping[str, Any]) -> int:
+    """Put a Job's delete list (its contract's gc) back among the checkpoints to hand out, when the Job
+    did not delete it: it will never save (its attempt failed: the worker deletes only after its own
+    save, which may not have happened; or it was stopped: stop_segments), or it saved but some deletes
+    failed (its result's gcFailed: gc_failed). Deleting twice is harmless; a checkpoint counted as
+    handed out to a Job that deleted nothing stays in storage for good (core/policy.take_back). Those
+    outside the window also go to their members' status.uncollected (write_member_statuses), so that a
+    restart forgets none. Returns how many checkpoints the Job had been handed."""
+    uris = job_gc(job)
+    refs = [r for u in uris if (r := checkpoint_ref(p.root, p.name, u)) is not None]
+    if refs:
+        take_back(p.engine, p.out.collected, refs)
+        p.out.handed_before = p.out.handed_before.difference(refs)
+        p.gave_back.update(m for m, _ in refs)
+    return len(uris)
+
+
+def gc_failed(p: Pass, m_idx: int, sug: Suggestion, failed: int, job: Mapping[str, Any]) -> None:
+    """A segment that saved but could not delete some of its delete list (the worker's result says how
+    many, not which: it must fit a termination message) gives the whole list back (give_back): the next
+    segment that starts deletes them, or, at the end, status.leftoverCheckpoints counts them. A Warning
+    Event names the member and the count; the pod log names the checkpoints and the error."""
+    handed = give_back(p, job)
+    p.out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_CHECKPOINT_DELETE_FAILED, (
+        f"segment {sug.segment} could not delete {failed} of the {handed} old checkpoints it was handed "
+        "(its pod log says which and why): they are handed to the next segment that starts")[:1000]))
 
 
 def stop_segments(p: Pass) -> list[int]:
@@ -622,6 +718,7 @@ def stop_segments(p: Pass) -> list[int]:
                for m in idle[:len(live) - spec.parallelism]}
     for m_idx, reason in why.items():
         job = live.pop(m_idx)
+        give_back(p, job)
         out.delete_jobs.append((job["metadata"]["name"], str(job["metadata"].get("uid", ""))))
         out.events.append(EventSpec(member_name(p.name, m_idx), "Normal", C.EV_SEGMENT_STOPPED,
                                     f"segment Job {job['metadata']['name']} stopped: {reason}"))
@@ -672,6 +769,16 @@ def write_member_statuses(p: Pass) -> None:
         if m_idx in engine.evicted_best:
             best = record_entry(engine.evicted_best[m_idx], "", "")
             extra["evictedBest"] = {k: v for k, v in best.items() if k not in ("finishedAt", "job")}
+        # Checkpoints that left the window are in no history: written with the history that drops
+        # them (one write), so that no restart forgets one before a Job has it to delete. Only a pass
+        # that changes the history rewrites the list (entries handed out since stay until then: one
+        # more delete after a restart, not one more write per pass).
+        uncollected = (mobj.get("status") or {}).get("uncollected")
+        if m_idx in p.new_history or m_idx in p.rewritten or m_idx in p.gave_back:
+            uncollected = sorted({seg for m, seg in (*engine.evicted_live, *engine.evicted_garbage)
+                                  if m == m_idx and (m, seg) not in out.handed_before})
+        if uncollected:
+            extra["uncollected"] = uncollected
         st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
                            hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
@@ -699,7 +806,7 @@ def changing(p: Pass, m_idx: int, created: set[str]) -> bool:
         return True
     old = p.by_index[m_idx].get("status") or {}
     if (m_idx in p.new_history or m_idx in p.decided or m_idx in p.waits or m_idx in p.live or m_idx in p.disrupted
-            or not old or old.get("waiting") or old.get("phase") in ("Running", "Pending")):
+            or m_idx in p.gave_back or not old or old.get("waiting") or old.get("phase") in ("Running", "Pending")):
         return True
     sug = p.engine.pending.get(m_idx)
     if sug is None:
@@ -734,6 +841,9 @@ def finish_pass(p: Pass) -> None:
     out.done = engine.done
     out.status = training_status(p.spec, engine, old_status, p.now, p.training["metadata"].get("generation"),
                                  p.running - len(p.waits), len(p.waiting), p.root, p.waits)
+    left = leftovers(p, old_status)
+    if left is not None:
+        out.status["leftoverCheckpoints"] = left
     out.status_changed = stored_form(out.status) != old_status
     out.prior_status = dict(old_status)
     paused = p.spec.suspend or p.spec.parallelism == 0
@@ -742,6 +852,11 @@ def finish_pass(p: Pass) -> None:
         out.events.append(EventSpec("training", "Normal", C.EV_SUSPENDED if paused else C.EV_RESUMED,
                                     f"training paused: {why}" if paused else "training resumed"))
     fin = engine.outcome
+    if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed") and left:
+        out.events.append(EventSpec("training", "Normal", C.EV_CHECKPOINTS_LEFT, (
+            f"{left['count']} checkpoints no segment deleted are left under {left['prefix']} (no segment starts "
+            "any more; the operator has no storage credentials): status.leftoverCheckpoints lists them, "
+            "docs/operator.md says how to remove them")[:1000]))
     if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed"):
         if engine.failure:
             out.events.append(EventSpec("training", "Warning", C.EV_FAILED, str(fin)))
@@ -750,6 +865,27 @@ def finish_pass(p: Pass) -> None:
             out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
                                         f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
                                         f"score {b.score if b else '-'}"))
+
+
+LEFTOVERS_LISTED = 20  # URIs in status.leftoverCheckpoints (the count is exact)
+
+
+def leftovers(p: Pass, old_status: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Once the training has ended: the checkpoints that are collectable but that no segment was handed
+    to delete (deletes ride on starting segments, and none starts any more), as status.leftoverCheckpoints:
+    how many, the training's prefix and the first LEFTOVERS_LISTED URIs. Computed in the pass that ends
+    the training, with this operator's memory of what it handed out, and kept as written afterwards (a
+    restarted operator no longer knows which were deleted). None while it runs or when none are left."""
+    if not p.engine.done:
+        return None
+    if old_status.get("phase") in ("Succeeded", "Failed"):
+        old = old_status.get("leftoverCheckpoints")
+        return dict(old) if isinstance(old, dict) else None
+    refs = p.engine.garbage(exclude=p.out.collected)
+    if not refs:
+        return None
+    return {"count": len(refs), "prefix": f"{p.root.rstrip('/')}/{p.name}/",
+            "uris": [checkpoint_uri(p.root, p.name, r) for r in refs[:LEFTOVERS_LISTED]]}
 
 
 def member_phase_idle(spec: TrainingSpec, engine: Engine, member: int) -> str:
