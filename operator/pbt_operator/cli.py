@@ -90,6 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s in eng.schedule():
             print(f"  steps {s['steps_start']:>6}-{s['steps_end']:<6} m{s['member']:<3} s{s['segment']:<4} "
                   f"{fmt_value(s['score']):>10}  {fmt_hp(s['hyperparameters'], 80)}")
+    if summary.collected_at_end:
+        print(f"deleted {summary.collected_at_end} old checkpoint(s) that no segment was left to delete")
+    if summary.left_at_end:
+        print(f"could not delete {len(summary.left_at_end)} old checkpoint(s), e.g. {summary.left_at_end[0]} "
+              "(the warnings above say why); they take space only", file=sys.stderr)
     print(f"outputs: {run_dir}/results.jsonl lineage.json best.json" + ("" if args.no_plot else " plot.png"))
     return 1 if eng.failed else 0
 

@@ -209,6 +209,15 @@ def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert {(s["member"], s["segment"]) for s in sched} <= committed
     latest = {m: max(k for mm, k in refs if mm == m) for m in range(spec.population)}
     assert set(latest.items()) <= committed
+    # ... and, at the end, what the last results made garbage too (no segment was left to delete it):
+    # exactly the live lineages stay (every member's latest checkpoint and the best, with their ancestors)
+    from pbt_operator.core.lineage import keep_set
+    from pbt_operator.core.types import Record
+
+    records = {rec.ref: rec for rec in map(Record.from_dict, results)}
+    live = keep_set(records, [*latest.items(), (best["member"], best["segment"])])
+    assert committed == {r for r in live if records[r].status == "done"}, committed ^ set(live)
+    assert "old checkpoint(s) that no segment was left to delete" in out
 
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert len(lineage["nodes"]) == total
@@ -976,3 +985,54 @@ def test_warm_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     eng = LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run().engine
     assert eng.failed is not None and "this interpreter is broken" in eng.failed and "3" in eng.failed
+
+
+# --------------------------------------------------------------------------------------------------
+# gc deletes that fail in the worker
+
+
+def test_checkpoints_whose_delete_failed_are_handed_out_again(tmp_path: Path) -> None:
+    """The worker deletes the contract's gc list after its save; a delete that fails is counted in the
+    segment's result (gcFailed, here through the inline executor's returned dict) and the runner hands
+    the list to a later segment. A run whose first three deletes fail ends with the same checkpoints in
+    storage as one whose deletes all succeed (before, those three stayed for good)."""
+    from pbt_worker.storage import FileStorage
+
+    class FlakyDeletes(FileStorage):
+        def __init__(self, failures: int) -> None:
+            super().__init__(fsync=False)
+            self.failures = failures
+            self.failed: list[str] = []
+            self.deleted: list[str] = []
+            self.lock = threading.Lock()
+
+        def delete(self, prefix: str) -> None:
+            with self.lock:
+                if len(self.failed) < self.failures:
+                    self.failed.append(prefix)
+                    raise OSError(f"simulated outage deleting {prefix}")
+                self.deleted.append(prefix)
+            super().delete(prefix)
+
+    spec = load_manifest(QUADRATIC)
+    spec = dataclasses.replace(spec, population=4, parallelism=1, budget=dataclasses.replace(spec.budget, segments=8))
+
+    def run(name: str, failures: int) -> tuple[set[tuple[str, str]], FlakyDeletes]:
+        storage = FlakyDeletes(failures)
+        lr = LocalRunner(spec, tmp_path / name, plot=False, storage=storage)
+        assert lr.run().engine.done
+        root = Path(lr.root[len("file://"):])
+        return {(p.parent.parent.name, p.parent.name) for p in root.glob("*/m*/*/_COMMITTED")}, storage
+
+    clean, _ = run("clean", 0)
+    assert 0 < len(clean) < 4 * 8  # some were deleted, some kept
+    flaky, storage = run("flaky", 3)
+    assert len(storage.failed) == 3 and set(storage.failed) <= set(storage.deleted)  # each retried later
+    assert flaky == clean
+
+    # Deletes that never succeed: the run still succeeds, and says which checkpoints it left behind.
+    stuck = FlakyDeletes(10**6)
+    summary = LocalRunner(spec, tmp_path / "stuck", plot=False, storage=stuck).run()
+    assert summary.engine.done and not summary.engine.failed
+    assert summary.collected_at_end == 0 and summary.left_at_end
+    assert set(summary.left_at_end) <= set(stuck.failed)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..contract import parse_result
+from ..contract import GC_FAILED, parse_result
 from ..core.types import SegmentResult, Suggestion
 from .warm import WarmWorker, python_for, warm_target
 
@@ -87,7 +87,10 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         Path(contract["result"]).unlink(missing_ok=True)
         seg = Segment(contract, storage=storage) if storage is not None else Segment(contract)
         out = fn(seg)
-        return _result_from_return(out, contract)
+        doc = _result_from_return(out, contract)
+        if seg.gc_failed and "error" not in doc:  # a returned result knows nothing of the deletes
+            doc[GC_FAILED] = len(seg.gc_failed)
+        return doc
     except Exception as e:  # a user's bug fails the segment, not the run
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         return {"error": tb[:1000]}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -21,12 +23,14 @@ from typing import Any
 from ..checkpoints import checkpoint_uri, storage_root
 from ..contract import build_contract
 from ..core.engine import Engine
-from ..core.policy import admit, garbage_batch, rebuild
+from ..core.policy import admit, garbage_batch, rebuild, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import TrainingSpec
 from .durability import Barrier, fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor
 from .results import write_outputs
+
+log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
@@ -39,6 +43,10 @@ class RunSummary:
     engine: Engine
     wall_seconds: float
     interrupted: bool = False
+    # Checkpoints no segment was left to delete, deleted by the driver at the end (`_collect_at_end`),
+    # and the URIs of those whose delete failed.
+    collected_at_end: int = 0
+    left_at_end: tuple[str, ...] = ()
 
     @property
     def best(self) -> Record | None:
@@ -104,6 +112,42 @@ class LocalRunner:
         return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism)
 
+    def _collect_at_end(self, refs: list[Ref]) -> tuple[int, tuple[str, ...]]:
+        """Delete the checkpoints that became garbage after the last segment started: segments delete
+        old checkpoints (the contract's gc list), and none starts after the last results, so without
+        this every run ended with its last generation's dead checkpoints still in storage (the digits
+        example kept 36 checkpoints after its run). The operator cannot do the same (it holds no storage
+        credentials: it reports them as status.leftoverCheckpoints); this driver runs where the workers
+        do, with their storage settings (spec.worker.env over this process's environment). Returns how
+        many were deleted and the URIs that could not be (the run still succeeds: they are only space)."""
+        if not refs:
+            return 0, ()
+        from pbt_worker.storage import open_storage, reset_storage_cache
+
+        uris = [checkpoint_uri(self.root, self.spec.name, r) for r in refs]
+        env = {k: str(v) for k, v in self.spec.worker.env.items()}
+        saved = {k: os.environ.get(k) for k in env}
+        failed: list[str] = []
+        try:
+            if env and self.storage is None:
+                os.environ.update(env)
+                reset_storage_cache()
+            for uri in uris:
+                try:
+                    (self.storage if self.storage is not None else open_storage(uri)).delete(uri)
+                except Exception as e:  # a leftover checkpoint is only space: say so, never fail the run
+                    log.warning("could not delete the old checkpoint %s: %s", uri, e)
+                    failed.append(uri)
+        finally:
+            if env and self.storage is None:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                reset_storage_cache()
+        return len(uris) - len(failed), tuple(failed)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
@@ -148,8 +192,12 @@ class LocalRunner:
                 made.setdefault(s.member, barrier.requested + 1)
             persist()
             dispatched = 0
+            # Kept for the run's life, unlike the operator's (core/policy.still_listable): this engine
+            # has no window, keeps every record (the outputs need them) and could list any collected
+            # one again, so every entry still matters; the set holds a pair per record it already has.
             handed_out: set[Ref] = set()
-            garbage: list[tuple[int, list[str]]] = []  # (barrier that makes deleting them safe, uris)
+            garbage: list[tuple[int, list[Ref]]] = []  # (barrier that makes deleting them safe, refs)
+            handed: dict[int, list[Ref]] = {}  # member -> what its running segment was handed to delete
             try:
                 while True:
                     admitted, queued = admit(engine, queued, len(running), self.spec.parallelism)
@@ -166,10 +214,10 @@ class LocalRunner:
                             # its barrier requested; deleted only once that barrier completed
                             refs = garbage_batch(engine, handed_out, limit=None)
                             if refs:
-                                garbage.append((barrier.requested,
-                                                [checkpoint_uri(self.root, self.spec.name, r) for r in refs]))
-                        gc = [u for n, uris in garbage if n <= durable for u in uris]
-                        garbage = [(n, uris) for n, uris in garbage if n > durable]
+                                garbage.append((barrier.requested, refs))
+                        handed[sug.member] = [r for n, refs in garbage if n <= durable for r in refs]
+                        garbage = [(n, refs) for n, refs in garbage if n > durable]
+                        gc = [checkpoint_uri(self.root, self.spec.name, r) for r in handed[sug.member]]
                         contract = build_contract(self.spec.name, sug, self.root,
                                                   str(self.run_dir / "results" / f"m{sug.member:03d}.json"), gc)
                         running[sug.member] = sug
@@ -186,6 +234,12 @@ class LocalRunner:
                     batch = [x for x in got if x is not None]
                     for sug, res in batch:
                         del running[sug.member]
+                        # A segment that did not delete its list (it failed, so may never have saved,
+                        # or its result's gcFailed says deletes failed) gives it back: the next batch
+                        # hands it out again (the operator's reconcile.give_back does the same).
+                        gave = handed.pop(sug.member, [])
+                        if gave and (not res.ok or res.gc_failed):
+                            take_back(engine, handed_out, gave)
                         new = engine.tell(res)
                         if not res.disrupted and engine.last is not None:
                             res_f.write(json.dumps(engine.last.to_dict()) + "\n")
@@ -201,6 +255,11 @@ class LocalRunner:
                 executor.shutdown(cancel=False)
             barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted)
+        if not interrupted:
+            # Every result and decision is durable now (the barrier closed), so what they make garbage
+            # is garbage for good: the batches not handed out yet, and what the last results freed.
+            left = [r for _, refs in garbage for r in refs] + garbage_batch(engine, handed_out, limit=None)
+            summary.collected_at_end, summary.left_at_end = self._collect_at_end(left)
         if self.progress:
             self.progress(engine, running, queued)
         if not interrupted:
