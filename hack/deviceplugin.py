@@ -106,10 +106,19 @@ def list_and_watch_response(ids: list[str]) -> bytes:
     return b"".join(field_bytes(1, field_str(1, d) + field_str(2, "Healthy")) for d in ids)
 
 
+def _embedded(value: bytes | int, field: str) -> bytes:
+    """A length-delimited field's bytes; a varint where a message or string belongs is a malformed request
+    (bytes(n) of an int would silently be n zero bytes)."""
+    if isinstance(value, int):
+        raise ValueError(f"{field}: expected a length-delimited field, got the varint {value}")
+    return value
+
+
 def allocate_ids(request: bytes) -> list[list[str]]:
     """AllocateRequest.container_requests (1) -> ContainerAllocateRequest.devices_ids (1) per container."""
     reqs = parse(request).get(1, [])
-    return [[bytes(v).decode() for v in parse(bytes(r)).get(1, [])] for r in reqs]  # type: ignore[arg-type]
+    return [[_embedded(v, "devices_ids").decode() for v in parse(_embedded(r, "container_requests")).get(1, [])]
+            for r in reqs]
 
 
 def allocate_response(per_container: list[list[str]]) -> bytes:

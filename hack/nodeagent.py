@@ -411,8 +411,9 @@ class PodWorker(threading.Thread):
                                  else ("configmaps", vf["configMapKeyRef"]))
                     obj = self._get_obj(kind, ref["name"])
                     data = (obj or {}).get("data") or {}
-                    if kind == "configmaps" and ref["key"] in ((obj or {}).get("binaryData") or {}):
-                        data = {ref["key"]: base64.b64decode(obj["binaryData"][ref["key"]]).decode()}
+                    binary = (obj or {}).get("binaryData") or {}
+                    if kind == "configmaps" and ref["key"] in binary:
+                        data = {ref["key"]: base64.b64decode(binary[ref["key"]]).decode()}
                     if obj is None or ref["key"] not in data:
                         if ref.get("optional"):
                             continue
@@ -494,18 +495,18 @@ class PodWorker(threading.Thread):
                 raise OSError("the node agent needs an explicit command (it ignores images)")
             os.makedirs(cwd, exist_ok=True)
             with open(run.log_file, "ab") as out:
-                run.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             run.proc = None
             run.exit_code = 128
             run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(e)[:4096],
                                         "startedAt": run.started_at, "finishedAt": now_iso()}}
             return False
+        run.proc = proc
         run.exit_code = None
         run.state = {"running": {"startedAt": run.started_at}}
-        self.agent.register_proc(self, run)
-        proc = run.proc
+        self.agent.register_proc(self, run, proc)
 
         def waiter() -> None:
             proc.wait()
@@ -529,40 +530,41 @@ class PodWorker(threading.Thread):
 
     def _reap(self, run: ContainerRun) -> bool:
         """If the process has exited, record its terminated state. Returns True if it did."""
-        if run.proc is None or run.exit_code is not None:
+        proc = run.proc
+        if proc is None or run.exit_code is not None:
             return False
-        rc = run.proc.poll()
+        rc = proc.poll()
         if rc is None:
             return False
         code = rc if rc >= 0 else 128 - rc
         run.exit_code = code
         term = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                "startedAt": run.started_at, "finishedAt": now_iso(), "containerID": f"pbt://{run.proc.pid}"}
+                "startedAt": run.started_at, "finishedAt": now_iso(), "containerID": f"pbt://{proc.pid}"}
         if rc < 0:
             term["signal"] = -rc
         msg = self._message(run, code)
         if msg:
             term["message"] = msg
         run.state = {"terminated": term}
-        self.agent.unregister_proc(run)
+        self.agent.unregister_proc(proc)
         log.info("%s/%s[%s] exited %d", self.ns, self.pod_name, run.name, code)
         return True
 
     def _kill(self, runs: list[ContainerRun], grace: float) -> None:
         """SIGTERM the live processes, SIGKILL whatever is left after `grace` seconds."""
-        live = [r for r in runs if r.proc is not None and r.exit_code is None and r.proc.poll() is None]
-        for r in live:
-            _signal_group(r.proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        live = [(r, p) for r in runs if (p := r.proc) is not None and r.exit_code is None and p.poll() is None]
+        for _, proc in live:
+            _signal_group(proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         deadline = time.monotonic() + grace
-        for r in live:
+        for _, proc in live:
             remaining = deadline - time.monotonic()
             try:
-                r.proc.wait(timeout=max(0.0, remaining))
+                proc.wait(timeout=max(0.0, remaining))
             except subprocess.TimeoutExpired:
-                _signal_group(r.proc, signal.SIGKILL)
-                r.proc.wait()
-        for r in live:
-            _signal_group(r.proc, signal.SIGKILL)  # stray children of the group
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        for r, proc in live:
+            _signal_group(proc, signal.SIGKILL)  # stray children of the group
             self._reap(r)
 
     def kill_now(self) -> None:
@@ -1014,13 +1016,14 @@ class NodeAgent:
                 delay = min(delay * 2, 5.0)
 
     # -- pods --------------------------------------------------------------------------------
-    def register_proc(self, w: PodWorker, run: ContainerRun) -> None:
+    def register_proc(self, w: PodWorker, run: ContainerRun, proc: subprocess.Popen) -> None:
+        """Index the container by its process id (the process is passed: run.proc may be reset later)."""
         with self.lock:
-            self.procs[run.proc.pid] = (w, run)
+            self.procs[proc.pid] = (w, run)
 
-    def unregister_proc(self, run: ContainerRun) -> None:
+    def unregister_proc(self, proc: subprocess.Popen) -> None:
         with self.lock:
-            self.procs.pop(run.proc.pid, None)
+            self.procs.pop(proc.pid, None)
 
     def worker_done(self, w: PodWorker) -> None:
         with self.lock:

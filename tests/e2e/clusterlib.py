@@ -39,6 +39,39 @@ def wait_for(fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2
         time.sleep(interval)
 
 
+def start_moto(host: str, log: Path, timeout: float = 30.0, **popen: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m moto.server` on `host`, on a port the server binds itself (-p 0): the port it reports
+    in its log is one nobody else can hold. (A port found free by binding and closing a socket could be
+    taken by another process in the second before moto binds it.) Returns the process and its port once
+    it answers."""
+    import re
+
+    mark = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", "0"], stdout=f,
+                                stderr=subprocess.STDOUT, **popen)
+    deadline = time.monotonic() + timeout
+    port = 0
+    while True:
+        if not port:
+            with open(log, "rb") as f:
+                f.seek(mark)
+                m = re.search(rb"Running on http://[^:/\s]+:(\d+)", f.read())
+            port = int(m.group(1)) if m else 0
+        if port:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/moto-api/", timeout=1):
+                    return proc, port
+            except OSError:
+                pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"moto did not start on {host} within {timeout:.0f} s:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        time.sleep(0.1)
+
+
 def parse_env_file(text: str) -> dict[str, str]:
     env = {}
     for line in text.splitlines():

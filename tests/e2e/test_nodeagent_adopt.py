@@ -13,6 +13,10 @@ from clusterlib import Cluster
 pytestmark = pytest.mark.e2e
 
 SELECTOR_LABEL = "pbt.dev/adopt-test"
+# The simulated boot: long enough that the checks right after the Node's creation (a kubectl process and
+# a call to the agent) fall inside it on a loaded machine (4 s left them 3 s at best: the agent counts
+# from creationTimestamp, in whole seconds, so the node may turn Ready up to 1 s early).
+BOOT_SECONDS = 12
 
 
 def _ready(node: dict | None) -> bool:
@@ -23,7 +27,8 @@ def _ready(node: dict | None) -> bool:
 def test_adopted_node_boots_runs_pods_and_goes(cluster: Cluster, namespace: str, node_agent_factory) -> None:
     tag = uuid.uuid4().hex[:6]
     agent = node_agent_factory(nodes=0, gpus=0, prefix=f"adopter-{tag}",
-                               extra_args=("--adopt-selector", f"{SELECTOR_LABEL}={tag}", "--adopt-ready-delay", "4"))
+                               extra_args=("--adopt-selector", f"{SELECTOR_LABEL}={tag}",
+                                           "--adopt-ready-delay", str(BOOT_SECONDS)))
     name = f"foreign-{tag}"
     cap = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "2"}
     cluster.apply({"apiVersion": "v1", "kind": "Node",

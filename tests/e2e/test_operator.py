@@ -196,20 +196,40 @@ def test_scale_subresource_changes_parallelism(cluster: Cluster, namespace: str,
 
 def test_eviction_reruns_segment_from_same_checkpoint(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                                       node_agent: NodeAgent, tmp_path: Path) -> None:
+    """An evicted segment pod reruns from the same checkpoint and does not count as a failure.
+
+    Segment 1's trainers wait at a gate until the evicted pod's process is gone, so the evicted run has
+    provably started (logged its run) and cannot have finished: evicting right after the first segment-1
+    log line could, under a long stall, hit a pod whose segment had already ended."""
     log = tmp_path / "runs.log"
+    gate = tmp_path / "gate"
     cluster.apply(training("evict", tmp_path / "ckpt", population=2, parallelism=2, segments=3,
-                           env={"PBT_TEST_SLEEP": "3", "PBT_TEST_LOG": str(log)}), namespace)
+                           env={"PBT_TEST_SLEEP": "1", "PBT_TEST_LOG": str(log),
+                                "PBT_TEST_GATE": f"0:1:{gate},1:1:{gate}"}), namespace)
 
-    def started_seg1() -> tuple[str, ...] | None:
-        # wait until a segment-1 worker has really started (it logs before its 3 s of training)
-        lines = log.read_text().split("\n")[:-1] if log.exists() else []
-        return next((tuple(r.split()) for r in lines if r.split()[1] == "1"), None)
+    def held() -> list[dict[str, Any]] | None:
+        """Both segment-1 pods Running, both trainers started (logged) and held at the gate."""
+        lines = log.read_text().splitlines() if log.exists() else []
+        if {r.split()[0] for r in lines if r.split()[1] == "1"} != {"0", "1"}:
+            return None
+        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "pbt.dev/segment=1")["items"]
+        return pods if len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods) else None
 
-    first = cluster.wait_for(started_seg1, 120, interval=0.2, desc="a segment-1 worker running")
-    pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l",
-                                f"pbt.dev/segment=1,pbt.dev/member={first[0]}")["items"]
-    pod = next(p for p in pods if p["status"].get("phase") == "Running")
-    node_agent.evict_pod(namespace, pod["metadata"]["name"])
+    try:
+        pods = cluster.wait_for(held, 120, interval=0.2, desc="both segment-1 trainers started and held")
+        pod = min(pods, key=lambda p: int(p["metadata"]["labels"]["pbt.dev/member"]))
+        name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+        node_agent.evict_pod(namespace, name)
+
+        def evicted_gone() -> bool:
+            """The evicted pod's trainer is dead: the pod is deleted, or replaced, or terminal."""
+            p = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "pbt.dev/segment=1")["items"]
+            mine = next((x for x in p if x["metadata"]["uid"] == uid), None)
+            return mine is None or mine["status"].get("phase") in ("Failed", "Succeeded")
+
+        cluster.wait_for(evicted_gone, 120, interval=0.2, desc="the evicted segment-1 pod stopped")
+    finally:
+        gate.touch()
     obj = wait_phase(cluster, namespace, "evict", operator)
     check_finished(cluster, namespace, "evict", obj, 2, 3)
     member = int(pod["metadata"]["labels"]["pbt.dev/member"])
@@ -224,8 +244,12 @@ def test_eviction_reruns_segment_from_same_checkpoint(cluster: Cluster, namespac
     assert any(e["reason"] == "SegmentDisrupted" for e in events)
 
 
-def test_operator_killed_mid_run_resumes_exactly_once(cluster: Cluster, namespace: str, crds: None,
+def test_operator_killed_mid_run_resumes_exactly_once(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                                       node_agent: NodeAgent, tmp_path: Path) -> None:
+    # This test's operator must be the only one: the module's (cluster-wide, like this one) would go on
+    # reconciling the training through every kill, so the kills would prove nothing, and two operators
+    # without peering race each other's writes. It is stopped (and waited for) first, restarted after.
+    operator.stop()
     op = OperatorProcess(cluster, tmp_path / "op.log")
     op.start()
     log = tmp_path / "runs.log"
@@ -243,6 +267,7 @@ def test_operator_killed_mid_run_resumes_exactly_once(cluster: Cluster, namespac
         obj = wait_phase(cluster, namespace, "crash", op)
     finally:
         op.stop()
+        operator.start()
     check_finished(cluster, namespace, "crash", obj, 4, 4)
     runs = collections.Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
     assert all(n == 1 for n in runs.values()), runs

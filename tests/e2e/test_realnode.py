@@ -17,15 +17,13 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterlib import Cluster, parse_env_file
+from clusterlib import Cluster, parse_env_file, start_moto
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node]
 
@@ -72,23 +70,8 @@ class Moto:
     """`python -m moto.server` on the node's bridge address: reachable from the host and from pods."""
 
     def __init__(self, host: str, log: Path):
-        import socket
-
-        with socket.socket() as s:
-            s.bind((host, 0))
-            self.port = s.getsockname()[1]
+        self.proc, self.port = start_moto(host, log, start_new_session=True)
         self.endpoint = f"http://{host}:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
-                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, "moto did not start"
-                time.sleep(0.2)
 
     def client(self) -> Any:
         import boto3

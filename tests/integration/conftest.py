@@ -43,15 +43,34 @@ class MotoServer:
         self.log_path = log_dir / f"moto-{self.port}.log"
         self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False  # once it has served, its port is its clients' endpoint: restarts keep it
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until it serves. free_port() only found a port free: the server binds
+        it about a second later, when another process may have taken it; the first start then moves to
+        another port, while a restart (its clients already hold the endpoint) fails, saying so."""
         if self.proc is not None and self.proc.poll() is None:
             return
+        for _ in range(5):
+            if self._spawn(timeout):
+                self.started = True
+                return
+            if self.started:
+                raise RuntimeError(f"moto server could not restart: port {self.port} was taken while it was "
+                                   f"stopped:\n{self.log_path.read_text()[-2000:]}")
+            self.port = free_port()
+        raise RuntimeError(f"moto server found its port taken 5 times:\n{self.log_path.read_text()[-2000:]}")
+
+    def _spawn(self, timeout: float) -> bool:
+        """True once this process listens on self.port and answers; False when the port was taken."""
+        import psutil
+
         env = dict(os.environ, **self.extra_env)
+        mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -60,12 +79,24 @@ class MotoServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited: {self.log_path.read_text()[-2000:]}")
+                with open(self.log_path, "rb") as f:
+                    f.seek(mark)
+                    said = f.read().decode(errors="replace")
+                if "Address already in use" in said:
+                    self.proc = None
+                    return False
+                raise RuntimeError(f"moto server exited: {said[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
+                # Ours, not whatever else may have taken the port: the answer counts once this process
+                # is the one listening there.
+                me = psutil.Process(self.proc.pid)
+                conns = me.net_connections("tcp") if hasattr(me, "net_connections") else me.connections("tcp")
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns):
+                    with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                        return True
+            except (OSError, psutil.Error):
+                pass
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"moto server did not start within {timeout}s on port {self.port}")
 

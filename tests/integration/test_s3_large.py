@@ -113,6 +113,31 @@ def test_200mib_object_is_never_held_twice(s3_env: dict[str, str], tmp_path: Pat
     assert result["restore_peak"] - result["base2"] < 200 + 100, result  # one copy: the restored object
 
 
+def _wait_requests_done(server: Any, timeout: float = 60) -> None:
+    """Until the S3 server holds no connection but this test process's own: every request the killed
+    writer had sent has been answered (or dropped), so what it did (a part, the CompleteMultipartUpload)
+    is in the bucket. The server keeps a request's connection open while it works on it, even after
+    the client died: its answer fails to go out only afterwards, and then it closes the connection.
+    (A bucket that stays unchanged for a while says less: on a loaded machine the server can take
+    longer than that to assemble a 64 MiB object.)"""
+    import psutil
+
+    def tcp(p: psutil.Process) -> list[Any]:
+        return p.net_connections("tcp") if hasattr(p, "net_connections") else p.connections("tcp")
+
+    me, srv = psutil.Process(), psutil.Process(server.proc.pid)
+    deadline = time.monotonic() + timeout
+    while True:
+        ours = {c.laddr.port for c in tcp(me)}  # this test's own clients, kept alive between requests
+        others = [c for c in tcp(srv) if c.raddr and c.raddr.port not in ours]
+        if not others:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the S3 server still worked on connections {others} {timeout} s after "
+                                 "the writer died")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("previous", [False, True], ids=["fresh-prefix", "rerun-over-committed"])
 def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_path: Path,
                                                      moto_server: Any, previous: bool) -> None:
@@ -153,6 +178,10 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    # The server may still be working on requests the writer sent before it died (a part, or the
+    # CompleteMultipartUpload when the kill came after the last part): a gc that starts later sees
+    # their results, so this one does too.
+    _wait_requests_done(moto_server)
 
     storage = open_storage(ckpt)
     reader_seg = Segment({"version": 1, "training": "t", "member": 0, "segment": 1, "hyperparameters": {},

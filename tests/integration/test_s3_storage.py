@@ -146,6 +146,31 @@ def test_gc_and_delete(s3_env: dict[str, str]) -> None:
     storage.delete(old)  # idempotent
 
 
+@pytest.mark.parametrize("order", ["save-report", "report-save"])
+def test_a_gc_delete_that_fails_is_reported_in_the_result(s3_env: dict[str, str], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture, order: str) -> None:
+    """A gc delete the server refuses (here: its bucket does not exist, as after a bucket was removed or
+    renamed; a denied delete fails the same way) does not fail the segment, and its result says how many
+    failed, so the driver hands the list to a later segment."""
+    import json
+
+    base = s3_env["PBT_TEST_BASE"]
+    make(base, 0, member=4).save(b"old")
+    old, gone = f"{base}t/m004/00000/", "s3://no-such-bucket-pbt-gc/t/m004/00001/"
+    result = tmp_path / "result.json"
+    data = {**make(base, 0, gc=[gone, old]).contract.raw, "result": str(result)}
+    seg = Segment(data)
+    if order == "save-report":
+        seg.save(b"new")
+        seg.report(0.5)
+    else:
+        seg.report(0.5)
+        seg.save(b"new")
+    assert json.loads(result.read_text()) == {"score": 0.5, "metrics": {}, "steps": 10, "gcFailed": 1}
+    assert seg.gc_failed == [gone] and not open_storage(base).exists(old)
+    assert "no-such-bucket-pbt-gc" in caplog.text and "a later segment will retry" in caplog.text
+
+
 def test_many_objects_delete_in_batches(s3_env: dict[str, str], tmp_path: Path) -> None:
     base = s3_env["PBT_TEST_BASE"]
     tree = tmp_path / "many"

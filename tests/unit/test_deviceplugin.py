@@ -34,6 +34,10 @@ def test_allocate_request_and_response_shapes() -> None:
     # AllocateRequest{container_requests: [{devices_ids: [a, b]}, {devices_ids: [c]}]}
     req = dp.field_bytes(1, dp.field_str(1, "a") + dp.field_str(1, "b")) + dp.field_bytes(1, dp.field_str(1, "c"))
     assert dp.allocate_ids(req) == [["a", "b"], ["c"]]
+    # a varint where a device id belongs is malformed, not five zero bytes
+    bad = dp.field_bytes(1, dp._varint(8) + dp._varint(5))
+    with pytest.raises(ValueError, match="devices_ids"):
+        dp.allocate_ids(bad)
     resp = dp.parse(dp.allocate_response([["a", "b"], ["c"]]))
     envs = []
     for container in resp[1]:

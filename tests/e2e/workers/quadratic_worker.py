@@ -9,6 +9,8 @@ Env knobs:
   fault knobs below use it to fault only the first runs of a segment.
 - PBT_TEST_FAIL="m:s:n[,m:s:n...]": the first n runs of member m's segment s exit 3 (a crash).
 - PBT_TEST_HANG="m:s:n[,...]": the first n runs of member m's segment s hang (sleep an hour).
+- PBT_TEST_GATE="m:s:path[,...]": member m's segment s, once it has logged its start and restored, waits
+  until `path` exists (a test can act while the trainer is provably mid-segment, then let it go on).
 - PBT_TEST_GARBAGE="m:s:kind[,...]": the first run of member m's segment s writes a hostile result
   (kind: notjson | toolong | nan | keys) instead of reporting, and exits 0.
 - PBT_TEST_ENV_DUMP: a folder; each run writes its environment's variable names and whether a
@@ -64,6 +66,9 @@ if hang is not None and earlier < int(hang):
     time.sleep(3600)
 state = seg.restore()
 theta = list(state["theta"]) if state is not None else [0.9, 0.9]
+gate = knob("PBT_TEST_GATE")
+while gate is not None and not os.path.exists(gate):
+    time.sleep(0.05)
 h0, h1 = float(seg.hyperparameters["h0"]), float(seg.hyperparameters["h1"])
 time.sleep(float(knob("PBT_TEST_SLEEPS") or os.environ.get("PBT_TEST_SLEEP", "0")))
 for _ in range(seg.steps_budget):
