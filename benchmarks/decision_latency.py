@@ -25,7 +25,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
+from typing import Any
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -102,6 +103,24 @@ def measure(space: Space, n: int, settings: Pb2Settings, repeats: int) -> dict[s
     }
 
 
+# Pb2Settings fields that --set may override: those that hold an integer (types.py's annotations are strings).
+INT_FIELDS = tuple(f.name for f in fields(Pb2Settings) if f.type in ("int", "int | None"))
+
+
+def int_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set FIELD=INT pairs as keyword arguments of Pb2Settings; a clear error names a bad one."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        name, sep, value = kv.partition("=")
+        if not sep or name not in INT_FIELDS:
+            raise ValueError(f"--set {kv!r}: expected FIELD=INT with FIELD one of {', '.join(INT_FIELDS)}")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--set {kv!r}: {name} takes an integer, not {value!r}") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
@@ -111,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override an integer Pb2Settings field, e.g. --set fit_rows=32 (repeatable)")
     args = ap.parse_args(argv)
-    overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    try:
+        overrides = int_overrides(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     settings = replace(Pb2Settings(), parallel=args.parallel, **overrides)
     print(f"PB2 decision latency: parallel={settings.parallel} max_rows={settings.max_rows} "
           f"fit_rows={settings.fit_rows} fit_restarts={settings.fit_restarts} candidates={settings.candidates} "

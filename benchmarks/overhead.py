@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent / "operator"))
 sys.path.insert(0, str(HERE.parent / "worker"))
 
 from pbt_operator.core.engine import Engine  # noqa: E402
+from pbt_operator.core.types import SegmentResult, Suggestion  # noqa: E402
 from pbt_operator.local.runner import LocalRunner  # noqa: E402
 from pbt_operator.spec import parse_manifest  # noqa: E402
 
@@ -104,14 +105,16 @@ class TellTimer:
     def __enter__(self) -> TellTimer:
         real, timer = self.real, self
 
-        def tell(engine: Engine, res: Any) -> Any:
+        def tell(engine: Engine, result: SegmentResult) -> list[Suggestion]:
             t0 = time.perf_counter()
             try:
-                return real(engine, res)
+                return real(engine, result)
             finally:
                 timer.seconds += time.perf_counter() - t0
 
-        Engine.tell = tell  # type: ignore[method-assign]
+        # Replacing the method is the point (the runner calls engine.tell). mypy sees the class attribute
+        # as a method with an extra self, so a plain function of (engine, result) is an [assignment] too.
+        Engine.tell = tell  # type: ignore[method-assign, assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,7 +150,7 @@ def run_once(config: str, strategy: str, population: int, segments: int, paralle
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--population", type=int, default=16)
@@ -157,7 +160,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
     ap.add_argument("--strategies", default="pbt,pb2")
     ap.add_argument("--profile", default=None, help="CONFIG[/STRATEGY]: one cProfile'd run, top functions")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     if a.profile:
         config, _, strategy = a.profile.partition("/")

@@ -18,10 +18,12 @@ It prints median and 90th-percentile gaps and the CPU time of that phase. Assert
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -32,15 +34,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 from decision_latency import make_history, make_space  # noqa: E402
-from pbt_operator.core.pb2 import acquisition, decide, gp  # noqa: E402
+from pbt_operator.core.pb2 import acquisition, decide, gp, window  # noqa: E402
 from pbt_operator.core.types import Pb2Settings  # noqa: E402
 
 _seen: dict[str, Any] = {}
 
 
-def _spy() -> None:
-    """Record the fit's likelihood and the acquisition's value (and their CPU time) per decision."""
-    fit, maximise = decide.fit, decide.maximise_ucb
+@contextlib.contextmanager
+def _spied() -> Iterator[None]:
+    """Record the fit's likelihood and the acquisition's value (and their CPU time) per decision.
+
+    The spies replace the names where the decision looks them up: the kernel fit is `gp.fit` as
+    imported by pb2/window.py (which chooses the data window and fits on it; one fit per decision
+    unless Pb2Settings.window_search, which this benchmark leaves off), the acquisition is
+    `acquisition.maximise_ucb` as imported by pb2/decide.py. If either moves, the run fails here
+    rather than measuring nothing.
+    """
+    fit, maximise = window.fit, decide.maximise_ucb
+    budgets = gp.FIT_MAXITER, acquisition.ACQ_MAXITER
 
     def fit_spy(*a: Any, **k: Any) -> Any:
         t0 = time.process_time()
@@ -54,18 +65,28 @@ def _spy() -> None:
         _seen.update(ucb=r.score, acq_s=time.process_time() - t0)
         return r
 
-    decide.fit = fit_spy  # type: ignore[assignment]
-    decide.maximise_ucb = ucb_spy  # type: ignore[assignment]
+    window.fit = fit_spy
+    decide.maximise_ucb = ucb_spy
+    try:
+        yield
+    finally:  # main() may be called from another program: leave the package as it was
+        window.fit, decide.maximise_ucb = fit, maximise
+        gp.FIT_MAXITER, acquisition.ACQ_MAXITER = budgets
 
 
 def run(dims: int, seeds: int, settings: Pb2Settings, fit_iter: int, acq_iter: int) -> np.ndarray:
     gp.FIT_MAXITER, acquisition.ACQ_MAXITER = fit_iter, acq_iter
+    if settings.window_search:
+        raise ValueError("pb2_convergence measures one kernel fit per decision: leave window_search off")
     out = []
     for n in (200, 1000):
         for seed in range(seeds):
             space = make_space(dims)
             rows, pending, t, c = make_history(space, n, seed)
-            decide.suggest(space, rows, pending, t, c, settings, np.random.default_rng(seed))
+            _seen.clear()
+            choice = decide.suggest(space, rows, pending, t, c, settings, np.random.default_rng(seed))
+            if choice.hyperparameters is None or not {"nll", "ucb"} <= _seen.keys():
+                raise RuntimeError(f"the decision did not fit and maximise UCB ({choice.reason}): nothing measured")
             out.append((_seen["nll"], _seen["ucb"], _seen["fit_s"], _seen["acq_s"]))
     return np.array(out)
 
@@ -75,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--dims", default="3,10")
     args = ap.parse_args(argv)
-    _spy()
+    with _spied():
+        _report(args)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> None:
     base = Pb2Settings()
     fit_default, acq_default = gp.FIT_MAXITER, acquisition.ACQ_MAXITER
     print(f"defaults: fit_restarts={base.fit_restarts} fit iterations={fit_default} restarts={base.restarts} "
@@ -102,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             gap = r[:, 1] - ref[:, 1]
             print(f"| {restarts:>8} | {iters:>10} | {cands:>10} | {np.median(gap):>10.4f} | {np.percentile(gap, 10):>8.3f} "
                   f"| {1e3 * statistics.median(r[:, 3]):>10.2f} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
@@ -35,7 +36,7 @@ def one_run(population: int, parallelism: int, segments: int, seed: int) -> list
     times: list[float] = []
     real = reconcile.plan
 
-    def timed(*a, **kw):  # type: ignore[no-untyped-def]
+    def timed(*a: Any, **kw: Any) -> Any:
         t0 = time.process_time()
         try:
             return real(*a, **kw)
@@ -45,7 +46,7 @@ def one_run(population: int, parallelism: int, segments: int, seed: int) -> list
     rng = random.Random(seed)
     import test_reconcile
 
-    test_reconcile.plan = timed  # type: ignore[assignment]
+    test_reconcile.plan = timed
     try:
         for _ in range(20 * population * segments):
             p = c.reconcile()
@@ -57,17 +58,17 @@ def one_run(population: int, parallelism: int, segments: int, seed: int) -> list
         else:
             raise RuntimeError("the training did not finish")
     finally:
-        test_reconcile.plan = real  # type: ignore[assignment]
+        test_reconcile.plan = real
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--population", type=int, default=64)
     ap.add_argument("--parallelism", type=int, default=16)
     ap.add_argument("--segments", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import pbt_operator
 
     runs = [one_run(args.population, args.parallelism, args.segments, seed) for seed in range(args.repeats)]

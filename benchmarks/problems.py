@@ -40,6 +40,34 @@ it.
   benchmarks/fixed_configs.py's grid (`REACH_SCHEDULE`), so the limit is at least the best fixed
   configuration by construction. It reaches 0.9999, the task's maximum return up to sigma's final
   cost; a one-segment look-ahead over that grid reaches the same on seeds 0-4.
+* `lr-family`: `lr-schedule`'s mechanism with its shape drawn per seed (`lr_family_shape`, from
+  `default_rng([seed, 5_151])`), so that a method is not tuned to one set of constants:
+  - the optimum's path (log10 of the best learning rate over normalised training time x in [0, 1]):
+    a *bell* with probability 0.6 (from the start s0 up to a peak s0 + h at x = p, then back down
+    by a fraction U(0.5, 1) of h; half-cosine ramps on both sides), a pure *warm-up* with 0.2
+    (s0 -> s0 + h over the whole run) or a pure *decay* with 0.2 (s0 + h -> s0); s0 ~ U(-4.5, -2),
+    h ~ U(1, 3) decades, p ~ U(0.2, 0.8);
+  - the bell's width (progress falls to exp(-1/2) at `width` decades from the optimum) ~ U(0.3, 1.0);
+  - the space: W ~ U(3, 6) decades (at least the path's span + 1), its lower end uniform
+    among the positions that keep the whole path at least half a decade inside, so the path is
+    rarely centred; the members start anywhere in it (as in `lr-schedule`);
+  - the noise: training and evaluation noise both times f, log f ~ U(log 0.5, log 2);
+  - the score: with probability 0.5 *saturating*, an accuracy 1 - exp(-state / k) with k ~ U(30,
+    80) (the oracle ends at 0.71-0.96), which is what members report (evaluation noise 1/100 of
+    `lr-schedule`'s, times f, on that scale) and what is measured, so late progress is small in
+    absolute terms; the state is then floored at 0 (no worse than untrained). Otherwise the score
+    is the state itself, as in `lr-schedule`.
+  Its limit: the oracle trains at the best learning rate of each segment's middle, as in
+  `lr-schedule` (the saturating score is increasing in the state, so the same rate maximises it).
+  Each seed has its own limit; fractions are per seed (search_quality.py).
+* `lr-schedule-10d`: `lr-schedule` with nine more numeric hyperparameters `x1`..`x9` in [0, 1], so
+  that the GP must learn which dimensions matter (its length scales). Three matter, each with a
+  fixed optimum (`MANY_RELEVANT`: x1 at 0.3, x2 at 0.7, x3 at 0.5) and its own strength s: the
+  learning-rate bell's progress is multiplied by (1 - s) + s * exp(-(x - c)^2 / (2 * 0.25^2)) per
+  relevant hyperparameter (s = 0.6, 0.4, 0.2: a member at the far end of all three learns about a
+  third as fast); the divergence penalty is not scaled. x4..x9 are nuisance (no effect). Its limit
+  trains at the moving learning-rate optimum and the relevant optima (nuisance at 0.5), so it is
+  `lr-schedule`'s limit. Opt-in (`OPT_IN`: `--problems lr-schedule-10d`), not a default run.
 * `quadratic`: the PBT paper's toy, as examples/quadratic (deterministic); its limit trains at
   h = (1, 1) throughout.
 """
@@ -74,6 +102,9 @@ class Problem:
     factors: tuple[float, ...] = (0.8, 1.2)
     # The problem as seed `seed` sees it (constants drawn per seed), or None: the same for every seed.
     per_seed: Callable[[int], Problem] | None = None
+    # What was drawn for this instance, as class labels (e.g. {"path": "bell"}): the benchmark breaks
+    # its results down by them.
+    classes: Mapping[str, str] | None = None
 
     def for_seed(self, seed: int) -> Problem:
         """This problem's instance for one seed: every member and the oracle of a seed share it."""
@@ -109,21 +140,26 @@ def lr_optimum(t: float) -> float:
     return -3.0 + 2.0 * math.sin(math.pi * min(max(t, 0.0), LR_ITERS) / LR_ITERS)
 
 
-def lr_progress(log_lr: float, opt: float, scale: float = 1.0) -> float:
+def lr_progress(log_lr: float, opt: float, scale: float = 1.0, bell_scale: float = 1.0) -> float:
     """Progress of one iteration: a bell around the optimum, minus a divergence penalty for rates more
-    than one decade too large (two decades too large: -0.5 per iteration; three: -2)."""
+    than one decade too large (two decades too large: -0.5 per iteration; three: -2). `scale` scales
+    both, `bell_scale` the bell alone (other hyperparameters slow learning, not divergence)."""
     d = log_lr - opt
-    return scale * (math.exp(-0.5 * (d / LR_WIDTH) ** 2) - 0.5 * max(0.0, d - 1.0) ** 2)
+    return scale * (bell_scale * math.exp(-0.5 * (d / LR_WIDTH) ** 2) - 0.5 * max(0.0, d - 1.0) ** 2)
 
 
 def _additive_report(state: float, rng: np.random.Generator) -> float:
     return float(state + EVAL_NOISE * rng.standard_normal())
 
 
-def _lr_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
+def _lr_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator, bell_scale: float = 1.0) -> float:
     log_lr = math.log10(float(hp["lr"]))
-    gain = sum(lr_progress(log_lr, lr_optimum(t)) for t in range(t0, t0 + steps))
+    gain = sum(lr_progress(log_lr, lr_optimum(t), bell_scale=bell_scale) for t in range(t0, t0 + steps))
     return float(state + gain + TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal())
+
+
+def _lr_best(t0: int, state: float) -> HP:
+    return {"lr": 10.0 ** lr_optimum(t0 + 2.0)}  # the optimum at the segment's middle
 
 
 LR_SCHEDULE = Problem(
@@ -134,8 +170,153 @@ LR_SCHEDULE = Problem(
     train=_lr_train,
     true_score=float,
     report=_additive_report,
-    best_hp=lambda t0, s: {"lr": 10.0 ** lr_optimum(t0 + 2.0)},  # the optimum at the segment's middle
+    best_hp=_lr_best,
 )
+
+
+# -- lr-schedule-10d: lr-schedule plus nine numeric hyperparameters, three of which matter ----------
+# (name, optimum, strength): the learning-rate bell's progress is scaled by (1 - s) + s * bell(x - c).
+MANY_RELEVANT: tuple[tuple[str, float, float], ...] = (("x1", 0.3, 0.6), ("x2", 0.7, 0.4), ("x3", 0.5, 0.2))
+MANY_NUISANCE = tuple(f"x{i}" for i in range(4, 10))
+MANY_WIDTH = 0.25  # the relevant hyperparameters' bells, on their [0, 1] scale
+
+
+def many_scale(hp: HP) -> float:
+    """Factor on the learning-rate bell's progress from the relevant hyperparameters (1 at their optima)."""
+    scale = 1.0
+    for name, centre, strength in MANY_RELEVANT:
+        d = float(hp[name]) - centre
+        scale *= (1.0 - strength) + strength * math.exp(-0.5 * (d / MANY_WIDTH) ** 2)
+    return scale
+
+
+def _many_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
+    return _lr_train(state, hp, t0, steps, rng, bell_scale=many_scale(hp))
+
+
+def _many_best(t0: int, state: float) -> HP:
+    hp: dict[str, float] = dict(_lr_best(t0, state))
+    hp.update({name: centre for name, centre, _ in MANY_RELEVANT})
+    hp.update({name: 0.5 for name in MANY_NUISANCE})
+    return hp
+
+
+LR_SCHEDULE_10D = Problem(
+    name="lr-schedule-10d",
+    hyperparameters={
+        "lr": {"type": "float", "min": 1.0e-5, "max": 1.0, "log": True},
+        **{name: {"type": "float", "min": 0.0, "max": 1.0} for name, _, _ in MANY_RELEVANT},
+        **{name: {"type": "float", "min": 0.0, "max": 1.0} for name in MANY_NUISANCE},
+    },
+    segments=20, steps=5,
+    init=lambda rng: 0.0,
+    train=_many_train,
+    true_score=float,
+    report=_additive_report,
+    best_hp=_many_best,
+)
+
+
+# -- lr-family: lr-schedule with its shape drawn per seed ---------------------------------------------
+FAMILY_PATHS = (("bell", 0.6), ("warm-up", 0.2), ("decay", 0.2))
+
+
+@dataclass(frozen=True)
+class LrShape:
+    """One seed's draw of `lr-family` (the module docstring lists the distributions)."""
+
+    path: str  # "bell", "warm-up" or "decay"
+    start: float  # log10 of the best learning rate at the start (bell, warm-up) or end (decay)
+    height: float  # decades from `start` to the path's top
+    peak: float  # the bell's top, as a fraction of training (monotone paths: unused)
+    drop: float  # the bell's fall after the peak, as a fraction of `height`
+    width: float  # decades: the progress bell's width
+    low: float  # log10 of the space's bounds
+    high: float
+    noise: float  # factor on training and evaluation noise
+    saturation: float | None  # k of the accuracy 1 - exp(-state / k), or None: the score is the state
+
+    def optimum(self, t: float) -> float:
+        """log10 of the best learning rate at iteration t."""
+        x = min(max(t, 0.0), LR_ITERS) / LR_ITERS
+
+        def ramp(z: float) -> float:  # 0 -> 1, smooth at both ends
+            return 0.5 * (1.0 - math.cos(math.pi * min(max(z, 0.0), 1.0)))
+
+        top = self.start + self.height
+        if self.path == "warm-up":
+            return self.start + self.height * ramp(x)
+        if self.path == "decay":
+            return top - self.height * ramp(x)
+        if x <= self.peak:
+            return self.start + self.height * ramp(x / self.peak)
+        return top - self.drop * self.height * ramp((x - self.peak) / (1.0 - self.peak))
+
+    def classes(self) -> dict[str, str]:
+        return {
+            "path": self.path,
+            "bell width": "narrow (< 0.65)" if self.width < 0.65 else "wide (>= 0.65)",
+            "noise": "low (< 1x)" if self.noise < 1.0 else "high (>= 1x)",
+            "score": "saturating" if self.saturation is not None else "linear",
+        }
+
+
+def lr_family_shape(seed: int) -> LrShape:
+    rng = np.random.default_rng([seed, 5_151])
+    u = float(rng.random())
+    path = "bell" if u < FAMILY_PATHS[0][1] else "warm-up" if u < FAMILY_PATHS[0][1] + FAMILY_PATHS[1][1] else "decay"
+    start = float(rng.uniform(-4.5, -2.0))
+    height = float(rng.uniform(1.0, 3.0))
+    peak = float(rng.uniform(0.2, 0.8))
+    drop = float(rng.uniform(0.5, 1.0))
+    width = float(rng.uniform(0.3, 1.0))
+    # the space: W decades wide, the whole path at least MARGIN inside, otherwise placed at random
+    margin = 0.5
+    span = float(rng.uniform(3.0, 6.0))
+    span = max(span, height + 2 * margin)
+    low = float(rng.uniform(start + height + margin - span, start - margin))
+    noise = float(math.exp(rng.uniform(math.log(0.5), math.log(2.0))))
+    saturation = float(rng.uniform(30.0, 80.0)) if rng.random() < 0.5 else None
+    return LrShape(path, start, height, peak, drop, width, low, low + span, noise, saturation)
+
+
+def _family_train(shape: LrShape, state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
+    log_lr = math.log10(float(hp["lr"]))
+    gain = 0.0
+    for t in range(t0, t0 + steps):
+        d = log_lr - shape.optimum(t)
+        gain += math.exp(-0.5 * (d / shape.width) ** 2) - 0.5 * max(0.0, d - 1.0) ** 2
+    new = state + gain + shape.noise * TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal()
+    return float(max(new, 0.0) if shape.saturation is not None else new)
+
+
+def _family_score(shape: LrShape, state: float) -> float:
+    return float(state) if shape.saturation is None else 1.0 - math.exp(-float(state) / shape.saturation)
+
+
+def _family_report(shape: LrShape, state: float, rng: np.random.Generator) -> float:
+    scale = 1.0 if shape.saturation is None else 0.01  # the same relative noise on an accuracy scale
+    return _family_score(shape, state) + shape.noise * EVAL_NOISE * scale * float(rng.standard_normal())
+
+
+def _lr_family(shape: LrShape, per_seed: Callable[[int], Problem] | None) -> Problem:
+    return Problem(
+        name="lr-family",
+        hyperparameters={"lr": {"type": "float", "min": 10.0 ** shape.low, "max": 10.0 ** shape.high, "log": True}},
+        segments=20, steps=5,
+        init=lambda rng: 0.0,
+        train=lambda state, hp, t0, steps, rng: _family_train(shape, state, hp, t0, steps, rng),
+        true_score=lambda state: _family_score(shape, state),
+        report=lambda state, rng: _family_report(shape, state, rng),
+        best_hp=lambda t0, state: {"lr": 10.0 ** shape.optimum(t0 + 2.0)},  # the segment's middle
+        per_seed=per_seed,
+        classes=shape.classes(),
+    )
+
+
+# The nominal instance (lr-schedule's shape and space; names the problem); runs use LR_FAMILY.for_seed(seed).
+LR_FAMILY = _lr_family(LrShape("bell", -3.0, 2.0, 0.5, 1.0, LR_WIDTH, -5.0, 0.0, 1.0, None),
+                       lambda seed: _lr_family(lr_family_shape(seed), None))
 
 
 # -- cat-flip ----------------------------------------------------------------------------------------
@@ -379,5 +560,7 @@ QUADRATIC = Problem(
     best_hp=lambda t0, s: {"h0": 1.0, "h1": 1.0},
 )
 
-PROBLEMS: dict[str, Problem] = {p.name: p for p in (LR_SCHEDULE, CAT_FLIP, RL, RL_REACH, QUADRATIC)}
-NONSTATIONARY = ("lr-schedule", "cat-flip", "rl", "rl-reach")
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (LR_SCHEDULE, LR_SCHEDULE_10D, LR_FAMILY, CAT_FLIP, RL, RL_REACH, QUADRATIC)}
+# Opt-in problems (`--problems`): not in the benchmarks' default runs, whose documented tables predate them.
+OPT_IN = ("lr-schedule-10d",)
+NONSTATIONARY = ("lr-schedule", "lr-family", "cat-flip", "rl", "rl-reach")

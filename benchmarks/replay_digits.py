@@ -55,7 +55,7 @@ def seeded_segment(seg: object) -> object:
     return train.segment(seg)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--population", type=int, default=8)
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.03, help="|replay - population| counted as reproduced")
     ap.add_argument("--plot", type=Path, help="save the first seed's run plot here (e.g. docs/digits-plot.png)")
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     base = load_manifest(MANIFEST)
     budget = base.budget if args.segments is None else dataclasses.replace(base.budget, segments=args.segments)

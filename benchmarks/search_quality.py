@@ -7,6 +7,7 @@ each measured against its physical limit (issue 14).
 
 Problems and their limits: benchmarks/problems.py (`digits`, the torch example, runs through the
 real local runner and has no known limit; it is opt-in: `--problems digits`, raw accuracy reported).
+`lr-schedule-10d` (ten hyperparameters, three of which matter) is opt-in too: `--problems lr-schedule-10d`.
 
 Every run drives the real engine (`pbt_operator.core.engine.Engine`, the ask/tell core the operator
 and `pbt run` use) on a simulated cluster: all members train at once (parallelism = population,
@@ -27,9 +28,13 @@ Methods (all with exploit truncation 0.25 unless said otherwise):
 
 Reported per (problem, population, method): median and interquartile range over seeds of the final
 score as a fraction of the limit (the final score is the best noise-free score among the members'
-final checkpoints; the limit is the median of the oracle's over the first 5 seeds, cached in the
-temporary directory: change problems.py and the cache's version together), and wins/ties/losses
-against PBT paired by seed. The verdicts check the issue's targets at population 4.
+final checkpoints), and wins/ties/losses against PBT paired by seed. The limit of a problem that is
+the same for every seed is the median of the oracle's over the first 5 seeds; a problem whose
+constants are drawn per seed (`Problem.per_seed`: `cat-flip`, `lr-family`) has one limit per seed,
+and each seed's final score is divided by its own (the table's limit column then says "seed").
+Oracle runs are cached in the temporary directory: change problems.py and the cache's version
+together. Problems whose instances carry class labels (`Problem.classes`: `lr-family`'s shape
+draws) are also broken down by class. The verdicts check the issue's targets at population 4.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ os.environ.setdefault("PBT_TORCH_THREADS", "1")
 import argparse  # noqa: E402
 import heapq  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -67,7 +73,7 @@ from pbt_operator.core.engine import Engine  # noqa: E402
 from pbt_operator.core.pb2 import PARALLEL_MODES  # noqa: E402
 from pbt_operator.core.types import SegmentResult  # noqa: E402
 from pbt_operator.spec import TrainingSpec, parse_manifest  # noqa: E402
-from problems import NONSTATIONARY, PROBLEMS, Problem  # noqa: E402
+from problems import NONSTATIONARY, OPT_IN, PROBLEMS, Problem  # noqa: E402
 
 PB2_METHODS = tuple(f"pb2-{m}" for m in PARALLEL_MODES)
 METHODS = (*PB2_METHODS, "pbt", "pbt-crossover", "tournament", "random-full")
@@ -81,6 +87,8 @@ PB2_FIELDS: dict[str, Any] = {}
 # Truncation fraction of the pb2 methods: what the README recommends with PB2 (the manifest default,
 # 0.25, is PBT's: benchmarks/README.md has both).
 PB2_FRACTION = 0.5
+# spec.exploit.donorFraction of the pb2 methods (--pb2-donors); None: the manifest default (0.25 with PB2).
+PB2_DONORS: float | None = None
 
 
 def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed: int, segments: int,
@@ -90,6 +98,8 @@ def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed
     explore: dict[str, Any] = {"strategy": "perturb", "factors": list(factors), "resampleProbability": 0.25}
     if method.startswith("pb2-"):
         exploit = {"strategy": "truncation", "fraction": PB2_FRACTION}
+        if PB2_DONORS is not None:
+            exploit["donorFraction"] = PB2_DONORS
         explore = {"strategy": "pb2", "pb2": {"parallel": method[4:], **PB2_EXTRA}}
     elif method == "pbt-crossover":
         explore["crossover"] = True
@@ -124,6 +134,7 @@ class RunResult:
     segments: int
     decide_seconds: float  # CPU time inside the engine (PB2's decisions dominate)
     pb2_fallbacks: int = 0
+    limit: float | None = None  # what `final` is divided by (set by `benchmark`)
 
 
 def simulate(problem: Problem, method: str, population: int, seed: int) -> RunResult:
@@ -196,13 +207,14 @@ def run_digits(method: str, population: int, seed: int, workdir: Path) -> RunRes
 
 
 def _task(args: tuple[str, str, int, int, dict[str, Any]]) -> RunResult | tuple[str, int, int, float]:
-    global PB2_FRACTION
+    global PB2_FRACTION, PB2_DONORS
     prob, method, pop, seed, extra = args
     PB2_EXTRA.clear()
     PB2_EXTRA.update(extra.get("manifest", {}))
     PB2_FIELDS.clear()
     PB2_FIELDS.update(extra.get("fields", {}))
     PB2_FRACTION = float(extra.get("fraction", PB2_FRACTION))
+    PB2_DONORS = extra.get("donors")
     if method == "limit":
         return prob, pop, seed, PROBLEMS[prob].for_seed(seed).limit(pop, seed)
     if prob == DIGITS:
@@ -233,13 +245,27 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float]) -> list[Row]:
+SeedLimits = dict[tuple[str, int, int], float]  # (problem, population, seed) -> that seed's own limit
+
+
+def fraction(r: RunResult, limits: dict[tuple[str, int], float], seed_limits: SeedLimits | None = None) -> float:
+    """A run's final score as a fraction of its limit: its seed's own for a per-seed problem, else the
+    problem's (the raw score without a limit)."""
+    own = (seed_limits or {}).get((r.problem, r.population, r.seed))
+    limit = own if own is not None else limits.get((r.problem, r.population))
+    return r.final / limit if limit else r.final
+
+
+def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float],
+              seed_limits: SeedLimits | None = None) -> list[Row]:
     order = [*PROBLEMS, DIGITS]
     rows: list[Row] = []
     for prob, pop in sorted({(r.problem, r.population) for r in results}, key=lambda k: (order.index(k[0]), k[1])):
         limit = limits.get((prob, pop))
         group = [r for r in results if r.problem == prob and r.population == pop]
-        frac = {(r.method, r.seed): (r.final / limit if limit else r.final) for r in group}
+        if any((prob, pop, r.seed) in (seed_limits or {}) for r in group):
+            limit = math.nan  # one per seed
+        frac = {(r.method, r.seed): fraction(r, limits, seed_limits) for r in group}
         for method in METHODS:
             seeds = sorted(s for (m, s) in frac if m == method)
             if not seeds:
@@ -255,15 +281,74 @@ def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float]
     return rows
 
 
+def _header(head: str) -> list[str]:
+    """A markdown table's header line and the separator under it, column widths kept."""
+    return [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+
+
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"| {'problem':<11} | {'pop':>3} | {'method':<20} | {'seeds':>5} | {'limit':>7} | "
             f"{'final / limit: median [q25, q75]':<32} | {'vs PBT w/t/l':>12} | {'engine s':>8} |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    lines = _header(head)
     for r in rows:
-        lim = f"{r.limit:.4g}" if r.limit else "none"
+        lim = "seed" if r.limit is not None and math.isnan(r.limit) else f"{r.limit:.4g}" if r.limit else "none"
         lines.append(f"| {r.problem:<11} | {r.population:>3} | {r.method:<20} | {r.seeds:>5} | {lim:>7} | "
                      f"{f'{r.median:.3f} [{r.q25:.3f}, {r.q75:.3f}]':<32} | {r.vs_pbt:>12} | "
                      f"{r.decide_seconds:>8.1f} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class ClassRow:
+    problem: str
+    population: int
+    key: str  # what was drawn, e.g. "path"
+    value: str  # its class, e.g. "bell"
+    method: str
+    seeds: int
+    median: float
+    vs_pbt: str
+    mean_vs_pbt: float | None  # mean paired difference of the fraction against PBT
+
+
+def class_rows(results: Sequence[RunResult], limits: dict[tuple[str, int], float],
+               seed_limits: SeedLimits | None = None) -> list[ClassRow]:
+    """The results of per-seed problems with class labels (`Problem.classes`), split by each label."""
+    out: list[ClassRow] = []
+    for prob, pop in sorted({(r.problem, r.population) for r in results}):
+        base = PROBLEMS.get(prob)
+        if base is None or base.per_seed is None or base.classes is None:
+            continue
+        group = [r for r in results if r.problem == prob and r.population == pop]
+        seeds = sorted({r.seed for r in group})
+        labels = {s: dict(base.for_seed(s).classes or {}) for s in seeds}
+        frac = {(r.method, r.seed): fraction(r, limits, seed_limits) for r in group}
+        for key in base.classes:
+            for value in sorted({labels[s].get(key, "?") for s in seeds}):
+                mine = [s for s in seeds if labels[s].get(key, "?") == value]
+                for method in METHODS:
+                    have = [s for s in mine if (method, s) in frac]
+                    if not have:
+                        continue
+                    paired = [s for s in have if ("pbt", s) in frac]
+                    d = [frac[(method, s)] - frac[("pbt", s)] for s in paired]
+                    w = sum(1 for x in d if x > 0)
+                    t = sum(1 for x in d if x == 0)
+                    out.append(ClassRow(prob, pop, key, value, method, len(have),
+                                        statistics.median(frac[(method, s)] for s in have),
+                                        "-" if method == "pbt" else f"{w}/{t}/{len(d) - w - t}",
+                                        None if method == "pbt" or not d else statistics.fmean(d)))
+    return out
+
+
+def format_classes(rows: Sequence[ClassRow]) -> str:
+    head = (f"| {'problem':<11} | {'pop':>3} | {'class':<28} | {'method':<20} | {'seeds':>5} | "
+            f"{'median':>6} | {'vs PBT w/t/l':>12} | {'mean vs PBT':>11} |")
+    lines = _header(head)
+    for r in rows:
+        mean = "-" if r.mean_vs_pbt is None else f"{r.mean_vs_pbt:+.3f}"
+        lines.append(f"| {r.problem:<11} | {r.population:>3} | {f'{r.key}: {r.value}':<28} | {r.method:<20} | "
+                     f"{r.seeds:>5} | {r.median:>6.3f} | {r.vs_pbt:>12} | {mean:>11} |")
     return "\n".join(lines)
 
 
@@ -289,14 +374,18 @@ def verdicts(rows: Sequence[Row], population: int = 4, pb2: str = BEST_DEFAULT) 
 
 def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequence[int],
               methods: Sequence[str] = METHODS, jobs: int = 1, pb2_extra: dict[str, Any] | None = None,
-              log: Callable[[str], None] | None = None) -> tuple[list[Row], list[RunResult], dict[tuple[str, int], float]]:
+              log: Callable[[str], None] | None = None
+              ) -> tuple[list[Row], list[RunResult], dict[tuple[str, int], float], SeedLimits]:
+    """Rows, runs, the problems' limits (for a per-seed problem: the median of its first seeds') and
+    the per-seed problems' own limits."""
     pb2_extra = dict(pb2_extra or {})
     cache = _load_limits()
     tasks: list[tuple[str, str, int, int, dict[str, Any]]] = []
+    per_seed = {p for p in problems if p != DIGITS and PROBLEMS[p].per_seed is not None}
     for prob in problems:
         for pop in populations:
             for i, seed in enumerate(seeds):
-                if prob != DIGITS and i < LIMIT_SEEDS and f"{prob}/{pop}/{seed}" not in cache:
+                if prob != DIGITS and (i < LIMIT_SEEDS or prob in per_seed) and f"{prob}/{pop}/{seed}" not in cache:
                     tasks.append((prob, "limit", pop, seed, pb2_extra))
                 tasks.extend((prob, m, pop, seed, pb2_extra) for m in methods)
     results: list[RunResult] = []
@@ -322,14 +411,19 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
                 if f"{prob}/{pop}/{seed}" in cache:
                     raw_limits.setdefault((prob, pop), []).append(cache[f"{prob}/{pop}/{seed}"])
     limits = {k: statistics.median(v) for k, v in raw_limits.items()}
-    return summarise(results, limits), results, limits
+    seed_limits: SeedLimits = {(prob, pop, seed): cache[f"{prob}/{pop}/{seed}"]
+                               for prob in per_seed for pop in populations for seed in seeds}
+    for r in results:
+        r.limit = seed_limits.get((r.problem, r.population, r.seed), limits.get((r.problem, r.population)))
+    return summarise(results, limits, seed_limits), results, limits, seed_limits
 
 
 # The limit of a (problem, population) is the median of the oracle over the first LIMIT_SEEDS seeds
 # (its spread across seeds is a fraction of a percent; the RL oracle's look-ahead is the costliest
-# part of the benchmark). Oracle runs are deterministic, so they are cached between invocations.
+# part of the benchmark); a per-seed problem's oracle runs for every seed (cheap: known optima).
+# Oracle runs are deterministic, so they are cached between invocations.
 LIMIT_SEEDS = 5
-LIMIT_CACHE = Path(tempfile.gettempdir()) / "pbt-search-quality-limits-v2.json"
+LIMIT_CACHE = Path(tempfile.gettempdir()) / "pbt-search-quality-limits-v3.json"
 
 
 def _load_limits() -> dict[str, float]:
@@ -371,7 +465,7 @@ def machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per (problem, population); default 20")
-    ap.add_argument("--problems", default=",".join(PROBLEMS), help=f"of {', '.join([*PROBLEMS, DIGITS])}")
+    ap.add_argument("--problems", default=",".join(p for p in PROBLEMS if p not in OPT_IN), help=f"of {', '.join([*PROBLEMS, DIGITS])}")
     ap.add_argument("--pops", "--populations", dest="pops", default="4,8,16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
@@ -381,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           'e.g. \'{"window_search": true}\'')
     ap.add_argument("--pb2-fraction", type=float, default=PB2_FRACTION,
                     help=f"truncation fraction of the pb2 methods (default {PB2_FRACTION})")
+    ap.add_argument("--pb2-donors", type=float, default=None,
+                    help="spec.exploit.donorFraction of the pb2 methods (default: the manifest's, 0.25 with pb2; "
+                         "0.5 for the top half as before 2026-12-01)")
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON")
     ap.add_argument("--quiet", action="store_true", help="no line per run")
     a = ap.parse_args(argv)
@@ -396,12 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     t0 = time.perf_counter()
-    extra = {"manifest": json.loads(a.pb2), "fields": json.loads(a.pb2_settings), "fraction": a.pb2_fraction}
-    rows, results, limits = benchmark(problems, pops, range(a.seeds), methods, a.jobs, extra,
-                                      log=None if a.quiet else (lambda s: print(s, flush=True)))
+    extra = {"manifest": json.loads(a.pb2), "fields": json.loads(a.pb2_settings), "fraction": a.pb2_fraction, "donors": a.pb2_donors}
+    rows, results, limits, seed_limits = benchmark(problems, pops, range(a.seeds), methods, a.jobs, extra,
+                                                   log=None if a.quiet else (lambda s: print(s, flush=True)))
     wall = time.perf_counter() - t0
     print()
     print(format_table(rows))
+    by_class = class_rows(results, limits, seed_limits)
+    if by_class:
+        print("\nby class (per-seed problems: what was drawn for each seed):\n")
+        print(format_classes(by_class))
     n_pb2 = [r for r in results if r.method.startswith("pb2-")]
     if n_pb2:
         print(f"\nPB2 explore steps that fell back to perturb: {sum(r.pb2_fallbacks for r in n_pb2)} over {len(n_pb2)} runs")

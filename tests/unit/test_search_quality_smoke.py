@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from dataclasses import replace
@@ -149,3 +150,79 @@ def test_rl_reach_needs_a_schedule(fixed, P):
     a = P.REACH_TARGET + 0.3 + rng.standard_normal((200_000, P.REACH_DIM))
     sampled = np.exp(-np.sum((a - P.REACH_TARGET) ** 2, axis=1) / 2.0).mean()
     assert sampled == pytest.approx(P.reach_expected_return(P.REACH_TARGET + 0.3, 1.0), rel=0.01)
+
+
+def test_lr_family_draws_its_shape_per_seed_within_the_documented_ranges(P):
+    shapes = [P.lr_family_shape(s) for s in range(60)]
+    assert P.lr_family_shape(7) == P.lr_family_shape(7) != P.lr_family_shape(8)
+    assert {s.path for s in shapes} == {"bell", "warm-up", "decay"}
+    assert {s.saturation is None for s in shapes} == {True, False}  # both score kinds occur
+    for sh in shapes:
+        path = [sh.optimum(t) for t in range(P.LR_ITERS + 1)]
+        assert sh.low + 0.5 - 1e-9 <= min(path) and max(path) <= sh.high - 0.5 + 1e-9  # inside the space
+        assert 3.0 <= sh.high - sh.low <= 6.0 + 1e-9 and 0.3 <= sh.width <= 1.0 and 0.5 <= sh.noise <= 2.0
+        assert max(path) - min(path) == pytest.approx(sh.height, abs=0.01) and 1.0 <= sh.height <= 3.0
+        if sh.path == "warm-up":
+            assert all(b >= a for a, b in itertools.pairwise(path))
+        elif sh.path == "decay":
+            assert all(b <= a for a, b in itertools.pairwise(path))
+        else:  # up to the peak, then down
+            top = int(np.argmax(path))
+            assert 0.2 * P.LR_ITERS - 1 <= top <= 0.8 * P.LR_ITERS + 1 and path[0] < path[top] > path[-1]
+    # the instance of a seed: its own space, its own oracle, and a saturating score where drawn
+    sat = next(s for s in range(60) if P.lr_family_shape(s).saturation is not None)
+    prob, sh = P.LR_FAMILY.for_seed(sat), P.lr_family_shape(sat)
+    assert prob.hyperparameters["lr"]["min"] == pytest.approx(10.0 ** sh.low)
+    assert prob.classes is not None and prob.classes["score"] == "saturating"
+    limit = prob.limit(4, sat)
+    assert 0.5 < limit < 1.0  # an accuracy: the oracle's late progress is small in absolute terms
+    best = prob.best_hp(40, 0.0)
+    at_best = prob.train(10.0, best, 40, 5, np.random.default_rng(0))
+    off = prob.train(10.0, {"lr": best["lr"] * 10 ** (2 * sh.width)}, 40, 5, np.random.default_rng(0))
+    assert prob.true_score(at_best) > prob.true_score(off)
+    diverged = prob.train(0.0, {"lr": best["lr"] * 1e3}, 40, 5, np.random.default_rng(0))
+    assert diverged == 0.0 and prob.true_score(diverged) == 0.0  # an accuracy is no worse than untrained
+    assert P.LR_FAMILY.for_seed(sat).limit(4, sat) == limit != P.LR_FAMILY.for_seed(sat + 1).limit(4, sat + 1)
+
+
+def test_per_seed_problems_are_measured_against_each_seed_s_own_limit(sq):
+    R = sq.RunResult
+    runs = [R("lr-family", "pbt", 4, 0, 0.5, 80, 0.0), R("lr-family", "pbt", 4, 1, 50.0, 80, 0.0),
+            R("lr-family", "pb2-bucb", 4, 0, 0.9, 80, 0.0), R("lr-family", "pb2-bucb", 4, 1, 40.0, 80, 0.0)]
+    seed_limits = {("lr-family", 4, 0): 1.0, ("lr-family", 4, 1): 100.0}
+    rows = {r.method: r for r in sq.summarise(runs, {("lr-family", 4): 50.0}, seed_limits)}
+    assert (rows["pbt"].q25, rows["pbt"].q75) == pytest.approx((0.5, 0.5))  # not 0.01 and 1.0 of a median limit
+    assert rows["pb2-bucb"].median == pytest.approx(0.65) and rows["pb2-bucb"].vs_pbt == "1/0/1"
+    assert "seed" in sq.format_table(list(rows.values()))
+    by = sq.class_rows(runs, {}, seed_limits)
+    keys = {(c.key, c.value) for c in by}
+    assert ("path", sq.PROBLEMS["lr-family"].for_seed(0).classes["path"]) in keys
+    assert sum(c.seeds for c in by if c.key == "score" and c.method == "pbt") == 2
+
+
+def test_many_hyperparameter_problem_rewards_only_its_relevant_ones(P, sq):
+    many = P.PROBLEMS["lr-schedule-10d"]
+    assert len(many.hyperparameters) == 10 and "lr-schedule-10d" not in P.NONSTATIONARY
+    # at the relevant optima it is lr-schedule, so its limit is lr-schedule's
+    assert many.limit(4, 0) == pytest.approx(P.LR_SCHEDULE.limit(4, 0), rel=0.05)
+
+    def final(hp_at):  # one member, noise-free comparisons via a fixed rng
+        rng = np.random.default_rng(3)
+        state = many.init(rng)
+        for k in range(many.segments):
+            state = many.train(state, hp_at(k * many.steps), k * many.steps, many.steps, rng)
+        return many.true_score(state)
+
+    best = final(lambda t0: many.best_hp(t0, 0.0))
+    nuisance_moved = final(lambda t0: {**many.best_hp(t0, 0.0), **{n: 0.0 for n in P.MANY_NUISANCE}})
+    relevant_moved = final(lambda t0: {**many.best_hp(t0, 0.0), "x1": 1.0})
+    assert nuisance_moved == pytest.approx(best)
+    assert relevant_moved < 0.8 * best
+    # the real engine runs it (PB2 over ten dimensions)
+    quick = replace(many, name="quick-10d", segments=3)
+    sq.PROBLEMS["quick-10d"] = quick
+    try:
+        run = sq.simulate(quick, "pb2-liar-pessimistic", 4, 0)
+    finally:
+        del sq.PROBLEMS["quick-10d"]
+    assert run.segments == 3 * 4 and math.isfinite(run.final)
