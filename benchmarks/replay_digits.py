@@ -5,13 +5,13 @@ best member's lineage (its hyperparameter schedule), and retrain one model from 
 `pbt replay`'s machinery (results_source.replay): each schedule entry becomes one segment with the
 entry's hyperparameters, member index and step range, restoring the previous replay segment. The
 digits worker seeds its minibatch sampler from (member, steps_start), so the replay sees the same
-batches as the population did; what still differs is the first segment's weight initialisation (the
-worker draws it from torch's unseeded global RNG), so replays are compared with a tolerance, and each
-schedule is replayed `--repeats` times to show the replay-to-replay spread.
+batches as the population did, and draws a member's first weights from a generator seeded with the
+member index, so a replay should match to the last image; replays are still compared with a tolerance
+(other workers need not be deterministic), and each schedule is replayed `--repeats` times to show the
+replay-to-replay spread.
 
     .venv/bin/python benchmarks/replay_digits.py                    # 3 seeds, inline worker
     .venv/bin/python benchmarks/replay_digits.py --executor process # the manifest's command in warm workers, as `pbt run`
-    .venv/bin/python benchmarks/replay_digits.py --seeded-init      # weight init seeded by member: exact?
     .venv/bin/python benchmarks/replay_digits.py --plot docs/digits-plot.png   # also save seed 0's plot
 
 Prints a table; never asserts.
@@ -44,17 +44,6 @@ from pbt_operator.spec import Worker, load_manifest  # noqa: E402
 MANIFEST = ROOT / "examples" / "digits" / "populationtraining.yaml"
 
 
-def seeded_segment(seg: object) -> object:
-    """--seeded-init: the digits segment with torch's global RNG seeded from the member index first, so
-    a first segment's weight initialisation depends only on the member (run in a process pool: one
-    segment at a time per process, so no other thread draws from that RNG meanwhile)."""
-    import torch
-    import train  # examples/digits/train.py (the manifest's folder is on the search path)
-
-    torch.manual_seed(int(seg.member))  # type: ignore[attr-defined]
-    return train.segment(seg)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -63,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallelism", type=int, default=2)
     ap.add_argument("--executor", choices=("inline", "process"), default="inline",
                     help="inline: train:segment in threads (fast); process: the manifest's command (warm workers)")
-    ap.add_argument("--seeded-init", action="store_true",
-                    help="inline only: seed torch's global RNG from the member before each segment (weight init "
-                         "then depends on the member alone), to show what remains of the replay difference")
     ap.add_argument("--repeats", type=int, default=2, help="replays per schedule (their spread is the noise floor)")
     ap.add_argument("--tolerance", type=float, default=0.03, help="|replay - population| counted as reproduced")
     ap.add_argument("--plot", type=Path, help="save the first seed's run plot here (e.g. docs/digits-plot.png)")
@@ -77,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     worker = base.worker
     if args.executor == "inline":
         worker = Worker(executor="inline", function="train:segment", env=base.worker.env, inline_pool="threads")
-        if args.seeded_init:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable as replay_digits in workers
-            worker = Worker(executor="inline", function="replay_digits:seeded_segment", env=base.worker.env,
-                            inline_pool="processes")
     out = args.out or Path(tempfile.mkdtemp(prefix="replay-digits-"))
     rows = []
     print(f"digits: population {args.population}, {budget.segments} segments x {base.segment.steps} steps, "
-          f"parallelism {args.parallelism}, {args.executor} worker{' (seeded init)' if args.seeded_init else ''}; "
+          f"parallelism {args.parallelism}, {args.executor} worker; "
           f"run folders in {out}", flush=True)
     for i, seed in enumerate(args.seeds):
         spec = dataclasses.replace(base, seed=seed, population=args.population, budget=budget,

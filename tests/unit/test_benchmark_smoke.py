@@ -166,3 +166,5 @@ def test_replay_digits_replays_the_best_schedule(tmp_path: Path) -> None:
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["0"]]
     assert len(rows) == 1, out  # seed 0: population best, median, lineage, replays, differences
     assert 0.0 < number(rows[0][1]) <= 1.0 and "over 1 replays:" in out
+    # the digits worker seeds its first weights and its batches: the replay lands on the population's best
+    assert number(rows[0][4]) == number(rows[0][1]) and number(rows[0][6]) == 0.0, out
