@@ -175,6 +175,21 @@ class Cluster:
         except AssertionError as e:
             raise AssertionError(f"{e}\n{describe()}") from None
 
+    def events_once(self, ns: str, reason: str, kind: str | None = None, name: str | None = None,
+                    timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Every Event in `ns`, once one with `reason` (about an object of `kind` / `name`, when given) is
+        among them. The operator posts a pass's Events after that pass's status writes, and kopf sends
+        them from a queue: a test that has seen what a pass wrote can list the Events before the pass's
+        own are there."""
+        def listed() -> list[dict[str, Any]] | None:
+            items: list[dict[str, Any]] = self.kubectl_json("get", "events", "-n", ns)["items"]
+            hit = any(e["reason"] == reason and kind in (None, e["involvedObject"].get("kind"))
+                      and name in (None, e["involvedObject"].get("name")) for e in items)
+            return items if hit else None
+
+        what = " ".join(filter(None, [kind, name]))
+        return self.wait_for(listed, timeout, interval=0.5, desc=f"a {reason} Event{' on ' + what if what else ''}")
+
     def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
         """Wait until each CRD (by name) is Established. `kubectl wait --for=condition=Established`
         fails at once instead of waiting while a CRD just created has no status.conditions yet

@@ -264,7 +264,9 @@ def test_segment_failures_follow_the_failure_policy(
     cluster.apply({"apiVersion": "v1", "kind": "List", "items": items}, ns)
     wait_all(cluster, ns, ["fails"], op, 240, want="Failed")
     wait_all(cluster, ns, ["retry", "replace", "hang", "garbage"], op, 300)
-    events = events_of(cluster, ns)
+    # (the TrainingFailed Event follows the status write that made "fails" Failed: when the others had
+    # finished by then, a plain list here could come before it)
+    events = cluster.events_once(ns, "TrainingFailed", name="fails")
 
     def ev(obj: str, reason: str) -> list[str]:
         return [e["message"] for e in events if e["involvedObject"]["name"] == obj and e["reason"] == reason]

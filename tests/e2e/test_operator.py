@@ -5,7 +5,6 @@ applied with the real kubectl."""
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import subprocess
@@ -154,12 +153,12 @@ def test_population_runs_to_success(cluster: Cluster, namespace: str, operator: 
     assert mode in table and "True" in table
     members = cluster.kubectl("get", "pbtm", "-n", namespace).stdout
     assert "HYPERPARAMETERS" in members.splitlines()[0] and "h0=" in members
-    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    reasons = collections.Counter(e["reason"] for e in json.loads(events)["items"]
+    items = cluster.events_once(namespace, "Completed", kind="PopulationTraining")
+    reasons = collections.Counter(e["reason"] for e in items
                                   if e["involvedObject"]["kind"] in ("PopulationTraining", "PopulationMember"))
     assert reasons["Exploited"] >= 1 and reasons["Explored"] >= 1 and reasons["Completed"] == 1, reasons
     if explore["strategy"] == "pb2":
-        msgs = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Explored"]
+        msgs = [e["message"] for e in items if e["reason"] == "Explored"]
         assert any("pb2" in m for m in msgs), msgs
 
 

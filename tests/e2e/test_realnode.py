@@ -266,7 +266,7 @@ def test_training_succeeds_in_worker_containers_with_s3_checkpoints_and_exploits
         own = re.search(r"-m(\d{3})-", pod).group(1)  # type: ignore[union-attr]
         exploits += f"/m{own}/" not in uri
     assert exploits >= 1, restores
-    reasons = collections.Counter(e["reason"] for e in events(node, ns)
+    reasons = collections.Counter(e["reason"] for e in c.events_once(ns, "Completed", kind="PopulationTraining")
                                   if e["involvedObject"]["kind"] in ("PopulationTraining", "PopulationMember"))
     assert reasons["Exploited"] >= 1 and reasons["Completed"] == 1, reasons
     # the best checkpoint is committed in S3
@@ -310,7 +310,7 @@ def test_oom_killed_segment_is_a_failure_with_the_reason(node: Node, ns: str) ->
     members = c.kubectl_json("get", "pbtm", "-n", ns)["items"]
     failed = [h for m in members for h in m["status"].get("history") or [] if h["status"] != "done"]
     assert failed and all("OOMKilled" in h["error"] for h in failed), [m["status"] for m in members]
-    msgs = [e["message"] for e in events(node, ns) if e["reason"] == "SegmentFailed"]
+    msgs = [e["message"] for e in c.events_once(ns, "SegmentFailed") if e["reason"] == "SegmentFailed"]
     assert any("OOMKilled" in m for m in msgs), msgs
     assert obj["status"]["phase"] == "Failed"
 
@@ -398,9 +398,13 @@ def test_more_gpus_than_the_node_has_shows_the_schedulers_reason(node: Node, ns:
 
     member = c.wait_for(explained, 60, desc="the member status saying why it waits")
     assert member["status"]["phase"] != "Running", member["status"]
-    msgs = [e["message"] for e in events(node, ns) if e["involvedObject"]["kind"] in
-            ("PopulationMember", "PopulationTraining")]
-    assert any("Insufficient nvidia.com/gpu" in m for m in msgs), msgs
+
+    def explained_by_event() -> list[str] | None:  # posted after the status write, through kopf's queue
+        msgs = [e["message"] for e in events(node, ns) if e["involvedObject"]["kind"] in
+                ("PopulationMember", "PopulationTraining")]
+        return msgs if any("Insufficient nvidia.com/gpu" in m for m in msgs) else None
+
+    c.wait_for(explained_by_event, 30, interval=0.5, desc="an Event saying why the segment waits")
 
 
 @pytest.mark.torch
