@@ -149,7 +149,22 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
                  "steps": {"start": 0, "budget": 1}, "restore": None, "checkpoint": ckpt,
                  "result": None, "gc": []}).save({"version": "committed earlier"})
     script = tmp_path / "child.py"
+    # The writer uploads two parts and then holds every further one until the kill: left to run, a fast
+    # machine can finish the whole 64 MiB upload (and commit it) between two polls of the loop below,
+    # and the kill would land after the save instead of in the middle of it.
     script.write_text(CHILD_PRELUDE + textwrap.dedent("""
+        import threading
+        import botocore.client
+        real_call = botocore.client.BaseClient._make_api_call
+        uploads, lock = [0], threading.Lock()
+        def held_call(self, operation, params):
+            if operation == "UploadPart":
+                with lock:
+                    n, uploads[0] = uploads[0], uploads[0] + 1
+                if n >= 2:
+                    time.sleep(3600)  # until the test's SIGKILL
+            return real_call(self, operation, params)
+        botocore.client.BaseClient._make_api_call = held_call
         path = os.path.join(os.environ["WORK"], "big.bin")
         with open(path, "wb") as f:
             for i in range(64):
@@ -160,7 +175,7 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
             ck.put_file("big.bin", path)
         print("finished", flush=True)
     """))
-    env = dict(_child_env(s3_env, tmp_path), PBT_S3_CONCURRENCY="2")  # a slower upload to kill into
+    env = dict(_child_env(s3_env, tmp_path), PBT_S3_CONCURRENCY="2")
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -168,7 +183,7 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
         client = moto_server.client()
         deadline = time.monotonic() + 60
         parts = 0
-        while time.monotonic() < deadline and parts < 2:  # wait until the multipart upload is under way
+        while time.monotonic() < deadline and parts < 2:  # until the two parts it lets through are in
             for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
                 parts = len(client.list_parts(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                             .get("Parts", []))
