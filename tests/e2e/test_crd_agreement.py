@@ -130,6 +130,8 @@ def model_accepts(doc: dict[str, Any]) -> tuple[bool, str]:
 def test_schema_and_model_agree(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     cluster.wait_established("populationtrainings.pbt.dev")
+    # discovery lags a moment behind Established: until it serves the kind, every dry run is refused
+    cluster.wait_for(lambda: server_accepts(cluster, namespace, VALID[0])[0], 30, desc="the kind served")
     for doc in VALID:
         ok_model, why_model = model_accepts(doc)
         ok_server, why_server = server_accepts(cluster, namespace, doc)
@@ -156,9 +158,13 @@ def test_schema_and_model_agree(cluster: Cluster, namespace: str) -> None:
 
 def test_population_and_space_are_immutable(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    # Run on its own (-k, a rerun on a fresh cluster), the CRD was created just now: the first apply
+    # can come before the API server serves the kind (discovery lags a moment behind Established).
+    cluster.wait_established("populationtrainings.pbt.dev")
     doc = base()
     doc["spec"]["storage"]["uri"] = "s3://bucket/immutable"
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    cluster.wait_for(lambda: cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc),
+                                             check=False).returncode == 0, 30, desc="the first training applied")
     doc["spec"]["population"] = 6
     p = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
     assert p.returncode != 0 and "population is immutable" in p.stderr, p.stderr
