@@ -40,9 +40,15 @@ PBT = [sys.executable, "-m", "pbt_operator.cli"]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file. Tests poll files that a runner or its workers are
+    appending to: a last line without its newline is a write still in progress (or torn by a kill,
+    which the runner's own reader skips too), not a line to parse."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def done_refs(run_dir: Path) -> list[tuple[int, int]]:
