@@ -163,17 +163,27 @@ def test_operator_kill9_at_random_points_matches_uninterrupted_run(
     pop, segs = 4, 4
     names = [f"s{seed}" for seed in SEEDS]
     roots = {ns: tmp_path / f"ckpt-{kind}" for ns, kind in ((ref_ns, "ref"), (crash_ns, "crash"))}
+    # The kills come at wall-clock moments, the runs progress at the machine's pace: on a fast machine
+    # a run could finish before its fifth kill. So the killed runs' last segments wait at a gate that
+    # opens once every run has had its five kills (a worker logs its start before the gate, and the
+    # long timeout covers the wait); from then on the kills go on at random until the runs finish.
+    gate = tmp_path / "gate"
+    gated = {"PBT_TEST_GATE": ",".join(f"{m}:{segs - 1}:{gate}" for m in range(pop))}
+    seg = {"steps": 10, "timeoutSeconds": 600}
 
     def manifest(ns: str, seed: int) -> dict[str, Any]:
         return training(f"s{seed}", roots[ns], population=pop, parallelism=pop, segments=segs, mode="synchronous",
-                        seed=seed, env={"PBT_TEST_LOG": str(tmp_path / f"{ns}-s{seed}.log"), "PBT_TEST_SLEEP": "1"})
+                        seed=seed, segment=seg,
+                        env={"PBT_TEST_LOG": str(tmp_path / f"{ns}-s{seed}.log"), "PBT_TEST_SLEEP": "1",
+                             **(gated if ns == crash_ns else {})})
 
     ref_op = operator_for(ref_ns, tag="ref-op")
     crash_op = operator_for(crash_ns, tag="crash-op")
     # plus one asynchronous run under the killed operator: its decisions depend on timing, so only
     # exactly-once is promised for it, not equality with another run
     async_run = training("async", roots[crash_ns], population=pop, parallelism=pop, segments=segs, seed=14,
-                         env={"PBT_TEST_LOG": str(tmp_path / f"{crash_ns}-async.log"), "PBT_TEST_SLEEP": "1"})
+                         segment=seg, env={"PBT_TEST_LOG": str(tmp_path / f"{crash_ns}-async.log"),
+                                           "PBT_TEST_SLEEP": "1", **gated})
     for ns in (crash_ns, ref_ns):
         items = [manifest(ns, s) for s in SEEDS] + ([async_run] if ns == crash_ns else [])
         cluster.apply({"apiVersion": "v1", "kind": "List", "items": items}, ns)
@@ -198,6 +208,8 @@ def test_operator_kill9_at_random_points_matches_uninterrupted_run(
         ph = phases(cluster, crash_ns)  # nothing can change a phase while the operator is dead
         for n in kills:
             kills[n] += ph.get(n) != "Succeeded"
+        if min(kills.values()) >= 5:
+            gate.touch()
         time.sleep(rng.uniform(0.0, 1.5))
         crash_op.start_and_mark()
     assert all(k >= 5 for k in kills.values()), kills
