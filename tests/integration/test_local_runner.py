@@ -744,6 +744,45 @@ def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path
     assert not (resubmitted & set(before))
 
 
+def test_resume_after_a_torn_last_line_keeps_every_record(make_spec: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill in the middle of a results.jsonl write leaves a last line without its newline. --resume
+    must not append its first record onto that torn line (the merged line would not parse, and that
+    record would be lost to the next resume): every line of the finished journal parses, and every
+    segment is there exactly once."""
+    spec = make_spec({"population": 4, "parallelism": 2, "budget": {"segments": 4}})
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+    real = Suggestion.to_dict
+
+    def crashing(self: Suggestion) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 4 + 6:
+            raise Crash
+        return real(self)
+
+    fake = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=1)
+    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake)
+    monkeypatch.setattr(Suggestion, "to_dict", crashing)
+    with pytest.raises(Crash):
+        LocalRunner(spec, run_dir, plot=False).run()
+    fake.shutdown(True)
+    monkeypatch.setattr(Suggestion, "to_dict", real)
+    journal = run_dir / "results.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    torn = lines[-1][: len(lines[-1]) // 2]  # the last record, killed half-way through its write
+    journal.write_text("".join(lines[:-1]) + torn)
+
+    fake2 = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=2)
+    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake2)
+    eng = LocalRunner(spec, run_dir, plot=False, resume=True).run().engine
+    assert eng.done and len(eng.records) == 16
+    for line in journal.read_text().splitlines():
+        json.loads(line)  # no record was glued onto the torn line
+    refs = done_refs(run_dir)
+    assert len(refs) == len(set(refs)) == 16
+
+
 def test_inline_process_pool(tmp_path: Path) -> None:
     """spec.worker.pool: processes runs the function in child processes (file:// checkpoints)."""
     spec = load_manifest(QUADRATIC)

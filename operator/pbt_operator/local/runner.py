@@ -92,6 +92,9 @@ class LocalRunner:
         else:
             meta.write_text(json.dumps({"name": self.spec.name, "fingerprint": self.fingerprint,
                                         "storage": self.root, "started": time.time()}, indent=2))
+        if self.resume:
+            for journal in ("results.jsonl", "suggestions.jsonl"):
+                _drop_torn_tail(d / journal)
         records = [Record.from_dict(json.loads(line)) for line in _lines(d / "results.jsonl")]
         last: dict[int, Suggestion] = {}
         for line in _lines(d / "suggestions.jsonl"):
@@ -274,6 +277,18 @@ def _get(inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None]) -> tuple[S
             return inbox.get(timeout=0.5)
         except queue.Empty:
             continue
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline. `_lines` skips it anyway (that segment or
+    decision is simply made again), but the resumed run appends to the file: its first line would be
+    glued onto the torn one, and that whole line, a finished segment's record, lost to a later resume."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _lines(path: Path) -> list[str]:
