@@ -348,8 +348,8 @@ def parse_spec(
 
     e = s.sub("exploit", ("strategy", "fraction", "donorFraction", "size", "significance"))
     fraction = e.float("fraction", None)
-    if fraction is not None and not (0.0 < fraction <= 0.5):
-        e.err("fraction", f"must be in (0, 0.5]: the bottom and top fractions may not overlap (got {fraction})")
+    if fraction is not None and not (0.0 < fraction < 1.0):
+        e.err("fraction", f"must be in (0, 1), and at most 1 - donorFraction (got {fraction})")
         fraction = None
     donors = e.float("donorFraction", None)
     if donors is not None and not (0.0 < donors <= 0.5):
@@ -417,6 +417,12 @@ def parse_spec(
         fraction = PB2_FRACTION if explore.strategy == "pb2" else Exploit.fraction
     if donors is None:
         donors = min(fraction, PB2_DONORS) if explore.strategy == "pb2" else fraction
+    if fraction + donors > 1.0 + 1e-9:
+        # The bottom fraction that copies and the top fraction that donates may not overlap. Without
+        # donorFraction the donors are the top `fraction` (PBT's rule), so `fraction` stays <= 0.5; with
+        # PB2's top-quarter donors up to 0.75 of the population may copy (benchmarks/README.md, "Eighth round").
+        e.err("fraction", f"must be at most 1 - donorFraction: the bottom fraction that copies and the top "
+                          f"fraction that donates may not overlap (got fraction {fraction}, donorFraction {donors})")
     exploit = Exploit(exploit_strategy, fraction, size, exploit_significance, donors)
     if explore.crossover and explore.strategy == "resample":
         # resample draws every value afresh from the prior: the crossed values would be thrown away

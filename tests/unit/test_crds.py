@@ -31,7 +31,8 @@ def test_training_crd_shape() -> None:
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.population == oldSelf.population" in rules
     assert "self.hyperparameters == oldSelf.hyperparameters" in rules
-    assert spec["properties"]["exploit"]["properties"]["fraction"]["maximum"] == 0.5
+    fraction = spec["properties"]["exploit"]["properties"]["fraction"]
+    assert fraction["maximum"] == 1 and fraction["exclusiveMaximum"] is True  # and <= 1 - donorFraction: spec.py
     yaml.safe_load(render()["populationtrainings.yaml"])  # valid YAML
 
 

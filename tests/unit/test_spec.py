@@ -50,6 +50,15 @@ def test_donors_are_the_top_fraction_but_only_the_top_quarter_with_pb2(make_spec
     assert donors({"fraction": 0.1, "donorFraction": 0.3}, "resample") == 0.3
 
 
+def test_up_to_three_quarters_copy_the_top_quarter(make_spec: Any) -> None:
+    # Copiers and donors may not overlap, so with PB2's top-quarter donors up to 0.75 may copy
+    # (benchmarks/README.md, "Eighth round": at 0.75 PB2 gained on every benchmark problem).
+    spec = make_spec({"explore": {"strategy": "pb2"}, "exploit": {"fraction": 0.75}})
+    assert spec.exploit.fraction == 0.75 and spec.exploit.donors == 0.25
+    spec = make_spec({"exploit": {"fraction": 0.7, "donorFraction": 0.3}})
+    assert spec.exploit.fraction == 0.7 and spec.exploit.donors == 0.3
+
+
 def test_full_manifest_values(make_spec: Any) -> None:
     spec = make_spec({
         "population": 8, "parallelism": 3, "mode": "synchronous", "seed": 7,
@@ -170,9 +179,13 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("segments-0", {"budget": {"segments": 0}}, ["spec.budget.segments: must be >= 1 (got 0)"]),
     ("patience-0", {"budget": {"patience": 0}}, ["spec.budget.patience: must be >= 1 (got 0)"]),
     ("timeout-0", {"segment": {"timeoutSeconds": 0}}, ["spec.segment.timeoutSeconds: must be >= 1 (got 0)"]),
-    ("fraction-0", {"exploit": {"fraction": 0}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.0)"]),
-    ("fraction-0.6", {"exploit": {"fraction": 0.6}}, ["spec.exploit.fraction: must be in (0, 0.5]", "(got 0.6)"]),
-    ("fraction-negative", {"exploit": {"fraction": -0.1}}, ["spec.exploit.fraction: must be in (0, 0.5]"]),
+    ("fraction-0", {"exploit": {"fraction": 0}}, ["spec.exploit.fraction: must be in (0, 1)", "(got 0.0)"]),
+    ("fraction-1", {"exploit": {"fraction": 1.0}}, ["spec.exploit.fraction: must be in (0, 1)", "(got 1.0)"]),
+    ("fraction-0.6", {"exploit": {"fraction": 0.6}},  # PBT's donors are the top `fraction`: they would overlap
+     ["spec.exploit.fraction: must be at most 1 - donorFraction", "(got fraction 0.6, donorFraction 0.6)"]),
+    ("fraction-overlap", {"exploit": {"fraction": 0.75, "donorFraction": 0.5}, "explore": {"strategy": "pb2"}},
+     ["spec.exploit.fraction: must be at most 1 - donorFraction", "(got fraction 0.75, donorFraction 0.5)"]),
+    ("fraction-negative", {"exploit": {"fraction": -0.1}}, ["spec.exploit.fraction: must be in (0, 1)"]),
     ("donors-0.7", {"exploit": {"donorFraction": 0.7}}, ["spec.exploit.donorFraction: must be in (0, 0.5]", "(got 0.7)"]),
     ("donors-str", {"exploit": {"donorFraction": "top"}}, ["spec.exploit.donorFraction: must be a finite number"]),
     ("tournament-size", {"exploit": {"size": 5}}, ["spec.exploit.size: must be <= spec.population (4) (got 5)"]),

@@ -101,7 +101,8 @@ TRAINING_SPEC = _obj(
         "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER},
         "exploit": _obj({
             "strategy": _enum(*EXPLOIT_STRATEGIES),
-            "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
+            "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                         "exclusiveMaximum": True, "maximum": 1},
             "donorFraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 0.5},
             "size": _min(2),
             "significance": _obj({
