@@ -408,9 +408,7 @@ class Engine:
             return None
         own = rec.suggestion.hyperparameters
         hp, why = self._pb2(rec.member, rec.segment + 1, rec, purpose=RETUNE,
-                            settings=dataclasses.replace(pb2, trust_region=pb2.retune, kappa=0.0,
-                                                             categorical_choice="joint",
-                                                             fix_categories=pb2.retune_fixed))
+                            settings=dataclasses.replace(pb2, trust_region=pb2.retune, kappa=0.0))
         if hp is None:
             return None
         if any(hp[p.name] != own[p.name] for p in spec.space.categorical):

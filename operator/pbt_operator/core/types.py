@@ -214,32 +214,3 @@ class Pb2Settings:
     # on benchmarks/search_quality.py it changed no median beyond noise at populations 8 and 16
     # (it never triggers at 4) and it doubles a decision's CPU time (three fits instead of one).
     window_search: bool = False
-    # Screening switches for categorical choices (not manifest fields; benchmarks/README.md, cat-flip
-    # at population 4). `categorical_choice`: "joint" (the mixed kernel's UCB picks the categories
-    # with the numbers) or "exp3" (PB2-Mix: a discounted EXP3 bandit over the categories' recent
-    # improvement ranks picks them, then UCB picks the numbers given them). `switch_numbers`: where a
-    # switch of category puts the numbers: "ucb" (the acquisition's choice in the donor's box),
-    # "mean" (the posterior mean's argmax for the new category over the whole range) or "mean-box"
-    # (the same inside the donor's box).
-    categorical_choice: str = "joint"
-    exp3_discount: float = 0.7
-    exp3_explore: float = 0.2
-    exp3_eta: float = 2.0
-    switch_numbers: str = "ucb"
-    # Internal: hold the categories at the centre's (the engine's retune with `retune_fixed`).
-    fix_categories: bool = False
-    # Screening switch: a retune holds the member's categories and moves its numbers within them
-    # (False: a retune whose best point switches a category is dropped, and the member keeps its numbers).
-    retune_fixed: bool = False
-    # Screening switches: `tr_lengthscales` > 0 sets each numeric hyperparameter's trust-region
-    # half-width to that many of its fitted length scales (at most `trust_region`, at least
-    # `tr_min`); `use_score` False drops the score-before input c.
-    tr_lengthscales: float = 0.0
-    tr_min: float = 0.02
-    use_score: bool = True
-    # Screening switch: with this probability an explore step holds the donor's categories (numbers
-    # by UCB in the box); otherwise categories are chosen as `categorical_choice` says.
-    keep_category_prob: float = 0.0
-    # Screening switch: with this probability an explore step must change the donor's categories
-    # (the best UCB over the other combinations).
-    switch_category_prob: float = 0.0

@@ -153,7 +153,7 @@ class Region:
     hi: np.ndarray
 
     @staticmethod
-    def around(u: np.ndarray, radius: float | np.ndarray) -> Region:
+    def around(u: np.ndarray, radius: float) -> Region:
         return Region(np.clip(u - radius, 0.0, 1.0), np.clip(u + radius, 0.0, 1.0))
 
     def bounds(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,15 +172,13 @@ class Pick:
 
 
 def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.random.Generator,
-               region: Region | None = None, fixed_h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               region: Region | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random points plus the configs of the best observed rows and jittered copies of them (good
     seeds for the polish), rounded, without duplicates (rounding collapses small integer ranges, and
     duplicates would make a Thompson sample's covariance singular)."""
     m = max(1, int(n))
     u = rng.uniform(size=(m, domain.p))
     h = domain.random_h(m, rng)
-    if fixed_h is not None:
-        h = np.repeat(np.asarray(fixed_h, dtype=np.int64)[None, :], m, axis=0)
     if region is not None:
         lo, hi = region.bounds(h)
         u = lo + (hi - lo) * u
@@ -190,8 +188,6 @@ def candidates(domain: Domain, post: Posterior, y: np.ndarray, n: int, rng: np.r
         top = np.argsort(-y, kind="stable")[:n_obs]  # rows come first in post.data, pending after
         base_u = data.x[top, 1:]
         base_h = data.h[top]
-        if fixed_h is not None:
-            base_h = np.repeat(np.asarray(fixed_h, dtype=np.int64)[None, :], n_obs, axis=0)
         jit = base_u + ANCHOR_JITTER * rng.standard_normal(base_u.shape)
         if region is not None:
             lo, hi = region.bounds(base_h)
@@ -215,11 +211,9 @@ def _ucb(post: Posterior, tau: float, c: float, u: np.ndarray, h: np.ndarray,
 
 
 def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: float, sqrt_beta: float,
-                 n_candidates: int, restarts: int, rng: np.random.Generator, region: Region | None = None,
-                 fixed_h: np.ndarray | None = None) -> Pick:
-    """argmax over the domain (or the trust region) of mu(z) + sqrt(beta) * sigma(z), z = (tau, c, u, h);
-    with `fixed_h`, over the numbers only, the categories held at fixed_h."""
-    u_c, h_c = candidates(domain, post, y, n_candidates, rng, region, fixed_h)
+                 n_candidates: int, restarts: int, rng: np.random.Generator, region: Region | None = None) -> Pick:
+    """argmax over the domain (or the trust region) of mu(z) + sqrt(beta) * sigma(z), z = (tau, c, u, h)."""
+    u_c, h_c = candidates(domain, post, y, n_candidates, rng, region)
     acq, mu, sig = _ucb(post, tau, c, u_c, h_c, sqrt_beta)
     if not np.all(np.isfinite(acq)):
         raise Pb2Fallback("acquisition not finite on the candidate set")
@@ -230,7 +224,7 @@ def maximise_ucb(domain: Domain, post: Posterior, y: np.ndarray, tau: float, c: 
         best = _polish(domain, post, tau, c, sqrt_beta, u_c, h_c, _distinct_best(acq, u_c, h_c, restarts), best,
                        region)
 
-    if domain.q > 0 and fixed_h is None:
+    if domain.q > 0:
         best = _refine_categorical(domain, post, tau, c, sqrt_beta, best)
     return best
 

@@ -45,7 +45,6 @@ Nothing raises into the engine: every failure becomes Pb2Choice(None, "pb2 fallb
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -55,7 +54,7 @@ from ..choices import PB2_PARALLEL, check_table
 from ..space import Space, Value
 from ..types import Pb2Settings
 from . import window
-from .acquisition import ENUMERATE_LIMIT, Domain, Region, beta_schedule, maximise_ucb, thompson
+from .acquisition import Domain, Region, beta_schedule, maximise_ucb, thompson
 from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, unit_columns
 from .gp import Posterior
 from .kernel import Hyper, Layout
@@ -118,12 +117,6 @@ def _suggest(
     if len(space) == 0:
         return Pb2Choice({}, "pb2: no hyperparameters to choose")
     prep = prepare(space, rows, pending, t, c, settings, rng)
-    if not settings.use_score:
-        def _noc(e: Encoded) -> Encoded:
-            x = e.x.copy()
-            x[:, 0] = 0.0
-            return Encoded(e.tau, x, e.h)
-        prep = dataclasses.replace(prep, rows=_noc(prep.rows), pending=_noc(prep.pending), query_c=0.0)
     domain = Domain.of(space)
     layout = Layout(dx=1 + domain.p, q=domain.q)
     # Kernel hyperparameters are fitted on a smaller subsample than the posterior is conditioned on:
@@ -141,48 +134,16 @@ def _suggest(
         post = Posterior(theta, layout, Encoded.concat(win.rows, prep.pending), win.y,
                          fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, win.y, sqrt_full))
 
-    radius: float | np.ndarray = settings.trust_region
-    if settings.tr_lengthscales > 0.0 and domain.p > 0:
-        ls = 1.0 / np.sqrt(Hyper.of(theta, layout).inv_l2[1:1 + domain.p])
-        radius = np.clip(settings.tr_lengthscales * ls, settings.tr_min, settings.trust_region)
-    region = _region(space, domain, center, radius)
+    region = _region(space, domain, center, settings.trust_region)
     factor = budget_factor(remaining)
     beta = beta_full * factor
     if mode == "randomized":
         beta *= float(rng.gamma(RANDOM_SHAPE, 1.0 / RANDOM_SHAPE))
-    fixed_h = None
-    bandit_note = ""
-    keep = (domain.q > 0 and settings.keep_category_prob > 0.0 and center is not None
-            and float(rng.random()) < settings.keep_category_prob)
-    if domain.q > 0 and (settings.fix_categories or keep) and center is not None:
-        _, h_center, st = unit_columns(space, [center])
-        if st[0] == 0:
-            fixed_h = h_center[0]
-    elif domain.q > 0 and settings.categorical_choice == "exp3" and domain.combinations <= ENUMERATE_LIMIT:
-        fixed_h, bandit_note = exp3_choice(space, domain, rows, settings, rng)
     if mode == "thompson" and factor > 0.0:
         pick = thompson(domain, post, win.y, prep.query_tau, prep.query_c, settings.candidates, rng, region)
     else:
         pick = maximise_ucb(domain, post, win.y, prep.query_tau, prep.query_c, math.sqrt(beta),
-                            settings.candidates, settings.restarts, rng, region, fixed_h)
-    if (domain.q > 0 and settings.switch_category_prob > 0.0 and center is not None and fixed_h is None
-            and float(rng.random()) < settings.switch_category_prob):
-        _, h_center, st = unit_columns(space, [center])
-        if st[0] == 0 and np.array_equal(pick.h, h_center[0]):
-            others = [hc for hc in domain.all_combinations() if not np.array_equal(hc, h_center[0])]
-            picks = [maximise_ucb(domain, post, win.y, prep.query_tau, prep.query_c, math.sqrt(beta),
-                                  settings.candidates, settings.restarts, rng, region, hc) for hc in others]
-            if picks:
-                pick = max(picks, key=lambda pk: pk.score)
-                bandit_note += " forced switch"
-    if domain.q > 0 and domain.p > 0 and settings.switch_numbers != "ucb" and center is not None:
-        _, h_center, st = unit_columns(space, [center])
-        if st[0] == 0 and not np.array_equal(pick.h, h_center[0]):
-            greedy = maximise_ucb(domain, post, win.y, prep.query_tau, prep.query_c, 0.0, settings.candidates,
-                                  settings.restarts, rng, region if settings.switch_numbers == "mean-box" else None,
-                                  pick.h)
-            pick = greedy
-            bandit_note += " switch at the posterior mean's best"
+                            settings.candidates, settings.restarts, rng, region)
 
     hyperparameters = decode(space, pick.u, pick.h)
     if not space.contains(hyperparameters):
@@ -210,72 +171,17 @@ def _suggest(
     parts.extend(prep.notes)
     if win.note:
         parts.append(win.note)
-    if bandit_note:
-        parts.append(bandit_note.strip())
     return Pb2Choice(hyperparameters, " ".join(parts))
 
 
-def exp3_choice(space: Space, domain: Domain, rows: Sequence[Pb2Row], settings: Pb2Settings,
-                rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """PB2-Mix's categorical step (Parker-Holder et al. 2021): a time-varying EXP3 bandit over the
-    categorical combinations, replayed from the history.
-
-    Rows are grouped by their start time t (a "round"); a row's reward is its improvement rate's rank
-    among the rows of its round, in [0, 1]. A combination's reward in a round is the mean over its
-    rows there; EXP3's importance-weighted sum over rounds is estimated by the combination's
-    discounted mean reward times the discounted number of rounds (rounds it was not tried in count at
-    that mean), so the weights forget at `exp3_discount` per round: a combination that became good
-    after the optimum moved is found. p = (1 - g) softmax(eta * that sum) + g / K."""
-    combos = domain.all_combinations()
-    k = combos.shape[0]
-    if not rows:
-        return combos[int(rng.integers(k))], "exp3: no rows"
-    t = np.array([float(r.t) for r in rows])
-    rate = np.array([float(r.rate) for r in rows])
-    _, h, status = unit_columns(space, [r.hyperparameters for r in rows])
-    ok = (status == 0) & np.isfinite(t) & np.isfinite(rate)
-    t, rate, h = t[ok], rate[ok], h[ok]
-    rounds = np.unique(t)
-    gamma = float(min(max(settings.exp3_discount, 0.0), 1.0))
-    disc = np.zeros(k)
-    wsum = np.zeros(k)
-    g_total = 0.0
-    code = {tuple(int(v) for v in c): i for i, c in enumerate(combos)}
-    for age, tr in enumerate(rounds[::-1]):
-        w = gamma ** age
-        g_total += w
-        sel = np.flatnonzero(t == tr)
-        r = rate[sel]
-        if sel.size > 1:
-            order = np.argsort(np.argsort(r, kind="stable"), kind="stable")
-            rank = order / (sel.size - 1)
-        else:
-            rank = np.full(1, 0.5)
-        per: dict[int, list[float]] = {}
-        for i, j in enumerate(sel):
-            per.setdefault(code[tuple(int(v) for v in h[j])], []).append(float(rank[i]))
-        for ci, vals in per.items():
-            disc[ci] += w * float(np.mean(vals))
-            wsum[ci] += w
-    mean = np.where(wsum > 0, disc / np.maximum(wsum, 1e-300), 0.5)  # untried: a neutral prior
-    score = float(settings.exp3_eta) * g_total * mean
-    soft = np.exp(score - np.max(score))
-    soft /= np.sum(soft)
-    g = float(min(max(settings.exp3_explore, 0.0), 1.0))
-    p = (1.0 - g) * soft + g / k
-    i = int(rng.choice(k, p=p))
-    return combos[i], "exp3 p=" + "/".join(f"{v:.2f}" for v in p)
-
-
-def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None,
-            radius: float | np.ndarray) -> Region | None:
+def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, radius: float) -> Region | None:
     """The trust region around the donor's configuration, or None (search everywhere)."""
-    if center is None or float(np.min(radius)) >= 1.0 or domain.p == 0:
+    if center is None or radius >= 1.0 or domain.p == 0:
         return None
     u, _, status = unit_columns(space, [center])
     if status[0] != 0:
         return None
-    return Region.around(u[0], np.maximum(0.0, radius))
+    return Region.around(u[0], max(0.0, float(radius)))
 
 
 # How each parallel mode fills in the pending points' values (standardised units), given their
