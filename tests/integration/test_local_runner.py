@@ -708,19 +708,15 @@ class Crash(BaseException):
     """Stands in for kill -9 at one exact point of the runner's loop."""
 
 
-@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
-def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """The result of a segment is persisted, the decision it caused is not: --resume must still
-    continue that member (in synchronous mode: the whole next generation) and repeat nothing."""
-    spec = make_spec({"population": 4, "parallelism": 2, "mode": mode, "budget": {"segments": 4}})
-    run_dir = tmp_path / "run"
+def crash_before_a_decision(spec: Any, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `spec` until the 6th decision after the initial four is about to be written, and crash
+    there: that segment's result is persisted, the decision it caused is not."""
     calls = {"n": 0}
     real = Suggestion.to_dict
 
     def crashing(self: Suggestion) -> dict[str, Any]:
         calls["n"] += 1
-        if calls["n"] == 4 + 6:  # the 6th decision after the initial four is never written
+        if calls["n"] == 4 + 6:
             raise Crash
         return real(self)
 
@@ -731,6 +727,16 @@ def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path
         LocalRunner(spec, run_dir, plot=False).run()
     fake.shutdown(True)
     monkeypatch.setattr(Suggestion, "to_dict", real)
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The result of a segment is persisted, the decision it caused is not: --resume must still
+    continue that member (in synchronous mode: the whole next generation) and repeat nothing."""
+    spec = make_spec({"population": 4, "parallelism": 2, "mode": mode, "budget": {"segments": 4}})
+    run_dir = tmp_path / "run"
+    crash_before_a_decision(spec, run_dir, monkeypatch)
     before = done_refs(run_dir)
     assert before and len(before) < 16
 
@@ -752,22 +758,7 @@ def test_resume_after_a_torn_last_line_keeps_every_record(make_spec: Any, tmp_pa
     segment is there exactly once."""
     spec = make_spec({"population": 4, "parallelism": 2, "budget": {"segments": 4}})
     run_dir = tmp_path / "run"
-    calls = {"n": 0}
-    real = Suggestion.to_dict
-
-    def crashing(self: Suggestion) -> dict[str, Any]:
-        calls["n"] += 1
-        if calls["n"] == 4 + 6:
-            raise Crash
-        return real(self)
-
-    fake = FakeExecutor(lambda s: float(s.hyperparameters["lr"]) * (s.segment + 1), seed=1)
-    monkeypatch.setattr(LocalRunner, "_executor", lambda self: fake)
-    monkeypatch.setattr(Suggestion, "to_dict", crashing)
-    with pytest.raises(Crash):
-        LocalRunner(spec, run_dir, plot=False).run()
-    fake.shutdown(True)
-    monkeypatch.setattr(Suggestion, "to_dict", real)
+    crash_before_a_decision(spec, run_dir, monkeypatch)
     journal = run_dir / "results.jsonl"
     lines = journal.read_text().splitlines(keepends=True)
     torn = lines[-1][: len(lines[-1]) // 2]  # the last record, killed half-way through its write
