@@ -162,7 +162,7 @@ def test_metrics_endpoint_serves_every_metric(monkeypatch: pytest.MonkeyPatch) -
     metrics.start_server_from_env()
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ("pbt_segments_started_total", "pbt_segments_finished_total", "pbt_segments_failed_total",
-                 "pbt_segments_disrupted_total", "pbt_exploits_total", "pbt_explores_total",
+                 "pbt_segments_disrupted_total", "pbt_checkpoint_delete_failed_total", "pbt_exploits_total", "pbt_explores_total",
                  "pbt_reconcile_plan_seconds_bucket", "pbt_segment_duration_seconds_bucket",
                  "pbt_running_segments", "pbt_waiting_segments", "pbt_queued_members", "pbt_best_score", "pbt_reconcile_errors_total"):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in text, name

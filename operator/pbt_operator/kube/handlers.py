@@ -38,6 +38,7 @@ from .reconcile import (
     pod_event_matters,
     storage_root,
 )
+from .throttle import EventThrottle
 
 log = logging.getLogger("pbt_operator")
 IDLE_RESYNC = 30.0  # seconds between passes when nothing wakes the daemon (a safety net for missed events)
@@ -143,10 +144,12 @@ def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: Even
 
 
 class CacheBox:
-    """The daemon's engine cache (reconcile.EngineCache), None until a pass succeeded in full."""
+    """What the daemon keeps between passes: the engine cache (reconcile.EngineCache), None until a pass
+    succeeded in full, and which repeated Warnings were posted when (throttle.EventThrottle)."""
 
     def __init__(self) -> None:
         self.cache: EngineCache | None = None
+        self.throttle = EventThrottle()
 
 
 def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]],
@@ -183,8 +186,11 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]],
     after = collected_after(p, [job["metadata"]["name"] for job, _ in refused])
     collected.clear()
     collected |= after
-    for ev in p.events:
+    post, held = box.throttle.admit(p.events, time.monotonic())
+    for ev in post:
         _post(training, by_name, ev)
+    for ev in held:
+        metrics.count_event(ev.reason, ns, name)
     again = bool(p.create_members)
     for job, err in refused:
         mname = job["metadata"]["ownerReferences"][0]["name"]

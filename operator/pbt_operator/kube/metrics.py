@@ -17,6 +17,8 @@ SEGMENTS_STARTED = Counter("pbt_segments_started_total", "Segment Jobs created",
 SEGMENTS_FINISHED = Counter("pbt_segments_finished_total", "Segments finished with a score", _LABELS)
 SEGMENTS_FAILED = Counter("pbt_segments_failed_total", "Segments that failed", _LABELS)
 SEGMENTS_DISRUPTED = Counter("pbt_segments_disrupted_total", "Segment pods disrupted (rerun, not failed)", _LABELS)
+CHECKPOINT_DELETE_FAILED = Counter("pbt_checkpoint_delete_failed_total",
+                                   "Segments that saved but could not delete some of their old checkpoints", _LABELS)
 EXPLOITS = Counter("pbt_exploits_total", "Exploit decisions", [*_LABELS, "strategy"])
 EXPLORES = Counter("pbt_explores_total", "Explore decisions", [*_LABELS, "strategy"])
 DECISION_SECONDS = Histogram("pbt_reconcile_plan_seconds",
@@ -42,6 +44,7 @@ API_REQUESTS = Counter("pbt_api_requests_total", "Requests the reconcile passes 
 _EVENT_COUNTERS = {
     "SegmentFailed": SEGMENTS_FAILED,
     "SegmentDisrupted": SEGMENTS_DISRUPTED,
+    "CheckpointDeleteFailed": CHECKPOINT_DELETE_FAILED,
 }
 
 
