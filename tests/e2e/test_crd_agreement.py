@@ -55,6 +55,8 @@ def mutate(path: str, value: Any, delete: bool = False) -> dict[str, Any]:
 VALID = [
     base(),
     mutate("spec.mode", "synchronous"),
+    mutate("spec.exploit", {"strategy": "truncation", "fraction": 0.75}),  # with pb2 the top quarter donates
+    mutate("spec.exploit", {"strategy": "truncation", "fraction": 0.6, "donorFraction": 0.4}),
     mutate("spec.exploit", {"strategy": "tournament", "size": 3}),
     mutate("spec.explore", {"strategy": "perturb", "factors": [0.5, 2.0], "resampleProbability": 0.0}),
     mutate("spec.objective", {"metric": "loss", "direction": "min"}),
@@ -98,7 +100,10 @@ INVALID = [
     mutate("spec.hyperparameters.lr.type", "double"),
     mutate("spec.hyperparameters.lr.max", None, delete=True),
     mutate("spec.hyperparameters.opt.min", 0),
-    mutate("spec.exploit.fraction", 0.75),
+    mutate("spec.exploit", {"strategy": "truncation", "fraction": 0.75, "donorFraction": 0.5}),  # they overlap
+    mutate("spec.exploit.fraction", 1.0),
+    {**base(), "spec": {**base()["spec"], "explore": {"strategy": "perturb"},  # PBT: the donors are the top 0.6
+                        "exploit": {"strategy": "truncation", "fraction": 0.6}}},
     mutate("spec.exploit.fraction", 0),
     mutate("spec.exploit.strategy", "roulette"),
     mutate("spec.exploit", {"strategy": "tournament", "size": 9}),

@@ -156,6 +156,16 @@ TRAINING_SPEC = _obj(
              "message": "hyperparameters (the search space) are immutable"},
             {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
              "message": "exploit.size must be <= population"},
+            # spec.parse_spec's rule, donors filled in as it does: donorFraction, else the top `fraction`
+            # (PBT's rule), with pb2 at most the top quarter (PB2_DONORS).
+            {"rule": "!has(self.exploit) || !has(self.exploit.fraction) || self.exploit.fraction + "
+                     "(has(self.exploit.donorFraction) ? self.exploit.donorFraction : "
+                     "((has(self.explore) && has(self.explore.strategy) && self.explore.strategy == 'pb2' && "
+                     f"self.exploit.fraction > {S.PB2_DONORS}) ? {S.PB2_DONORS} : self.exploit.fraction)) "
+                     "<= 1.000000001",
+             "message": "exploit.fraction must be at most 1 - exploit.donorFraction: the bottom fraction that copies "
+                        "and the top fraction that donates may not overlap (without donorFraction the donors are "
+                        f"the top `fraction`, with explore.strategy pb2 at most the top {S.PB2_DONORS})"},
             # spec.worker configures `pbt run`; on a cluster the segment is spec.template, so a worker
             # section there would be silently ignored: refused instead, saying so.
             {"rule": "!has(self.worker)",
