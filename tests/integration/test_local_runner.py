@@ -223,7 +223,10 @@ def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     records = {rec.ref: rec for rec in map(Record.from_dict, results)}
     live = keep_set(records, [*latest.items(), (best["member"], best["segment"])])
     assert committed == {r for r in live if records[r].status == "done"}, committed ^ set(live)
-    assert "old checkpoint(s) that no segment was left to delete" in out
+    # (how many the end itself deleted depends on the order four parallel segments finished in: in about
+    # one run of 16 the segments had deleted every dead checkpoint already, so the CLI's "deleted N old
+    # checkpoint(s)" line is not asserted here: test_the_end_deletes_the_last_generations_garbage counts
+    # them in synchronous mode, where the last generation's garbage is the same whatever the order)
 
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert len(lineage["nodes"]) == total
@@ -1025,6 +1028,27 @@ def test_warm_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # gc deletes that fail in the worker
+
+
+def test_the_end_deletes_the_last_generations_garbage(tmp_path: Path) -> None:
+    """In synchronous mode no segment follows the last generation, so what its results made garbage
+    is the driver's to delete (the CLI prints the count); exactly the live lineages stay."""
+    from pbt_operator.core.lineage import keep_set
+    from pbt_operator.core.types import Record
+
+    spec = load_manifest(QUADRATIC)
+    spec = dataclasses.replace(spec, population=4, parallelism=4, mode="synchronous",
+                               budget=dataclasses.replace(spec.budget, segments=4))
+    lr = LocalRunner(spec, tmp_path / "run", plot=False)
+    summary = lr.run()
+    assert summary.engine.done and summary.collected_at_end > 0 and not summary.left_at_end
+    records = {rec.ref: rec for rec in map(Record.from_dict, read_jsonl(tmp_path / "run" / "results.jsonl"))}
+    root = Path(lr.root[len("file://"):])
+    committed = {(int(p.parent.parent.name[1:]), int(p.parent.name)) for p in root.glob("*/m*/*/_COMMITTED")}
+    best = summary.engine.state().best
+    assert best is not None
+    live = keep_set(records, [*((m, 3) for m in range(4)), (best.member, best.segment)])
+    assert committed == {r for r in live if records[r].status == "done"}, committed ^ set(live)
 
 
 def test_checkpoints_whose_delete_failed_are_handed_out_again(tmp_path: Path) -> None:
