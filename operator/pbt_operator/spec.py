@@ -415,14 +415,19 @@ def parse_spec(
     )
     if fraction is None:
         fraction = PB2_FRACTION if explore.strategy == "pb2" else Exploit.fraction
+    donors_given = donors is not None
     if donors is None:
         donors = min(fraction, PB2_DONORS) if explore.strategy == "pb2" else fraction
     if fraction + donors > 1.0 + 1e-9:
         # The bottom fraction that copies and the top fraction that donates may not overlap. Without
         # donorFraction the donors are the top `fraction` (PBT's rule), so `fraction` stays <= 0.5; with
         # PB2's top-quarter donors up to 0.75 of the population may copy (benchmarks/README.md, "Eighth round").
+        unset = "" if donors_given else (
+            ", its default here: the top `fraction` donates; set donorFraction (at most 0.5) to copy from a "
+            "smaller top, or keep fraction <= 0.5")
         e.err("fraction", f"must be at most 1 - donorFraction: the bottom fraction that copies and the top "
-                          f"fraction that donates may not overlap (got fraction {fraction}, donorFraction {donors})")
+                          f"fraction that donates may not overlap (got fraction {fraction}, donorFraction "
+                          f"{donors}{unset})")
     exploit = Exploit(exploit_strategy, fraction, size, exploit_significance, donors)
     if explore.crossover and explore.strategy == "resample":
         # resample draws every value afresh from the prior: the crossed values would be thrown away

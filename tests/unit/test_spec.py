@@ -182,7 +182,8 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("fraction-0", {"exploit": {"fraction": 0}}, ["spec.exploit.fraction: must be in (0, 1)", "(got 0.0)"]),
     ("fraction-1", {"exploit": {"fraction": 1.0}}, ["spec.exploit.fraction: must be in (0, 1)", "(got 1.0)"]),
     ("fraction-0.6", {"exploit": {"fraction": 0.6}},  # PBT's donors are the top `fraction`: they would overlap
-     ["spec.exploit.fraction: must be at most 1 - donorFraction", "(got fraction 0.6, donorFraction 0.6)"]),
+     ["spec.exploit.fraction: must be at most 1 - donorFraction", "(got fraction 0.6, donorFraction 0.6, its "
+      "default here", "set donorFraction"]),
     ("fraction-overlap", {"exploit": {"fraction": 0.75, "donorFraction": 0.5}, "explore": {"strategy": "pb2"}},
      ["spec.exploit.fraction: must be at most 1 - donorFraction", "(got fraction 0.75, donorFraction 0.5)"]),
     ("fraction-negative", {"exploit": {"fraction": -0.1}}, ["spec.exploit.fraction: must be in (0, 1)"]),
