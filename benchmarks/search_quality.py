@@ -459,7 +459,11 @@ def machine() -> str:
         load = " load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         load = ""
-    return f"{cores} cores, {model}, Python {platform.python_version()}, {platform.system()}{load}"
+    # PB2's GP fits run on numpy's linear algebra: the same seed decides the same on one installation,
+    # not always across numpy builds (benchmarks/README.md, "Eighth round"), so the versions are part of a row
+    import scipy
+    return (f"{cores} cores, {model}, Python {platform.python_version()}, numpy {np.__version__}, "
+            f"scipy {scipy.__version__}, {platform.system()}{load}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
