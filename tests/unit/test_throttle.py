@@ -13,7 +13,7 @@ def delete_failed(member: str, segment: int) -> EventSpec:
 
 
 def test_a_persistent_delete_failure_posts_one_warning_per_interval() -> None:
-    every = HELD_BACK[C.EV_CHECKPOINT_DELETE_FAILED]
+    every = HELD_BACK[C.EV_CHECKPOINT_DELETE_FAILED].every
     t = EventThrottle()
     other = EventSpec("m-0", "Normal", "Exploited", "copied m-1")
     post, held = t.admit([delete_failed("m-0", 3), other, delete_failed("m-1", 3)], now=100.0)
@@ -35,5 +35,17 @@ def test_a_long_message_keeps_the_count() -> None:
     t = EventThrottle()
     long = EventSpec("m-0", "Warning", C.EV_CHECKPOINT_DELETE_FAILED, "x" * 1000)
     t.admit([long, long], now=0.0)
-    post, _ = t.admit([long], now=HELD_BACK[C.EV_CHECKPOINT_DELETE_FAILED])
+    post, _ = t.admit([long], now=HELD_BACK[C.EV_CHECKPOINT_DELETE_FAILED].every)
     assert len(post[0].message) <= 1000 and "1 more CheckpointDeleteFailed" in post[0].message
+
+
+def test_every_held_back_reason_names_a_counter_the_operator_exports() -> None:
+    """The first Event after an interval tells the reader which metric counted the held-back ones; a
+    reason added to HELD_BACK with a wrong or stale name would send them to a metric that is not there."""
+    from pbt_operator.kube import metrics  # noqa: F401  (registers the operator's metrics)
+    from prometheus_client import REGISTRY
+
+    exported = {m.name for m in REGISTRY.collect()}
+    for reason, rule in HELD_BACK.items():
+        assert rule.counter.removesuffix("_total") in exported, (reason, rule.counter)
+        assert rule.every > 0

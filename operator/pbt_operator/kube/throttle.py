@@ -15,8 +15,19 @@ from dataclasses import dataclass, field
 from . import conditions as C
 from .reconcile import EventSpec
 
-# reason -> seconds between two Events of that reason for one training
-HELD_BACK: dict[str, float] = {C.EV_CHECKPOINT_DELETE_FAILED: 600.0}
+
+@dataclass(frozen=True)
+class HoldBack:
+    """How a repeated reason is held back: the interval, and the metric that still counts every one
+    (named in the first Event after the interval, so a reader knows where the held-back ones went)."""
+
+    every: float  # seconds between two Events of this reason for one training
+    counter: str
+
+
+HELD_BACK: dict[str, HoldBack] = {
+    C.EV_CHECKPOINT_DELETE_FAILED: HoldBack(600.0, "pbt_checkpoint_delete_failed_total"),
+}
 
 
 @dataclass
@@ -29,12 +40,12 @@ class EventThrottle:
         post: list[EventSpec] = []
         held: list[EventSpec] = []
         for ev in events:
-            every = HELD_BACK.get(ev.reason)
-            if every is None:
+            rule = HELD_BACK.get(ev.reason)
+            if rule is None:
                 post.append(ev)
                 continue
             last = self.last.get(ev.reason)
-            if last is not None and now - last < every:
+            if last is not None and now - last < rule.every:
                 self.held[ev.reason] = self.held.get(ev.reason, 0) + 1
                 held.append(ev)
                 continue
@@ -42,7 +53,7 @@ class EventThrottle:
             if n and last is not None:
                 ev = dataclasses.replace(ev, message=(
                     f"{ev.message[:850]} ({n} more {ev.reason} in the {(now - last) / 60:.0f} min before this "
-                    "were not posted as Events; pbt_checkpoint_delete_failed_total counts them all)"))
+                    f"were not posted as Events; {rule.counter} counts them all)"))
             self.last[ev.reason] = now
             post.append(ev)
         return post, held
