@@ -139,8 +139,12 @@ def _wait_requests_done(server: Any, timeout: float = 60) -> None:
 
 
 @pytest.mark.parametrize("previous", [False, True], ids=["fresh-prefix", "rerun-over-committed"])
+@pytest.mark.parametrize("kill_at", ["upload", "marker"])
 def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_path: Path,
-                                                     moto_server: Any, previous: bool) -> None:
+                                                     moto_server: Any, previous: bool, kill_at: str) -> None:
+    """SIGKILL in the middle of a 64 MiB multipart upload ("upload"), or after every object is complete
+    and only the commit marker is still to be written ("marker"): neither leaves a restorable checkpoint
+    (or, over an earlier commit, anything but that commit), and deleting the prefix leaves nothing."""
     base = s3_env["PBT_TEST_BASE"]
     bucket = s3_env["PBT_TEST_BUCKET"]
     ckpt = f"{base}m0/0/"
@@ -157,12 +161,16 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
         import botocore.client
         real_call = botocore.client.BaseClient._make_api_call
         uploads, lock = [0], threading.Lock()
+        KILL_AT = os.environ["KILL_AT"]
         def held_call(self, operation, params):
-            if operation == "UploadPart":
+            if KILL_AT == "upload" and operation == "UploadPart":
                 with lock:
                     n, uploads[0] = uploads[0], uploads[0] + 1
                 if n >= 2:
                     time.sleep(3600)  # until the test's SIGKILL
+            if KILL_AT == "marker" and operation == "PutObject" and params["Key"].endswith("/_COMMITTED"):
+                print("marker", flush=True)
+                time.sleep(3600)
             return real_call(self, operation, params)
         botocore.client.BaseClient._make_api_call = held_call
         path = os.path.join(os.environ["WORK"], "big.bin")
@@ -175,20 +183,25 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
             ck.put_file("big.bin", path)
         print("finished", flush=True)
     """))
-    env = dict(_child_env(s3_env, tmp_path), PBT_S3_CONCURRENCY="2")
+    env = dict(_child_env(s3_env, tmp_path), PBT_S3_CONCURRENCY="2", KILL_AT=kill_at)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "saving"
         client = moto_server.client()
-        deadline = time.monotonic() + 60
-        parts = 0
-        while time.monotonic() < deadline and parts < 2:  # until the two parts it lets through are in
-            for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
-                parts = len(client.list_parts(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
-                            .get("Parts", []))
-            time.sleep(0.05)
-        assert parts >= 2, "the upload never started"
+        if kill_at == "upload":
+            deadline = time.monotonic() + 60
+            parts = 0
+            while time.monotonic() < deadline and parts < 2:  # until the two parts it lets through are in
+                for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                    parts = len(client.list_parts(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                                .get("Parts", []))
+                time.sleep(0.05)
+            assert parts >= 2, "the upload never started"
+        else:
+            # The marker is written only after every object's upload has returned (completed).
+            assert proc.stdout.readline().strip() == "marker"
+            assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -204,6 +217,11 @@ def test_sigkill_mid_save_leaves_nothing_restorable(s3_env: dict[str, str], tmp_
                           "result": None, "gc": []})
     keys = storage.list(ckpt)
     assert any(k.endswith("/small") for k in keys), keys  # the killed writer got that far
+    if kill_at == "marker":  # every object is whole in the bucket; only the marker is missing
+        big = [k for k in keys if k.endswith("/big.bin")]
+        assert len(big) == 1, keys
+        key = ckpt.removeprefix(f"s3://{bucket}/") + big[0]
+        assert client.head_object(Bucket=bucket, Key=key)["ContentLength"] == 64 * MiB
     if previous:
         # The earlier commit still points at its own complete attempt: restorable and intact.
         assert reader_seg.restore() == {"version": "committed earlier"}
