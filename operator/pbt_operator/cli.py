@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .results_cli import add_results_commands  # status, plot, export, replay
 from .results_cli import remember_manifest as _remember_manifest
-from .spec import SpecError, TrainingSpec
+from .spec import SpecError, TrainingSpec, read_manifest
 
 
 def _load(path: str, name: str | None = None) -> TrainingSpec:
@@ -28,8 +28,6 @@ def _load(path: str, name: str | None = None) -> TrainingSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
     from .core.display import fmt_hp, fmt_value
     from .core.engine import Engine
     from .local.progress import Progress
@@ -49,8 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     # The document the spec came from (a file may also hold a Secret and the like, as for `kubectl apply`).
-    docs = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d is not None]
-    doc = next((d for d in docs if isinstance(d, dict) and d.get("kind") == "PopulationTraining"), docs[0])
+    doc = dict(read_manifest(args.manifest))
     fp = spec_fingerprint({"doc": doc, "overrides": overrides})
     progress = None if args.quiet else Progress(spec)
     # SIGTERM (timeout, docker stop, systemd) stops the run like Ctrl-C: workers run in their own

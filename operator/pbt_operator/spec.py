@@ -650,19 +650,68 @@ def _num(v: float | int | None) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def load_manifest(path: str | Path, *, name: str | None = None) -> TrainingSpec:
-    """Read a YAML manifest file (the first PopulationTraining document in it); `name` overrides
-    metadata.name."""
+def _manifest_loader() -> type:
+    """PyYAML's SafeLoader, read the way `kubectl apply` reads the same file (YAML 1.2 numbers, no
+    repeated keys). PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string: `lr: {min: 1e-5}` would
+    be refused as "must be a finite number" here while kubectl takes it as a number. And a key written
+    twice would silently keep the last value (`population: 4` ... `population: 8`), where kubectl refuses
+    the file."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class refuses it
+                        continue
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} appears twice in one mapping (first on line {first}); "
+                                        "keep one", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    # YAML 1.2's float forms that YAML 1.1 reads as strings: an exponent without a dot or without a sign.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def read_manifest(path: str | Path) -> Mapping[str, Any]:
+    """The PopulationTraining document of a YAML file. A file may hold other documents too (a Secret,
+    as for `kubectl apply`), but only one PopulationTraining: `pbt run` runs one training."""
     import yaml
 
     p = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(p.read_text(), Loader=_manifest_loader()) if d is not None]
     except FileNotFoundError:
         raise SpecError([f"{p}: no such file"]) from None
     except yaml.YAMLError as e:
         raise SpecError([f"{p}: not valid YAML: {e}"]) from None
-    docs = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == KIND] or docs[:1]
+    trainings = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == KIND]
+    if len(trainings) > 1:
+        names = ", ".join(str((d.get("metadata") or {}).get("name") if isinstance(d.get("metadata"), Mapping)
+                              else None) for d in trainings)
+        raise SpecError([f"{p}: holds {len(trainings)} PopulationTraining documents ({names}); `pbt run` "
+                         "runs one training: put each in its own file"])
+    docs = trainings or docs[:1]
     if not docs:
         raise SpecError([f"{p}: contains no PopulationTraining document"])
-    return parse_manifest(docs[0], base_dir=p.resolve().parent, name=name)
+    return docs[0]
+
+
+def load_manifest(path: str | Path, *, name: str | None = None) -> TrainingSpec:
+    """Read a YAML manifest file (its PopulationTraining document, `read_manifest`); `name` overrides
+    metadata.name."""
+    p = Path(path)
+    return parse_manifest(read_manifest(p), base_dir=p.resolve().parent, name=name)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from pbt_operator import cli
+from pbt_operator import spec as spec_mod
 from pbt_operator.spec import SpecError, load_manifest, parse_manifest
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +365,41 @@ def test_load_manifest_file_errors(tmp_path: Path, make_doc: Any) -> None:
     multi = tmp_path / "multi.yaml"
     multi.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Secret"}, make_doc()]))
     assert load_manifest(multi).name == "t"
+
+
+def test_load_manifest_reads_numbers_and_keys_as_kubectl_does(tmp_path: Path, make_doc: Any) -> None:
+    """`lr: {min: 1e-5}` is a number for kubectl (YAML 1.2) but a string for PyYAML's YAML 1.1: the same
+    file must not be refused by `pbt run` and accepted by the cluster. A key written twice is refused (as
+    kubectl does) rather than silently keeping the last value."""
+    text = yaml.safe_dump(make_doc()).replace("lr:", "lr_unused:")
+    sci = tmp_path / "sci.yaml"
+    sci.write_text(text.replace("hyperparameters:", "hyperparameters:\n    lr: {type: float, min: 1e-5, max: 1E-1, "
+                                                   "log: true, initial: .5e-2}", 1))
+    lr = load_manifest(sci).space["lr"]
+    assert (lr.low, lr.high, lr.initial) == (1e-5, 0.1, 0.005)
+    for text_value in ("e5", "1e", "1e-5x", "1_0e5"):  # still strings
+        assert yaml.load(f"v: {text_value}", Loader=spec_mod._manifest_loader())["v"] == text_value
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("apiVersion: pbt.dev/v1alpha1\nkind: PopulationTraining\nmetadata: {name: t}\n"
+                   "spec:\n  population: 4\n  seed: 1\n  population: 8\n")
+    with pytest.raises(SpecError, match=r"key 'population' appears twice in one mapping \(first on line 5\)"):
+        load_manifest(dup)
+    # a YAML merge key is no repetition: the keys after it override the merged ones
+    merged = tmp_path / "merged.yaml"
+    doc = make_doc()
+    doc["spec"].pop("hyperparameters")
+    merged.write_text(yaml.safe_dump(doc) + "  hyperparameters:\n    a: &num {type: float, min: 0.0, max: 1.0}\n"
+                                            "    b: {<<: *num, max: 2.0}\n")
+    spec = load_manifest(merged)
+    assert (spec.space["a"].high, spec.space["b"].high) == (1.0, 2.0)
+
+
+def test_load_manifest_refuses_two_trainings(tmp_path: Path, make_doc: Any) -> None:
+    """`pbt run` runs one training: a file with two must not silently run the first only."""
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump_all([make_doc(), make_doc(metadata={"name": "second"})]))
+    with pytest.raises(SpecError, match=r"holds 2 PopulationTraining documents \(t, second\)"):
+        load_manifest(two)
 
 
 # --------------------------------------------------------------------------------------------------
