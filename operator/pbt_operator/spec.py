@@ -608,6 +608,10 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
     log = h.bool("log", False)
     if lo is not None and hi is not None and lo >= hi:
         h.err("max", f"must be > min ({_num(lo)}) (got {_num(hi)})")
+    elif lo is not None and hi is not None and not math.isfinite(hi - lo):
+        # sampling and perturbing work on max - min: it must be a finite number too
+        h.err("max", f"max - min must be a finite number (got [{_num(lo)}, {_num(hi)}]); narrow the range "
+                     f"or use log: true with min > 0")
     if log and lo is not None and lo <= 0:
         h.err("min", f"must be > 0 when log: true (got {_num(lo)})")
     if kind == "int":

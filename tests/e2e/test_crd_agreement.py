@@ -81,6 +81,7 @@ CLUSTER_ONLY = [
 ]
 INVALID = [
     mutate("spec.population", 1),
+    mutate("spec.hyperparameters.n", {"type": "float", "min": -1e308, "max": 1e308}),  # max - min overflows
     mutate("spec.population", "four"),
     mutate("spec.parallelism", -1),
     mutate("spec.mode", "sometimes"),

@@ -262,7 +262,11 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
      [f"{HP}.o.initial.choices: must be a non-empty subset of {HP}.o.choices"]),
     ("float-choices", {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "choices": [0.5]}}},
      [f"{HP}.x.choices: is only allowed for type: categorical"]),
+    # sampling draws from max - min: a range wider than the largest float used to crash the run
+    ("float-range-overflow", {"hyperparameters": {"x": {"type": "float", "min": -1e308, "max": 1e308}}},
+     [f"{HP}.x.max: max - min must be a finite number"]),
 ]
+
 
 
 @pytest.mark.parametrize(("updates", "expected"), [(u, e) for _, u, e in BAD], ids=[i for i, _, _ in BAD])

@@ -78,6 +78,9 @@ HYPERPARAMETER = _obj(
             {"rule": "self.type != 'categorical' || (!has(self.min) && !has(self.max) && !has(self.log))",
              "message": "min, max and log are not allowed for type: categorical (use choices)"},
             {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "max must be > min"},
+            # sampling draws from max - min: it must not overflow to infinity
+            {"rule": "!has(self.min) || !has(self.max) || self.max - self.min <= 1.7976931348623157e308",
+             "message": "max - min must be a finite number"},
             {"rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0",
              "message": "min must be > 0 when log: true"},
         ]
