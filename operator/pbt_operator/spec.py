@@ -357,7 +357,8 @@ def parse_spec(
                                f"fraction that copies (got {donors})")
         donors = None
     size = e.int("size", 2, minimum=2)
-    if isinstance(population, int) and isinstance(size, int) and size > population:
+    # a population below 2 is refused above: a default size of 2 would only repeat that
+    if isinstance(population, int) and population >= 2 and isinstance(size, int) and size > population:
         e.err("size", f"must be <= spec.population ({population}) (got {size})")
     sig = e.sub("significance", ("enabled", "alpha", "window"))
     alpha = sig.float("alpha", 0.05)

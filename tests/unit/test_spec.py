@@ -268,6 +268,13 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
 ]
 
 
+def test_population_below_two_is_one_problem(make_doc: Any) -> None:
+    """population: 1 says so once: not also that the (default, unused by truncation) tournament size 2
+    exceeds it."""
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(make_doc({"population": 1}))
+    assert ei.value.problems == ["spec.population: must be >= 2: PBT needs members to exploit (got 1)"]
+
 
 @pytest.mark.parametrize(("updates", "expected"), [(u, e) for _, u, e in BAD], ids=[i for i, _, _ in BAD])
 def test_bad_manifest_names_the_field(make_doc: Any, deep_merge: Any, updates: dict[str, Any],
