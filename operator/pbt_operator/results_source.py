@@ -435,7 +435,10 @@ def replay(spec: TrainingSpec, schedule: Sequence[Mapping[str, Any]], out_dir: P
     root = storage_uri.rstrip("/") if storage_uri else (out_dir / "checkpoints").resolve().as_uri()
     name = f"{spec.name}-replay"
     runner = LocalRunner(dataclasses.replace(spec, parallelism=1), out_dir, plot=False)
-    executor = runner._executor()
+    try:
+        executor = runner._executor()
+    except ValueError as e:  # a worker that cannot start: a command not there, a function not importable
+        raise SourceError(str(e)) from None
     inbox: queue.Queue[tuple[Suggestion, SegmentResult]] = queue.Queue()
     steps: list[ReplayStep] = []
     prev: Ref | None = None

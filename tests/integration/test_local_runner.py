@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -617,14 +618,26 @@ def test_ctrl_c_stops_workers_and_exits_130(tmp_path: Path, reap: Path) -> None:
 # runner odds and ends
 
 
-def test_process_executor_missing_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "says"), [
+    (["definitely-not-a-program-xyz"], "spec.worker.command: 'definitely-not-a-program-xyz' is not a program on PATH"),
+    (["./not-here.sh"], "spec.worker.command: './not-here.sh' is not an executable file"),
+    (["python", "no_such_script.py"], "spec.worker.command: the script 'no_such_script.py' does not exist in"),
+])
+def test_process_executor_missing_command(tmp_path: Path, command: list[str], says: str) -> None:
+    """A command that cannot start is refused before the run folder exists, naming the field: every
+    segment would fail alike (retried, replaced, then the run failed), and the corrected manifest's next
+    `pbt run` would then have demanded --fresh."""
     doc = yaml.safe_load(process_manifest(tmp_path).read_text())
-    doc["spec"]["worker"]["command"] = ["definitely-not-a-program-xyz"]
-    doc["spec"]["failurePolicy"] = {"maxRetries": 0, "onExhausted": "fail"}
+    doc["spec"]["worker"]["command"] = command
     path = tmp_path / "missing.yaml"
     path.write_text(yaml.safe_dump(doc))
-    summary = LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
-    assert summary.engine.failed is not None and "cannot start 'definitely-not-a-program-xyz'" in summary.engine.failed
+    with pytest.raises(RunError, match=re.escape(says)):
+        LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
+    assert not (tmp_path / "run").exists()
+    doc["spec"]["worker"]["workingDir"] = "no-such-dir"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RunError, match=r"spec\.worker\.workingDir: .*no-such-dir is not a folder"):
+        LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
 
 
 def test_parallelism_zero_is_refused_locally(tmp_path: Path) -> None:

@@ -16,13 +16,15 @@ import json
 import math
 import numbers
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -176,6 +178,28 @@ class InlineExecutor:
         self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
+def command_problem(command: Sequence[str], cwd: Path, path: str) -> str | None:
+    """What makes `command` unable to start in `cwd` with this PATH, before any segment tries it: a
+    folder, program or `python SCRIPT` that is not there. Every segment would fail the same way, each
+    retried, and the message would not say which field to fix."""
+    if not cwd.is_dir():
+        return f"spec.worker.workingDir: {cwd} is not a folder (relative paths start at the manifest's folder)"
+    prog = command[0]
+    if os.sep in prog:
+        found = prog if os.path.isabs(prog) else str(cwd / prog)
+        if not (os.path.isfile(found) and os.access(found, os.X_OK)):
+            return f"spec.worker.command: {prog!r} is not an executable file (looked in {cwd})"
+    elif shutil.which(prog, path=path) is None:
+        return f"spec.worker.command: {prog!r} is not a program on PATH"
+    rest = list(command[1:])
+    if re.fullmatch(r"python(\d+(\.\d+)*)?", os.path.basename(prog)) and rest and not rest[0].startswith("-"):
+        script = Path(rest[0]) if os.path.isabs(rest[0]) else cwd / rest[0]
+        if not script.is_file():
+            return (f"spec.worker.command: the script {rest[0]!r} does not exist in {cwd} (the manifest's folder, "
+                    f"or spec.worker.workingDir)")
+    return None
+
+
 class ProcessExecutor:
     """The manifest's command with the real segment contract, in its own process group so Ctrl-C
     reaches us first and we stop the workers in order (SIGTERM, then SIGKILL after a grace period).
@@ -199,6 +223,9 @@ class ProcessExecutor:
         self.procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self.stopping = False
+        problem = command_problem(command, cwd, self._base_env()["PATH"])
+        if problem:  # before the run folder exists: a typo must not cost retries and a run to --fresh
+            raise ValueError(problem)
         self.warm_target = warm_target(command, cwd) if warm else None
         if warm and self.warm_target is None:
             print(f"pbt run: spec.worker.command {command} is not `python SCRIPT` or `python -m MODULE`: "
