@@ -710,6 +710,9 @@ def test_always_failing_worker_terminates(make_spec: Any) -> None:
     w = World(Engine(spec), seed=1, always_fail=lambda s: s.ref == (1, 2))
     w.run(limit=200)
     assert w.engine.done and w.engine.failed is not None and "member 1 segment 2" in w.engine.failed
+    # the count says how it adds up: 2 attempts of its own, 2 more as a replacement
+    assert "failed 4 times (maxRetries 1: 2 attempts, then 2 more after onExhausted: replace gave it a copy of " \
+           "member" in w.engine.failed, w.engine.failed
 
 
 def test_disruption_reruns_without_counting_a_retry(make_spec: Any) -> None:

@@ -504,8 +504,14 @@ class Engine:
             self.pending[sug.member] = retry
             return [retry]
         del self.pending[sug.member]
-        why = (f"member {sug.member} segment {sug.segment} failed {attempts} times "
-               f"(maxRetries {policy.max_retries}): {error}")
+        tries = policy.max_retries + 1
+        if rnd >= 1:  # `maxRetries 2` next to `failed 6 times` reads as a miscount without this
+            was = f"a copy of member {sug.donor}" if sug.donor is not None else "a fresh sample"
+            rounds = (f"maxRetries {policy.max_retries}: {tries} attempts, then {tries} more after "
+                      f"onExhausted: replace gave it {was}")
+        else:
+            rounds = f"maxRetries {policy.max_retries}"
+        why = f"member {sug.member} segment {sug.segment} failed {attempts} times ({rounds}): {error}"
         if policy.on_exhausted == "fail" or rnd >= 1:
             self.failure = Finish(SEGMENT_FAILED, why)
             return []
