@@ -77,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({st.done_segments / max(summary.wall_seconds, 1e-9):.1f} segments/s)")
     if eng.failed:
         print(f"FAILED: {eng.failed}")
+        if summary.failure_log is not None:
+            print(f"        log of the last failed attempt: {summary.failure_log}")
     elif eng.finished:
         print(f"finished early: {eng.finished}")
     if st.best:

@@ -414,6 +414,10 @@ def test_inline_function_errors_fail_the_segment(make_spec: Any, tmp_path: Path,
     failed = [r for r in read_jsonl(tmp_path / "run" / "results.jsonl") if r["status"] == "failed"]
     assert len(failed) == 2 and all("bad batch" in r["error"] for r in failed)
     assert eng.records[(0, 0)].metrics == {"acc": 0.5}
+    # the one-line error names no file or line: the traceback is in the failed attempt's log
+    assert summary.failure_log == tmp_path / "run" / "logs" / "m001-s00001-a1.log"
+    tb = summary.failure_log.read_text()
+    assert "Traceback" in tb and f"{mod}.py\", line 3, in fn" in tb and "RuntimeError: bad batch" in tb
 
 
 # --------------------------------------------------------------------------------------------------
@@ -510,6 +514,10 @@ def test_failing_worker_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]) == 1
     out = capsys.readouterr().out
     assert "FAILED: SegmentFailed" in out and "exit code 1" in out
+    # which log to read: the last failed attempt's
+    failed = [r for r in read_jsonl(run_dir / "results.jsonl") if r["status"] == "failed"][-1]["suggestion"]
+    log = run_dir.resolve() / "logs" / f"m{failed['member']:03d}-s{failed['segment']:05d}-a{failed['attempt']}.log"
+    assert f"log of the last failed attempt: {log}" in out and log.is_file()
     best = json.loads((run_dir / "best.json").read_text())
     assert best["best"] is None
 

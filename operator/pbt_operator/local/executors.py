@@ -80,7 +80,13 @@ def _result_from_return(out: Any, contract: Mapping[str, Any]) -> dict[str, Any]
     return {"error": f"function returned {type(out).__name__}; expected a number, a dict or None"}
 
 
-def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any = None) -> dict[str, Any]:
+def segment_log(log_dir: Path, sug: Suggestion) -> Path:
+    """The log of one segment attempt: its output (process executor), or its traceback (inline)."""
+    return log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log"
+
+
+def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any = None,
+                log: Path | None = None) -> dict[str, Any]:
     from pbt_worker import Segment
 
     try:
@@ -95,6 +101,12 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         return doc
     except Exception as e:  # a user's bug fails the segment, not the run
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        if log is not None:  # the one line above names no file or line: the whole traceback goes here
+            try:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(traceback.format_exc())
+            except OSError:
+                pass
         return {"error": tb[:1000]}
 
 
@@ -106,8 +118,9 @@ def _child_init(file_fsync: bool) -> None:
         reset_storage_cache()  # a forked child may hold the parent's backend, built before this
 
 
-def _call_in_child(fn_ref: str, search_path: list[str], contract: dict[str, Any]) -> dict[str, Any]:
-    return call_inline(resolve_function(fn_ref, search_path), contract)
+def _call_in_child(fn_ref: str, search_path: list[str], contract: dict[str, Any],
+                   log: Path | None = None) -> dict[str, Any]:
+    return call_inline(resolve_function(fn_ref, search_path), contract, log=log)
 
 
 def _to_result(sug: Suggestion, doc: dict[str, Any], metric: str, duration: float) -> SegmentResult:
@@ -133,8 +146,10 @@ def _json_scalar(o: Any) -> Any:
 
 class InlineExecutor:
     def __init__(self, fn_ref: str, search_path: list[str], workers: int, metric: str,
-                 pool: str = "threads", storage: Any = None, file_fsync: bool = True):
+                 pool: str = "threads", storage: Any = None, file_fsync: bool = True,
+                 log_dir: Path | None = None):
         self.metric = metric
+        self.log_dir = log_dir
         self.fn_ref = fn_ref
         self.search_path = search_path
         if storage is None and not file_fsync and pool != "processes":
@@ -154,10 +169,11 @@ class InlineExecutor:
 
     def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone) -> None:
         t0 = time.perf_counter()
+        log = segment_log(self.log_dir, sug) if self.log_dir is not None else None
         if self.processes:
-            fut = self.pool.submit(_call_in_child, self.fn_ref, self.search_path, contract)
+            fut = self.pool.submit(_call_in_child, self.fn_ref, self.search_path, contract, log)
         else:
-            fut = self.pool.submit(call_inline, self.fn, contract, self.storage)
+            fut = self.pool.submit(call_inline, self.fn, contract, self.storage, log)
 
         def done(f: cf.Future[dict[str, Any]]) -> None:
             dt = time.perf_counter() - t0
@@ -243,7 +259,7 @@ class ProcessExecutor:
         return env
 
     def _log_path(self, sug: Suggestion) -> Path:
-        return self.log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log"
+        return segment_log(self.log_dir, sug)
 
     def _outcome(self, sug: Suggestion, returncode: int, result_path: Path, dt: float) -> SegmentResult:
         """What a segment that ended with `returncode` produced: the same rules warm or cold."""

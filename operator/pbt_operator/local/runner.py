@@ -27,7 +27,7 @@ from ..core.policy import admit, garbage_batch, rebuild, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import TrainingSpec
 from .durability import Barrier, fsync_enabled, sync_filesystems
-from .executors import Executor, InlineExecutor, ProcessExecutor
+from .executors import Executor, InlineExecutor, ProcessExecutor, segment_log
 from .results import write_outputs
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class RunSummary:
     # and the URIs of those whose delete failed.
     collected_at_end: int = 0
     left_at_end: tuple[str, ...] = ()
+    # The log of the attempt whose failure failed the training (its output, or an inline traceback).
+    failure_log: Path | None = None
 
     @property
     def best(self) -> Record | None:
@@ -109,7 +111,8 @@ class LocalRunner:
         if w.executor == "inline":
             assert w.function is not None
             return InlineExecutor(w.function, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
-                                  w.inline_pool, storage=self.storage, file_fsync=not self.barrier)
+                                  w.inline_pool, storage=self.storage, file_fsync=not self.barrier,
+                                  log_dir=self.run_dir / "logs")
         command = list(w.command) or _template_command(spec)
         env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
         return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
@@ -258,6 +261,9 @@ class LocalRunner:
                 executor.shutdown(cancel=False)
             barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted)
+        if engine.failed and engine.failures:
+            log_path = segment_log(self.run_dir / "logs", engine.failures[-1].suggestion)
+            summary.failure_log = log_path if log_path.exists() else None
         if not interrupted:
             # Every result and decision is durable now (the barrier closed), so what they make garbage
             # is garbage for good: the batches not handed out yet, and what the last results freed.
