@@ -121,6 +121,15 @@ def test_failed_writer_commits_nothing(base: str) -> None:
         make(base, 1).restore()
 
 
+def test_restore_after_a_segment_that_never_saved_says_so(base: str) -> None:
+    """A worker that reports a score but never saves fails only at the next segment's restore: the
+    error must point at the missing save, not only at storage."""
+    make(base, 0).report(1.0)
+    with pytest.raises(CheckpointNotFoundError, match=r"reported success without a checkpoint: every segment "
+                                                      r"must call seg\.save"):
+        make(base, 1).restore()
+
+
 def test_rerun_replaces_a_committed_checkpoint(base: str) -> None:
     make(base, 0).save("first attempt")
     make(base, 0).save("second attempt")  # a retried segment writes the same prefix again

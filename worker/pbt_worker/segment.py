@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoint import CheckpointReader, CheckpointWriter
 from .contract import RESULT_MAX_BYTES, Contract, HyperValue, contract_from_env, parse_contract
-from .errors import PbtWorkerError, ReportError
+from .errors import CheckpointNotFoundError, PbtWorkerError, ReportError
 from .storage import Manifest, Storage, open_storage
 from .storage.base import tmp_root
 
@@ -136,7 +136,15 @@ class Segment:
         if self.restore_uri is None:
             return None
         if self._reader is None:
-            self._reader = CheckpointReader(self.storage_for(self.restore_uri), self.restore_uri)
+            try:
+                self._reader = CheckpointReader(self.storage_for(self.restore_uri), self.restore_uri)
+            except CheckpointNotFoundError as exc:
+                # Only a segment that reported success is restored from: most likely it never saved.
+                raise CheckpointNotFoundError(
+                    f"{exc}. The segment that wrote this result reported success without a checkpoint: "
+                    "every segment must call seg.save(...) (or save_file, save_dir, checkpoint) before it "
+                    "returns, since the next segment and any member that copies it restore from it",
+                    exc.uri) from None
         return self._reader
 
     def restore(self, *, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
