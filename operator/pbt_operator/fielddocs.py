@@ -171,7 +171,8 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.failurePolicy", "", "what happens when a segment fails", row=False),
     Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment"),
     Field("spec.failurePolicy.onExhausted", _alts(ON_EXHAUSTED),
-          "then the member copies the best member (`replace`), or the training fails"),
+          "then the member becomes an exact copy of the best member, checkpoint and hyperparameters "
+          "(`replace`; if the copy fails as often, the training fails), or the training fails"),
     Field("spec.failurePolicy.maxDisruptions", "int >= 0, 5",
           "Kubernetes: reruns after a preemption, eviction or node loss per attempt (not failures); one more "
           "fails the attempt (`TooManyDisruptions`)"),

@@ -666,9 +666,10 @@ def test_retry_then_replace(make_spec: Any) -> None:
         assert r.attempt == attempt and r.kind == s.kind
         assert eng.last is not None and eng.last.status == "failed" and eng.last.error == "boom"
     (r,) = eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
-    # exhausted (3 failures > maxRetries 2): replaced by a copy of the best member, explored
+    # exhausted (3 failures > maxRetries 2): replaced by an exact copy of the best member (checkpoint and
+    # hyperparameters: exploring could land where the failed member was, and fail the training)
     assert r.kind == "replace" and r.ref == (0, 0) and r.restore == (2, 0) and r.donor == 2
-    assert r.steps_start == 10 and spec.space.contains(r.hyperparameters)
+    assert r.steps_start == 10 and r.hyperparameters == sugs[2].hyperparameters
     assert "failed 3 times" in r.reason
     assert len(eng.failures) == 3
     assert eng.failed is None

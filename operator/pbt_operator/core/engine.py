@@ -516,9 +516,8 @@ class Engine:
             self.failure = Finish(SEGMENT_FAILED, why)
             return []
         scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
-        purpose = REPLACE_PURPOSE + attempts
         if not scores:
-            rng = rng_for(self.spec.seed, sug.member, sug.segment, purpose)
+            rng = rng_for(self.spec.seed, sug.member, sug.segment, REPLACE_PURPOSE + attempts)
             fresh = Suggestion(
                 member=sug.member, segment=sug.segment, hyperparameters=self.spec.space.sample(rng),
                 restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
@@ -526,9 +525,19 @@ class Engine:
             )
             self.pending[sug.member] = fresh
             return [fresh]
+        # An exact copy of the best member, its hyperparameters unexplored: exploring here could land
+        # where the failed member was (a learning rate that diverges to NaN) and fail the training at the
+        # replacement's round; a copy of a configuration that just trained fine from that checkpoint
+        # failing too is what points at the worker or the data (the rule above).
         donor = exploit_mod.ranked(scores)[0]
-        new = self._exploit(sug.member, sug.segment, donor, None, f"replaced by copying member {donor}: {why}",
-                            kind="replace", purpose=purpose)
-        new = dataclasses.replace(new, attempt=sug.attempt + 1)
+        drec = self.latest[donor]
+        reason = f"replaced by copying member {donor}: {why}"
+        kept = "none (a replacement keeps the donor's hyperparameters)"
+        new = Suggestion(
+            member=sug.member, segment=sug.segment, hyperparameters=dict(drec.suggestion.hyperparameters),
+            restore=drec.ref, steps_start=drec.steps_end, steps_budget=self.spec.segment.steps, kind="replace",
+            score_before=drec.score, donor=donor, reason=f"{reason}; explore: {kept}", attempt=sug.attempt + 1,
+            exploit_reason=reason, explore_reason=kept,
+        )
         self.pending[sug.member] = new
         return [new]
