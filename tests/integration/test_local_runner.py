@@ -520,6 +520,11 @@ def test_failing_worker_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"log of the last failed attempt: {log}" in out and log.is_file()
     best = json.loads((run_dir / "best.json").read_text())
     assert best["best"] is None
+    # no segment finished, yet the run failed: pbt status must not call it Succeeded
+    assert best["failed"] and best["failed"].startswith("SegmentFailed")
+    capsys.readouterr()
+    assert cli.main(["status", str(run_dir)]) == 0
+    assert "phase: Failed" in capsys.readouterr().out
 
 
 def test_always_failing_worker_with_replace_terminates(tmp_path: Path) -> None:

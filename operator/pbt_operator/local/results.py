@@ -13,8 +13,8 @@ from ..spec import TrainingSpec
 
 def best_document(spec: TrainingSpec, engine: Engine, root: str) -> dict[str, Any]:
     best = engine.best
-    if best is None:
-        return {"training": spec.name, "best": None}
+    if best is None:  # every attempt failed, say: how it ended still matters (`pbt status`'s phase)
+        return {"training": spec.name, "best": None, "finished": engine.finished, "failed": engine.failed}
     return {
         "training": spec.name,
         "metric": spec.objective.metric,
