@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbt {args.cmd}: missing dependency ({e}); install with: pip install 'pbt-operator[local]'",
               file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `pbt status RUN | head`: the reader left. No traceback for that, and none when Python flushes
+        # stdout at exit either (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command killed by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -484,6 +484,17 @@ def test_cli_process_exit_code(tmp_path: Path, make_doc: Any) -> None:
     assert not out.exists()
 
 
+def test_cli_output_into_a_closed_pipe(tmp_path: Path) -> None:
+    """`pbt crds | head -1` (or `pbt status RUN | head`): the reader leaves early; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "pbt_operator.cli", "crds"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes anything (it is still starting Python)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_cli_run_multi_document_manifest(tmp_path: Path, make_doc: Any, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """`pbt validate` accepts a file holding a Secret and a PopulationTraining; `pbt run` must too."""
