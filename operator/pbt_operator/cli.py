@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .core.display import fmt_hp, fmt_value
     from .core.engine import Engine
     from .local.progress import Progress
-    from .local.runner import LocalRunner, RunError, spec_fingerprint
+    from .local.runner import LocalRunner, RunError, run_fingerprints
 
     spec = _load(args.manifest, args.name)
     overrides = {}
@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir)
     # The document the spec came from (a file may also hold a Secret and the like, as for `kubectl apply`).
     doc = dict(read_manifest(args.manifest))
-    fp = spec_fingerprint({"doc": doc, "overrides": overrides})
+    fp, legacy_fp = run_fingerprints(doc, overrides)
     progress = None if args.quiet else Progress(spec)
     # SIGTERM (timeout, docker stop, systemd) stops the run like Ctrl-C: workers run in their own
     # sessions, so dying without stopping them would leave them training as orphans.
@@ -58,8 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # nothing at all.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, progress=progress,
-                              plot=not args.no_plot).run()
+        summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
+                              progress=progress, plot=not args.no_plot).run()
     except RunError as e:
         print(f"pbt run: {e}", file=sys.stderr)
         return 2

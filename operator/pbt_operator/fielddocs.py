@@ -56,7 +56,8 @@ FIELDS: tuple[Field, ...] = (
           "segments running at once; a larger population time-shares slots, least-progressed member first; "
           "`kubectl scale pbt/NAME --replicas=N`, an HPA or KEDA (the scale subresource's selector is "
           "`status.selector`); 0 pauses a training on a cluster (`pbt run` needs >= 1); scaling down withdraws "
-          "only Jobs that have not started training"),
+          "only Jobs that have not started training; the one field `pbt run --resume` lets change (or "
+          "`--parallelism N`)"),
     Field("spec.suspend", "bool, false",
           "Kubernetes: start no segment; Jobs not yet training are withdrawn; see `spec.segment.onSuspend`"),
     Field("spec.queueName", "LocalQueue name, none",

@@ -27,7 +27,7 @@ from pbt_operator import cli
 from pbt_operator.core.engine import Engine
 from pbt_operator.core.policy import pick_next
 from pbt_operator.core.types import SegmentResult, Suggestion
-from pbt_operator.local.runner import LocalRunner, RunError
+from pbt_operator.local.runner import LocalRunner, RunError, spec_fingerprint
 from pbt_operator.spec import Exploit, load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +256,20 @@ def test_existing_run_needs_resume_or_fresh(tmp_path: Path, capsys: pytest.Captu
     assert (run_dir / "results.jsonl").read_text() == before
     # a changed manifest cannot be resumed into the same folder
     assert cli.main([*args, "--resume", "--seed", "5"]) == 2
-    assert "manifest changed" in capsys.readouterr().err
+    assert "manifest (or --seed) changed" in capsys.readouterr().err
+    # but the parallelism may change, as `kubectl scale` changes it on a cluster: how many segments run
+    # at once, not what the journal means
+    assert cli.main([*args, "--resume", "--parallelism", "2"]) == 0
+    changed = tmp_path / "more-slots.yaml"
+    changed.write_text(QUADRATIC.read_text().replace("parallelism: 4", "parallelism: 3"))
+    assert cli.main(["run", str(changed), *args[2:], "--resume"]) == 0
+    assert (run_dir / "results.jsonl").read_text() == before
+    # a run folder started by an older pbt stored the fingerprint with parallelism in it
+    doc = yaml.safe_load(QUADRATIC.read_text())
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["fingerprint"] = spec_fingerprint({"doc": doc, "overrides": {}})
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert cli.main([*args, "--resume"]) == 0
     assert cli.main([*args, "--fresh"]) == 0
     assert cli.main(["run", str(QUADRATIC), "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
     assert not (tmp_path / "none").exists()

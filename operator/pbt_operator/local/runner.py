@@ -15,7 +15,7 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,27 @@ def spec_fingerprint(doc: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_fingerprints(doc: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[str, str]:
+    """What `--resume` compares: the manifest and its overrides, less spec.parallelism, which a
+    training may change at any time (`kubectl scale` on a cluster; more or fewer slots on a resume here):
+    it decides how many segments run at once, never what the journal means. Then the fingerprint a
+    run started by an older pbt stored (parallelism included), accepted for the same manifest."""
+    spec = doc.get("spec")
+    bare = {**doc, "spec": {k: v for k, v in spec.items() if k != "parallelism"}} if isinstance(spec, Mapping) else doc
+    return (spec_fingerprint({"doc": bare, "overrides": {k: v for k, v in overrides.items() if k != "parallelism"}}),
+            spec_fingerprint({"doc": doc, "overrides": overrides}))
+
+
 class LocalRunner:
     def __init__(self, spec: TrainingSpec, run_dir: Path, *, resume: bool = False, fingerprint: str = "",
+                 also_resumes: tuple[str, ...] = (),
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
                  plot: bool = True, storage: Any = None):
         self.spec = spec
         self.run_dir = run_dir.resolve()  # workers run in the manifest's folder: paths must be absolute
         self.resume = resume
         self.fingerprint = fingerprint
+        self.also_resumes = also_resumes  # older fingerprints of the same manifest (run_fingerprints)
         self.progress = progress
         self.plot = plot
         self.storage = storage
@@ -88,9 +101,10 @@ class LocalRunner:
         d.mkdir(parents=True, exist_ok=True)
         if self.resume:
             old = json.loads(meta.read_text())
-            if self.fingerprint and old.get("fingerprint") != self.fingerprint:
-                raise RunError(f"--resume: the manifest changed since {d} was started "
-                               f"(fingerprint {old.get('fingerprint')} != {self.fingerprint}); use --fresh")
+            if self.fingerprint and old.get("fingerprint") not in (self.fingerprint, *self.also_resumes):
+                raise RunError(f"--resume: the manifest (or --seed) changed since {d} was started "
+                               f"(fingerprint {old.get('fingerprint')} != {self.fingerprint}); only "
+                               f"spec.parallelism may change on a resume: undo the change, or use --fresh")
         else:
             meta.write_text(json.dumps({"name": self.spec.name, "fingerprint": self.fingerprint,
                                         "storage": self.root, "started": time.time()}, indent=2))
