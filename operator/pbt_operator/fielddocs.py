@@ -133,7 +133,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.pb2.maxRows", "int >= 8, 128", "the GP's largest number of rows (older ones subsampled)",
           row=False),
     Field("spec.explore.pb2.minRows", "int >= 2, 2 x (numeric hyperparameters + categorical choices), within [4, 32]",
-          "below this many rows PB2 perturbs instead", row=False),
+          "below this many rows PB2 perturbs instead; at most maxRows", row=False),
     Field("spec.explore.pb2.candidates", "int >= 1, 128", "random candidates scored by the acquisition", row=False),
     Field("spec.explore.pb2.restarts", "int >= 0, 2", "L-BFGS-B starts from the best candidates", row=False),
     Field("spec.explore.pb2.kappa", "number >= 0, 1", "UCB exploration weight", row=False),

@@ -414,6 +414,19 @@ def parse_spec(
         x.str("strategy", "perturb", choices=EXPLORE_STRATEGIES),
         factors_t, rp, x.bool("crossover", False), pb2,
     )
+    # PB2 fits at most maxRows rows and engages only from minRows on: minRows > maxRows would quietly make
+    # every PB2 decision PBT's perturbation.
+    if isinstance(pb2.max_rows, int) and isinstance(pb2.min_rows, int) and pb2.min_rows > pb2.max_rows:
+        p.err("minRows", f"must be <= maxRows ({pb2.max_rows}): PB2 fits at most maxRows rows, so with more "
+                         f"required it would never engage and always perturb (got {pb2.min_rows})")
+    elif explore.strategy == "pb2" and pb2.min_rows is None and isinstance(pb2.max_rows, int) and space.params:
+        from .core.pb2.data import auto_min_rows
+
+        need = auto_min_rows(space)
+        if need > pb2.max_rows:
+            p.err("maxRows", f"must be >= minRows, whose default for these hyperparameters is {need} (2 x (numeric "
+                             f"hyperparameters + categorical choices)): PB2 would never engage and always "
+                             f"perturb; raise maxRows or set minRows (got {pb2.max_rows})")
     if fraction is None:
         fraction = PB2_FRACTION if explore.strategy == "pb2" else Exploit.fraction
     donors_given = donors is not None

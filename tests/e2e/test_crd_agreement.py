@@ -81,6 +81,7 @@ CLUSTER_ONLY = [
 ]
 INVALID = [
     mutate("spec.population", 1),
+    mutate("spec.explore.pb2", {"minRows": 64, "maxRows": 32}),  # PB2 could never engage
     mutate("spec.hyperparameters.n", {"type": "float", "min": -1e308, "max": 1e308}),  # max - min overflows
     mutate("spec.population", "four"),
     mutate("spec.parallelism", -1),

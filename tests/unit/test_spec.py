@@ -263,6 +263,15 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("float-choices", {"hyperparameters": {"x": {"type": "float", "min": 0, "max": 1, "choices": [0.5]}}},
      [f"{HP}.x.choices: is only allowed for type: categorical"]),
     # sampling draws from max - min: a range wider than the largest float used to crash the run
+    # PB2 fits at most maxRows rows: requiring more would make it perturb every time, silently
+    ("pb2-min-rows-above-max", {"explore": {"strategy": "pb2", "pb2": {"minRows": 64, "maxRows": 32}}},
+     ["spec.explore.pb2.minRows: must be <= maxRows (32)"]),
+    ("pb2-default-min-rows-above-max",
+     {"explore": {"strategy": "pb2", "pb2": {"maxRows": 8}},
+      "hyperparameters": {"a": {"type": "float", "min": 0, "max": 1}, "b": {"type": "float", "min": 0, "max": 1},
+                          "c": {"type": "float", "min": 0, "max": 1}, "d": {"type": "float", "min": 0, "max": 1},
+                          "e": {"type": "float", "min": 0, "max": 1}}},
+     ["spec.explore.pb2.maxRows: must be >= minRows, whose default for these hyperparameters is 10"]),
     ("float-range-overflow", {"hyperparameters": {"x": {"type": "float", "min": -1e308, "max": 1e308}}},
      [f"{HP}.x.max: max - min must be a finite number"]),
 ]

@@ -127,7 +127,11 @@ TRAINING_SPEC = _obj(
                 "restarts": _min(0), "kappa": {"type": "number", "minimum": 0},
                 "trustRegion": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
                 "retune": {"type": "number", "minimum": 0, "maximum": 1},
-            }),
+            }, None, **{"x-kubernetes-validations": [
+                # (a default minRows above maxRows depends on the hyperparameters: the spec model checks that)
+                {"rule": "!has(self.minRows) || !has(self.maxRows) || self.minRows <= self.maxRows",
+                 "message": "minRows must be <= maxRows (PB2 would never engage)"},
+            ]}),
         }),
         "storage": _obj({
             "uri": {"type": "string", "pattern": scheme_pattern()},
