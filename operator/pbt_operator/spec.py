@@ -42,6 +42,9 @@ from .core.space import Param, Space, Value
 from .core.types import Pb2Settings
 
 API_VERSION = "pbt.dev/v1alpha1"
+OBJECT_META = ("name", "namespace", "labels", "annotations", "generateName", "uid", "resourceVersion", "generation",
+               "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "ownerReferences",
+               "finalizers", "managedFields", "selfLink")
 KIND = "PopulationTraining"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -275,6 +278,9 @@ def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | Non
     if not isinstance(meta, Mapping):
         errors.append(f"metadata: must be a mapping (got {_show(meta)})")
         meta = {}
+    # Kubernetes' ObjectMeta, all of it (a file saved with `kubectl get -o yaml` runs as it is): a typo such
+    # as `lables` is refused, as kubectl's strict field validation does.
+    _Fields(errors, "metadata", meta, OBJECT_META)
     nm = name or meta.get("name")
     if not isinstance(nm, str) or not NAME_RE.match(nm) or len(nm) > 40:
         errors.append(

@@ -335,6 +335,7 @@ def test_empty_hyperparameters(make_doc: Any) -> None:
         ({"metadata": {"name": "x" * 41}}, "metadata.name: must be a DNS label of at most 40"),
         ({"metadata": ["t"]}, "metadata: must be a mapping"),
         ({"metadata": []}, "metadata: must be a mapping (got [])"),
+        ({"metadata": {"name": "t", "lables": {"a": "b"}}}, "metadata.lables: unknown field; allowed: name, "),
         ({"colour": "blue"}, "colour: unknown field"),
         ({"spec": None}, "spec: must be a mapping (got None)"),
         ({"spec": [1]}, "spec: must be a mapping (got [1])"),
@@ -412,6 +413,14 @@ def test_load_manifest_reads_numbers_and_keys_as_kubectl_does(tmp_path: Path, ma
                                             "    b: {<<: *num, max: 2.0}\n")
     spec = load_manifest(merged)
     assert (spec.space["a"].high, spec.space["b"].high) == (1.0, 2.0)
+
+
+def test_metadata_as_kubectl_get_writes_it(make_doc: Any) -> None:
+    """A manifest saved with `kubectl get -o yaml` runs as it is: every ObjectMeta field is known."""
+    meta = {"name": "t", "namespace": "ns", "labels": {"a": "b"}, "annotations": {"c": "d"}, "uid": "u",
+            "resourceVersion": "1", "generation": 2, "creationTimestamp": "2026-01-01T00:00:00Z",
+            "managedFields": [], "finalizers": [], "ownerReferences": []}
+    assert parse_manifest(make_doc(metadata=meta)).namespace == "ns"
 
 
 def test_load_manifest_refuses_two_trainings(tmp_path: Path, make_doc: Any) -> None:
