@@ -469,7 +469,10 @@ def parse_spec(
     command = w.raw("command")
     command_t: tuple[str, ...] = ()
     if command is not None:
-        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        if isinstance(command, str) and command.strip():
+            example = "[" + ", ".join(command.split()) + "]"
+            w.err("command", f"must be a list of strings, one per argument, e.g. {example} (got {_show(command)})")
+        elif not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
             w.err("command", f"must be a non-empty list of strings, e.g. [python, train.py] (got {_show(command)})")
         else:
             command_t = tuple(command)
@@ -490,7 +493,7 @@ def parse_spec(
         _check_template(errs, template)
     if executor == "inline" and function is None:
         w.err("function", "is required when executor is inline (module:function)")
-    if executor == "process" and not command_t and template is None:
+    if executor == "process" and command is None and template is None:  # (a bad command: said above)
         w.err("command", "is required when executor is process (or give spec.template with a container command)")
     pool = w.str("pool", "threads", choices=INLINE_POOLS)
     if uri is not None and uri.startswith("mem://") and (executor != "inline" or pool != "threads"):

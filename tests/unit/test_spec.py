@@ -139,6 +139,8 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("env-empty-list", {"worker": {"env": []}}, ["spec.worker.env: must map names to strings"]),
     ("env-bool", {"worker": {"env": {"A": True}}}, ["spec.worker.env: must map names to strings"]),
     ("command-str", {"worker": {"executor": "process", "command": "python train.py"}},
+     ["spec.worker.command: must be a list of strings, one per argument, e.g. [python, train.py]"]),
+    ("command-empty", {"worker": {"executor": "process", "command": []}},
      ["spec.worker.command: must be a non-empty list of strings"]),
     ("function-shape", {"worker": {"function": "no_colon"}}, ["spec.worker.function: must look like module:function"]),
     ("template-list", {"template": []}, ["spec.template: must be a pod template mapping"]),
@@ -275,6 +277,14 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("float-range-overflow", {"hyperparameters": {"x": {"type": "float", "min": -1e308, "max": 1e308}}},
      [f"{HP}.x.max: max - min must be a finite number"]),
 ]
+
+
+def test_a_bad_command_is_one_problem(make_doc: Any) -> None:
+    """A command written as one string is said once, with the list it should be: not also 'is required'."""
+    with pytest.raises(SpecError) as ei:
+        parse_manifest(make_doc({"worker": {"executor": "process", "function": None, "command": "python t.py"}}))
+    assert ei.value.problems == ["spec.worker.command: must be a list of strings, one per argument, e.g. "
+                                 "[python, t.py] (got 'python t.py')"]
 
 
 def test_population_below_two_is_one_problem(make_doc: Any) -> None:
