@@ -696,6 +696,9 @@ def test_zero_retries(make_spec: Any) -> None:
     (r,) = eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
     # nobody has a score yet: a fresh sample from the prior, from scratch
     assert r.kind == "replace" and r.restore is None and r.steps_start == 0 and r.ref == (0, 0)
+    assert eng.tell(SegmentResult(0, 0, None, 0, error="boom")) == []
+    assert eng.failed is not None and "failed 2 times (maxRetries 0: 1 attempt, then 1 more after " \
+                                     "onExhausted: replace gave it a fresh sample)" in eng.failed, eng.failed
 
 
 def test_always_failing_worker_terminates(make_spec: Any) -> None:

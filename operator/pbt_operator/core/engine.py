@@ -507,8 +507,8 @@ class Engine:
         tries = policy.max_retries + 1
         if rnd >= 1:  # `maxRetries 2` next to `failed 6 times` reads as a miscount without this
             was = f"a copy of member {sug.donor}" if sug.donor is not None else "a fresh sample"
-            rounds = (f"maxRetries {policy.max_retries}: {tries} attempts, then {tries} more after "
-                      f"onExhausted: replace gave it {was}")
+            rounds = (f"maxRetries {policy.max_retries}: {tries} attempt{'s' if tries > 1 else ''}, then {tries} "
+                      f"more after onExhausted: replace gave it {was}")
         else:
             rounds = f"maxRetries {policy.max_retries}"
         why = f"member {sug.member} segment {sug.segment} failed {attempts} times ({rounds}): {error}"
