@@ -68,6 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous_int)
     _remember_manifest(run_dir, args.manifest, doc, spec.name, overrides)
     eng: Engine = summary.engine
+    if summary.retried:
+        print(f"pbt run: resumed a failed training: the segment that failed it got another round of "
+              f"attempts (it had failed: {summary.retried})", file=sys.stderr)
     if summary.interrupted:
         print(f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
               + (f" --out {args.out}" if args.out else ""), file=sys.stderr)

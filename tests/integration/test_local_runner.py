@@ -792,6 +792,50 @@ def test_resume_after_crash_between_result_and_decision(make_spec: Any, tmp_path
     assert not (resubmitted & set(before))
 
 
+@pytest.mark.parametrize(("mode", "policy"), [
+    ("asynchronous", {"maxRetries": 1, "onExhausted": "replace"}),
+    ("synchronous", {"maxRetries": 0, "onExhausted": "fail"}),
+])
+def test_resume_of_a_failed_training_continues_it(make_spec: Any, tmp_path: Path, inline_module: Callable[[str], str],
+                                                  mode: str, policy: dict[str, Any]) -> None:
+    """A training failed by a bug the user then fixes: --resume goes on from where it stopped (the
+    failing segment gets another round of attempts), repeating no finished segment, rather than
+    failing again at once and leaving only --fresh. While the bug is still there, each --resume fails
+    again after one more round."""
+    flag = tmp_path / "broken"
+    flag.touch()
+    mod = inline_module(
+        "import os\n"
+        "def fn(seg):\n"
+        f"    if os.path.exists({str(flag)!r}) and seg.member == 1 and seg.index == 1:\n"
+        "        raise RuntimeError('bug')\n"
+        "    x = (seg.restore() or 0.0) + 1.0\n"
+        "    seg.save(x)\n"
+        "    return x\n"
+    )
+    spec = make_spec({"population": 3, "mode": mode, "budget": {"segments": 3}, "worker": {"function": f"{mod}:fn"},
+                      "failurePolicy": policy})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    run_dir = tmp_path / "run"
+    first = LocalRunner(spec, run_dir, plot=False).run()
+    assert first.engine.failed is not None and first.retried is None
+    failed_before = len(first.engine.failures)
+    before = done_refs(run_dir)
+    again = LocalRunner(spec, run_dir, plot=False, resume=True).run()  # not fixed yet: one more round
+    assert again.retried == str(first.engine.failed) and again.engine.failed is not None
+    tries = policy["maxRetries"] + 1
+    assert len(again.engine.failures) == failed_before + tries
+    assert f"then {tries} more on resuming the failed training" in again.engine.failed, again.engine.failed
+    flag.unlink()  # the fix
+    fixed = LocalRunner(spec, run_dir, plot=False, resume=True).run()
+    assert fixed.retried is not None and fixed.engine.failed is None and fixed.engine.done
+    refs = done_refs(run_dir)
+    assert len(refs) == len(set(refs)) == 9 and set(before) <= set(refs)
+    # and a later --resume finds a finished training: nothing runs again
+    last = LocalRunner(spec, run_dir, plot=False, resume=True).run()
+    assert last.retried is None and done_refs(run_dir) == refs
+
+
 def test_resume_after_a_torn_last_line_keeps_every_record(make_spec: Any, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill in the middle of a results.jsonl write leaves a last line without its newline. --resume

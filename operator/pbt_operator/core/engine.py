@@ -505,12 +505,17 @@ class Engine:
             return [retry]
         del self.pending[sug.member]
         tries = policy.max_retries + 1
+        rounds = f"maxRetries {policy.max_retries}"
         if rnd >= 1:  # `maxRetries 2` next to `failed 6 times` reads as a miscount without this
-            was = f"a copy of member {sug.donor}" if sug.donor is not None else "a fresh sample"
-            rounds = (f"maxRetries {policy.max_retries}: {tries} attempt{'s' if tries > 1 else ''}, then {tries} "
-                      f"more after onExhausted: replace gave it {was}")
-        else:
-            rounds = f"maxRetries {policy.max_retries}"
+            parts = [f"{tries} attempt{'s' if tries > 1 else ''}"]
+            resumed = rnd  # rounds given by `pbt run --resume` of the failed training (local/runner.py)
+            if policy.on_exhausted == "replace":
+                was = f"a copy of member {sug.donor}" if sug.donor is not None else "a fresh sample"
+                parts.append(f"then {tries} more after onExhausted: replace gave it {was}")
+                resumed -= 1
+            if resumed:
+                parts.append(f"then {tries * resumed} more on resuming the failed training")
+            rounds += ": " + ", ".join(parts)
         why = f"member {sug.member} segment {sug.segment} failed {attempts} times ({rounds}): {error}"
         if policy.on_exhausted == "fail" or rnd >= 1:
             self.failure = Finish(SEGMENT_FAILED, why)

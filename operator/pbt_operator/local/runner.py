@@ -9,6 +9,7 @@ garbage collection follow the same driver policy as the operator (docs/architect
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 from ..checkpoints import checkpoint_uri, storage_root
 from ..contract import build_contract
 from ..core.engine import Engine
-from ..core.policy import admit, garbage_batch, rebuild, take_back
+from ..core.policy import Rebuilt, admit, garbage_batch, rebuild, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
 from ..spec import TrainingSpec
 from .durability import Barrier, fsync_enabled, sync_filesystems
@@ -49,6 +50,8 @@ class RunSummary:
     left_at_end: tuple[str, ...] = ()
     # The log of the attempt whose failure failed the training (its output, or an inline traceback).
     failure_log: Path | None = None
+    # --resume of a failed training: how it had failed (its failing attempt then ran once more).
+    retried: str | None = None
 
     @property
     def best(self) -> Record | None:
@@ -178,6 +181,9 @@ class LocalRunner:
             raise RunError(str(e)) from None
         records, decided = self._prepare()
         rebuilt = rebuild(self.spec, records, decided)
+        retried = None
+        if self.resume and rebuilt.engine.failed:
+            rebuilt, retried = _retry_failed(self.spec, records, decided, rebuilt)
         engine = rebuilt.engine
         inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None] = queue.Queue()  # None: a barrier completed
         running: dict[int, Suggestion] = {}
@@ -274,7 +280,7 @@ class LocalRunner:
             else:
                 executor.shutdown(cancel=False)
             barrier.close()
-        summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted)
+        summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried)
         if engine.failed and engine.failures:
             log_path = segment_log(self.run_dir / "logs", engine.failures[-1].suggestion)
             summary.failure_log = log_path if log_path.exists() else None
@@ -288,6 +294,28 @@ class LocalRunner:
         if not interrupted:
             write_outputs(self.spec, engine, self.run_dir, self.root, plot=self.plot)
         return summary
+
+
+def _retry_failed(spec: TrainingSpec, records: list[Record], decided: dict[int, Suggestion],
+                  rebuilt: Rebuilt) -> tuple[Rebuilt, str | None]:
+    """`--resume` of a training that failed (a segment used up its retries and its replacement's): the
+    user fixed the worker, say, and expects it to go on, not to fail again at once and leave --fresh,
+    every finished segment lost. Each failed attempt whose decision was never made (its member's latest
+    decision is still that attempt: the one that failed the training, and any that ended after it) is
+    retried, with its next attempt number, and the engine's failure rule then allows a new round of
+    maxRetries + 1 attempts; every failure stays in the journal, so if that round fails too the training
+    fails as before, and the next --resume gives it one more round."""
+    retry = dict(decided)
+    for r in records:
+        cur = decided.get(r.member)
+        if r.status == "failed" and cur is not None and cur.ref == r.ref and cur.attempt == r.suggestion.attempt:
+            retry[r.member] = dataclasses.replace(cur, attempt=cur.attempt + 1)
+    if retry == decided:
+        return rebuilt, None
+    again = rebuild(spec, records, retry)
+    if again.engine.failed:
+        return rebuilt, None
+    return again, str(rebuilt.engine.failed)
 
 
 def _get(inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None]) -> tuple[Suggestion, SegmentResult] | None:
