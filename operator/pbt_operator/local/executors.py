@@ -128,6 +128,14 @@ def _to_result(sug: Suggestion, doc: dict[str, Any], metric: str, duration: floa
     if isinstance(score, float) and not math.isfinite(score):
         return SegmentResult(sug.member, sug.segment, None, sug.steps_start, error=f"score is {score}",
                              duration=duration)
+    metrics = doc.get("metrics")
+    for name, value in (metrics.items() if isinstance(metrics, Mapping) else ()):
+        try:
+            json.dumps(value, default=_json_scalar)
+        except (TypeError, ValueError):  # name it: the bare TypeError said only 'ndarray is not a number'
+            return SegmentResult(sug.member, sug.segment, None, sug.steps_start, duration=duration,
+                                 error=f"metric {name!r} must be a number, string or bool (got "
+                                       f"{type(value).__name__}); report .item() of a scalar tensor or array")
     return parse_result(json.dumps(doc, allow_nan=True, default=_json_scalar), sug, metric, duration)
 
 
