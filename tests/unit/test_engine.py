@@ -729,7 +729,7 @@ def test_disruption_reruns_without_counting_a_retry(make_spec: Any) -> None:
         assert not eng.failures and eng.failed is None
     # a real failure after all those disruptions is the first one: with maxRetries 0, it fails now
     eng.tell(SegmentResult(0, 0, None, 0, error="boom"))
-    assert eng.failed is not None and "failed 1 times" in eng.failed
+    assert eng.failed is not None and "failed once (maxRetries 0)" in eng.failed, eng.failed
 
 
 def test_disrupted_result_with_score_is_still_a_disruption(make_spec: Any) -> None:

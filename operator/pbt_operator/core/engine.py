@@ -516,7 +516,8 @@ class Engine:
             if resumed:
                 parts.append(f"then {tries * resumed} more on resuming the failed training")
             rounds += ": " + ", ".join(parts)
-        why = f"member {sug.member} segment {sug.segment} failed {attempts} times ({rounds}): {error}"
+        times = "once" if attempts == 1 else f"{attempts} times"
+        why = f"member {sug.member} segment {sug.segment} failed {times} ({rounds}): {error}"
         if policy.on_exhausted == "fail" or rnd >= 1:
             self.failure = Finish(SEGMENT_FAILED, why)
             return []
