@@ -602,7 +602,11 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
         choices = h.raw("choices")
         if (not isinstance(choices, list) or not choices
                 or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)):
-            h.err("choices", f"must be a non-empty list of strings or numbers (got {_show(choices)})")
+            hint = ""
+            if isinstance(choices, list) and any(isinstance(c, bool) for c in choices):
+                # YAML reads true/false/yes/no/on/off as booleans (`choices: [yes, no]` too): say what works
+                hint = "; booleans are not choices: quote them (['true', 'false']) or use 0 and 1"
+            h.err("choices", f"must be a non-empty list of strings or numbers (got {_show(choices)}){hint}")
             return None
         if len(set(choices)) != len(choices):
             h.err("choices", f"must not repeat a value (got {_show(choices)})")

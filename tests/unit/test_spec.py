@@ -274,6 +274,9 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
                           "c": {"type": "float", "min": 0, "max": 1}, "d": {"type": "float", "min": 0, "max": 1},
                           "e": {"type": "float", "min": 0, "max": 1}}},
      ["spec.explore.pb2.maxRows: must be >= minRows, whose default for these hyperparameters is 10"]),
+    ("cat-bools", {"hyperparameters": {"bn": {"type": "categorical", "choices": [True, False]}}},
+     [f"{HP}.bn.choices: must be a non-empty list of strings or numbers (got [true, false]); booleans are not "
+      "choices: quote them"]),
     ("float-range-overflow", {"hyperparameters": {"x": {"type": "float", "min": -1e308, "max": 1e308}}},
      [f"{HP}.x.max: max - min must be a finite number"]),
 ]
