@@ -151,13 +151,19 @@ class LocalRunner:
         env = {k: str(v) for k, v in self.spec.worker.env.items()}
         saved = {k: os.environ.get(k) for k in env}
         failed: list[str] = []
+        deleted = 0
         try:
             if env and self.storage is None:
                 os.environ.update(env)
                 reset_storage_cache()
             for uri in uris:
                 try:
-                    (self.storage if self.storage is not None else open_storage(uri)).delete(uri)
+                    storage = self.storage if self.storage is not None else open_storage(uri)
+                    # A resumed run lists again what earlier segments already deleted: only what is
+                    # still there counts (a resumed finished run said 'deleted 10' and deleted none).
+                    if storage.list(uri):
+                        storage.delete(uri)
+                        deleted += 1
                 except Exception as e:  # a leftover checkpoint is only space: say so, never fail the run
                     log.warning("could not delete the old checkpoint %s: %s", uri, e)
                     failed.append(uri)
@@ -169,7 +175,7 @@ class LocalRunner:
                     else:
                         os.environ[k] = v
                 reset_storage_cache()
-        return len(uris) - len(failed), tuple(failed)
+        return deleted, tuple(failed)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
