@@ -671,6 +671,20 @@ def test_process_executor_missing_command(tmp_path: Path, command: list[str], sa
         LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
 
 
+def test_template_command_that_cannot_start_names_the_template(tmp_path: Path) -> None:
+    """Without spec.worker.command, `pbt run` runs the template's container command: a path that exists
+    only in the image is named as that field."""
+    doc = yaml.safe_load(process_manifest(tmp_path).read_text())
+    del doc["spec"]["worker"]["command"]
+    doc["spec"]["template"] = {"spec": {"containers": [{"name": "t", "image": "x",
+                                                        "command": ["python", "/app/train.py"]}]}}
+    path = tmp_path / "tpl.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RunError, match=re.escape("spec.template.spec.containers[0].command: the script "
+                                                 "'/app/train.py' does not exist")):
+        LocalRunner(load_manifest(path), tmp_path / "run", plot=False).run()
+
+
 def test_parallelism_zero_is_refused_locally(tmp_path: Path) -> None:
     """parallelism 0 pauses a training on a cluster; `pbt run` would wait forever, so it says so and
     leaves no run folder behind."""

@@ -202,25 +202,27 @@ class InlineExecutor:
         self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def command_problem(command: Sequence[str], cwd: Path, path: str) -> str | None:
-    """What makes `command` unable to start in `cwd` with this PATH, before any segment tries it: a
-    folder, program or `python SCRIPT` that is not there. Every segment would fail the same way, each
-    retried, and the message would not say which field to fix."""
+def command_problem(command: Sequence[str], cwd: Path, path: str,
+                    field: str = "spec.worker.command") -> str | None:
+    """What makes `command` (the manifest's `field`) unable to start in `cwd` with this PATH, before any
+    segment tries it: a folder, program or `python SCRIPT` that is not there. Every segment would fail
+    the same way, each retried, and the message would not say which field to fix."""
     if not cwd.is_dir():
         return f"spec.worker.workingDir: {cwd} is not a folder (relative paths start at the manifest's folder)"
     prog = command[0]
     if os.sep in prog:
         found = prog if os.path.isabs(prog) else str(cwd / prog)
         if not (os.path.isfile(found) and os.access(found, os.X_OK)):
-            return f"spec.worker.command: {prog!r} is not an executable file (looked in {cwd})"
+            where = "" if os.path.isabs(prog) else f" (looked in {cwd})"
+            return f"{field}: {prog!r} is not an executable file{where}"
     elif shutil.which(prog, path=path) is None:
-        return f"spec.worker.command: {prog!r} is not a program on PATH"
+        return f"{field}: {prog!r} is not a program on PATH"
     rest = list(command[1:])
     if re.fullmatch(r"python(\d+(\.\d+)*)?", os.path.basename(prog)) and rest and not rest[0].startswith("-"):
         script = Path(rest[0]) if os.path.isabs(rest[0]) else cwd / rest[0]
         if not script.is_file():
-            return (f"spec.worker.command: the script {rest[0]!r} does not exist in {cwd} (the manifest's folder, "
-                    f"or spec.worker.workingDir)")
+            where = "" if os.path.isabs(rest[0]) else f" in {cwd} (the manifest's folder, or spec.worker.workingDir)"
+            return f"{field}: the script {rest[0]!r} does not exist{where}"
     return None
 
 
@@ -236,7 +238,8 @@ class ProcessExecutor:
     """
 
     def __init__(self, command: list[str], env: Mapping[str, str], cwd: Path, log_dir: Path, metric: str,
-                 timeout: float | None = None, grace: float = 10.0, *, warm: bool = False, slots: int = 1):
+                 timeout: float | None = None, grace: float = 10.0, *, warm: bool = False, slots: int = 1,
+                 field: str = "spec.worker.command"):
         self.command = command
         self.env = dict(env)
         self.cwd = cwd
@@ -247,7 +250,7 @@ class ProcessExecutor:
         self.procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self.stopping = False
-        problem = command_problem(command, cwd, self._base_env()["PATH"])
+        problem = command_problem(command, cwd, self._base_env()["PATH"], field)
         if problem:  # before the run folder exists: a typo must not cost retries and a run to --fresh
             raise ValueError(problem)
         self.warm_target = warm_target(command, cwd) if warm else None

@@ -132,8 +132,10 @@ class LocalRunner:
                                   log_dir=self.run_dir / "logs")
         command = list(w.command) or _template_command(spec)
         env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
+        field = "spec.worker.command" if w.command else "spec.template.spec.containers[0].command"
         return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
-                               timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism)
+                               timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism,
+                               field=field)
 
     def _collect_at_end(self, refs: list[Ref]) -> tuple[int, tuple[str, ...]]:
         """Delete the checkpoints that became garbage after the last segment started: segments delete
