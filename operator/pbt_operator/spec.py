@@ -727,6 +727,12 @@ def read_manifest(path: str | Path) -> Mapping[str, Any]:
         docs = [d for d in yaml.load_all(p.read_text(), Loader=_manifest_loader()) if d is not None]
     except FileNotFoundError:
         raise SpecError([f"{p}: no such file"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{p}: is a folder; give the manifest file in it"]) from None
+    except OSError as e:
+        raise SpecError([f"{p}: cannot read it ({e.strerror or e})"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{p}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
     except yaml.YAMLError as e:
         raise SpecError([f"{p}: not valid YAML: {e}"]) from None
     trainings = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == KIND]

@@ -395,6 +395,12 @@ def test_load_manifest_file_errors(tmp_path: Path, make_doc: Any) -> None:
     empty.write_text("# nothing\n")
     with pytest.raises(SpecError, match="contains no PopulationTraining document"):
         load_manifest(empty)
+    with pytest.raises(SpecError, match="is a folder; give the manifest file in it"):
+        load_manifest(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        load_manifest(latin)
     # a multi-document file: the PopulationTraining is picked out
     multi = tmp_path / "multi.yaml"
     multi.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Secret"}, make_doc()]))
