@@ -214,6 +214,17 @@ def test_replay_reproduces_the_quadratic_exactly(run_dir: Path, tmp_path: Path,
     assert rc == 2 and "--fresh" in err
 
 
+def test_replay_with_a_worker_that_cannot_start(run_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--manifest names a worker that cannot start here: the field and why, exit 2, no traceback."""
+    doc = yaml.safe_load(QUADRATIC.read_text())
+    doc["spec"]["worker"] = {"executor": "inline", "function": "no_such_module_xyz:segment"}
+    man = tmp_path / "m.yaml"
+    man.write_text(yaml.safe_dump(doc))
+    rc, _, err = pbt(capsys, "replay", str(run_dir), "--manifest", str(man), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "spec.worker.function: cannot import module 'no_such_module_xyz'" in err, err
+
+
 def test_replay_tolerance_exceeded_exits_1(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(pbt(capsys, "export", str(run_dir))[1])
     doc["schedule"][-1]["score"] += 0.5  # pretend the population scored better than its schedule gives
