@@ -71,9 +71,10 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.mode", _alts(MODES), "decide each member when its segment ends, or at a generation barrier"),
     Field("spec.seed", "int >= 0, 0", "every random draw derives from (seed, member, segment)"),
     Field("spec.objective", "", "which reported number is the score, and whether higher is better", row=False),
-    Field("spec.objective.metric", "string, `score`", "which reported number is the score: the result's metric of that name; a result without "
-          "one is ranked by its `score` (a worker may report `seg.report(score=val_acc)` under "
-          "`metric: val_acc`), so check the name against what the worker reports"),
+    Field("spec.objective.metric", "string, `score`",
+          "which reported number is the score: the result's metric of that name; a result without one is "
+          "ranked by its `score` (a worker may report `seg.report(score=val_acc)` under `metric: val_acc`), "
+          "so check the name against what the worker reports"),
     Field("spec.objective.direction", _alts(DIRECTIONS), "`min` for losses"),
     Field("spec.segment", "", "one segment: train for a bit from a checkpoint, then save and report", row=False),
     Field("spec.segment.steps", "int >= 1, 1", "steps per segment (`steps.budget` in the contract)"),
