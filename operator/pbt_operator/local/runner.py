@@ -50,7 +50,7 @@ class RunSummary:
     left_at_end: tuple[str, ...] = ()
     # The log of the attempt whose failure failed the training (its output, or an inline traceback).
     failure_log: Path | None = None
-    # --resume of a failed training: how it had failed (its failing attempt then ran once more).
+    # --resume of a failed training: how it had failed (the segment that failed it got another round).
     retried: str | None = None
 
     @property
