@@ -57,12 +57,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     # CI step) with SIGINT ignored, and Python keeps an inherited "ignore", so `kill -INT` would do
     # nothing at all.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    resume_hint = (f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
+                   + (f" --out {args.out}" if args.out else ""))
     try:
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
                               progress=progress, plot=not args.no_plot).run()
     except RunError as e:
         print(f"pbt run: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C after the loop (the workers retiring, the last checkpoints deleted, best.json and the
+        # plot written): every result is on disk, and --resume writes what is missing.
+        print(resume_hint, file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
@@ -72,8 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pbt run: resumed a failed training: the segment that failed it got another round of "
               f"attempts (it had failed: {summary.retried})", file=sys.stderr)
     if summary.interrupted:
-        print(f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
-              + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        print(resume_hint, file=sys.stderr)
         return 130
     st = eng.state()
     print(f"\n{spec.name}: {st.done_segments} segments in {summary.wall_seconds:.1f}s "

@@ -645,6 +645,27 @@ def test_ctrl_c_stops_workers_and_exits_130(tmp_path: Path, reap: Path) -> None:
     assert len(done_refs(run_dir)) == 9
 
 
+def test_ctrl_c_after_the_last_segment_is_an_interrupt_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while a finished run stops its workers or writes best.json and the plot (seconds with
+    warm torch workers and matplotlib) is the same interrupt as one mid-run: exit 130, the --resume
+    hint, no traceback; the resumed run writes the outputs."""
+    from pbt_operator.local import runner
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_outputs", interrupted)
+    args = ["run", str(QUADRATIC), "--out", str(tmp_path / "run"), "--quiet", "--no-plot"]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err
+    assert not (tmp_path / "run" / "best.json").exists()
+    monkeypatch.undo()
+    assert cli.main([*args, "--resume"]) == 0
+    assert (tmp_path / "run" / "best.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # runner odds and ends
 
