@@ -10,6 +10,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import shlex
 import shutil
 import signal
 import sys
@@ -57,8 +58,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     # CI step) with SIGINT ignored, and Python keeps an inherited "ignore", so `kill -INT` would do
     # nothing at all.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    resume_hint = (f"\ninterrupted: workers stopped; continue with: pbt run {args.manifest} --resume"
-                   + (f" --out {args.out}" if args.out else ""))
+    # The command that resumes this run as it was started: --name picks the folder, and --seed and
+    # --parallelism are part of the run's fingerprint.
+    again = [args.manifest, "--resume"]
+    for flag, value in (("--out", args.out), ("--name", args.name), ("--seed", args.seed),
+                        ("--parallelism", args.parallelism)):
+        if value is not None:
+            again += [flag, str(value)]
+    resume_hint = f"\ninterrupted: workers stopped; continue with: pbt run {shlex.join(again)}"
     try:
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
                               progress=progress, plot=not args.no_plot).run()

@@ -666,6 +666,30 @@ def test_ctrl_c_after_the_last_segment_is_an_interrupt_not_a_traceback(
     assert (tmp_path / "run" / "best.json").exists()
 
 
+def test_the_resume_hint_repeats_the_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command an interrupted run prints resumes that run as written: --name picks the run folder
+    and --seed/--parallelism are part of its fingerprint, so the hint must repeat them."""
+    import shlex
+
+    from pbt_operator.local import runner
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "write_outputs", interrupted)
+    assert cli.main(["run", str(QUADRATIC), "--name", "q2", "--seed", "2", "--parallelism", "2",
+                     "--quiet", "--no-plot"]) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    command = shlex.split(hint.split("continue with: ", 1)[1])
+    assert command[:2] == ["pbt", "run"] and "--resume" in command
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command[1:], "--quiet", "--no-plot"]) == 0
+    assert (tmp_path / "pbt-runs" / "q2" / "best.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # runner odds and ends
 
