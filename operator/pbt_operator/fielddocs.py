@@ -93,7 +93,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.budget", "", "when the training ends", row=False),
     Field("spec.budget.segments", "int >= 1, 10", "segments per member"),
     Field("spec.budget.targetScore", "number, none", "the training finishes when any member reaches it"),
-    Field("spec.budget.patience", "int, none",
+    Field("spec.budget.patience", "int >= 1, none",
           "finish when the best score has not improved for patience x population segments"),
     Field("spec.hyperparameters", "map, required", "the search space: hyperparameter name -> definition",
           row=False),
