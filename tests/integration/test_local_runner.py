@@ -739,6 +739,18 @@ def test_parallelism_zero_is_refused_locally(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_under_another_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The name is part of every checkpoint URI: a folder started with --name resumed without it
+    restored from prefixes that were never written, and every segment failed."""
+    run = str(tmp_path / "run")
+    assert cli.main(["run", str(QUADRATIC), "--name", "qa", "--out", run, "--quiet", "--no-plot"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(QUADRATIC), "--resume", "--out", run, "--quiet", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "'qa'" in err and "--name qa" in err, err
+    assert cli.main(["run", str(QUADRATIC), "--resume", "--name", "qa", "--out", run, "--quiet", "--no-plot"]) == 0
+
+
 def test_resume_without_run_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="holds no run to resume"):
         LocalRunner(load_manifest(QUADRATIC), tmp_path / "nothing", resume=True).run()
