@@ -434,7 +434,10 @@ def replay(spec: TrainingSpec, schedule: Sequence[Mapping[str, Any]], out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     root = storage_uri.rstrip("/") if storage_uri else (out_dir / "checkpoints").resolve().as_uri()
     name = f"{spec.name}-replay"
-    runner = LocalRunner(dataclasses.replace(spec, parallelism=1), out_dir, plot=False)
+    # The runner's storage is the replay's: an inline worker otherwise got the population run's own
+    # (file://) storage object and could not write a --storage mem:// or s3:// checkpoint.
+    runner = LocalRunner(dataclasses.replace(spec, parallelism=1, storage=dataclasses.replace(spec.storage, uri=root)),
+                         out_dir, plot=False)
     try:
         executor = runner._executor()
     except ValueError as e:  # a worker that cannot start: a command not there, a function not importable

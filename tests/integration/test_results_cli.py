@@ -225,6 +225,17 @@ def test_replay_with_a_worker_that_cannot_start(run_dir: Path, tmp_path: Path,
     assert rc == 2 and "spec.worker.function: cannot import module 'no_such_module_xyz'" in err, err
 
 
+def test_replay_storage_option(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--storage puts the replay's checkpoints elsewhere: the inline worker must write them there, not
+    through the file:// storage the population's own run used."""
+    for uri in ("mem://replay/", (tmp_path / "store").as_uri() + "/"):
+        out_dir = tmp_path / f"r{len(uri)}"
+        rc, out, err = pbt(capsys, "replay", str(run_dir), "--out", str(out_dir), "--storage", uri, "--tolerance", "1e-12")
+        assert rc == 0, out + err
+        assert json.loads((out_dir / "replay.json").read_text())["checkpoint"].startswith(uri.rstrip("/"))
+    assert (tmp_path / "store" / "quadratic-replay").is_dir()
+
+
 def test_replay_tolerance_exceeded_exits_1(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(pbt(capsys, "export", str(run_dir))[1])
     doc["schedule"][-1]["score"] += 0.5  # pretend the population scored better than its schedule gives
