@@ -58,8 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # CI step) with SIGINT ignored, and Python keeps an inherited "ignore", so `kill -INT` would do
     # nothing at all.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    # The command that resumes this run as it was started: --name picks the folder, and --seed and
-    # --parallelism are part of the run's fingerprint.
+    # The command that resumes this run as it was started: --name picks the folder, --seed is part of
+    # the run's fingerprint, --parallelism keeps its slots.
     again = [args.manifest, "--resume"]
     for flag, value in (("--out", args.out), ("--name", args.name), ("--seed", args.seed),
                         ("--parallelism", args.parallelism)):
@@ -67,8 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             again += [flag, str(value)]
     resume_hint = f"\ninterrupted: workers stopped; continue with: pbt run {shlex.join(again)}"
     try:
+        # manifest.json as soon as the folder is the run's: the results commands read a running run too
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
-                              progress=progress, plot=not args.no_plot).run()
+                              progress=progress, plot=not args.no_plot,
+                              started=lambda: _remember_manifest(run_dir, args.manifest, doc, spec.name,
+                                                                 overrides)).run()
     except RunError as e:
         print(f"pbt run: {e}", file=sys.stderr)
         return 2
@@ -80,7 +83,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-    _remember_manifest(run_dir, args.manifest, doc, spec.name, overrides)
     eng: Engine = summary.engine
     if summary.retried:
         print(f"pbt run: resumed a failed training: the segment that failed it got another round of "

@@ -739,6 +739,23 @@ def test_parallelism_zero_is_refused_locally(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_manifest_is_remembered_while_the_run_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pbt status` on a running run folder needs manifest.json for the real budget (else it guessed
+    one from the results so far: "38 done / 40 budgeted" halfway through digits' 64)."""
+    from pbt_operator.local import runner
+
+    seen: list[bool] = []
+    original = runner.write_outputs
+
+    def check(*a: Any, **k: Any) -> None:
+        seen.append((tmp_path / "run" / "manifest.json").exists())
+        original(*a, **k)
+
+    monkeypatch.setattr(runner, "write_outputs", check)
+    assert cli.main(["run", str(QUADRATIC), "--out", str(tmp_path / "run"), "--quiet", "--no-plot"]) == 0
+    assert seen == [True]
+
+
 def test_resume_under_another_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The name is part of every checkpoint URI: a folder started with --name resumed without it
     restored from prefixes that were never written, and every segment failed."""

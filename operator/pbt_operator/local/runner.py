@@ -77,8 +77,9 @@ class LocalRunner:
     def __init__(self, spec: TrainingSpec, run_dir: Path, *, resume: bool = False, fingerprint: str = "",
                  also_resumes: tuple[str, ...] = (),
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
-                 plot: bool = True, storage: Any = None):
+                 plot: bool = True, storage: Any = None, started: Callable[[], None] | None = None):
         self.spec = spec
+        self.started = started  # called once the run folder is ready, before the first segment
         self.run_dir = run_dir.resolve()  # workers run in the manifest's folder: paths must be absolute
         self.resume = resume
         self.fingerprint = fingerprint
@@ -192,6 +193,8 @@ class LocalRunner:
         except ValueError as e:
             raise RunError(str(e)) from None
         records, decided = self._prepare()
+        if self.started:
+            self.started()
         rebuilt = rebuild(self.spec, records, decided)
         retried = None
         if self.resume and rebuilt.engine.failed:
