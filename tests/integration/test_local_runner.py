@@ -227,7 +227,9 @@ def test_quadratic_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     # a resumed finished run lists that garbage again, but deletes nothing (it is gone) and says none
     # (it said 'deleted 191 old checkpoint(s)')
     assert cli.main(["run", str(QUADRATIC), "--out", str(run_dir), "--quiet", "--no-plot", "--resume"]) == 0
-    assert "old checkpoint" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "old checkpoint" not in out
+    assert "segments; nothing was left to run" in out and "segments/s" not in out, out
     assert {(int(p.parent.parent.name[1:]), int(p.parent.name)) for p in ck_root.glob("m*/*/_COMMITTED")} == committed
     # (how many the end itself deleted depends on the order four parallel segments finished in: in about
     # one run of 16 the segments had deleted every dead checkpoint already, so the CLI's "deleted N old

@@ -52,6 +52,8 @@ class RunSummary:
     failure_log: Path | None = None
     # --resume of a failed training: how it had failed (the segment that failed it got another round).
     retried: str | None = None
+    # Segments this invocation started (a resume counts only its own, not the journal's).
+    ran: int = 0
 
     @property
     def best(self) -> Record | None:
@@ -295,7 +297,8 @@ class LocalRunner:
             else:
                 executor.shutdown(cancel=False)
             barrier.close()
-        summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried)
+        summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried,
+                             ran=dispatched)
         if engine.failed and engine.failures:
             log_path = segment_log(self.run_dir / "logs", engine.failures[-1].suggestion)
             summary.failure_log = log_path if log_path.exists() else None

@@ -1,0 +1,16 @@
+"""The end-of-run line of `pbt run`: the rate counts only what this invocation ran."""
+
+from pbt_operator.cli import _segments_line
+
+
+def test_a_fresh_run_rates_all_its_segments() -> None:
+    assert _segments_line(64, 64, 5.0) == "64 segments in 5.0s (12.8 segments/s)"
+
+
+def test_a_resume_rates_only_the_segments_it_ran() -> None:
+    assert _segments_line(64, 16, 2.0) == "64 segments, 16 of them in this run, in 2.0s (8.0 segments/s)"
+
+
+def test_a_finished_run_resumed_gives_no_rate() -> None:
+    # it said '64 segments in 0.0s (57371 segments/s)'
+    assert _segments_line(64, 0, 0.001) == "64 segments; nothing was left to run"
