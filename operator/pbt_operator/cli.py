@@ -46,6 +46,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, **overrides)
     run_dir = Path(args.out) if args.out else Path("pbt-runs") / spec.name
     if args.fresh and run_dir.exists():
+        from .local.runlock import RunFolderBusy, holder
+
+        pid = holder(run_dir)
+        if pid is not None:  # never delete the folder under a running run
+            print(f"pbt run: --fresh: {RunFolderBusy(run_dir, pid)}", file=sys.stderr)
+            return 2
         shutil.rmtree(run_dir)
     # The document the spec came from (a file may also hold a Secret and the like, as for `kubectl apply`).
     doc = dict(read_manifest(args.manifest))

@@ -29,6 +29,7 @@ from typing import Any
 from .checkpoints import checkpoint_uri, storage_root
 from .core.engine import Engine
 from .core.types import Record, Ref
+from .local.runlock import holder
 from .spec import SpecError, TrainingSpec, load_manifest, parse_manifest, parse_spec
 
 MANIFEST_FILE = "manifest.json"
@@ -166,10 +167,12 @@ def load_local(run_dir: Path, manifest: str | None = None) -> RunData:
         inferred = True
     root = meta.get("storage") or storage_root(spec.storage.uri, spec.name, run_dir)
     phase = None
-    if best_doc:
+    if holder(run_dir) is not None:
+        phase = "Running"  # a pbt run holds the folder now (a resumed run's best.json is the old one's)
+    elif best_doc:
         phase = "Failed" if best_doc.get("failed") else "Succeeded"
     elif records:
-        phase = "Incomplete"
+        phase = "Incomplete"  # interrupted or killed: `pbt run MANIFEST --resume` continues it
     return RunData(spec, records, root, f"local:{run_dir}", phase, {}, {}, manifest_path, inferred)
 
 

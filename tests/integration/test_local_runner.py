@@ -1275,3 +1275,40 @@ def test_checkpoints_whose_delete_failed_are_handed_out_again(tmp_path: Path) ->
     assert summary.engine.done and not summary.engine.failed
     assert summary.collected_at_end == 0 and summary.left_at_end
     assert set(summary.left_at_end) <= set(stuck.failed)
+
+
+def test_one_run_per_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `pbt run` of a folder another one is running is refused (it would append to the same
+    journals and delete the other's checkpoints), `--fresh` does not delete it, `pbt status` says
+    Running; and a run killed with SIGKILL leaves no stale lock behind."""
+    from pbt_operator.local.runlock import acquire, holder
+    from pbt_operator.results_source import load_local
+
+    run_dir = tmp_path / "run"
+    args = ["run", str(QUADRATIC), "--out", str(run_dir), "--quiet", "--no-plot"]
+    assert cli.main(args) == 0
+    assert holder(run_dir) is None and load_local(run_dir).phase == "Succeeded"
+    # another `pbt run` of this folder, alive (the lock as the runner takes it, in its own process)
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from pbt_operator.local.runlock import acquire; "
+        f"acquire(Path({str(run_dir)!r})); print('locked', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "locked"
+        assert holder(run_dir) == other.pid
+        assert load_local(run_dir).phase == "Running"
+        capsys.readouterr()
+        assert cli.main([*args, "--resume"]) == 2
+        assert f"in use by another pbt run (pid {other.pid})" in capsys.readouterr().err
+        assert cli.main([*args, "--fresh"]) == 2
+        assert f"in use by another pbt run (pid {other.pid})" in capsys.readouterr().err
+        assert (run_dir / "results.jsonl").exists()  # --fresh deleted nothing
+        with pytest.raises(RunError, match="in use by another pbt run"):
+            LocalRunner(load_manifest(QUADRATIC), run_dir, resume=True).run()
+    finally:
+        other.kill()
+        other.wait(timeout=30)
+    # killed: the kernel dropped its lock
+    assert holder(run_dir) is None and load_local(run_dir).phase == "Succeeded"
+    os.close(acquire(run_dir))
+    assert cli.main([*args, "--resume"]) == 0

@@ -30,6 +30,7 @@ from ..spec import TrainingSpec
 from .durability import Barrier, fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor, segment_log
 from .results import write_outputs
+from .runlock import RunFolderBusy, acquire, release
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class LocalRunner:
         self.spec = spec
         self.started = started  # called once the run folder is ready, before the first segment
         self.run_dir = run_dir.resolve()  # workers run in the manifest's folder: paths must be absolute
+        self._lock: int | None = None  # the run folder's lock while run() runs (local/runlock.py)
         self.resume = resume
         self.fingerprint = fingerprint
         self.also_resumes = also_resumes  # older fingerprints of the same manifest (run_fingerprints)
@@ -105,6 +107,10 @@ class LocalRunner:
         if self.resume and not meta.exists():
             raise RunError(f"--resume: {d} holds no run to resume")
         d.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock = acquire(d)  # before reading the journals: a running run appends to them
+        except RunFolderBusy as e:
+            raise RunError(str(e)) from None
         if self.resume:
             old = json.loads(meta.read_text())
             # The name is in every checkpoint URI: under another name nothing could be restored.
@@ -188,6 +194,14 @@ class LocalRunner:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                release(self._lock)
+                self._lock = None
+
+    def _run(self) -> RunSummary:
         if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
             raise RunError("spec.parallelism: must be >= 1 for pbt run (got 0; 0 pauses a training on a cluster)")
         try:
