@@ -150,7 +150,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.storage", "", "where checkpoints live", row=False),
     Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
           "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "
-          "or `file://` on a volume mounted in the template; not `mem://`)"),
+          "or `file://` on a volume mounted in the template; not `mem://`))"),
     Field("spec.storage.credentialsSecret", "Secret name",
           "Kubernetes: AWS_* keys passed to segment pods by reference"),
     Field("spec.worker", "", "`pbt run` only (refused on a cluster, where segments run spec.template)", row=False),
@@ -164,7 +164,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.worker.env, workingDir", "", "environment, folder (relative to the manifest)"),
     Field("spec.worker.pool", _alts(INLINE_POOLS), "inline executor: run the function in threads or in worker processes"),
     Field("spec.worker.warm", "bool, true", WARM),
-    Field("spec.template", "PodTemplateSpec",
+    Field("spec.template", "PodTemplateSpec, required in Kubernetes",
           "Kubernetes: the segment pod, kept as written (GPU requests, tolerations, node selectors). With sidecars "
           "(native ones in `initContainers` with `restartPolicy: Always`, or classic second containers), name the "
           "trainer with the annotation `kubectl.kubernetes.io/default-container: <name>` in "

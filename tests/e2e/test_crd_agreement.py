@@ -78,6 +78,7 @@ CLUSTER_ONLY = [
     (mutate("spec.worker", {"executor": "process", "command": ["python", "train.py"]}), "spec.worker configures"),
     (mutate("spec.storage.uri", "mem://x/"), "mem:// keeps checkpoints"),
     (mutate("metadata.name", "n" * 55), "at most 40 characters"),
+    (mutate("spec.template", None, delete=True), "spec.template is required on a cluster"),
 ]
 INVALID = [
     mutate("spec.population", 1),

@@ -329,6 +329,20 @@ def test_invalid_spec_is_a_failed_condition_naming_the_field() -> None:
     assert failed["reason"] == C.INVALID_SPEC and "spec.exploit.fraction" in failed["message"]
 
 
+def test_a_training_without_template_is_told_to_give_one_not_spec_worker() -> None:
+    # parse_spec's advice for `pbt run` ("spec.worker.command: is required ... or give spec.template")
+    # named a field the CRD refuses on a cluster.
+    obj = training_obj()
+    del obj["spec"]["template"]
+    c = FakeCluster(obj)
+    p = c.reconcile()
+    assert p.done and not p.create_members
+    failed = next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)
+    assert failed["reason"] == C.INVALID_SPEC
+    assert failed["message"].startswith("spec.template: is required in Kubernetes"), failed["message"]
+    assert "spec.worker" not in failed["message"]
+
+
 def test_parallelism_change_takes_effect() -> None:
     c = FakeCluster(training_obj(parallelism=1))
     c.reconcile()

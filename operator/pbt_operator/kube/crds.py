@@ -161,6 +161,11 @@ TRAINING_SPEC = _obj(
             {"rule": "self.population == oldSelf.population", "message": "population is immutable"},
             {"rule": "self.hyperparameters == oldSelf.hyperparameters",
              "message": "hyperparameters (the search space) are immutable"},
+            # Without a pod template the operator has nothing to run (spec.worker, which `pbt run` uses
+            # instead, is refused below).
+            {"rule": "has(self.template)",
+             "message": "spec.template is required on a cluster: the pod template whose container runs one "
+                        "segment (see docs/manifest.md)"},
             {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
              "message": "exploit.size must be <= population"},
             # spec.parse_spec's rule, donors filled in as it does: donorFraction, else the top `fraction`

@@ -396,11 +396,22 @@ def plan(training: Mapping[str, Any], members: Sequence[Mapping[str, Any]], jobs
 def parse_training(training: Mapping[str, Any]) -> tuple[TrainingSpec, str]:
     """The spec and the storage root, or SpecError for anything that cannot run in Kubernetes."""
     meta = training["metadata"]
-    spec = parse_spec(training.get("spec"), name=meta["name"], namespace=meta.get("namespace"))
+    raw = training.get("spec")
+    try:
+        spec = parse_spec(raw, name=meta["name"], namespace=meta.get("namespace"))
+    except SpecError as e:
+        if isinstance(raw, Mapping) and raw.get("template") is None:
+            # parse_spec speaks for `pbt run`, where a missing template asks for spec.worker.command; on a
+            # cluster spec.worker is refused, so that advice sent users to a field they may not use.
+            raise SpecError([NO_TEMPLATE] + [p for p in e.problems if not p.startswith("spec.worker.command:")]) from None
+        raise
     root = storage_root(spec)
     if spec.template is None:
-        raise SpecError(["spec.template: is required in Kubernetes (a pod template with the training container)"])
+        raise SpecError([NO_TEMPLATE])
     return spec, root
+
+
+NO_TEMPLATE = "spec.template: is required in Kubernetes (a pod template with the training container)"
 
 
 def invalid_spec(training: Mapping[str, Any], e: SpecError, now: str, out: Plan) -> Plan:
