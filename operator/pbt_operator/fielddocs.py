@@ -150,7 +150,8 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.storage", "", "where checkpoints live", row=False),
     Field("spec.storage.uri", "`file://`, `s3://BUCKET/PREFIX`, `mem://`",
           "where checkpoints live; default `pbt-runs/NAME/checkpoints` locally; required in Kubernetes (`s3://`, "
-          "or `file://` on a volume mounted in the template; not `mem://`))"),
+          "or `file://` on a volume mounted in the template; not `mem://`), and immutable there: the members' "
+          "checkpoints are under it"),
     Field("spec.storage.credentialsSecret", "Secret name",
           "Kubernetes: AWS_* keys passed to segment pods by reference"),
     Field("spec.worker", "", "`pbt run` only (refused on a cluster, where segments run spec.template)", row=False),

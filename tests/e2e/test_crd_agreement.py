@@ -181,5 +181,9 @@ def test_population_and_space_are_immutable(cluster: Cluster, namespace: str) ->
     p = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
     assert p.returncode != 0 and "immutable" in p.stderr, p.stderr
     doc["spec"]["hyperparameters"]["lr"]["max"] = 1.0
+    doc["spec"]["storage"]["uri"] = "s3://bucket/elsewhere"  # the checkpoints are under the old one
+    p = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert p.returncode != 0 and "storage.uri is immutable" in p.stderr, p.stderr
+    doc["spec"]["storage"]["uri"] = "s3://bucket/immutable"
     doc["spec"]["parallelism"] = 3  # allowed to change
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))

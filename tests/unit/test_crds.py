@@ -33,6 +33,7 @@ def test_training_crd_shape() -> None:
     assert "self.hyperparameters == oldSelf.hyperparameters" in rules
     messages = [r["message"] for r in spec["x-kubernetes-validations"]]
     # a new storage.uri mid-run failed every member's next restore; a missing template was accepted
+    assert any(m.startswith("storage.uri is immutable") for m in messages)
     assert any(m.startswith("spec.template is required on a cluster") for m in messages)
     fraction = spec["properties"]["exploit"]["properties"]["fraction"]
     assert fraction["maximum"] == 1 and fraction["exclusiveMaximum"] is True  # and <= 1 - donorFraction: spec.py

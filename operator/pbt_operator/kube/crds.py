@@ -161,6 +161,13 @@ TRAINING_SPEC = _obj(
             {"rule": "self.population == oldSelf.population", "message": "population is immutable"},
             {"rule": "self.hyperparameters == oldSelf.hyperparameters",
              "message": "hyperparameters (the search space) are immutable"},
+            # Every member's history and every restore names checkpoints under the storage root: a new
+            # uri mid-run made each next segment restore from where nothing was ever saved, and the whole
+            # training failed a few segments later with "no committed checkpoint".
+            {"rule": "(has(self.storage) && has(self.storage.uri) ? self.storage.uri : '') == "
+                     "(has(oldSelf.storage) && has(oldSelf.storage.uri) ? oldSelf.storage.uri : '')",
+             "message": "storage.uri is immutable: the members' checkpoints are under the old one (delete the "
+                        "training and create it again to use another)"},
             # Without a pod template the operator has nothing to run (spec.worker, which `pbt run` uses
             # instead, is refused below).
             {"rule": "has(self.template)",
