@@ -487,6 +487,29 @@ def test_an_oom_killed_trainer_fails_the_segment_with_the_kubelets_reason() -> N
     assert res is not None and res.error == "exit code 137: Error"
 
 
+def test_a_long_worker_error_keeps_its_head_and_a_log_tail_keeps_its_end() -> None:
+    # The worker SDK's {"error": "<Type>: <message>"} was cut to its last 300 characters, which dropped
+    # the error type and what was missing ("exit code 1: ed, e.g. its writer was killed mid-save, ...").
+    sug = Suggestion(2, 1, {"h0": 0.5}, (0, 0), 10, 10, "continue")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "PodFailurePolicy"}]}}
+    err = "PermanentStorageError: no committed checkpoint at file:///ckpt/t/m000/00000/: " + "why " * 100
+
+    def outcome(message: str) -> str:
+        pod = {"metadata": {"labels": {"job-name": "j"}}, "status": {"phase": "Failed", "containerStatuses": [
+            {"name": "w", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}}}]}}
+        res = job_outcome(job, [pod], sug, "score")
+        assert res is not None and not res.ok and res.error is not None
+        return res.error
+
+    text = outcome(json.dumps({"error": err}))
+    assert text.startswith("exit code 1: PermanentStorageError: no committed checkpoint at file:///ckpt/"), text
+    assert text.endswith("...") and len(text) <= len("exit code 1: ") + 300
+    assert outcome(json.dumps({"error": "ValueError: bad"})) == "exit code 1: ValueError: bad"
+    tail = "Traceback (most recent call last):\n" + "  frame\n" * 80 + "RuntimeError: CUDA out of memory"
+    assert outcome(tail).endswith("RuntimeError: CUDA out of memory")
+
+
 @pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
 def test_bounded_member_history_decides_as_an_unbounded_one_through_crashes(
         mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,9 +159,25 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
         # the kubelet's reason says what the exit code cannot (OOMKilled, ContainerCannotRun, ...)
         head = f"exit code {t.get('exitCode')}" + (f" ({why})" if why and why not in ("Error", "Completed") else "")
         return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                             error=f"{head}: {msg[-300:] or why}")
+                             error=f"{head}: {failure_text(msg) or why}")
     return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                          error=f"Job failed: {reason} {(failed or {}).get('message', '')}".strip())
+
+
+def failure_text(msg: str, limit: int = 300) -> str:
+    """A failed trainer's termination message, shortened for member histories and conditions. The
+    worker SDK reports {"error": "<Type>: <message>"}: its head says what failed, so it is kept (cut at
+    the end); anything else (a log tail, a traceback) keeps its end, where the error is. Keeping the
+    last 300 characters of the JSON cut "PermanentStorageError: ... not found" down to "ed, e.g. its
+    writer was killed mid-save, ...\"}"."""
+    try:
+        report = json.loads(msg)
+    except ValueError:
+        report = None
+    if isinstance(report, dict) and isinstance(report.get("error"), str):
+        text = report["error"].strip()
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+    return msg[-limit:]
 
 
 POD_JOB_LABEL = "batch.kubernetes.io/job-name"  # set on every pod by the Job controller
