@@ -321,6 +321,19 @@ def test_failure_policy_fail_marks_training_failed() -> None:
     assert failed["status"] == "True" and failed["reason"] == C.SEGMENT_FAILED and "member 1" in failed["message"]
 
 
+def test_members_stopped_before_finishing_a_segment_still_show_their_hyperparameters() -> None:
+    # When the training failed (or reached its target) while members were on their first segment, those
+    # members had no finished segment and no pending one: `kubectl get pbtm` showed an empty
+    # HYPERPARAMETERS column for exactly the members a user wants to look at.
+    c = FakeCluster(training_obj(failurePolicy={"maxRetries": 0, "onExhausted": "fail"}))
+    drive(c, random.Random(0), fail_jobs={"toy-m001-s00000-a0"})
+    assert c.training["status"]["phase"] == "Failed"
+    for name, m in c.members.items():
+        st = m["status"]
+        assert st.get("summary", "").startswith("h0="), (name, st)
+        assert "segment" in st
+
+
 def test_invalid_spec_is_a_failed_condition_naming_the_field() -> None:
     c = FakeCluster(training_obj(exploit={"fraction": 0.9}))
     p = c.reconcile()

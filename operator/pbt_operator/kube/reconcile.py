@@ -773,6 +773,16 @@ def watch_segments(p: Pass) -> None:
             p.out.patch_jobs[job["metadata"]["name"]] = S.deadline_patch(d)
 
 
+def spec_suggestion(member: Mapping[str, Any]) -> Suggestion | None:
+    """The member's latest decision as its spec records it: what `kubectl get pbtm` shows for a member
+    that has neither a finished nor a pending segment (the training ended while its first segment ran,
+    or that segment failed), rather than empty columns. None if it does not parse."""
+    try:
+        return Suggestion.from_dict(member["spec"]["segment"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def write_member_statuses(p: Pass) -> None:
     """Each member's status: its history with this pass's results, phase (Pending while its Job waits,
     with why), disruptions; written only when it changed. A newly disrupted pod gets a Warning, a new
@@ -807,8 +817,8 @@ def write_member_statuses(p: Pass) -> None:
                                   if m == m_idx and (m, seg) not in out.handed_before})
         if uncollected:
             extra["uncollected"] = uncollected
-        st = member_status(cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None),
-                           hist, phase, extra)
+        sug = cur_sug or (engine.latest[m_idx].suggestion if m_idx in engine.latest else None)
+        st = member_status(sug or spec_suggestion(mobj), hist, phase, extra)
         old = {k: v for k, v in (mobj.get("status") or {}).items() if k != "conditions"}
         if old.get("disruptions") and "disruptions" not in st:
             st["disruptions"] = old["disruptions"]
