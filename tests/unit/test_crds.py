@@ -35,6 +35,12 @@ def test_training_crd_shape() -> None:
     # a new storage.uri mid-run failed every member's next restore; a missing template was accepted
     assert any(m.startswith("storage.uri is immutable") for m in messages)
     assert any(m.startswith("spec.template is required on a cluster") for m in messages)
+    # Rules that an object created before them may break are checked on create (and on updates of an
+    # object that kept them) only: otherwise every status write and the finalizer's removal of such an
+    # object was refused with 422, and it could not be deleted.
+    for says in ("spec.template is required", "spec.worker configures"):
+        rule = next(r for r in spec["x-kubernetes-validations"] if r["message"].startswith(says))
+        assert rule["optionalOldSelf"] is True and "oldSelf.hasValue() &&" in rule["rule"], rule
     fraction = spec["properties"]["exploit"]["properties"]["fraction"]
     assert fraction["maximum"] == 1 and fraction["exclusiveMaximum"] is True  # and <= 1 - donorFraction: spec.py
     yaml.safe_load(render()["populationtrainings.yaml"])  # valid YAML

@@ -169,8 +169,12 @@ TRAINING_SPEC = _obj(
              "message": "storage.uri is immutable: the members' checkpoints are under the old one (delete the "
                         "training and create it again to use another)"},
             # Without a pod template the operator has nothing to run (spec.worker, which `pbt run` uses
-            # instead, is refused below).
-            {"rule": "has(self.template)",
+            # instead, is refused below). Checked on create, and on updates of an object that had one: the
+            # API server validates every write against the whole schema, so an object created before this
+            # rule would otherwise refuse the operator's status writes and the finalizer's removal (a
+            # training that could not even be deleted).
+            {"rule": "has(self.template) || (oldSelf.hasValue() && !has(oldSelf.value().template))",
+             "optionalOldSelf": True,
              "message": "spec.template is required on a cluster: the pod template whose container runs one "
                         "segment (see docs/manifest.md)"},
             {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
@@ -187,7 +191,8 @@ TRAINING_SPEC = _obj(
                         f"the top `fraction`, with explore.strategy pb2 at most the top {S.PB2_DONORS})"},
             # spec.worker configures `pbt run`; on a cluster the segment is spec.template, so a worker
             # section there would be silently ignored: refused instead, saying so.
-            {"rule": "!has(self.worker)",
+            {"rule": "!has(self.worker) || (oldSelf.hasValue() && has(oldSelf.value().worker))",
+             "optionalOldSelf": True,  # as for spec.template above: objects from before the rule stay writable
              "message": "spec.worker configures `pbt run` only and means nothing on a cluster, where each segment "
                         "runs spec.template: remove it (the process executor of `pbt run` defaults to the "
                         "template container's command)"},
