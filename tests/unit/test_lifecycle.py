@@ -76,6 +76,23 @@ def test_classify_tells_refusals_from_transient_errors() -> None:
     assert classify(FakeApiException(400, b"not json", "Bad Request")).message == "Bad Request"
 
 
+def test_a_refused_pass_is_a_warning_on_the_training_held_back_when_it_repeats() -> None:
+    # A status write refused by a schema rule (or a webhook) was retried every 30 s with nothing but a
+    # WARNING in the operator's log: `kubectl describe` showed nothing.
+    from pbt_operator.kube.throttle import EventThrottle
+
+    err = classify(FakeApiException(422, status_body(422, "Invalid", 'PopulationTraining.pbt.dev "t" is invalid: '
+                                                                     "spec: Invalid value: spec.template is required")))
+    ev = lifecycle.pass_refused(err)
+    assert ev is not None and ev.target == "training" and ev.type == "Warning" and ev.reason == C.EV_WRITE_REFUSED
+    assert "spec.template is required" in ev.message and "retried" in ev.message
+    assert lifecycle.pass_refused(classify(ConnectionResetError("reset"))) is None  # transient: only retried
+    assert lifecycle.pass_refused(classify(FakeApiException(503, status_body(503, "ServiceUnavailable", "x")))) is None
+    throttle = EventThrottle()
+    assert throttle.admit([ev], 0.0)[0] == [ev]
+    assert throttle.admit([ev], 30.0)[0] == []  # the next retry, 30 s later: not another Event
+
+
 def test_cluster_problems_name_the_field() -> None:
     def spec(**over: Any) -> Any:
         t = training_obj(**over)

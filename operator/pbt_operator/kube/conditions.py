@@ -73,6 +73,7 @@ EV_SUSPENDED = "Suspended"
 EV_RESUMED = "Resumed"
 EV_CHECKPOINTS_LEFT = "CheckpointsLeft"  # the training ended with collectable checkpoints no segment deleted
 EV_CHECKPOINT_DELETE_FAILED = "CheckpointDeleteFailed"  # a segment saved but some of its gc deletes failed
+EV_WRITE_REFUSED = "WriteRefused"  # the API server refused a pass's write (a webhook, a schema rule): it retries
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,

@@ -285,7 +285,7 @@ def _pass_done(ns: str, name: str, seconds: float) -> None:
 
 @kopf.daemon(GROUP, VERSION, "populationtrainings", id="reconcile", cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
-                          **_: Any) -> None:
+                          body: kopf.Body, **_: Any) -> None:
     global _LOOP
     _LOOP = asyncio.get_running_loop()
     wake = WAKEUPS.get(namespace, name)
@@ -314,6 +314,10 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
                 failures += 1
                 metrics.RECONCILE_ERRORS.labels(namespace, name).inc()
                 logger.warning("reconcile of %s/%s failed (%s); retrying", namespace, name, e)
+                ev = lifecycle.pass_refused(classify(e))
+                if ev is not None:
+                    for posted in box.throttle.admit([ev], time.monotonic())[0]:
+                        _post(dict(body), {}, posted)
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             if done:

@@ -100,3 +100,16 @@ def refused_segment(member: Mapping[str, Any], member_status: Mapping[str, Any] 
 
 
 __all__ = ["invalid_spec", "jobs_accepted", "refusal_reason", "refused_segment", "waiting_for_leftovers"]
+
+
+def pass_refused(err: ApiError) -> EventSpec | None:
+    """A Warning on the training for a reconcile pass that the API server refused (not a transient
+    error): an admission webhook or a schema rule saying no to a status or member write. The pass is
+    retried with back-off either way; without this, the only trace was a WARNING in the operator's log
+    every 30 s while `kubectl describe` showed nothing. (Refused Jobs are reported as failed attempts;
+    this is for everything else.)"""
+    if not err.refused or err.quota:
+        return None
+    return EventSpec("training", "Warning", C.EV_WRITE_REFUSED,
+                     f"the API server refused a write of this training's reconcile pass, which is retried with "
+                     f"back-off until it passes: {err.summary()}"[:1000])

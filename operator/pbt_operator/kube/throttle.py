@@ -27,6 +27,7 @@ class HoldBack:
 
 HELD_BACK: dict[str, HoldBack] = {
     C.EV_CHECKPOINT_DELETE_FAILED: HoldBack(600.0, "pbt_checkpoint_delete_failed_total"),
+    C.EV_WRITE_REFUSED: HoldBack(600.0, "pbt_reconcile_errors_total"),
 }
 
 
