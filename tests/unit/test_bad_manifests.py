@@ -144,7 +144,7 @@ def test_invalid_manifest_fails_with_a_condition_naming_the_field(mut: tuple[str
     training = {"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining",
                 "metadata": {"name": "bad", "namespace": "ns", "uid": "u", "generation": 1}, "spec": spec}
     p = plan(training, [], [], [], "2026-01-01T00:00:00Z")
-    assert p.done and not p.create_members and not p.create_jobs
+    assert not p.done and not p.create_members and not p.create_jobs  # not done: it waits for an edit
     assert p.status["phase"] == "Failed"
     cond = next(c for c in p.status["conditions"] if c["type"] == "Failed")
     assert cond["status"] == "True" and cond["reason"] == "InvalidSpec"

@@ -93,6 +93,16 @@ def test_a_refused_pass_is_a_warning_on_the_training_held_back_when_it_repeats()
     assert throttle.admit([ev], 30.0)[0] == []  # the next retry, 30 s later: not another Event
 
 
+def test_refused_this_generation_waits_for_an_edit() -> None:
+    t = training_obj()
+    assert not lifecycle.refused_this_generation(t)
+    status, _ = lifecycle.invalid_spec(t, "spec.template.spec.containers[0].image: Required value", "2026-01-01T00:00:00Z")
+    t["status"] = status
+    assert lifecycle.refused_this_generation(t)  # no new dry run for the same spec
+    t["metadata"]["generation"] += 1
+    assert not lifecycle.refused_this_generation(t)  # edited: dry-run it again
+
+
 def test_cluster_problems_name_the_field() -> None:
     def spec(**over: Any) -> Any:
         t = training_obj(**over)

@@ -337,9 +337,51 @@ def test_members_stopped_before_finishing_a_segment_still_show_their_hyperparame
 def test_invalid_spec_is_a_failed_condition_naming_the_field() -> None:
     c = FakeCluster(training_obj(exploit={"fraction": 0.9}))
     p = c.reconcile()
-    assert p.done and not p.create_members
+    assert not p.done and not p.create_members
     failed = next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)
     assert failed["reason"] == C.INVALID_SPEC and "spec.exploit.fraction" in failed["message"]
+
+
+def edit_spec(c: FakeCluster, **spec: Any) -> None:
+    c.training["spec"].update(spec)
+    c.training["metadata"]["generation"] += 1
+
+
+def test_a_spec_fixed_by_an_edit_starts_the_training() -> None:
+    # An InvalidSpec plan was `done`: the daemon ended, and `kubectl apply` of the fixed manifest left the
+    # training Failed with the old message until it was deleted and created again.
+    c = FakeCluster(training_obj(exploit={"fraction": 0.9}))
+    c.reconcile()
+    assert c.training["status"]["phase"] == "Failed" and not c.members
+    assert not c.reconcile().status_changed  # nothing edited: the next look writes nothing
+    edit_spec(c, exploit={"fraction": 0.25})
+    drive(c, random.Random(0))
+    st = c.training["status"]
+    assert st["phase"] == "Succeeded", st
+    failed = next(x for x in st["conditions"] if x["type"] == C.FAILED)
+    assert failed["status"] == "False"
+    assert [e.reason for e in c.events].count(C.EV_INVALID) == 1
+
+
+def test_a_spec_broken_and_fixed_mid_run_resumes_where_it_was() -> None:
+    c = FakeCluster(training_obj())
+    for _ in range(6):
+        c.reconcile()
+        if c.running():
+            c.finish(c.running()[0])
+    done_before = sum(len(m["status"].get("history") or []) for m in c.members.values())
+    assert done_before > 0
+    template = copy.deepcopy(c.training["spec"]["template"])
+    edit_spec(c, template={"spec": {"containers": []}})
+    p = c.reconcile()
+    assert not p.done and not p.create_jobs and c.training["status"]["phase"] == "Failed"
+    assert "best" in c.training["status"] or "generation" in c.training["status"]  # the report so far is kept
+    edit_spec(c, template=template)
+    drive(c, random.Random(1))
+    assert c.training["status"]["phase"] == "Succeeded"
+    for m in c.members.values():
+        done = [h for h in m["status"]["history"] if h["status"] == "done"]
+        assert [h["suggestion"]["segment"] for h in done] == list(range(4))
 
 
 def test_a_training_without_template_is_told_to_give_one_not_spec_worker() -> None:
@@ -349,7 +391,7 @@ def test_a_training_without_template_is_told_to_give_one_not_spec_worker() -> No
     del obj["spec"]["template"]
     c = FakeCluster(obj)
     p = c.reconcile()
-    assert p.done and not p.create_members
+    assert not p.done and not p.create_members
     failed = next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)
     assert failed["reason"] == C.INVALID_SPEC
     assert failed["message"].startswith("spec.template: is required in Kubernetes"), failed["message"]

@@ -58,7 +58,8 @@ def test_parse_training_needs_storage_and_a_template() -> None:
 def test_invalid_spec_fails_the_training_and_says_so_once() -> None:
     t = training_obj()
     out = invalid_spec(t, SpecError(["spec.x: bad", "spec.y: worse"]), "2026-01-01T00:00:00Z", Plan())
-    assert out.done and out.status["phase"] == "Failed" and not out.create_members and not out.create_jobs
+    # not done: the daemon stays to read the next edit of the spec
+    assert not out.done and out.status["phase"] == "Failed" and not out.create_members and not out.create_jobs
     conds = {c["type"]: c for c in out.status["conditions"]}
     assert {c["reason"] for c in conds.values()} == {C.INVALID_SPEC}
     assert conds[C.FAILED]["status"] == "True" and conds[C.FAILED]["message"] == "spec.x: bad; spec.y: worse"

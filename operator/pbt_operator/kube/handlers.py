@@ -225,8 +225,9 @@ def _accepted(a: Api, training: dict[str, Any], status: dict[str, Any] | None, o
 def before_start(a: Api, ns: str, w: World) -> bool | None:
     """A training without members of its own yet. Waits (Retry) while children of an earlier training
     of the same name are still there; refuses at once, as InvalidSpec, a spec the cluster cannot run
-    (`admission`: checks and a server-side dry run of the first segment's Job and pod); waits while a
-    ResourceQuota refuses it. None: go ahead with the plan (which also reports unparseable specs)."""
+    (`admission`: checks and a server-side dry run of the first segment's Job and pod), then waits for
+    an edit; waits while a ResourceQuota refuses it. None: go ahead with the plan (which also reports
+    unparseable specs)."""
     training = w.training
     assert training is not None
     name = training["metadata"]["name"]
@@ -245,6 +246,8 @@ def before_start(a: Api, ns: str, w: World) -> bool | None:
         return None  # the plan says what is wrong, field by field
     if spec.template is None:
         return None
+    if lifecycle.refused_this_generation(training):
+        raise Retry(IDLE_RESYNC)  # refused already, and not edited since: no new dry run until it is
     problems = cluster_problems(name, spec)
     if not problems:
         job = probe_job(training, spec, root)
@@ -270,7 +273,7 @@ def before_start(a: Api, ns: str, w: World) -> bool | None:
     a.patch_training_status(ns, name, status)
     for ev in events:
         _post(training, {}, ev)
-    return True
+    raise Retry(IDLE_RESYNC)  # the daemon stays: an edit that fixes the spec starts the training
 
 
 PASS_LOG = os.environ.get("PBT_PASS_LOG")  # benchmarks: a file that gets "unix-time seconds ns/name" per pass

@@ -102,6 +102,16 @@ def refused_segment(member: Mapping[str, Any], member_status: Mapping[str, Any] 
 __all__ = ["invalid_spec", "jobs_accepted", "refusal_reason", "refused_segment", "waiting_for_leftovers"]
 
 
+def refused_this_generation(training: Mapping[str, Any]) -> bool:
+    """Marked InvalidSpec for the spec as it is now (status.observedGeneration is the object's
+    generation): the dry run would say the same again, so the daemon waits for an edit instead."""
+    meta = training.get("metadata") or {}
+    status = training.get("status") or {}
+    failed = _cond(_conds(training), C.FAILED)
+    return (failed.get("status") == "True" and failed.get("reason") == C.INVALID_SPEC
+            and status.get("observedGeneration") is not None and status.get("observedGeneration") == meta.get("generation"))
+
+
 def pass_refused(err: ApiError) -> EventSpec | None:
     """A Warning on the training for a reconcile pass that the API server refused (not a transient
     error): an admission webhook or a schema rule saying no to a status or member write. The pass is

@@ -433,19 +433,24 @@ NO_TEMPLATE = "spec.template: is required in Kubernetes (a pod template with the
 
 def invalid_spec(training: Mapping[str, Any], e: SpecError, now: str, out: Plan) -> Plan:
     """A training whose spec does not parse: Failed with every problem in the conditions, one Event
-    when it becomes so, and nothing else touched."""
+    when it becomes so, and nothing else touched. Not `done`: the daemon stays and the next edit of
+    the spec is parsed again, so a fixed spec starts (or, edited mid-run, resumes) the training. Done,
+    the daemon ended and a `kubectl apply` of the fix changed nothing: the training stayed Failed with
+    the old message until it was deleted and created again."""
     generation = training["metadata"].get("generation")
-    conds = list((training.get("status") or {}).get("conditions") or [])
+    old = dict(training.get("status") or {})
+    conds = list(old.get("conditions") or [])
     msg = "; ".join(e.problems)
     out.status = {
-        "phase": "Failed", "observedGeneration": generation,
+        **old, "phase": "Failed", "observedGeneration": generation,
         "conditions": _set_all(conds, now, generation, ready=(False, C.INVALID_SPEC, msg),
                                progressing=(False, C.INVALID_SPEC, msg), succeeded=(False, C.INVALID_SPEC, msg),
                                failed=(True, C.INVALID_SPEC, msg)),
     }
+    out.status_changed = stored_form(out.status) != old
+    out.prior_status = old
     if (_cond_true(training, C.FAILED) or {}).get("reason") != C.INVALID_SPEC:
         out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
-    out.done = True
     return out
 
 
