@@ -27,6 +27,9 @@ def test_training_crd_shape() -> None:
     cols = {c["name"]: c["jsonPath"] for c in v["additionalPrinterColumns"]}
     assert cols["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
     assert cols["Succeeded"] == '.status.conditions[?(@.type=="Succeeded")].status'
+    # Failed is told from starting in plain `kubectl get pbt` (both read Ready False, Succeeded False)
+    phase = next(c for c in v["additionalPrinterColumns"] if c["name"] == "Phase")
+    assert phase["jsonPath"] == ".status.phase" and phase.get("priority", 0) == 0
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.population == oldSelf.population" in rules

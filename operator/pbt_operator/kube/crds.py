@@ -345,7 +345,9 @@ def training_crd() -> dict[str, Any]:
         {"name": "Queued", "type": "integer", "jsonPath": ".status.queued"},
         {"name": "Ready", "type": "string", "jsonPath": _cond("Ready")},
         {"name": "Succeeded", "type": "string", "jsonPath": _cond("Succeeded")},
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
+        # In the default view: Ready and Succeeded alone read False/False both for a training that is
+        # starting and for one that failed (InvalidSpec, a segment out of retries).
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd("PopulationTraining", "populationtrainings", "pbt", schema, cols, scale=True)
