@@ -33,6 +33,8 @@ def test_training_crd_shape() -> None:
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.population == oldSelf.population" in rules
+    size = next(r for r in spec["x-kubernetes-validations"] if r["message"] == "exploit.size must be <= population")
+    assert "self.population < 2 ||" in size["rule"]  # population: 1 gets one message, about population
     assert "self.hyperparameters == oldSelf.hyperparameters" in rules
     messages = [r["message"] for r in spec["x-kubernetes-validations"]]
     # a new storage.uri mid-run failed every member's next restore; a missing template was accepted

@@ -177,7 +177,10 @@ TRAINING_SPEC = _obj(
              "optionalOldSelf": True,
              "message": "spec.template is required on a cluster: the pod template whose container runs one "
                         "segment (see docs/manifest.md)"},
-            {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.exploit.size <= self.population",
+            # (population < 2 is refused by its own minimum: without the guard, population: 1 also got
+            # "exploit.size must be <= population" for the default size 2 the user never wrote)
+            {"rule": "!has(self.exploit) || !has(self.exploit.size) || self.population < 2 || "
+                     "self.exploit.size <= self.population",
              "message": "exploit.size must be <= population"},
             # spec.parse_spec's rule, donors filled in as it does: donorFraction, else the top `fraction`
             # (PBT's rule), with pb2 at most the top quarter (PB2_DONORS).
