@@ -39,6 +39,9 @@ def test_training_crd_shape() -> None:
     messages = [r["message"] for r in spec["x-kubernetes-validations"]]
     # a new storage.uri mid-run failed every member's next restore; a missing template was accepted
     assert any(m.startswith("storage.uri is immutable") for m in messages)
+    # an InvalidSpec training whose fix is in an immutable field can only be re-created: say so
+    immutable = [m for m in messages if "immutable" in m]
+    assert len(immutable) == 3 and all("create it again" in m for m in immutable), immutable
     assert any(m.startswith("spec.template is required on a cluster") for m in messages)
     # Rules that an object created before them may break are checked on create (and on updates of an
     # object that kept them) only: otherwise every status write and the finalizer's removal of such an

@@ -158,9 +158,10 @@ TRAINING_SPEC = _obj(
     required=["population", "hyperparameters"],
     **{
         "x-kubernetes-validations": [
-            {"rule": "self.population == oldSelf.population", "message": "population is immutable"},
+            {"rule": "self.population == oldSelf.population", "message": "population is immutable (delete the training and create it again to change it)"},
             {"rule": "self.hyperparameters == oldSelf.hyperparameters",
-             "message": "hyperparameters (the search space) are immutable"},
+             "message": "hyperparameters (the search space) are immutable (delete the training and create it again "
+                        "to change them)"},
             # Every member's history and every restore names checkpoints under the storage root: a new
             # uri mid-run made each next segment restore from where nothing was ever saved, and the whole
             # training failed a few segments later with "no committed checkpoint".
