@@ -48,6 +48,12 @@ OBJECT_META = ("name", "namespace", "labels", "annotations", "generateName", "ui
 KIND = "PopulationTraining"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# YAML 1.1 reads an unquoted key n, no, off (kubectl: also N, y, Y) as false and yes, on, y as true, so a
+# hyperparameter written `n: {type: int, ...}` reached the worker as "false" and every segment failed
+# with KeyError 'n'. No one names a hyperparameter true or false on purpose.
+YAML_BOOL_NAMES = frozenset({"true", "false", "True", "False"})
+YAML_BOOL_NAME_HINT = ("a hyperparameter named true or false is what YAML makes of an unquoted key such as n, no, off "
+                       "(false) or y, yes, on (true): quote the name in the manifest (\"n\": {...})")
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
@@ -578,6 +584,9 @@ def _parse_space(errs: list[str], raw: object) -> Space:
         return Space(())
     params: list[Param] = []
     for pname, pdef in raw.items():
+        if isinstance(pname, bool) or str(pname) in YAML_BOOL_NAMES:
+            errs.append(f"{path}.{pname}: {YAML_BOOL_NAME_HINT}")
+            continue
         p = _parse_param(errs, f"{path}.{pname}", str(pname), pdef)
         if p is not None:
             params.append(p)

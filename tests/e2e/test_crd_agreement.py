@@ -117,6 +117,7 @@ INVALID = [
     mutate("spec.storage.uri", "ftp://x"),
     mutate("spec.failurePolicy.onExhausted", "panic"),
     mutate("spec.failurePolicy.maxRetries", -1),
+    mutate("spec.hyperparameters.false", {"type": "int", "min": 1, "max": 8}),  # kubectl's YAML for an unquoted `n:`
     mutate("spec.popluation", 4),  # a typo: an unknown field
     mutate("spec.population", None, delete=True),
 ]

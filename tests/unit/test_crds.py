@@ -49,6 +49,8 @@ def test_training_crd_shape() -> None:
     for says in ("spec.template is required", "spec.worker configures"):
         rule = next(r for r in spec["x-kubernetes-validations"] if r["message"].startswith(says))
         assert rule["optionalOldSelf"] is True and "oldSelf.hasValue() &&" in rule["rule"], rule
+    names = spec["properties"]["hyperparameters"]["x-kubernetes-validations"][0]
+    assert names["optionalOldSelf"] is True and names["rule"].startswith("oldSelf.hasValue() ||"), names
     fraction = spec["properties"]["exploit"]["properties"]["fraction"]
     assert fraction["maximum"] == 1 and fraction["exclusiveMaximum"] is True  # and <= 1 - donorFraction: spec.py
     yaml.safe_load(render()["populationtrainings.yaml"])  # valid YAML

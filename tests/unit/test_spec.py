@@ -581,3 +581,20 @@ def test_the_trainer_annotation_must_name_a_container(make_doc) -> None:
     assert "'trainr'" in msg and "sidecar, trainer" in msg
     doc["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] = "trainer"
     assert parse_manifest(doc).template is not None
+
+
+@pytest.mark.parametrize("text,name", [("n", "false"), ("off", "false"), ("on", "true")])
+def test_a_hyperparameter_yaml_turned_into_a_boolean_is_refused_saying_quote_it(make_doc, text: str,
+                                                                               name: str) -> None:
+    # kubectl (YAML 1.1) sends an unquoted `n:` as "false"; PyYAML makes `on:` the key True. Either way the
+    # worker got a hyperparameter it did not ask for and every segment failed with KeyError.
+    doc = make_doc({})
+    space = yaml.safe_load(f"{text}: {{type: int, min: 1, max: 8}}\nlr: {{type: float, min: 0.001, max: 1}}")
+    if text == "n":
+        space = {name: space.pop("n"), **space}  # what kubectl sends
+    doc["spec"]["hyperparameters"] = space
+    with pytest.raises(SpecError) as err:
+        parse_manifest(doc)
+    assert "quote the name" in str(err.value) and "spec.hyperparameters." in str(err.value)
+    doc["spec"]["hyperparameters"] = yaml.safe_load(f'"{text}": {{type: int, min: 1, max: 8}}')
+    assert [p.name for p in parse_manifest(doc).space.params] == [text]

@@ -101,7 +101,13 @@ TRAINING_SPEC = _obj(
         "segment": _obj({"steps": _min(1), "timeoutSeconds": _min(1), "pendingTimeoutSeconds": _min(1),
                          "onSuspend": _enum(*ON_SUSPEND), "protectFromDisruption": {"type": "boolean"}}),
         "budget": _obj({"segments": _min(1), "targetScore": _num, "patience": _min(1)}),
-        "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER},
+        "hyperparameters": {"type": "object", "minProperties": 1, "additionalProperties": HYPERPARAMETER,
+                            # on create only (the space is immutable): an object created before this rule
+                            # must stay writable, or its status writes and finalizer removal are refused
+                            "x-kubernetes-validations": [{"rule": "oldSelf.hasValue() || "
+                                                                  "(!('true' in self) && !('false' in self))",
+                                                          "optionalOldSelf": True,
+                                                          "message": S.YAML_BOOL_NAME_HINT}]},
         "exploit": _obj({
             "strategy": _enum(*EXPLOIT_STRATEGIES),
             "fraction": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
