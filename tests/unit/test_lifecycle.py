@@ -70,6 +70,10 @@ def test_classify_tells_refusals_from_transient_errors() -> None:
     young = classify(FakeApiException(403, status_body(403, "Forbidden", 'pods "x" is forbidden: error looking up '
                                                                          'service account ns/default: not found')))
     assert not young.refused
+    gone = classify(FakeApiException(403, status_body(403, "Forbidden", 'jobs.batch "t-m002-s00001-a0" is forbidden: '
+                                                                        "unable to create new content in namespace t7 "
+                                                                        "because it is being terminated")))
+    assert not gone.refused  # the namespace is going away: no failed attempt charged to a segment
     for code in (429, 500, 503, 504):
         assert not classify(FakeApiException(code, status_body(code, "TooManyRequests", "later"))).refused
     assert not classify(ConnectionResetError("reset")).refused

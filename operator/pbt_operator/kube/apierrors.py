@@ -73,8 +73,12 @@ def classify(exc: BaseException) -> ApiError:
     rbac = status == 403 and "cannot " in message and "in API group" in message
     # A namespace's default service account appears a moment after the namespace: not the spec's fault.
     young = status == 403 and "error looking up service account" in message
-    return ApiError(status, reason, message, refused=status in REFUSED_STATUSES and not rbac and not young,
-                    quota=quota)
+    # A namespace being deleted refuses every create in it: not the spec's fault either. Counted as
+    # refusals, a training whose namespace was deleted under it burned its retries on Jobs the server
+    # could never create (JobRefused, SegmentRetried, MemberReplaced...) until its own deletion came.
+    terminating = status == 403 and "because it is being terminated" in message
+    return ApiError(status, reason, message,
+                    refused=status in REFUSED_STATUSES and not rbac and not young and not terminating, quota=quota)
 
 
 __all__ = ["ApiError", "classify", "status_message"]
