@@ -107,6 +107,26 @@ def test_refused_this_generation_waits_for_an_edit() -> None:
     assert not lifecycle.refused_this_generation(t)  # edited: dry-run it again
 
 
+def test_a_finished_training_is_looked_at_again_when_its_spec_is_edited() -> None:
+    # The daemon of a finished training ended: raising budget.segments afterwards did nothing until the
+    # operator restarted, and then it suddenly continued. Now it idles until the generation moves.
+    c = FakeCluster(training_obj(budget={"segments": 1}))
+    p = None
+    for _ in range(50):
+        p = c.reconcile()
+        if p.done:
+            break
+        for job in c.running():
+            c.finish(job)
+    assert p is not None and p.done
+    seen = lifecycle.generation_seen(p)
+    assert seen == c.training["metadata"]["generation"]
+    assert not lifecycle.edited_since(c.training, seen)
+    c.training["metadata"]["generation"] += 1  # kubectl patch ... budget.segments: 2
+    assert lifecycle.edited_since(c.training, seen)
+    assert not lifecycle.edited_since(c.training, None)  # nothing to compare: idle, never a busy loop
+
+
 def test_cluster_problems_name_the_field() -> None:
     def spec(**over: Any) -> Any:
         t = training_obj(**over)

@@ -324,8 +324,22 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             if done:
+                if _p is None:  # the training is gone
+                    return
                 logger.info("training %s/%s finished", namespace, name)
-                return
+                # Stay, idle, until the spec is edited: a raised budget.segments (say) then continues the
+                # training. Returning here ended the daemon, so such an edit was ignored until the
+                # operator restarted, when it suddenly took effect.
+                seen = lifecycle.generation_seen(_p)
+                if _API is not None:  # idle: its members leave the cache (a pass after an edit LISTs them)
+                    _API.members.forget(namespace, name)
+                while not stopped and not lifecycle.edited_since(body, seen):
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=IDLE_RESYNC)
+                    except asyncio.TimeoutError:
+                        pass
+                continue
             if again:
                 continue
             try:

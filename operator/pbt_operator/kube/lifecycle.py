@@ -112,6 +112,21 @@ def refused_this_generation(training: Mapping[str, Any]) -> bool:
             and status.get("observedGeneration") is not None and status.get("observedGeneration") == meta.get("generation"))
 
 
+def generation_seen(plan: Any) -> int | None:
+    """The spec generation a finished pass decided on (its status's observedGeneration)."""
+    status = getattr(plan, "status", None) or {}
+    gen = status.get("observedGeneration")
+    return gen if isinstance(gen, int) else None
+
+
+def edited_since(training: Mapping[str, Any], seen: int | None) -> bool:
+    """Whether the training's spec changed after the pass that found it finished: a finished training's
+    daemon idles until then, so an edit (a raised budget.segments) is acted on at once, as an operator
+    restart would. Without a generation to compare, nothing counts (it idles until a restart)."""
+    gen = (training.get("metadata") or {}).get("generation")
+    return seen is not None and gen is not None and gen != seen
+
+
 def pass_refused(err: ApiError) -> EventSpec | None:
     """A Warning on the training for a reconcile pass that the API server refused (not a transient
     error): an admission webhook or a schema rule saying no to a status or member write. The pass is
