@@ -565,6 +565,17 @@ def test_a_long_worker_error_keeps_its_head_and_a_log_tail_keeps_its_end() -> No
     assert outcome(tail).endswith("RuntimeError: CUDA out of memory")
 
 
+def test_a_trainer_that_exits_0_without_a_result_is_told_how_to_report() -> None:
+    # "Job completed but its pod left no termination message" said what was missing, not what to do.
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    pod = {"metadata": {"labels": {"job-name": "j"}}, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "w", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}}
+    res = job_outcome(job, [pod], sug, "score")
+    assert res is not None and not res.ok and res.error is not None
+    assert "seg.report(score=...)" in res.error and "docs/segment-contract.md" in res.error
+
+
 @pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
 def test_bounded_member_history_decides_as_an_unbounded_one_through_crashes(
         mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

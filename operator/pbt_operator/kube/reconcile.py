@@ -146,7 +146,7 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
         msg = ok[-1].get("message") if ok else None
         if msg is None:
             return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                                 error="Job completed but its pod left no termination message")
+                                 error=NO_RESULT)
         return parse_result(msg, sug, metric)
     reason = (failed or {}).get("reason", "")
     if reason == "DeadlineExceeded":
@@ -162,6 +162,12 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
                              error=f"{head}: {failure_text(msg) or why}")
     return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                          error=f"Job failed: {reason} {(failed or {}).get('message', '')}".strip())
+
+
+# A trainer that exits 0 without writing its result: say what it must do, not only what is missing.
+NO_RESULT = ("Job completed but its pod left no termination message: the trainer exited 0 without writing its "
+             "result JSON ({\"score\": ...}) to the `result` path of PBT_SEGMENT (the pbt_worker SDK does it: "
+             "seg.report(score=...); see docs/segment-contract.md)")
 
 
 def failure_text(msg: str, limit: int = 300) -> str:
