@@ -565,6 +565,31 @@ def test_a_long_worker_error_keeps_its_head_and_a_log_tail_keeps_its_end() -> No
     assert outcome(tail).endswith("RuntimeError: CUDA out of memory")
 
 
+def test_a_segment_without_storage_credentials_names_the_secret_to_check() -> None:
+    # A missing credentialsSecret starts the pod all the same (its keys are optional references): the
+    # worker only said "no usable AWS credentials ... set AWS_ACCESS_KEY_ID", for a user who had.
+    from pbt_operator.kube.reconcile import segment_outcome
+    from pbt_operator.spec import parse_spec
+
+    sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "PodFailurePolicy"}]}}
+    err = ("PermanentStorageError: upload s3://bucket/p/t/m000/00000/x/state failed: no usable AWS credentials "
+           "(Unable to locate credentials); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    pod = {"metadata": {"labels": {"job-name": "j"}}, "status": {"phase": "Failed", "containerStatuses": [
+        {"name": "w", "state": {"terminated": {"exitCode": 1, "message": json.dumps({"error": err})}}}]}}
+    raw = training_obj()["spec"]
+    with_secret = parse_spec({**raw, "storage": {"uri": "s3://bucket/p", "credentialsSecret": "s3-creds"}}, name="t")
+    res = segment_outcome(job, [pod], sug, with_secret)
+    assert res is not None and res.error is not None
+    assert "no usable AWS credentials" in res.error and "credentialsSecret is 's3-creds'" in res.error
+    res = segment_outcome(job, [pod], sug, parse_spec(raw, name="t"))
+    assert res is not None and res.error is not None and "credentialsSecret is not set" in res.error
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = '{"error": "KeyError: h0"}'
+    res = segment_outcome(job, [pod], sug, with_secret)
+    assert res is not None and res.error == "exit code 1: KeyError: h0"  # no hint where it does not apply
+
+
 def test_a_trainer_that_exits_0_without_a_result_is_told_how_to_report() -> None:
     # "Job completed but its pod left no termination message" said what was missing, not what to do.
     sug = Suggestion(0, 0, {"h0": 0.5}, None, 0, 5, "start")

@@ -353,7 +353,26 @@ def segment_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], s
         if n > spec.failure_policy.max_disruptions:
             return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                                  error=S.disruption_error(n, spec.failure_policy.max_disruptions))
+    hint = credentials_hint(res.error, spec.storage.credentials_secret) if res is not None and res.error else None
+    if res is not None and hint:
+        return dataclasses.replace(res, error=f"{res.error} ({hint})")
     return res
+
+
+CREDENTIAL_ERRORS = ("credentials", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def credentials_hint(error: str, secret: str | None) -> str | None:
+    """For a segment that failed for want of storage credentials, where they come from on a cluster. The
+    Secret's keys reach the pod as optional references, so a Secret that is missing (or named wrong, or
+    in another namespace) starts the pod all the same and the worker only says it found no credentials."""
+    if not any(e in error for e in CREDENTIAL_ERRORS):
+        return None
+    if secret:
+        return (f"spec.storage.credentialsSecret is {secret!r}: check that this Secret exists in the training's "
+                "namespace and holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    return ("spec.storage.credentialsSecret is not set: name a Secret holding AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or give the pod credentials another way (a service account role)")
 
 
 @dataclass
