@@ -324,6 +324,21 @@ def test_budget_segments_per_member(make_spec: Any) -> None:
     assert st_.done_segments == st_.total_segments == 18 and st_.running == 0
 
 
+def test_budget_message_after_the_budget_was_lowered(make_spec: Any) -> None:
+    """The training's Succeeded message says what the members trained: after spec.budget.segments was
+    lowered mid-run it said 'every member trained 2 segments' of members that trained 3."""
+    from pbt_operator.core.policy import rebuild
+
+    spec = spec_for(make_spec, budget={"segments": 3})
+    w = World(Engine(spec), seed=3)
+    w.run()
+    assert w.engine.outcome is not None and w.engine.outcome.message == "every member trained 3 segments"
+    lowered = rebuild(dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, segments=2)), w.records, {})
+    assert lowered.engine.outcome is not None
+    assert lowered.engine.outcome.message == ("every member trained 3 segments: spec.budget.segments (2) was "
+                                              "lowered during the run")
+
+
 def test_single_segment_budget(make_spec: Any) -> None:
     spec = spec_for(make_spec, budget={"segments": 1})
     eng = Engine(spec)

@@ -155,7 +155,7 @@ def test_typed_outcomes(make_spec: Any) -> None:
     done = Engine(spec_for(make_spec, population=2, budget={"segments": 1}))
     for s in done.start():
         done.tell(ok(s, 1.0))
-    assert done.outcome == Finish("BudgetExhausted", "every member trained 1 segments") and done.finished is None
+    assert done.outcome == Finish("BudgetExhausted", "every member trained 1 segment") and done.finished is None
 
 
 def test_an_exploit_carries_its_two_reasons(make_spec: Any) -> None:

@@ -223,7 +223,7 @@ def test_finish_pass_announces_the_end_once() -> None:
     assert len(done) == 1 and done[0].message.startswith("budget exhausted; best member")
     conds = {x["type"]: x for x in c.training["status"]["conditions"]}
     assert conds[C.SUCCEEDED]["reason"] == "BudgetExhausted"
-    assert conds[C.SUCCEEDED]["message"] == "every member trained 1 segments"
+    assert conds[C.SUCCEEDED]["message"] == "every member trained 1 segment"
     p = pass_of(c)
     finish_pass(p)
     assert p.out.done and p.out.events == [] and not p.out.status_changed

@@ -173,7 +173,18 @@ class Engine:
             return self.failure
         if not self.done:
             return None
-        return self.finish or Finish(BUDGET_EXHAUSTED, f"every member trained {self.spec.budget.segments} segments")
+        return self.finish or Finish(BUDGET_EXHAUSTED, self._budget_message())
+
+    def _budget_message(self) -> str:
+        """'every member trained 20 segments'; after spec.budget.segments was lowered mid-run some members
+        trained more than it says, so the message says so instead of the new budget alone."""
+        n = self.spec.budget.segments
+        trained = {rec.segment + 1 for rec in self.latest.values()}
+        if trained == {n}:
+            return f"every member trained {n} segment{'s' if n != 1 else ''}"
+        lo, hi = min(trained, default=0), max(trained, default=0)
+        span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return f"every member trained {span} segments: spec.budget.segments ({n}) was lowered during the run"
 
     def start(self) -> list[Suggestion]:
         """An initial segment for each member that has neither a record nor a pending segment (every
