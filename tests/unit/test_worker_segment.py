@@ -176,6 +176,22 @@ def test_corrupt_object_detected(tmp_path: Path) -> None:
         make(base, 1).restore()
 
 
+def test_corrupt_large_object_is_reported_as_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object over SMALL_OBJECT is restored through a temp file, which the failed verification
+    removes: the CheckpointCorruptError must reach the user, not a FileNotFoundError about the temp file."""
+    from pbt_worker import checkpoint
+
+    monkeypatch.setattr(checkpoint, "SMALL_OBJECT", 64)
+    base = f"file://{tmp_path}/"
+    make(base, 0).save({"w": list(range(1000))})
+    (obj,) = [p for p in (tmp_path / "t" / "m000" / "00000").rglob("state")]
+    data = bytearray(obj.read_bytes())
+    data[100] ^= 1
+    obj.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="sha256"):
+        make(base, 1).restore()
+
+
 def test_delete_removes_marker_first(tmp_path: Path) -> None:
     base = f"file://{tmp_path}/"
     seg = make(base, 0)

@@ -13,6 +13,7 @@ restorable (no marker references them) and disappear when the prefix is deleted 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -292,7 +293,9 @@ class CheckpointReader:
                     return f.read()
                 return self._decode(e, f, map_location, weights_only)
         finally:
-            os.unlink(path)
+            # A failed verification has already removed it: the error to raise is the one in flight.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _decode(self, e: ObjectEntry, f: Any, map_location: Any, weights_only: bool | None) -> Any:
         if e.encoding == "torch":
