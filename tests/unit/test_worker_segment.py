@@ -500,3 +500,22 @@ def test_an_error_result_is_not_rewritten(tmp_path: Path) -> None:
     seg.write_error("diverged")
     seg.save(b"new")
     assert json.loads(result.read_text()) == {"error": "diverged"}
+
+
+@pytest.mark.parametrize("bad, where", [
+    (lambda x: x, "state"),
+    ({"model": {"w": [1.0]}, "fn": [0, lambda x: x]}, "state['fn'][1]"),
+    ({"gen": (i for i in range(3))}, "state['gen']"),
+])
+def test_a_state_that_cannot_be_pickled_names_where_and_what_to_do(tmp_path: Path, bad: Any, where: str) -> None:
+    """pickle's own error ("cannot pickle 'generator' object") names neither the part of the state nor the
+    fix; save() names both, and leaves nothing committed, so a corrected save can follow."""
+    from pbt_worker import SaveError
+
+    seg = make(f"file://{tmp_path}/", 0)
+    with pytest.raises(SaveError, match=r"cannot be pickled") as info:
+        seg.save(bad)
+    assert f"at {where}:" in str(info.value) and "state_dict" in str(info.value)
+    assert isinstance(info.value, TypeError) and seg.saved is None
+    seg.save({"w": [1.0]})
+    assert make(f"file://{tmp_path}/", 1).restore() == {"w": [1.0]}

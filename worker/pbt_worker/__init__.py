@@ -26,6 +26,7 @@ from .errors import (
     PbtWorkerError,
     PermanentStorageError,
     ReportError,
+    SaveError,
     StorageError,
     TransientStorageError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "PbtWorkerError",
     "PermanentStorageError",
     "ReportError",
+    "SaveError",
     "Segment",
     "Storage",
     "StorageError",

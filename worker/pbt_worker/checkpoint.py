@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
 
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, PermanentStorageError
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, PermanentStorageError, SaveError
 from .storage.base import HashingWriter, Manifest, ObjectEntry, Storage, check_key, spool_file, tmp_root
 
 log = logging.getLogger("pbt_worker")
@@ -59,6 +59,33 @@ def looks_like_torch(obj: Any, depth: int = 0) -> bool:
     if isinstance(obj, list | tuple):
         return any(looks_like_torch(v, depth + 1) for v in obj[:64])
     return False
+
+
+class _Discard:
+    """A write-only sink: trial pickling that costs no memory."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _unpicklable_part(obj: Any, path: str, depth: int = 0) -> tuple[str, Any]:
+    """Where in ``obj`` (dicts, lists, tuples) the first part that cannot be pickled sits, and that part.
+
+    Called only after pickling failed; it recurses into containers and trial-pickles other values into
+    a sink, so a large array costs time but no memory.
+    """
+    if depth < 8:
+        items: Iterable[tuple[str, Any]] = ()
+        if isinstance(obj, dict):
+            items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+        elif isinstance(obj, list | tuple):
+            items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+        for sub_path, value in items:
+            try:
+                pickle.dump(value, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                return _unpicklable_part(value, sub_path, depth + 1)
+    return path, obj
 
 
 def choose_encoding(obj: Any) -> str:
@@ -161,6 +188,25 @@ class CheckpointWriter:
         return entry
 
     def _put_serialised(self, key: str, obj: Any, enc: str) -> Any:
+        try:
+            return self._put_serialised_unchecked(key, obj, enc)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            try:
+                pickle.dump(obj, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                pass
+            else:
+                raise  # picklable after all: the error came from elsewhere
+            name = key.split("/", 1)[-1]
+            where, part = _unpicklable_part(obj, name)
+            raise SaveError(
+                f"{self.prefix}: the object saved as {name!r} cannot be pickled: at {where}: "
+                f"{type(part).__name__} ({exc}). A checkpoint holds data: tensors, arrays, numbers, strings "
+                "and dicts/lists of them (model.state_dict(), optimizer.state_dict()); leave functions, "
+                "lambdas, open files, generators and locks out of it, or rebuild them after restore()") \
+                from exc
+
+    def _put_serialised_unchecked(self, key: str, obj: Any, enc: str) -> Any:
         # Serialise into a local spool file, hashing while writing, then let the backend stream it:
         # memory stays at one copy of the object however large the checkpoint is.
         spool = spool_file(".pbt-spool-", self.storage.spool_dir(self.prefix))

@@ -24,6 +24,11 @@ class ReportError(PbtWorkerError, ValueError):
     """``Segment.report`` was given something the contract cannot carry (NaN score, > 4096 bytes, ...)."""
 
 
+class SaveError(PbtWorkerError, TypeError):
+    """The object given to ``save``/``put_object`` cannot be serialised (a lambda, an open file, a
+    generator, a lock ...); the message names where in the object it sits."""
+
+
 class StorageError(PbtWorkerError):
     """A storage operation failed. ``uri`` names the object or prefix involved."""
 
