@@ -258,6 +258,33 @@ def test_execute_score_dict_and_error() -> None:
     assert "error" in execute(lambda s: float("nan"), make("mem://x/", 0))
 
 
+def test_execute_fails_a_segment_whose_checkpoint_writer_never_committed(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """seg.checkpoint() used without `with` (and without ck.commit()) wrote objects that no marker lists:
+    the segment passed, and the member's next segment failed on restore blaming this one. A segment that
+    saves nothing at all still passes (a stateless function never restores either), with a warning."""
+    base = f"file://{tmp_path}/"
+    result = tmp_path / "result.json"
+
+    def unfinished(s: Segment) -> float:
+        s.checkpoint().put_object("model", {"w": 1})
+        return 0.5
+
+    out = execute(unfinished, make(base, 0, result=str(result)))
+    assert "never committed" in out["error"] and "'model'" in out["error"] and "with seg.checkpoint()" in out["error"]
+    assert json.loads(result.read_text()) == out
+
+    def committed(s: Segment) -> float:
+        ck = s.checkpoint()
+        ck.put_object("model", {"w": 1})
+        ck.commit()
+        return 0.5
+
+    assert execute(committed, make(base, 1, restore=False))["score"] == 0.5
+    assert execute(lambda s: 0.25, make(base, 2, restore=False))["score"] == 0.25
+    assert "saved no checkpoint" in caplog.text
+
+
 def _run_script(tmp_path: Path, body: str,
                 contract: dict[str, Any] | None) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "train.py"

@@ -35,6 +35,17 @@ def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
             seg.report(**dict(value))
         else:
             seg.report(score=value)
+        if seg.saved is None:
+            pending = seg.uncommitted()
+            if pending:
+                # Objects were written but never committed: the program meant to save and the
+                # checkpoint is lost (a writer used without `with`): fail now, not at the next restore.
+                raise ReportError(
+                    f"seg.checkpoint() wrote {pending} to {seg.checkpoint_uri} but never committed them: use "
+                    "`with seg.checkpoint() as ck:` (it commits when the block ends) or call ck.commit()")
+            log.warning("segment %s/m%d/%d reported a score but saved no checkpoint to %s; a later segment "
+                        "that calls seg.restore() will fail: call seg.save(state) before returning",
+                        seg.training, seg.member, seg.index, seg.checkpoint_uri)
     except ReportError as exc:
         if seg.last_result is None or "error" not in seg.last_result:
             seg.write_error(str(exc))

@@ -76,6 +76,7 @@ class Segment:
         self._storage = storage
         self._scratch: Path | None = None
         self._reader: CheckpointReader | None = None
+        self._writers: list[CheckpointWriter] = []
         self.saved: Manifest | None = None
         #: The ``gc`` URIs whose delete failed after the save (the result's ``gcFailed`` counts them).
         self.gc_failed: list[str] = []
@@ -197,8 +198,16 @@ class Segment:
         if self.saved is not None:
             raise PbtWorkerError(f"{self.checkpoint_uri} was already saved by this segment; "
                                  "checkpoints are immutable (use seg.checkpoint() to save several objects)")
-        return CheckpointWriter(self.storage_for(self.checkpoint_uri), self.checkpoint_uri, self._meta(),
-                                on_commit=self._committed)
+        writer = CheckpointWriter(self.storage_for(self.checkpoint_uri), self.checkpoint_uri, self._meta(),
+                                  on_commit=self._committed)
+        self._writers.append(writer)
+        return writer
+
+    def uncommitted(self) -> list[str]:
+        """Names written through :meth:`checkpoint` writers that were never committed (no ``with``)."""
+        if self.saved is not None:
+            return []
+        return sorted({n for w in self._writers if w.manifest is None for n in w.entries})
 
     def _committed(self, manifest: Manifest) -> None:
         self.saved = manifest
