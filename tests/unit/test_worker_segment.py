@@ -546,3 +546,23 @@ def test_a_state_that_cannot_be_pickled_names_where_and_what_to_do(tmp_path: Pat
     assert isinstance(info.value, TypeError) and seg.saved is None
     seg.save({"w": [1.0]})
     assert make(f"file://{tmp_path}/", 1).restore() == {"w": [1.0]}
+
+
+def test_a_full_disk_while_serialising_names_the_checkpoint_and_the_spool(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """save() serialises into a spool file first; a full disk there raised a bare
+    "OSError: [Errno 28] No space left on device" naming neither the checkpoint nor the directory."""
+    import errno
+
+    from pbt_worker import PermanentStorageError
+    from pbt_worker.storage import base as storage_base
+
+    def full(self: Any, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_base.HashingWriter, "write", full)
+    seg = make(f"file://{tmp_path}/", 0)
+    with pytest.raises(PermanentStorageError, match="No space left") as info:
+        seg.save({"w": [1.0] * 10})
+    assert seg.checkpoint_uri in str(info.value) and "spool file" in str(info.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the spool file is gone

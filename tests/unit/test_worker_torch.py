@@ -85,3 +85,31 @@ def test_torch_is_not_imported_for_plain_objects(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_full_disk_during_torch_save_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save turns the OSError of a full spool disk into "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos": the error must still say what happened and where."""
+    import errno
+
+    from pbt_worker import PermanentStorageError
+    from pbt_worker.storage import base as storage_base
+
+    real = storage_base.HashingWriter.write
+
+    def fill_up(self: Any, data: Any) -> int:
+        if self.size > 4096:
+            self._raw = _Full()  # the underlying file fails from now on
+        return real(self, data)
+
+    class _Full:
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_base.HashingWriter, "write", fill_up)
+    seg = Segment({"version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {},
+                   "steps": {"start": 0, "budget": 1}, "restore": None,
+                   "checkpoint": f"file://{tmp_path}/t/m000/00000/", "gc": []})
+    with pytest.raises(PermanentStorageError, match="No space left on device"):
+        seg.save({"w": torch.ones(1_000_000)})
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

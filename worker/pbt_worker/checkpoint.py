@@ -215,13 +215,25 @@ class CheckpointWriter:
             self._serialise(obj, enc, HashingWriter(buf))
             return self.storage.put(self.prefix, key, buf.getbuffer())
         fd, path = spool
+        writer: HashingWriter | None = None
         try:
             with open(fd, "wb", buffering=1024 * 1024) as raw:
                 writer = HashingWriter(raw)
                 self._serialise(obj, enc, writer)
+        except Exception as exc:
+            os.unlink(path)
+            cause = writer.error if writer is not None and writer.error is not None else exc
+            if not isinstance(cause, OSError):
+                raise
+            # ENOSPC, EDQUOT, EIO in the spool directory (torch.save turns them into a RuntimeError)
+            raise PermanentStorageError(
+                f"{self.prefix}: cannot serialise {key.split('/', 1)[-1]!r} into the spool file {path}: {cause}; "
+                "free space on that volume (the spool directory is the checkpoint directory for file:// "
+                "storage, else PBT_WORKER_TMPDIR or the system temp directory)", self.prefix) from exc
         except BaseException:
             os.unlink(path)
             raise
+        assert writer is not None
         return self.storage.put_spooled(self.prefix, key, path, (writer.size, writer.hexdigest()))
 
     @staticmethod

@@ -172,12 +172,18 @@ class HashingWriter:
         self._raw = raw
         self._hash = hashlib.sha256()
         self.size = 0
+        #: The first OSError of a write (a full disk): torch.save reports it only as an opaque RuntimeError.
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self._hash.update(view)
         self.size += view.nbytes
-        self._raw.write(view)
+        try:
+            self._raw.write(view)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         return view.nbytes
 
     def flush(self) -> None:
