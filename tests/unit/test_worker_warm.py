@@ -172,3 +172,19 @@ def test_cached_builds_once_even_under_threads() -> None:
     cache_clear("k")
     assert cached("k", lambda: 6) == 6
     cache_clear()
+
+
+def test_a_failed_segments_error_keeps_the_head_of_a_long_last_line(tmp_path: Path) -> None:
+    """The error of a segment that died without a result is its log's last line. It was cut from the
+    last 300 bytes, so a long exception line lost its start ("exit code 1: ted, e.g. its writer ..."):
+    the exception's type and first words must survive, the end is what gets shortened."""
+    from pbt_operator.local.executors import _tail
+
+    log = tmp_path / "seg.log"
+    line = "pbt_worker.errors.CheckpointNotFoundError: no committed checkpoint at file:///x/ " + "detail " * 100
+    log.write_text("Traceback (most recent call last):\n  File \"train.py\", line 3\n" + line + "\n")
+    tail = _tail(log)
+    assert tail.startswith("pbt_worker.errors.CheckpointNotFoundError: no committed checkpoint")
+    assert len(tail) <= 400 and tail.endswith("...")
+    log.write_text("short\n")
+    assert _tail(log) == "short"

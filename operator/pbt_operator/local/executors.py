@@ -480,8 +480,15 @@ def _copy_tail(src: Path, dst: Path, limit: int = 4000) -> None:
 
 
 def _tail(path: Path, limit: int = 300) -> str:
+    """The log's last line, at most ``limit`` characters: shortened at its end, so that an exception's
+    type and first words (what a user needs) survive a long message."""
     try:
-        data = path.read_bytes()[-limit:].decode(errors="replace").strip().splitlines()
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            data = f.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return "(no log)"
-    return data[-1] if data else "(no output)"
+    if not data:
+        return "(no output)"
+    line = data[-1]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
