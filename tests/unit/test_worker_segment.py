@@ -130,6 +130,14 @@ def test_restore_after_a_segment_that_never_saved_says_so(base: str) -> None:
         make(base, 1).restore()
 
 
+def test_restore_after_an_uncommitted_writer_says_so(base: str) -> None:
+    """Objects under the prefix but no marker: the writer never committed; blaming a missing
+    seg.save() (what the message said) sends the user looking for the wrong mistake."""
+    make(base, 0).checkpoint().put_object("model", {"w": 1})  # no `with`, no commit
+    with pytest.raises(CheckpointNotFoundError, match=r"holds objects but no commit marker.*ck\.commit\(\)"):
+        make(base, 1).restore()
+
+
 def test_rerun_replaces_a_committed_checkpoint(base: str) -> None:
     make(base, 0).save("first attempt")
     make(base, 0).save("second attempt")  # a retried segment writes the same prefix again

@@ -141,11 +141,21 @@ class Segment:
                 self._reader = CheckpointReader(self.storage_for(self.restore_uri), self.restore_uri)
             except CheckpointNotFoundError as exc:
                 # Only a segment that reported success is restored from: most likely it never saved.
-                raise CheckpointNotFoundError(
-                    f"{exc}. The segment that wrote this result reported success without a checkpoint: "
-                    "every segment must call seg.save(...) (or save_file, save_dir, checkpoint) before it "
-                    "returns, since the next segment and any member that copies it restore from it",
-                    exc.uri) from None
+                try:
+                    leftovers = bool(self.storage_for(self.restore_uri).list(self.restore_uri))
+                except Exception:
+                    leftovers = False
+                if leftovers:
+                    why = ("It holds objects but no commit marker: the segment that wrote them never "
+                           "committed them (a seg.checkpoint() writer used without `with` and without "
+                           "ck.commit()), or its save was interrupted")
+                else:
+                    why = ("The segment that wrote this result reported success without a checkpoint: every "
+                           "segment must call seg.save(...) (or save_file, save_dir, checkpoint) before it "
+                           "returns, since the next segment and any member that copies it restore from it; "
+                           "unless the checkpoint was deleted after it was written (by hand, or by a "
+                           "lifecycle rule on the storage)")
+                raise CheckpointNotFoundError(f"{exc}. {why}", exc.uri) from None
         return self._reader
 
     def restore(self, *, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
