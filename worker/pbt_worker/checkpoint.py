@@ -176,37 +176,42 @@ class CheckpointWriter:
         if enc not in ENCODINGS:
             raise ValueError(f"unknown encoding {enc!r}; use one of {ENCODINGS}")
         key = self._key(name)
-        if enc == "object":
-            info = self.storage.put_object(self.prefix, key, obj)
-        elif enc == "raw":
+        if enc == "raw":
             if not isinstance(obj, bytes | bytearray | memoryview):
                 raise TypeError(f"encoding 'raw' needs bytes, got {type(obj).__name__}")
             info = self.storage.put(self.prefix, key, obj)
         else:
-            info = self._put_serialised(key, obj, enc)
+            try:
+                if enc == "object":  # mem:// keeps a deep copy, which fails where pickling fails
+                    info = self.storage.put_object(self.prefix, key, obj)
+                else:
+                    info = self._put_serialised(key, obj, enc)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                error = self._unpicklable(key, obj, exc)
+                if error is None:
+                    raise
+                raise error from exc
         entry = self.entries[name] = ObjectEntry(info.key, info.size, info.sha256, enc)
         return entry
 
-    def _put_serialised(self, key: str, obj: Any, enc: str) -> Any:
+    def _unpicklable(self, key: str, obj: Any, exc: Exception) -> SaveError | None:
+        """The SaveError to raise when ``obj`` failed to serialise (or deepcopy) because part of it cannot
+        be pickled; None when it pickles after all (the error came from elsewhere)."""
         try:
-            return self._put_serialised_unchecked(key, obj, enc)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            try:
-                pickle.dump(obj, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                pass
-            else:
-                raise  # picklable after all: the error came from elsewhere
-            name = key.split("/", 1)[-1]
-            where, part = _unpicklable_part(obj, name)
-            raise SaveError(
-                f"{self.prefix}: the object saved as {name!r} cannot be pickled: at {where}: "
-                f"{type(part).__name__} ({exc}). A checkpoint holds data: tensors, arrays, numbers, strings "
-                "and dicts/lists of them (model.state_dict(), optimizer.state_dict()); leave functions, "
-                "lambdas, open files, generators and locks out of it, or rebuild them after restore()") \
-                from exc
+            pickle.dump(obj, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass
+        else:
+            return None
+        name = key.split("/", 1)[-1]
+        where, part = _unpicklable_part(obj, name)
+        return SaveError(
+            f"{self.prefix}: the object saved as {name!r} cannot be pickled: at {where}: "
+            f"{type(part).__name__} ({exc}). A checkpoint holds data: tensors, arrays, numbers, strings "
+            "and dicts/lists of them (model.state_dict(), optimizer.state_dict()); leave functions, "
+            "lambdas, open files, generators and locks out of it, or rebuild them after restore()")
 
-    def _put_serialised_unchecked(self, key: str, obj: Any, enc: str) -> Any:
+    def _put_serialised(self, key: str, obj: Any, enc: str) -> Any:
         # Serialise into a local spool file, hashing while writing, then let the backend stream it:
         # memory stays at one copy of the object however large the checkpoint is.
         spool = spool_file(".pbt-spool-", self.storage.spool_dir(self.prefix))
