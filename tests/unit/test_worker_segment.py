@@ -580,3 +580,11 @@ def test_a_full_disk_while_serialising_names_the_checkpoint_and_the_spool(tmp_pa
         seg.save({"w": [1.0] * 10})
     assert seg.checkpoint_uri in str(info.value) and "spool file" in str(info.value)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the spool file is gone
+
+
+def test_save_dir_of_an_empty_folder_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty folder (the training wrote its files elsewhere) was saved silently as an empty checkpoint."""
+    (tmp_path / "out").mkdir()
+    make(f"file://{tmp_path}/ck/", 0).save_dir(tmp_path / "out")
+    assert "holds no files" in caplog.text and str(tmp_path / "out") in caplog.text
+    assert list(make(f"file://{tmp_path}/ck/", 1).restore_dir(tmp_path / "back").iterdir()) == []

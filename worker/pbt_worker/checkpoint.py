@@ -164,6 +164,9 @@ class CheckpointWriter:
         if not root.is_dir():
             raise FileNotFoundError(f"save_dir: {root} is not a directory")
         files = sorted(p for p in root.rglob("*") if p.is_file())
+        if not files:
+            log.warning("save_dir: %s holds no files: %s%s/ is saved empty, and restoring it gives an empty "
+                        "directory (was the training writing somewhere else?)", root, self.prefix, name)
         jobs = [(f"{name}/{p.relative_to(root).as_posix()}", p) for p in files]
         return self._parallel(lambda job: self.put_file(job[0], job[1]), jobs)
 
