@@ -588,3 +588,12 @@ def test_save_dir_of_an_empty_folder_warns(tmp_path: Path, caplog: pytest.LogCap
     make(f"file://{tmp_path}/ck/", 0).save_dir(tmp_path / "out")
     assert "holds no files" in caplog.text and str(tmp_path / "out") in caplog.text
     assert list(make(f"file://{tmp_path}/ck/", 1).restore_dir(tmp_path / "back").iterdir()) == []
+
+
+def test_numpy_integer_metrics_stay_integers(tmp_path: Path) -> None:
+    """A count kept in numpy (np.int64, e.g. from .sum()) was reported as 3.0, a float."""
+    np = pytest.importorskip("numpy")
+    result = tmp_path / "r.json"
+    make(f"file://{tmp_path}/", 0, result=str(result)).report(np.float32(0.5), n=np.int64(3), acc=np.float64(0.25))
+    doc = json.loads(result.read_text())
+    assert doc["metrics"] == {"n": 3, "acc": 0.25} and isinstance(doc["metrics"]["n"], int)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import shutil
 import tempfile
@@ -38,6 +39,11 @@ def _metric_value(name: str, value: Any) -> Any:
         return value
     if isinstance(value, int):
         return value
+    if not isinstance(value, float) and hasattr(type(value), "__index__"):
+        try:
+            return operator.index(value)  # numpy integers (np.int64) stay integers
+        except TypeError:  # a float tensor has __index__ but refuses it
+            pass
     try:
         f = float(value)  # numpy / torch scalars
     except (TypeError, ValueError):
