@@ -193,6 +193,28 @@ def test_export_download_from_s3(s3_env: dict[str, str], tmp_path: Path, capsys:
     assert got.get_object(got.main) == src.get_object(src.main)
 
 
+def test_pbt_run_refuses_a_checkpoint_store_that_cannot_work(s3_env: dict[str, str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A bucket that does not exist is refused before the run folder exists, naming spec.storage.uri:
+    every segment would fail alike, be retried and replaced, and the reason would sit in worker logs."""
+    doc = yaml.safe_load(QUADRATIC.read_text())
+    doc["spec"]["storage"] = {"uri": "s3://pbt-no-such-bucket-here/runs"}
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    shutil.copy(QUADRATIC.parent / "quadratic.py", tmp_path)
+    shutil.copy(QUADRATIC.parent / "worker.py", tmp_path)
+    out = tmp_path / "run"
+    rc, _, err = pbt(capsys, "run", str(manifest), "--out", str(out), "--quiet", "--no-plot")
+    assert rc == 2 and "spec.storage.uri" in err and "pbt-no-such-bucket-here" in err, err
+    assert not out.exists()
+    # the same manifest with a bucket that exists runs
+    doc["spec"]["storage"] = {"uri": f"s3://{s3_env['PBT_TEST_BUCKET']}/runs"}
+    doc["spec"]["budget"]["segments"] = 2
+    manifest.write_text(yaml.safe_dump(doc))
+    rc, _, err = pbt(capsys, "run", str(manifest), "--out", str(out), "--quiet", "--no-plot")
+    assert rc == 0, err
+
+
 def test_replay_reproduces_the_quadratic_exactly(run_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = pbt(capsys, "replay", str(run_dir), "--out", str(tmp_path / "r"), "--tolerance", "1e-12")

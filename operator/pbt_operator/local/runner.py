@@ -16,7 +16,8 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,48 @@ class LocalRunner:
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism,
                                field=field)
 
+    @contextmanager
+    def _as_workers(self) -> Iterator[None]:
+        """This process's environment as the workers see it (spec.worker.env over it), for the storage
+        calls the driver makes itself: the workers' storage settings (an endpoint, credentials) are
+        often only in spec.worker.env."""
+        from pbt_worker.storage import reset_storage_cache
+
+        env = {k: str(v) for k, v in self.spec.worker.env.items()} if self.storage is None else {}
+        saved = {k: os.environ.get(k) for k in env}
+        if env:
+            os.environ.update(env)
+            reset_storage_cache()
+        try:
+            yield
+        finally:
+            if env:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                reset_storage_cache()
+
+    def _check_storage(self) -> None:
+        """Refuse a run whose s3:// checkpoint store cannot work at all (no such bucket, no credentials,
+        access denied), before the run folder exists: every segment would fail alike, each retried and
+        the member replaced, and the message would come from the workers' logs. A transient failure
+        (an endpoint that does not answer now) only warns: it may pass."""
+        if self.storage is not None or not self.root.startswith("s3://"):
+            return
+        from pbt_worker.errors import PermanentStorageError
+        from pbt_worker.storage import open_storage
+
+        prefix = f"{self.root.rstrip('/')}/{self.spec.name}/"
+        with self._as_workers():
+            try:
+                open_storage(prefix).list(prefix)
+            except PermanentStorageError as e:
+                raise RunError(f"spec.storage.uri: the checkpoint store {self.root} cannot be used: {e}") from None
+            except Exception as e:  # transient (or unknown): the segments will see for themselves
+                log.warning("could not reach the checkpoint store %s before the run (%s); trying anyway", prefix, e)
+
     def _collect_at_end(self, refs: list[Ref]) -> tuple[int, tuple[str, ...]]:
         """Delete the checkpoints that became garbage after the last segment started: segments delete
         old checkpoints (the contract's gc list), and none starts after the last results, so without
@@ -160,17 +203,12 @@ class LocalRunner:
         many were deleted and the URIs that could not be (the run still succeeds: they are only space)."""
         if not refs:
             return 0, ()
-        from pbt_worker.storage import open_storage, reset_storage_cache
+        from pbt_worker.storage import open_storage
 
         uris = [checkpoint_uri(self.root, self.spec.name, r) for r in refs]
-        env = {k: str(v) for k, v in self.spec.worker.env.items()}
-        saved = {k: os.environ.get(k) for k in env}
         failed: list[str] = []
         deleted = 0
-        try:
-            if env and self.storage is None:
-                os.environ.update(env)
-                reset_storage_cache()
+        with self._as_workers():
             for uri in uris:
                 try:
                     storage = self.storage if self.storage is not None else open_storage(uri)
@@ -182,14 +220,6 @@ class LocalRunner:
                 except Exception as e:  # a leftover checkpoint is only space: say so, never fail the run
                     log.warning("could not delete the old checkpoint %s: %s", uri, e)
                     failed.append(uri)
-        finally:
-            if env and self.storage is None:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                reset_storage_cache()
         return deleted, tuple(failed)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -204,8 +234,9 @@ class LocalRunner:
     def _run(self) -> RunSummary:
         if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
             raise RunError("spec.parallelism: must be >= 1 for pbt run (got 0; 0 pauses a training on a cluster)")
+        self._check_storage()  # first, like the executor: neither problem may leave a run folder
         try:
-            executor = self._executor()  # first: an unimportable function must not leave a run folder
+            executor = self._executor()  # an unimportable function, a command that is not there
         except ValueError as e:
             raise RunError(str(e)) from None
         records, decided = self._prepare()
