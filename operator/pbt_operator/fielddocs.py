@@ -162,7 +162,8 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.worker.function", "`module:function`", "inline executor; the module is looked up next to the manifest"),
     Field("spec.worker.env", "map", "environment of the worker process", row=False),
     Field("spec.worker.workingDir", "path", "folder of the worker process (relative to the manifest)", row=False),
-    Field("spec.worker.env, workingDir", "", "environment, folder (relative to the manifest)"),
+    Field("spec.worker.env, workingDir", "", "environment (a map, or a container's `[{name, value}]` list), "
+          "folder (relative to the manifest)"),
     Field("spec.worker.pool", _alts(INLINE_POOLS), "inline executor: run the function in threads or in worker processes"),
     Field("spec.worker.warm", "bool, true", WARM),
     Field("spec.template", "PodTemplateSpec, required in Kubernetes",

@@ -487,9 +487,13 @@ def parse_spec(
         w.err("function", f"must look like module:function (got {_show(function)})")
     env = w.raw("env")
     env = {} if env is None else env
+    if (isinstance(env, list) and env and all(isinstance(e, Mapping) and set(e) == {"name", "value"} for e in env)
+            and len({e["name"] for e in env}) == len(env)):
+        env = {e["name"]: e["value"] for e in env}  # a container's form ([{name, value}]), as in spec.template
     if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) and
                                                 not isinstance(v, bool) for k, v in env.items()):
-        w.err("env", f"must map names to strings (got {_show(env)})")
+        w.err("env", f"must map names to strings, or list them as a container does ([{{name: A, value: '1'}}]; "
+                     f"no valueFrom: pbt run reads no Secrets) (got {_show(env)})")
         env = {}
     template = s.raw("template")
     if template is not None and not isinstance(template, Mapping):

@@ -598,3 +598,14 @@ def test_a_hyperparameter_yaml_turned_into_a_boolean_is_refused_saying_quote_it(
     assert "quote the name" in str(err.value) and "spec.hyperparameters." in str(err.value)
     doc["spec"]["hyperparameters"] = yaml.safe_load(f'"{text}": {{type: int, min: 1, max: 8}}')
     assert [p.name for p in parse_manifest(doc).space.params] == [text]
+
+
+def test_worker_env_in_a_containers_form(make_doc: Any) -> None:
+    """spec.worker.env may be written as in a pod template ([{name, value}]), which users copy from
+    spec.template; anything else in list form is still refused with the field named."""
+    spec = parse_manifest(make_doc({"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": 2}]}}))
+    assert dict(spec.worker.env) == {"A": "1", "B": "2"}
+    for bad in ([{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+                [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]):
+        with pytest.raises(SpecError, match=r"spec\.worker\.env: must map names to strings"):
+            parse_manifest(make_doc({"worker": {"env": bad}}))
