@@ -187,7 +187,7 @@ class LocalRunner:
         prefix = f"{self.root.rstrip('/')}/{self.spec.name}/"
         with self._as_workers():
             try:
-                open_storage(prefix).list(prefix)
+                open_storage(prefix).exists(prefix)  # one GET: a resumed run's prefix may hold many objects
             except PermanentStorageError as e:
                 raise RunError(f"spec.storage.uri: the checkpoint store {self.root} cannot be used: {e}") from None
             except Exception as e:  # transient (or unknown): the segments will see for themselves
