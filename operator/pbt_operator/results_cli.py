@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .core.display import fmt_hp, fmt_value
 from .results_source import (
     ReplayStep,
     RunData,
@@ -28,14 +29,8 @@ from .results_source import (
 )
 from .spec import load_manifest
 
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _hp(hp: Mapping[str, Any], limit: int = 80) -> str:
-    s = " ".join(f"{k}={_fmt(v)}" for k, v in hp.items())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+# The results commands' tables have room for more than `pbt run`'s progress table (fmt_hp's 48).
+HP_WIDTH = 80
 
 
 def remember_manifest(run_dir: Path, manifest: str, doc: Mapping[str, Any], name: str,
@@ -84,8 +79,8 @@ def status_lines(run: RunData) -> list[str]:
             hp = ""
         else:
             parent = f"m{rec.suggestion.restore[0]}/s{rec.suggestion.restore[1]}" if rec.suggestion.restore else "-"
-            row = f"{m:>5}{mark} {rec.segment:>4} {rec.steps_end:>7} {_fmt(rec.score):>10} {parent:<9} "
-            hp = _hp(rec.suggestion.hyperparameters)
+            row = f"{m:>5}{mark} {rec.segment:>4} {rec.steps_end:>7} {fmt_value(rec.score):>10} {parent:<9} "
+            hp = fmt_hp(rec.suggestion.hyperparameters, HP_WIDTH)
         if has_phase:
             info = run.members.get(m)
             row += f"{(info.phase if info and info.phase else '-'):<8} "
@@ -94,7 +89,7 @@ def status_lines(run: RunData) -> list[str]:
     if best is None:
         out.append("best: none yet (no finished segment)")
         return out
-    out.append(f"best: member {best.member} segment {best.segment} {spec.objective.metric}={_fmt(best.score)} "
+    out.append(f"best: member {best.member} segment {best.segment} {spec.objective.metric}={fmt_value(best.score)} "
                f"at step {best.steps_end}")
     out.append(f"checkpoint: {run.checkpoint(best.ref)}")
     out.append("best lineage (the schedule that produced it):")
@@ -102,7 +97,7 @@ def status_lines(run: RunData) -> list[str]:
     for s in run.schedule(best.ref):
         rng = f"{s['steps_start']}-{s['steps_end']}"
         out.append(f"  {rng:>15}  {'m' + str(s['member']):>6} {s['segment']:>4} {s['kind']:<8} "
-                   f"{_fmt(s['score']):>10}  {_hp(s['hyperparameters'])}")
+                   f"{fmt_value(s['score']):>10}  {fmt_hp(s['hyperparameters'], HP_WIDTH)}")
     return out
 
 
@@ -260,8 +255,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     def show(st: ReplayStep) -> None:
         diff = (st.score - st.population_score) if st.score is not None and st.population_score is not None else None
         print(f"{st.index:>4} {f'{st.steps_start}-{st.steps_end}':>13} {'m' + str(st.member):>6} {st.segment:>4} "
-              f"{_fmt(st.population_score):>11} {_fmt(st.score) if st.error is None else 'FAILED':>11} "
-              f"{_fmt(diff) if diff is not None else '-':>10}  {_hp(st.hyperparameters, 60)}", flush=True)
+              f"{fmt_value(st.population_score):>11} {fmt_value(st.score) if st.error is None else 'FAILED':>11} "
+              f"{fmt_value(diff) if diff is not None else '-':>10}  {fmt_hp(st.hyperparameters, 60)}", flush=True)
         if st.error:
             print(f"     error: {st.error}", flush=True)
 
@@ -272,8 +267,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 1
     pop = schedule[-1].get("score")
     diff = last.score - pop if last.score is not None and pop is not None else None
-    print(f"replayed {metric}: {_fmt(last.score)}  population's: {_fmt(pop)}  "
-          f"difference: {_fmt(diff) if diff is not None else '-'}  ({out}/replay.json)")
+    print(f"replayed {metric}: {fmt_value(last.score)}  population's: {fmt_value(pop)}  "
+          f"difference: {fmt_value(diff) if diff is not None else '-'}  ({out}/replay.json)")
     if args.tolerance is not None and (diff is None or abs(diff) > args.tolerance):
         print(f"pbt replay: the replay differs from the population by more than {args.tolerance:g}", file=sys.stderr)
         return 1

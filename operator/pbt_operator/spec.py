@@ -38,6 +38,7 @@ from .core.choices import (
     OnSuspend,
     scheme_pattern,
 )
+from .core.display import shorten
 from .core.space import Param, Space, Value
 from .core.types import Pb2Settings
 
@@ -265,7 +266,7 @@ class _Fields:
 
 def _show(v: object) -> str:
     s = repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
-    return s if len(s) <= 60 else s[:57] + "..."
+    return shorten(s, 60)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..checkpoints import checkpoint_ref, checkpoint_uri
 from ..contract import parse_result
-from ..core.display import describe_change
+from ..core.display import describe_change, shorten
 from ..core.engine import Counters, Engine
 from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild, still_listable, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
@@ -182,8 +182,8 @@ def failure_text(msg: str, limit: int = 300) -> str:
         report = None
     if isinstance(report, dict) and isinstance(report.get("error"), str):
         text = report["error"].strip()
-        return text if len(text) <= limit else text[:limit - 3] + "..."
-    return msg[-limit:]
+        return shorten(text, limit)
+    return shorten(msg, limit, keep_end=True)
 
 
 POD_JOB_LABEL = "batch.kubernetes.io/job-name"  # set on every pod by the Job controller

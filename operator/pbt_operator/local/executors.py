@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..contract import GC_FAILED, parse_result
+from ..core.display import shorten
 from ..core.types import SegmentResult, Suggestion
 from .warm import WarmWorker, python_for, warm_target
 
@@ -490,5 +491,4 @@ def _tail(path: Path, limit: int = 300) -> str:
         return "(no log)"
     if not data:
         return "(no output)"
-    line = data[-1]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return shorten(data[-1], limit)
