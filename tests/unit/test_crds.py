@@ -30,6 +30,9 @@ def test_training_crd_shape() -> None:
     # Failed is told from starting in plain `kubectl get pbt` (both read Ready False, Succeeded False)
     phase = next(c for c in v["additionalPrinterColumns"] if c["name"] == "Phase")
     assert phase["jsonPath"] == ".status.phase" and phase.get("priority", 0) == 0
+    # `kubectl get pbt -o wide` says why a training is not Ready (Unschedulable, WaitingForAdmission...)
+    reason = next(c for c in v["additionalPrinterColumns"] if c["name"] == "Reason")
+    assert reason["jsonPath"] == '.status.conditions[?(@.type=="Ready")].reason' and reason["priority"] == 1
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.population == oldSelf.population" in rules

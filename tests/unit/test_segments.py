@@ -278,6 +278,33 @@ def test_pass_sets_the_deadline_from_the_trainers_start_and_reports_waits() -> N
     assert ready["status"] == "False" and ready["reason"] == C.UNSCHEDULABLE and msg in ready["message"]
 
 
+def test_segments_that_cannot_be_scheduled_say_why_on_the_training_even_while_others_train() -> None:
+    """Three of four members' pods are Unschedulable: the training's Ready and Progressing messages
+    said only "1 segments running, 3 waiting to start, ..." (the why was on the members and in
+    SegmentsStarted alone, which `kubectl get pbt` does not show)."""
+    t, members, jobs = started_world(population=4, parallelism=4)
+    msg = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    unsched = {"status": "False", "reason": "Unschedulable", "message": msg}
+    pods = [running_pod(jobs[0], at(40), "p0"),
+            *(pod(j["metadata"]["name"], uid=f"p{i}", scheduled=unsched) for i, j in enumerate(jobs) if i)]
+    st = plan(t, members, jobs, pods, at(45)).status
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Running" and st["running"] == 1 and st["waiting"] == 3
+    ready, progressing = conds[C.READY], conds[C.PROGRESSING]
+    assert ready["status"] == "True" and ready["reason"] == C.SEGMENTS_RUNNING  # one segment trains
+    assert ready["message"] == ("1 segments running, 3 waiting to start, 0 queued, 0/12 done: "
+                                f"3 Unschedulable (m001, m002, m003): {msg}"), ready
+    assert progressing["message"] == ready["message"]
+    assert conds[C.SEGMENTS_STARTED]["reason"] == C.UNSCHEDULABLE
+    # all four wait: not Ready, with the scheduler's reason (what `kubectl get pbt -o wide` shows as REASON)
+    pods[0] = pod(jobs[0]["metadata"]["name"], uid="p0", scheduled=unsched)
+    st = plan(t, members, jobs, pods, at(45)).status
+    ready = next(c for c in st["conditions"] if c["type"] == C.READY)
+    assert st["phase"] == "Running" and st["running"] == 0 and st["waiting"] == 4
+    assert ready["status"] == "False" and ready["reason"] == C.UNSCHEDULABLE
+    assert ready["message"].endswith(f"4 Unschedulable (m000, m001, m002, m003): {msg}"), ready
+
+
 def test_timed_out_segment_fails_with_deadline_exceeded() -> None:
     t, members, jobs = started_world(failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
     j = jobs[0]

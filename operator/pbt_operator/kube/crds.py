@@ -319,8 +319,8 @@ def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: li
     }
 
 
-def _cond(type_: str) -> str:
-    return f'.status.conditions[?(@.type=="{type_}")].status'
+def _cond(type_: str, field: str = "status") -> str:
+    return f'.status.conditions[?(@.type=="{type_}")].{field}'
 
 
 # Member and Job names are derived from the training's (NAME-m000-s00000-a0, a label value on its pods:
@@ -359,6 +359,9 @@ def training_crd() -> dict[str, Any]:
         # starting and for one that failed (InvalidSpec, a segment out of retries).
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        # `kubectl get pbt -o wide`: why it is (not) Ready, e.g. Unschedulable when no segment trains
+        # because none can be scheduled, WaitingForAdmission, InvalidSpec, SegmentsRunning.
+        {"name": "Reason", "type": "string", "priority": 1, "jsonPath": _cond("Ready", "reason")},
     ]
     return _crd("PopulationTraining", "populationtrainings", "pbt", schema, cols, scale=True)
 

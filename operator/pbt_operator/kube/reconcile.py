@@ -1043,12 +1043,14 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         phase = "Running"
         msg = (f"{running} segments running, {len(waits or {})} waiting to start, {queued} queued, "
                f"{st.done_segments}/{st.total_segments} done")
-        if running or not waits:
-            reason = C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS
-            ready = (True, reason, msg)
-        else:  # nothing trains and something waits: not Ready, and say why
+        if not waits:
+            ready = (True, C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS, msg)
+        else:
             reason, why = S.summarize(waits)
-            ready = (False, reason, f"{msg}: {why}")
+            if running:  # some segments train: Ready, and the ones that cannot start say why here too
+                ready = (True, C.SEGMENTS_RUNNING, f"{msg}: {why}")
+            else:  # nothing trains and something waits: not Ready, and say why
+                ready = (False, reason, f"{msg}: {why}")
         conds = _set_all(conds, now, generation, ready=ready, progressing=(True, ready[1], ready[2]),
                          succeeded=(False, C.NOT_FINISHED, "training in progress"),
                          failed=(False, C.NO_FAILURE, "no failure"))
