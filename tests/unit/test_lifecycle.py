@@ -221,6 +221,12 @@ def test_conditions_for_waits_and_refusals() -> None:
     assert lifecycle.jobs_accepted(t, None, False, C.QUOTA_EXCEEDED, "exceeded quota", "t") is None
     back = lifecycle.jobs_accepted(t, None, True, C.ACCEPTED, "ok", "t2")
     assert back is not None and next(x for x in back["conditions"] if x["type"] == C.JOBS_ACCEPTED)["status"] == "True"
+    # after a refusal, JobsAccepted=True names the Job the API server took ("segment Jobs are accepted"
+    # under the reason Accepted said nothing more)
+    assert lifecycle.accepted_again(["toy-m000-s00001-a0"]) == (
+        "the API server accepts this training's segment Jobs again: it created toy-m000-s00001-a0")
+    assert lifecycle.accepted_again(["a", "b", "c"]).endswith("it created a and 2 more")
+    assert lifecycle.accepted_again([]) == "the API server accepts this training's segment Jobs again"
 
     st, evs = lifecycle.invalid_spec(training_obj(), "spec.template...: Invalid value", "t")
     assert st["phase"] == "Failed" and [e.reason for e in evs] == [C.EV_INVALID]

@@ -20,13 +20,15 @@ from pbt_operator.kube.reconcile import (
     decision_events,
     finish_pass,
     invalid_spec,
+    no_failure_message,
+    not_finished_message,
     parse_training,
     rebuild_pass,
     tell_finished_jobs,
     write_member_statuses,
     write_members,
 )
-from pbt_operator.spec import SpecError
+from pbt_operator.spec import SpecError, parse_spec
 from test_reconcile import FakeCluster, drive, training_obj
 
 
@@ -138,7 +140,9 @@ def test_decision_events() -> None:
     assert "h0" in events[4].message and events[4].message.endswith("(continue; retune: pb2)")
     assert events[0].message == "member 1 copies member 0 checkpoint s1 (score 0.3): why"
     assert events[1].message.endswith(" (how)") and "->" in events[1].message
-    assert events[2].message == "segment 1 retried (attempt 1)"
+    # which attempt runs and under what policy, not "segment 1 retried" under the reason SegmentRetried
+    assert events[2].message == ("segment 1 runs again as attempt 1, from the same checkpoint with the same "
+                                 "hyperparameters (spec.failurePolicy.maxRetries: 2)")
 
 
 def test_write_members_creates_and_patches_only_what_changed() -> None:
@@ -220,10 +224,56 @@ def test_finish_pass_announces_the_end_once() -> None:
     drive(c, random.Random(0))
     assert c.training["status"]["phase"] == "Succeeded"
     done = [e for e in c.events if e.reason == C.EV_COMPLETED]
-    assert len(done) == 1 and done[0].message.startswith("budget exhausted; best member")
+    # how the budget ended it (the finish's own message), not "budget exhausted"
+    assert len(done) == 1 and done[0].message.startswith("BudgetExhausted: every member trained 1 segment; best member")
     conds = {x["type"]: x for x in c.training["status"]["conditions"]}
     assert conds[C.SUCCEEDED]["reason"] == "BudgetExhausted"
     assert conds[C.SUCCEEDED]["message"] == "every member trained 1 segment"
     p = pass_of(c)
     finish_pass(p)
     assert p.out.done and p.out.events == [] and not p.out.status_changed
+
+
+def _words(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalpha())
+
+
+def test_condition_messages_say_more_than_their_reason() -> None:
+    """Succeeded=False read "NotFinished: training in progress" and Failed=False "NoFailure: no
+    failure" on every running training; the Resumed Event said "training resumed"."""
+    c = running_cluster()
+    conds = {x["type"]: x for x in c.training["status"]["conditions"]}
+    assert conds[C.SUCCEEDED]["reason"] == C.NOT_FINISHED
+    assert conds[C.SUCCEEDED]["message"] == ("0/24 segments done; it ends when every member has trained 4 segments "
+                                             "(spec.budget.segments)")
+    assert conds[C.FAILED]["reason"] == C.NO_FAILURE
+    assert conds[C.FAILED]["message"] == ("no segment attempt failed; a failed segment is retried 2 times "
+                                          "(spec.failurePolicy.maxRetries), then its member is replaced "
+                                          "(onExhausted: replace)")
+    for x in conds.values():
+        assert _words(x["message"]) not in (_words(x["reason"]), ""), x
+    # paused and resumed: the Resumed Event says what starts now
+    c.training["spec"]["suspend"] = True
+    c.reconcile()
+    c.training["spec"]["suspend"] = False
+    c.reconcile()
+    resumed = [e for e in c.events if e.reason == C.EV_RESUMED]
+    assert [e.message for e in resumed] == ["training resumed: up to 3 segments run at once again (spec.parallelism); "
+                                            "0/24 segments done"]
+    # finished: how many attempts failed (the policy no longer matters)
+    c = FakeCluster(training_obj(population=2, parallelism=2, budget={"segments": 1}))
+    drive(c, random.Random(0))
+    failed = next(x for x in c.training["status"]["conditions"] if x["type"] == C.FAILED)
+    assert failed["reason"] == C.NO_FAILURE and failed["message"] == "no segment attempt failed"
+
+
+def test_not_finished_and_no_failure_messages_name_what_ends_it_and_what_failed() -> None:
+    spec = parse_spec({**training_obj(budget={"segments": 1, "targetScore": 0.95, "patience": 3},
+                                      failurePolicy={"maxRetries": 1, "onExhausted": "fail"})["spec"]}, name="toy")
+    assert not_finished_message(spec, 5, 6) == (
+        "5/6 segments done; it ends when every member has trained 1 segment (spec.budget.segments), or a member "
+        "reaches 0.95 (spec.budget.targetScore), or the best score has not improved for 3 generations "
+        "(spec.budget.patience)")
+    assert no_failure_message(spec, 1) == ("1 segment attempt failed, none fatal; a failed segment is retried 1 time "
+                                           "(spec.failurePolicy.maxRetries), then the training fails (onExhausted: fail)")
+    assert no_failure_message(spec, 3, finished=True) == "3 segment attempts failed, none fatal"

@@ -208,7 +208,8 @@ def reconcile_once(ns: str, name: str, collected: set[tuple[int, int]],
         _accepted(a, training, p.status, False, lifecycle.refusal_reason(err),
                   f"the API server refused Job {job['metadata']['name']}: {err.summary()}", None)
     elif p.create_jobs:
-        _accepted(a, training, p.status, True, C.ACCEPTED, "segment Jobs are accepted", None)
+        _accepted(a, training, p.status, True, C.ACCEPTED,
+                  lifecycle.accepted_again([j["metadata"]["name"] for j in p.create_jobs]), None)
     return p.done, again, p
 
 

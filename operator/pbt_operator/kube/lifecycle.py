@@ -69,6 +69,15 @@ def jobs_accepted(training: Mapping[str, Any], status: Mapping[str, Any] | None,
     return {"conditions": C.set_condition(conds, C.JOBS_ACCEPTED, ok, reason, message, now, gen)}
 
 
+def accepted_again(job_names: Sequence[str]) -> str:
+    """JobsAccepted=True after a refusal (the condition is only written then): which Job the API server
+    took, rather than "segment Jobs are accepted" under the reason Accepted."""
+    if not job_names:
+        return "the API server accepts this training's segment Jobs again"
+    more = f" and {len(job_names) - 1} more" if len(job_names) > 1 else ""
+    return f"the API server accepts this training's segment Jobs again: it created {job_names[0]}{more}"
+
+
 def refusal_reason(err: ApiError) -> str:
     return C.QUOTA_EXCEEDED if err.quota else C.JOB_REFUSED
 
@@ -99,7 +108,7 @@ def refused_segment(member: Mapping[str, Any], member_status: Mapping[str, Any] 
     return st, ev
 
 
-__all__ = ["invalid_spec", "jobs_accepted", "refusal_reason", "refused_segment", "waiting_for_leftovers"]
+__all__ = ["accepted_again", "invalid_spec", "jobs_accepted", "refusal_reason", "refused_segment", "waiting_for_leftovers"]
 
 
 def refused_this_generation(training: Mapping[str, Any]) -> bool:

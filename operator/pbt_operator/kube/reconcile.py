@@ -651,8 +651,7 @@ def decision_events(p: Pass) -> list[EventSpec]:
         s = d.suggestion
         mname = member_name(p.name, s.member)
         if d.retry:  # a retry repeats its decision (exploit, replace...): do not announce it again
-            events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED,
-                                    f"segment {s.segment} retried (attempt {s.attempt})"))
+            events.append(EventSpec(mname, "Warning", C.EV_SEGMENT_RETRIED, retried_message(s, p.spec)))
         elif s.kind == "exploit" and s.donor is not None:
             events.append(EventSpec(mname, "Normal", C.EV_EXPLOITED,
                                     f"member {s.member} copies member {s.donor} checkpoint s{s.restore[1] if s.restore else '?'} "
@@ -918,7 +917,7 @@ def finish_pass(p: Pass) -> None:
     if paused != (old_status.get("phase") == "Suspended") and not out.done and (paused or old_status):
         why = "spec.suspend is true" if p.spec.suspend else "spec.parallelism is 0"
         out.events.append(EventSpec("training", "Normal", C.EV_SUSPENDED if paused else C.EV_RESUMED,
-                                    f"training paused: {why}" if paused else "training resumed"))
+                                    f"training paused: {why}" if paused else resumed_message(p.spec, out.status)))
     fin = engine.outcome
     if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed") and left:
         out.events.append(EventSpec("training", "Normal", C.EV_CHECKPOINTS_LEFT, (
@@ -930,9 +929,9 @@ def finish_pass(p: Pass) -> None:
             out.events.append(EventSpec("training", "Warning", C.EV_FAILED, str(fin)))
         else:
             b = engine.best
+            # str(fin): "BudgetExhausted: every member trained 20 segments", not "budget exhausted" alone
             out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
-                                        f"{engine.finished or 'budget exhausted'}; best member {b.member if b else '-'} "
-                                        f"score {b.score if b else '-'}"))
+                                        f"{fin}; best member {b.member if b else '-'} score {b.score if b else '-'}"))
 
 
 LEFTOVERS_LISTED = 20  # URIs in status.leftoverCheckpoints (the count is exact)
@@ -1002,6 +1001,46 @@ def _failed_but_running(jobs: Iterable[Mapping[str, Any]], members: Mapping[int,
     return out
 
 
+# Messages of conditions and Events that have no news of their own to tell: they say what the reason
+# does not (how far along, what ends it, what happens next), instead of restating it ("no failure"
+# under NoFailure, "training in progress" under NotFinished, "training resumed" under Resumed).
+def not_finished_message(spec: TrainingSpec, done: int, total: int) -> str:
+    """Succeeded=False (NotFinished) while it runs: how far along, and what ends it."""
+    b = spec.budget
+    ends = [f"every member has trained {b.segments} segment{'s' if b.segments != 1 else ''} (spec.budget.segments)"]
+    if b.target_score is not None:
+        ends.append(f"a member reaches {b.target_score:g} (spec.budget.targetScore)")
+    if b.patience is not None:
+        ends.append(f"the best score has not improved for {b.patience} generations (spec.budget.patience)")
+    return f"{done}/{total} segments done; it ends when " + ", or ".join(ends)
+
+
+def no_failure_message(spec: TrainingSpec, failures: int, finished: bool = False) -> str:
+    """Failed=False (NoFailure): how many attempts failed so far, and what a failure leads to."""
+    so_far = ("no segment attempt failed" if not failures
+              else f"{failures} segment attempt{'s' if failures != 1 else ''} failed, none fatal")
+    if finished:
+        return so_far
+    fp = spec.failure_policy
+    then = "its member is replaced" if fp.on_exhausted == "replace" else "the training fails"
+    return (f"{so_far}; a failed segment is retried {fp.max_retries} time{'s' if fp.max_retries != 1 else ''} "
+            f"(spec.failurePolicy.maxRetries), then {then} (onExhausted: {fp.on_exhausted})")
+
+
+def retried_message(s: Suggestion, spec: TrainingSpec) -> str:
+    """The SegmentRetried Event: which attempt runs, from what, and the policy that allows it (the
+    SegmentFailed Event just before it says why the last one failed)."""
+    r = spec.failure_policy.max_retries
+    return (f"segment {s.segment} runs again as attempt {s.attempt}, from the same checkpoint with the same "
+            f"hyperparameters (spec.failurePolicy.maxRetries: {r})")
+
+
+def resumed_message(spec: TrainingSpec, status: Mapping[str, Any]) -> str:
+    """The Resumed Event: what starts now."""
+    return (f"training resumed: up to {spec.parallelism} segments run at once again (spec.parallelism); "
+            f"{status.get('segmentsDone', 0)}/{status.get('segmentsTotal', 0)} segments done")
+
+
 def _set_all(conds: list[dict[str, Any]], now: str, gen: int | None, **kv: tuple[bool, str, str]) -> list[dict[str, Any]]:
     names = {"ready": C.READY, "progressing": C.PROGRESSING, "succeeded": C.SUCCEEDED, "failed": C.FAILED}
     for key, (status, reason, msg) in kv.items():
@@ -1030,15 +1069,16 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         # Ready is False once finished (API conventions: nothing is running or served any more);
         # Succeeded=True says how it ended.
         conds = _set_all(conds, now, generation, ready=(False, C.COMPLETED, msg), progressing=(False, reason, msg),
-                         succeeded=(True, reason, msg), failed=(False, C.NO_FAILURE, "no failure"))
+                         succeeded=(True, reason, msg),
+                         failed=(False, C.NO_FAILURE, no_failure_message(spec, engine.failure_count, True)))
     elif spec.suspend or spec.parallelism == 0:
         phase = "Suspended"
         reason = C.SUSPENDED if spec.suspend else C.SCALED_TO_ZERO
         msg = (f"{'spec.suspend is true' if spec.suspend else 'spec.parallelism is 0'}: no segment starts; "
                f"{running} still running, {st.done_segments}/{st.total_segments} done")
         conds = _set_all(conds, now, generation, ready=(False, reason, msg), progressing=(False, reason, msg),
-                         succeeded=(False, C.NOT_FINISHED, "training in progress"),
-                         failed=(False, C.NO_FAILURE, "no failure"))
+                         succeeded=(False, C.NOT_FINISHED, not_finished_message(spec, st.done_segments, st.total_segments)),
+                         failed=(False, C.NO_FAILURE, no_failure_message(spec, engine.failure_count)))
     else:
         phase = "Running"
         msg = (f"{running} segments running, {len(waits or {})} waiting to start, {queued} queued, "
@@ -1052,8 +1092,8 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
             else:  # nothing trains and something waits: not Ready, and say why
                 ready = (False, reason, f"{msg}: {why}")
         conds = _set_all(conds, now, generation, ready=ready, progressing=(True, ready[1], ready[2]),
-                         succeeded=(False, C.NOT_FINISHED, "training in progress"),
-                         failed=(False, C.NO_FAILURE, "no failure"))
+                         succeeded=(False, C.NOT_FINISHED, not_finished_message(spec, st.done_segments, st.total_segments)),
+                         failed=(False, C.NO_FAILURE, no_failure_message(spec, engine.failure_count)))
     if waits:
         w_reason, w_msg = S.summarize(waits)
         conds = C.set_condition(conds, C.SEGMENTS_STARTED, False, w_reason, w_msg, now, generation)
@@ -1091,6 +1131,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
 
 
 __all__ = ["EventSpec", "Pass", "Plan", "admit_segments", "decision_events", "events_wanted", "finish_pass",
-           "invalid_spec", "job_event_matters", "job_outcome", "parse_training", "plan", "pod_event_matters",
-           "pods_by_job", "rebuild_pass", "segment_outcome", "stop_segments", "tell_finished_jobs", "training_status",
+           "invalid_spec", "job_event_matters", "job_outcome", "no_failure_message", "not_finished_message",
+           "parse_training", "plan", "pod_event_matters", "pods_by_job", "rebuild_pass", "resumed_message",
+           "retried_message", "segment_outcome", "stop_segments", "tell_finished_jobs", "training_status",
            "watch_segments", "world_selectors", "write_member_statuses", "write_members"]
