@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import yaml
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube.builders import build_member, member_status
-from pbt_operator.kube.crds import render, training_crd
+from pbt_operator.kube.crds import (
+    SCHEMA_ANNOTATION,
+    all_crds,
+    expected_fingerprints,
+    render,
+    schema_fingerprint,
+    training_crd,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,3 +81,34 @@ def test_build_member_and_status() -> None:
     st = member_status(sug, [], "Queued")
     assert st["summary"] == "lr=0.1 opt=adam" and st["parent"] == "-" and st["phase"] == "Queued"
     assert "score" not in st
+
+
+def test_each_crd_carries_the_fingerprint_of_its_spec() -> None:
+    """`helm upgrade` never updates CRDs: the operator tells an outdated one by this annotation."""
+    fps = expected_fingerprints()
+    assert sorted(fps) == ["populationmembers.pbt.dev", "populationtrainings.pbt.dev"]
+    for crd in all_crds():
+        fp = crd["metadata"]["annotations"][SCHEMA_ANNOTATION]
+        assert SCHEMA_ANNOTATION == "pbt.dev/schema" and len(fp) == 16 and int(fp, 16) >= 0
+        assert fp == schema_fingerprint(crd["spec"]) == fps[crd["metadata"]["name"]]
+    for fname, text in render().items():  # and the files kubectl and helm install carry it
+        crd = yaml.safe_load(text)
+        assert crd["metadata"]["annotations"][SCHEMA_ANNOTATION] == fps[crd["metadata"]["name"]], fname
+    assert len(set(fps.values())) == 2
+
+
+def test_fingerprint_changes_with_any_schema_change_and_not_with_key_order() -> None:
+    spec = training_crd()["spec"]
+    fp = schema_fingerprint(spec)
+    assert schema_fingerprint(json.loads(json.dumps(spec, sort_keys=True))) == fp  # canonical: key order ignored
+    assert schema_fingerprint(dict(reversed(list(spec.items())))) == fp
+    pb2 = copy.deepcopy(spec)
+    props = pb2["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    del props["explore"]["properties"]["pb2"]["properties"]["retune"]  # a field an older version lacked
+    assert schema_fingerprint(pb2) != fp
+    cols = copy.deepcopy(spec)
+    cols["versions"][0]["additionalPrinterColumns"].pop()  # not only the schema: printer columns too
+    assert schema_fingerprint(cols) != fp
+    desc = copy.deepcopy(spec)
+    desc["versions"][0]["schema"]["openAPIV3Schema"]["description"] += "."
+    assert schema_fingerprint(desc) != fp

@@ -8,11 +8,19 @@ come from core/choices.py as the spec's do, so most bad manifests are refused by
 itself; the operator still parses every object with the spec model and marks anything the schema let
 through as Failed with the field named. A test applies a corpus of manifests to a real API server and
 checks that the two agree.
+
+Each generated CRD carries a fingerprint of its whole spec (schema, names, printer columns,
+subresources) in the annotation `pbt.dev/schema`. `helm upgrade` never updates a chart's CRDs, and an API
+server pruning spec fields that an old schema does not know says nothing, so the operator compares the
+installed CRDs' annotation with `expected_fingerprints()` at start-up (kube/crdcheck.py). Both sides come
+from this generator: nothing is stored that could go stale.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +44,7 @@ from ..fielddocs import CONDITION_FIELDS, MEMBER_FIELDS, crd_description
 GROUP = "pbt.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+SCHEMA_ANNOTATION = f"{GROUP}/schema"  # metadata.annotations key of the generated CRDs' fingerprint
 
 _str: dict[str, Any] = {"type": "string", "minLength": 1}
 _int: dict[str, Any] = {"type": "integer"}
@@ -300,23 +309,31 @@ def _crd(kind: str, plural: str, short: str, schema: dict[str, Any], columns: li
         # status.selector selects the training's segment pods, so an HPA or KEDA can read their metrics.
         subresources["scale"] = {"specReplicasPath": ".spec.parallelism", "statusReplicasPath": ".status.running",
                                  "labelSelectorPath": ".status.selector"}
+    spec = {
+        "group": GROUP,
+        "scope": "Namespaced",
+        "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                  "shortNames": [short], "categories": ["pbt-all"]},
+        "versions": [{
+            "name": VERSION, "served": True, "storage": True,
+            "schema": {"openAPIV3Schema": schema},
+            "subresources": subresources,
+            "additionalPrinterColumns": columns,
+        }],
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
-                      "shortNames": [short], "categories": ["pbt-all"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": schema},
-                "subresources": subresources,
-                "additionalPrinterColumns": columns,
-            }],
-        },
+        "metadata": {"name": f"{plural}.{GROUP}", "annotations": {SCHEMA_ANNOTATION: schema_fingerprint(spec)}},
+        "spec": spec,
     }
+
+
+def schema_fingerprint(crd_spec: dict[str, Any]) -> str:
+    """A short sha256 of a CRD's spec as canonical JSON (sorted keys, no spaces): any change to the schema,
+    names, printer columns or subresources changes it. 16 hex digits: 64 bits, to tell versions apart."""
+    canonical = json.dumps(crd_spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _cond(type_: str, field: str = "status") -> str:
@@ -390,6 +407,11 @@ def member_crd() -> dict[str, Any]:
 
 def all_crds() -> list[dict[str, Any]]:
     return [training_crd(), member_crd()]
+
+
+def expected_fingerprints() -> dict[str, str]:
+    """CRD name -> the fingerprint this version of the operator generates (and expects installed)."""
+    return {c["metadata"]["name"]: c["metadata"]["annotations"][SCHEMA_ANNOTATION] for c in all_crds()}
 
 
 def render() -> dict[str, str]:
