@@ -89,6 +89,21 @@ class Api:
         self.members = MemberCache(lambda ns, **kw: watcher.list_namespaced_custom_object(
             GROUP, VERSION, ns, MEMBERS, **kw), on_member_deleted)
 
+    def crds(self, names: list[str]) -> dict[str, dict[str, Any] | None]:
+        """The CustomResourceDefinitions of these names (None: not installed). A 403 is raised (the
+        caller decides: the namespaced chart may not grant this read)."""
+        ext = client.ApiextensionsV1Api(self.custom.api_client)
+        out: dict[str, dict[str, Any] | None] = {}
+        for name in names:
+            try:
+                resp: Any = ext.read_custom_resource_definition(name, _preload_content=False)
+                out[name] = cast(dict[str, Any], json.loads(resp.data))
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                out[name] = None
+        return out
+
     def training(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
             return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, TRAININGS, name))

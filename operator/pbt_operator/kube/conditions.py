@@ -74,6 +74,9 @@ EV_RESUMED = "Resumed"
 EV_CHECKPOINTS_LEFT = "CheckpointsLeft"  # the training ended with collectable checkpoints no segment deleted
 EV_CHECKPOINT_DELETE_FAILED = "CheckpointDeleteFailed"  # a segment saved but some of its gc deletes failed
 EV_WRITE_REFUSED = "WriteRefused"  # the API server refused a pass's write (a webhook, a schema rule): it retries
+# An installed CRD is not the one this operator was generated with (kube/crdcheck.py): posted once per
+# training per operator start, with the command that installs the right ones.
+EV_CRD_OUTDATED = "CRDOutdated"
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool, reason: str, message: str,

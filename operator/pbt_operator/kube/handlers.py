@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from ..spec import SpecError, parse_spec
-from . import builders, lifecycle, metrics
+from . import builders, crdcheck, lifecycle, metrics
 from . import conditions as C
 from .admission import cluster_problems, probe_job, probe_pod
 from .api import Api, World, load_config
@@ -135,6 +136,46 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # own; the highest one works, the others stand by and take over when it leaves or its lease expires.
         settings.peering.priority = random.SystemRandom().randrange(1, 2**31)
     metrics.start_server_from_env()
+
+
+OUTDATED_CRDS: list[crdcheck.OutdatedCrd] = []  # what the start-up check found (empty: current, or not checked)
+_CRD_WARNED: set[str] = set()  # UIDs of the trainings told about OUTDATED_CRDS since this start
+
+
+@kopf.on.startup(id="crd-check")
+def check_crds(**_: Any) -> None:
+    """An installed CRD that is not this version's (`helm upgrade` leaves the old ones) is logged as an ERROR
+    with the command that fixes it, and each training gets a CRDOutdated Warning (training_daemon). The
+    operator keeps running: refusing to start would stop every training, including those the difference
+    does not touch. Never fails: without permission to read CRDs the check is skipped, saying so."""
+    chart = os.environ.get("PBT_CHART_VERSION") or None
+    try:
+        installed = api().crds(list(crdcheck.EXPECTED))
+    except ApiException as e:
+        if e.status == 403:
+            log.warning("CRD version check skipped: no permission to get customresourcedefinitions "
+                        "(the chart's ClusterRole grants it for %s); after an upgrade, apply the new CRDs "
+                        "yourself: %s", ", ".join(crdcheck.EXPECTED), crdcheck.fix_command(chart))
+        else:
+            log.warning("CRD version check skipped: reading the CRDs failed: %s", classify(e).summary())
+        return
+    except Exception as e:  # the check must never stop the operator
+        log.warning("CRD version check skipped: reading the CRDs failed: %s", e)
+        return
+    OUTDATED_CRDS[:] = crdcheck.outdated(installed)
+    for crd in OUTDATED_CRDS:
+        log.error("%s", crdcheck.log_message(crd, chart))
+    if not OUTDATED_CRDS:
+        log.info("CRDs are this version's: %s", ", ".join(f"{n} {v}" for n, v in crdcheck.EXPECTED.items()))
+
+
+def _warn_outdated_crds(body: dict[str, Any]) -> None:
+    uid = body.get("metadata", {}).get("uid", "")
+    if not OUTDATED_CRDS or uid in _CRD_WARNED:
+        return
+    _CRD_WARNED.add(uid)
+    msg = crdcheck.event_message(OUTDATED_CRDS, os.environ.get("PBT_CHART_VERSION") or None)
+    _post(body, {}, EventSpec("training", "Warning", C.EV_CRD_OUTDATED, msg[:1000]))
 
 
 def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: EventSpec) -> None:
@@ -296,6 +337,7 @@ async def training_daemon(name: str, namespace: str, stopped: kopf.DaemonStopped
     collected: set[tuple[int, int]] = set()
     box = CacheBox()
     failures = 0
+    _warn_outdated_crds(dict(body))
     try:
         while not stopped:
             wake.clear()
