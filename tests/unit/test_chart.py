@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pbt_operator.kube.crds import expected_fingerprints
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pbt-operator"
@@ -60,12 +61,23 @@ NEEDED = {
 # trainings). Nothing else may be deleted.
 DELETABLE = {("batch", "jobs", "delete")}
 # Also granted, on purpose: update on the owners' finalizers (ownerReferences with blockOwnerDeletion
-# under OwnerReferencesPermissionEnforcement), kopf's CRD watch (cluster-wide), kopf peerings (replicas > 1).
+# under OwnerReferencesPermissionEnforcement), kopf's CRD watch (cluster-wide), kopf peerings (replicas > 1),
+# and get of our own two CRDs (CRD_READ: the start-up check that they are this version's, kube/crdcheck.py).
 ALLOWED_EXTRA = {
     ("pbt.dev", "populationtrainings/finalizers", "update"), ("pbt.dev", "populationmembers/finalizers", "update"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
 } | {("kopf.dev", r, v) for r in ("clusterkopfpeerings", "kopfpeerings") for v in ("list", "watch", "patch")}
+
+
+# The only rule with resourceNames: get of exactly the CRDs the operator generates.
+CRD_READ = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+            "resourceNames": sorted(expected_fingerprints()), "verbs": ["get"]}
+
+
+def is_crd_read(rule: dict[str, Any]) -> bool:
+    return {**rule, "resourceNames": sorted(rule.get("resourceNames") or [])} == CRD_READ
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -126,7 +138,7 @@ def check_least_privilege(role: dict[str, Any]) -> None:
     for rule in role["rules"]:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key] and all("*" not in x for x in rule[key]), rule
-        assert not rule.get("nonResourceURLs") and not rule.get("resourceNames"), rule
+        assert not rule.get("nonResourceURLs") and (not rule.get("resourceNames") or is_crd_read(rule)), rule
     g = grants(role)
     assert not any(r in ("secrets", "configmaps", "serviceaccounts/token") for _, r, _ in g), g
     assert not any(v in ("delete", "deletecollection", "escalate", "bind", "impersonate")
@@ -193,6 +205,8 @@ def test_default_render_cluster_wide() -> None:
     env = env_of(objs)
     assert env["OPENBLAS_NUM_THREADS"] == "1" and env["PBT_METRICS_PORT"] == "8000"
     assert env["PBT_JOB_TTL_SECONDS"] == "900"  # finished segment Jobs are cleaned up
+    chart_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    assert env["PBT_CHART_VERSION"] == chart_version  # named in the fix logged for outdated CRDs
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"health": 8080, "metrics": 8000}
     for probe in ("livenessProbe", "readinessProbe"):
@@ -210,6 +224,7 @@ def test_default_render_cluster_wide() -> None:
     role = one(objs, "ClusterRole")
     check_least_privilege(role)
     assert ("kopf.dev", "clusterkopfpeerings", "patch") not in grants(role)  # no peering with one replica
+    assert sum(map(is_crd_read, role["rules"])) == 1, role["rules"]  # the CRD version check at start-up
     binding = one(objs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
@@ -241,10 +256,15 @@ def test_job_writes_are_narrowed_to_the_operators_own_jobs() -> None:
 
 
 @needs_helm
-def test_namespaced_render_has_no_cluster_scope() -> None:
+def test_namespaced_render_has_no_cluster_scope_but_reading_its_crds() -> None:
     objs = render(values={"watchNamespaces": ["team-a", "team-b"]})
     assert isinstance(objs, list)
-    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
+    # cluster-wide, only get of the chart's two CRDs (the start-up check that they are this version's)
+    crd_role = one(objs, "ClusterRole")
+    assert len(crd_role["rules"]) == 1 and is_crd_read(crd_role["rules"][0]), crd_role["rules"]
+    crd_binding = one(objs, "ClusterRoleBinding")
+    assert crd_binding["roleRef"]["name"] == crd_role["metadata"]["name"]
+    assert crd_binding["subjects"][0]["namespace"] == "pbt-system"
     roles = by_kind(objs, "Role")
     bindings = by_kind(objs, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]

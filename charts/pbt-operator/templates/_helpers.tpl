@@ -91,3 +91,15 @@ everything else).
   resources: ["events"]
   verbs: ["create", "list"]
 {{- end -}}
+
+{{/*
+The operator's start-up check that the installed CRDs are this chart's (kube/crdcheck.py): get of these two
+CRDs only. Without it the check is skipped, with a log line.
+*/}}
+{{- define "pbt-operator.crdReadRule" -}}
+# The start-up check that the installed CRDs are this version's (`helm upgrade` never updates them).
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["populationtrainings.pbt.dev", "populationmembers.pbt.dev"]
+  verbs: ["get"]
+{{- end }}
