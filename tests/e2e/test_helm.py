@@ -326,6 +326,7 @@ def test_installed_chart_runs_a_training_as_its_service_account(
         op.stop()
     log = op.log_path.read_text(errors="replace")
     assert not rbac_denials(log) and "Not enough permissions" not in log, op.tail(80)
+    assert "CRDs are this version's" in log, op.tail(80)  # the chart's CRDs, read with the chart's RBAC
 
 
 def test_namespaced_install_watches_only_its_namespaces(
@@ -340,6 +341,10 @@ def test_namespaced_install_watches_only_its_namespaces(
     assert not can_i(cluster, operator_user, "create", "jobs.batch", "-n", other)
     assert not can_i(cluster, operator_user, "list", "populationtrainings.pbt.dev", "--all-namespaces")
     assert not can_i(cluster, operator_user, "list", "customresourcedefinitions.apiextensions.k8s.io")
+    # only get, of the chart's own two CRDs: the start-up check that they are this version's
+    for crd in ("populationtrainings.pbt.dev", "populationmembers.pbt.dev"):
+        assert can_i(cluster, operator_user, "get", f"customresourcedefinitions.apiextensions.k8s.io/{crd}")
+    assert not can_i(cluster, operator_user, "get", "customresourcedefinitions.apiextensions.k8s.io/other.example.com")
     assert not can_i(cluster, operator_user, "get", "secrets", "-n", ns)
     cluster.kubectl("create", "serviceaccount", "nobody", "-n", op_namespace)
     granted = rbac_list(cluster, operator_user, ns) - rbac_list(cluster, sa_user(op_namespace, "nobody"), ns)
@@ -362,6 +367,7 @@ def test_namespaced_install_watches_only_its_namespaces(
     # off, kube/handlers.py configure): nothing is denied, no startup delay
     log = op.log_path.read_text(errors="replace")
     assert not rbac_denials(log) and "Not enough permissions" not in log, op.tail(80)
+    assert "CRDs are this version's" in log, op.tail(80)  # the chart's CRDs, read with the chart's RBAC
 
 
 def test_two_replicas_with_peering_one_works_the_other_takes_over(
