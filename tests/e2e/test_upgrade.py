@@ -166,7 +166,8 @@ def test_helm_upgrade_with_the_new_crds_applied_keeps_a_training_running(
     apply_old_crds(cluster)
     sets = ["--set", "replicaCount=0", "--set", "logFormat=plain", "--set", f"healthPort={free_port()}",
             "--set", f"metrics.port={free_port()}"]
-    cluster.helm("install", RELEASE, str(old_chart), "-n", op_namespace, *sets)
+    notes = cluster.helm("install", RELEASE, str(old_chart), "-n", op_namespace, *sets).stdout
+    assert "does not update CRDs" not in notes, notes
     dep = installed_deployment(cluster, op_namespace, RELEASE)
     sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
     kubeconfig = sa_kubeconfig(cluster, op_namespace, sa, tmp_path / "operator.kubeconfig")
@@ -185,8 +186,11 @@ def test_helm_upgrade_with_the_new_crds_applied_keeps_a_training_running(
         old.stop()  # what the Deployment's Recreate strategy does first
 
     # `helm upgrade` alone leaves the old CRDs (Helm never updates crds/): hence the separate apply.
-    cluster.helm("upgrade", RELEASE, str(CHART), "-n", op_namespace, *sets)
+    notes = cluster.helm("upgrade", RELEASE, str(CHART), "-n", op_namespace, *sets).stdout
     assert installed_fingerprint(cluster) == OLD_FINGERPRINT
+    chart_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    assert "does not update CRDs" in notes and f"--version {chart_version}" in notes, notes  # NOTES.txt
+    assert "kubectl apply --server-side --force-conflicts -f pbt-operator/crds/" in notes, notes
     cluster.kubectl(*FIX)
     cluster.wait_for(lambda: installed_fingerprint(cluster) == crdcheck.EXPECTED[TRAININGS], 30, desc="the new CRD")
     dep = installed_deployment(cluster, op_namespace, RELEASE)
