@@ -62,13 +62,14 @@ def fix_command(chart_version: str | None = None) -> str:
 
 def log_message(crd: OutdatedCrd, chart_version: str | None = None) -> str:
     return (f"CRD {crd.name} is outdated: installed {crd.found()}, this operator ({__version__}) expects "
-            f"{SCHEMA_ANNOTATION}={crd.expected}. The API server drops every spec field the installed schema "
-            f"does not know, so trainings may run with defaults instead of what their manifests say "
-            f"(`helm upgrade` never updates CRDs). Fix: {fix_command(chart_version)}; see {DOCS}")
+            f"{SCHEMA_ANNOTATION}={crd.expected} (or it is another version's: after a rollback, apply that "
+            f"version's CRDs). The API server drops every spec field the installed schema does not know (kubectl "
+            f"refuses them as unknown fields), so trainings may run with defaults instead of what their manifests "
+            f"say (`helm upgrade` never updates CRDs). Fix: {fix_command(chart_version)}; see {DOCS}")
 
 
 def event_message(crds: list[OutdatedCrd], chart_version: str | None = None) -> str:
     names = ", ".join(f"{c.name} ({c.found()}, expected {c.expected})" for c in crds)
-    return (f"outdated CRDs: {names}. Spec fields the installed schema does not know are dropped without an error "
-            f"(the training may run with defaults). Apply this version's CRDs: {fix_command(chart_version)}; "
+    return (f"outdated CRDs: {names}. Spec fields the installed schema does not know are dropped (kubectl refuses "
+            f"them as unknown fields): the training may run with defaults. Apply this version's CRDs: {fix_command(chart_version)}; "
             f"then apply the training's manifest again. See {DOCS}")
