@@ -2,8 +2,10 @@
 (handlers.check_crds) reads the two CRDs and acts on what `outdated` says.
 
 `helm upgrade` never updates the files in a chart's crds/ folder (Helm installs them on `helm install`
-only), and an API server whose CRD schema lacks a field prunes it from every object written, without an
-error: a manifest with `exploit.donorFraction` would run with the default. The generated CRDs carry a
+only). An API server whose CRD schema lacks a field refuses it where the client validates strictly
+(kubectl's default, with an "unknown field" error that never mentions the CRDs) and elsewhere prunes it
+from the object without an error (`--validate=false`, client libraries, some GitOps tools): a manifest
+with `exploit.donorFraction` would run with the default. The generated CRDs carry a
 fingerprint (crds.SCHEMA_ANNOTATION); this module compares the installed one with the one the operator's
 own generator computes at import (`EXPECTED`), so the two cannot drift apart: the checked-in CRD files are
 kept equal to the generator by tests/unit/test_crds.py.
