@@ -68,14 +68,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the run's fingerprint, --parallelism keeps its slots.
     again = [args.manifest, "--resume"]
     for flag, value in (("--out", args.out), ("--name", args.name), ("--seed", args.seed),
-                        ("--parallelism", args.parallelism)):
+                        ("--parallelism", args.parallelism), ("--gpus", args.gpus),
+                        ("--gpus-per-member", args.gpus_per_member)):
         if value is not None:
             again += [flag, str(value)]
     resume_hint = f"\ninterrupted: workers stopped; continue with: pbt run {shlex.join(again)}"
     try:
         # manifest.json as soon as the folder is the run's: the results commands read a running run too
         summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
-                              progress=progress, plot=not args.no_plot,
+                              progress=progress, plot=not args.no_plot, gpus=args.gpus,
+                              gpus_per_member=args.gpus_per_member,
                               started=lambda: _remember_manifest(run_dir, args.manifest, doc, spec.name,
                                                                  overrides)).run()
     except RunError as e:
@@ -209,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=_int_at_least(0), help="override spec.seed")
     r.add_argument("--parallelism", type=_int_at_least(1), help="override spec.parallelism")
     r.add_argument("--name", help="override metadata.name")
+    r.add_argument("--gpus", metavar="all|none|LIST",
+                   help="the GPUs to hand out, one slot per running member (default all: CUDA_VISIBLE_DEVICES "
+                        "if set, else nvidia-smi; LIST as CUDA_VISIBLE_DEVICES writes it, e.g. 0,1)")
+    r.add_argument("--gpus-per-member", type=_int_at_least(0), metavar="N",
+                   help="GPUs per running member (default: the template's nvidia.com/gpu request; 0: do not assign)")
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--no-plot", action="store_true")
     r.set_defaults(fn=cmd_run)

@@ -532,6 +532,18 @@ def parse_spec(
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
 
+def trainer_index(template: Mapping[str, Any]) -> int:
+    """Index of the trainer in the template's containers (the default-container annotation, else 0):
+    the container that gets the segment contract on a cluster, and whose command and GPU request
+    `pbt run` reads."""
+    containers = (template.get("spec") or {}).get("containers") or []
+    want = ((template.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
+    for i, c in enumerate(containers):
+        if want is not None and c.get("name") == want:
+            return i
+    return 0
+
+
 LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                           r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")

@@ -1312,3 +1312,50 @@ def test_one_run_per_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert holder(run_dir) is None and load_local(run_dir).phase == "Succeeded"
     os.close(acquire(run_dir))
     assert cli.main([*args, "--resume"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# GPUs: one slot per running member (local/gpus.py)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_each_running_member_gets_its_own_gpus(tmp_path: Path, warm: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Four members, parallelism 4, three GPUs of which each member asks for one: at most three
+    segments at once, each with one device in CUDA_VISIBLE_DEVICES that no other running segment has
+    (CUDA needs no GPU to read the variable: the assignment is what is tested)."""
+    log = tmp_path / "calls.jsonl"
+    tpl = {"spec": {"containers": [{"name": "train", "image": "x", "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}
+    manifest = _set_warm(process_manifest(tmp_path, population=4, segments=3, parallelism=4,
+                                          env={"PBT_TEST_LOG": str(log), "PBT_TEST_SLEEP": "0.3"},
+                                          extra={"template": tpl}), warm)
+    summary = LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False, gpus="0,1,2").run()
+    assert summary.engine.done and summary.engine.failed is None
+    # no attempt failed waiting for a GPU: the runner starts no more segments than there are slots
+    assert {r["status"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")} == {"done"}
+    assert "each running member gets its own GPU (3 slot(s) from --gpus: 0, 1, 2)" in capsys.readouterr().err
+    calls = side_channel(log)
+    spans = {}
+    for c in calls:
+        key = (c["member"], c["segment"])
+        spans.setdefault(key, {})[c["event"]] = c
+    assert len(spans) == 12
+    intervals = [(s["start"]["time"], s["end"]["time"], s["start"]["gpu"], s["start"]["pid"]) for s in spans.values()]
+    assert {g for _, _, g, _ in intervals} <= {"0", "1", "2"}
+    for i, (a0, a1, ga, _) in enumerate(intervals):
+        overlapping = [g for j, (b0, b1, g, _) in enumerate(intervals) if j != i and b0 < a1 and a0 < b1]
+        assert ga not in overlapping, "two segments ran on one GPU at once"
+    # at the start of each segment, how many were running (a segment's end is logged before its slot frees)
+    most = max(sum(b0 <= a0 < b1 for b0, b1, _, _ in intervals) for a0, _, _, _ in intervals)
+    assert most <= 3, "more segments at once than GPU slots"
+    if warm:  # a warm worker keeps its GPU for its life
+        by_pid: dict[int, set[str]] = {}
+        for _, _, g, pid in intervals:
+            by_pid.setdefault(pid, set()).add(g)
+        assert all(len(g) == 1 for g in by_pid.values())
+
+
+def test_gpus_per_member_larger_than_the_machine_is_refused(tmp_path: Path) -> None:
+    manifest = process_manifest(tmp_path, population=2, segments=1)
+    with pytest.raises(RunError, match=r"--gpus-per-member: 3 GPUs per member, but --gpus shows 2"):
+        LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False, gpus="0,1", gpus_per_member=3).run()
+    assert not (tmp_path / "run").exists()  # refused before the run folder exists

@@ -14,7 +14,7 @@ from typing import Any
 from ..contract import build_contract
 from ..core.display import fmt_hp
 from ..core.types import Record, Suggestion
-from ..spec import DEFAULT_CONTAINER, KUEUE_QUEUE_LABEL, SegmentSpec
+from ..spec import DEFAULT_CONTAINER, KUEUE_QUEUE_LABEL, SegmentSpec, trainer_index
 from .crds import API_VERSION
 from .segments import DEADLINE_ANNOTATION, DO_NOT_DISRUPT, initial_deadline
 
@@ -48,16 +48,6 @@ def job_name(training: str, sug: Suggestion) -> str:
 def segment_job_name(training: str, member: int, segment: int, attempt: int) -> str:
     """`job_name` from the numbers alone (a pass selecting Jobs by name parses no hyperparameters)."""
     return f"{training}-m{member:03d}-s{segment:05d}-a{attempt}"
-
-
-def trainer_index(template: Mapping[str, Any]) -> int:
-    """Index of the trainer in the template's containers (the default-container annotation, else 0)."""
-    containers = (template.get("spec") or {}).get("containers") or []
-    want = ((template.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CONTAINER)
-    for i, c in enumerate(containers):
-        if want is not None and c.get("name") == want:
-            return i
-    return 0
 
 
 def pod_selector(training: str) -> str:

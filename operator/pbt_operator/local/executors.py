@@ -31,6 +31,8 @@ from typing import Any, Protocol
 from ..contract import GC_FAILED, parse_result
 from ..core.display import shorten
 from ..core.types import SegmentResult, Suggestion
+from .gpus import ENV as GPU_ENV
+from .gpus import GpuSlots
 from .warm import WarmWorker, python_for, warm_target
 
 OnDone = Callable[[Suggestion, SegmentResult], None]
@@ -236,11 +238,14 @@ class ProcessExecutor:
     running segment after segment; a segment that fails, crashes or times out takes its worker with it
     and the next segment starts a new one. Cold (`warm=False`, or any other command): a fresh process
     per segment. Both read the same result file and exit status, so a segment means the same either way.
+
+    `gpu_slots` (local/gpus.py): each segment process, or each warm worker for its life, runs with one
+    slot's CUDA_VISIBLE_DEVICES and gives it back once it has exited.
     """
 
     def __init__(self, command: list[str], env: Mapping[str, str], cwd: Path, log_dir: Path, metric: str,
                  timeout: float | None = None, grace: float = 10.0, *, warm: bool = False, slots: int = 1,
-                 field: str = "spec.worker.command"):
+                 field: str = "spec.worker.command", gpu_slots: Sequence[str] = ()):
         self.command = command
         self.env = dict(env)
         self.cwd = cwd
@@ -263,6 +268,17 @@ class ProcessExecutor:
         self.idle: list[WarmWorker] = []
         self.live: set[WarmWorker] = set()
         self.started_workers = 0
+        self.gpus = GpuSlots(gpu_slots) if gpu_slots else None
+        self.gpu_of: dict[WarmWorker, str] = {}
+
+    def _take_gpu(self) -> str | None:
+        # Never waits in practice for more than a retiring worker's exit: the runner starts at most as
+        # many segments at once as there are slots.
+        return self.gpus.take(timeout=self.grace + 30.0) if self.gpus is not None else None
+
+    def _give_gpu(self, slot: str | None) -> None:
+        if slot is not None and self.gpus is not None:
+            self.gpus.give(slot)
 
     def _base_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -299,6 +315,13 @@ class ProcessExecutor:
             self._submit_warm(sug, contract, on_done, result_path)
             return
         env = {**self._base_env(), "PBT_SEGMENT": json.dumps(contract)}
+        try:
+            gpu = self._take_gpu()
+        except TimeoutError as e:
+            on_done(sug, SegmentResult(sug.member, sug.segment, None, sug.steps_start, error=f"cannot start: {e}"))
+            return
+        if gpu is not None:
+            env[GPU_ENV] = gpu
         log = open(self._log_path(sug), "wb")  # noqa: SIM115 (closed by the waiter thread)
         t0 = time.perf_counter()
         try:
@@ -306,6 +329,7 @@ class ProcessExecutor:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             log.close()
+            self._give_gpu(gpu)
             on_done(sug, SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                                        error=f"cannot start {self.command[0]!r}: {e}"))
             return
@@ -321,6 +345,7 @@ class ProcessExecutor:
                 self._stop(proc)
             finally:
                 log.close()
+                self._give_gpu(gpu)
             with self.lock:
                 self.procs.pop(sug.ref, None)
             if self.stopping:
@@ -335,13 +360,22 @@ class ProcessExecutor:
     def _start_worker(self) -> WarmWorker:
         assert self.warm_target is not None
         env = self._base_env()
+        gpu = self._take_gpu()  # TimeoutError is an OSError: the segment fails as "cannot start"
+        if gpu is not None:
+            env[GPU_ENV] = gpu  # for the worker's life: CUDA reads it once, when it initialises
         with self.lock:
             self.started_workers += 1
             n = self.started_workers
-        worker = WarmWorker(python_for(self.command[0], env["PATH"]), self.warm_target, env, self.cwd,
-                            self.log_dir / f"worker-{n:03d}.log")
+        try:
+            worker = WarmWorker(python_for(self.command[0], env["PATH"]), self.warm_target, env, self.cwd,
+                                self.log_dir / f"worker-{n:03d}.log")
+        except BaseException:
+            self._give_gpu(gpu)
+            raise
         with self.lock:
             self.live.add(worker)
+            if gpu is not None:
+                self.gpu_of[worker] = gpu
         return worker
 
     def _hand_to_worker(self, contract: dict[str, Any], log_path: Path) -> WarmWorker:
@@ -374,6 +408,9 @@ class ProcessExecutor:
         else:
             worker.retire(self.grace)
         worker.close()
+        with self.lock:
+            gpu = self.gpu_of.pop(worker, None)
+        self._give_gpu(gpu)  # only now: the process that held the GPU has exited
 
     def _submit_warm(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone, result_path: Path) -> None:
         log_path = self._log_path(sug)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,9 +28,11 @@ from ..contract import build_contract
 from ..core.engine import Engine
 from ..core.policy import Rebuilt, admit, garbage_batch, rebuild, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
-from ..spec import TrainingSpec
+from ..spec import TrainingSpec, trainer_index
 from .durability import Barrier, fsync_enabled, sync_filesystems
 from .executors import Executor, InlineExecutor, ProcessExecutor, segment_log
+from .gpus import GpuError
+from .gpus import plan as gpu_plan
 from .results import write_outputs
 from .runlock import RunFolderBusy, acquire, release
 
@@ -81,8 +84,12 @@ class LocalRunner:
     def __init__(self, spec: TrainingSpec, run_dir: Path, *, resume: bool = False, fingerprint: str = "",
                  also_resumes: tuple[str, ...] = (),
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
-                 plot: bool = True, storage: Any = None, started: Callable[[], None] | None = None):
+                 plot: bool = True, storage: Any = None, started: Callable[[], None] | None = None,
+                 gpus: str | None = None, gpus_per_member: int | None = None):
         self.spec = spec
+        self.gpus = gpus  # --gpus and --gpus-per-member (local/gpus.py)
+        self.gpus_per_member = gpus_per_member
+        self.gpu_slots: tuple[str, ...] = ()
         self.started = started  # called once the run folder is ready, before the first segment
         self.run_dir = run_dir.resolve()  # workers run in the manifest's folder: paths must be absolute
         self._lock: int | None = None  # the run folder's lock while run() runs (local/runlock.py)
@@ -146,10 +153,11 @@ class LocalRunner:
                                   log_dir=self.run_dir / "logs")
         command = list(w.command) or _template_command(spec)
         env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
-        field = "spec.worker.command" if w.command else "spec.template.spec.containers[0].command"
+        field = ("spec.worker.command" if w.command
+                 else f"spec.template.spec.containers[{trainer_index(spec.template or {})}].command")
         return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism,
-                               field=field)
+                               field=field, gpu_slots=self.gpu_slots)
 
     @contextmanager
     def _as_workers(self) -> Iterator[None]:
@@ -173,6 +181,27 @@ class LocalRunner:
                     else:
                         os.environ[k] = v
                 reset_storage_cache()
+
+    def _plan_gpus(self) -> None:
+        """Cut this machine's GPUs into one slot per running segment (local/gpus.py); fewer slots than
+        spec.parallelism run fewer segments at once, as a cluster with fewer GPUs would."""
+        spec = self.spec
+        try:
+            plan, note = gpu_plan(spec.template, trainer_index(spec.template or {}), gpus=self.gpus,
+                                  per_member=self.gpus_per_member, environ=os.environ)
+        except GpuError as e:
+            raise RunError(str(e)) from None
+        if plan is not None and spec.worker.executor == "inline":
+            note = (f"{note}; but spec.worker.function runs in this process, where every member sees every "
+                    "GPU: set a spec.worker.command for one GPU per member")
+            plan = None
+        if plan is not None:
+            self.gpu_slots = plan.slots
+            if len(plan.slots) < spec.parallelism:
+                note = f"{note}: {len(plan.slots)} segment(s) at a time (spec.parallelism {spec.parallelism})"
+                self.spec = dataclasses.replace(spec, parallelism=len(plan.slots))
+        if note:
+            print(f"pbt run: {note}", file=sys.stderr)
 
     def _check_storage(self) -> None:
         """Refuse a run whose s3:// checkpoint store cannot work at all (no such bucket, no credentials,
@@ -234,6 +263,7 @@ class LocalRunner:
     def _run(self) -> RunSummary:
         if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
             raise RunError("spec.parallelism: must be >= 1 for pbt run (got 0; 0 pauses a training on a cluster)")
+        self._plan_gpus()
         self._check_storage()  # first, like the executor: neither problem may leave a run folder
         try:
             executor = self._executor()  # an unimportable function, a command that is not there
@@ -420,9 +450,10 @@ def _lines(path: Path) -> list[str]:
 
 def _template_command(spec: TrainingSpec) -> list[str]:
     tpl = spec.template or {}
-    c = (tpl.get("spec") or {}).get("containers", [{}])[0]
+    containers = (tpl.get("spec") or {}).get("containers") or [{}]
+    c = containers[min(trainer_index(tpl), len(containers) - 1)]  # the trainer, as on a cluster
     cmd = list(c.get("command") or []) + list(c.get("args") or [])
     if not cmd:
-        raise RunError("spec.worker.command: is required for the process executor (the template's first "
+        raise RunError("spec.worker.command: is required for the process executor (the template's trainer "
                        "container has no command either)")
     return cmd

@@ -32,7 +32,8 @@ def log(event: str, seg: Segment) -> None:
         return
     line = json.dumps({"event": event, "member": seg.member, "segment": seg.index, "pid": os.getpid(),
                        "time": time.time(), "restore": seg.restore_uri,
-                       "fsync": os.environ.get("PBT_FILE_FSYNC")}) + "\n"
+                       "fsync": os.environ.get("PBT_FILE_FSYNC"),
+                       "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())  # one write of a short line: atomic with O_APPEND
