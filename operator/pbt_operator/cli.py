@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--name", help="override metadata.name")
     r.add_argument("--gpus", metavar="all|none|LIST",
                    help="the GPUs to hand out, one slot per running member (default all: CUDA_VISIBLE_DEVICES "
-                        "if set, else nvidia-smi; LIST as CUDA_VISIBLE_DEVICES writes it, e.g. 0,1)")
+                        "if set, else nvidia-smi; LIST as CUDA_VISIBLE_DEVICES writes it, e.g. 0,1); "
+                        "given, it assigns 1 per member where the template requests none")
     r.add_argument("--gpus-per-member", type=_int_at_least(0), metavar="N",
                    help="GPUs per running member (default: the template's nvidia.com/gpu request; 0: do not assign)")
     r.add_argument("--quiet", action="store_true", help="no progress display")

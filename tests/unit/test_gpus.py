@@ -67,7 +67,7 @@ def test_slots_are_cut_from_the_devices() -> None:
 
 
 def test_nothing_is_assigned_without_a_request_or_with_none() -> None:
-    assert plan(template(), 0, gpus="0,1", per_member=None, environ={}) == (None, None)
+    assert plan(template(), 0, gpus=None, per_member=None, environ={"CUDA_VISIBLE_DEVICES": "0,1"}) == (None, None)
     assert plan(template(1), 0, gpus="none", per_member=None, environ={}) == (None, None)
     assert plan(template(1), 0, gpus="0,1", per_member=0, environ={}) == (None, None)
 
@@ -100,3 +100,10 @@ def test_slots_are_held_until_given_back() -> None:
     slots.give("1")
     slots.give("0")
     assert slots.take() == "0"  # the lowest free slot first
+
+
+def test_gpus_given_without_a_request_means_one_each() -> None:
+    p, _ = plan(template(), 0, gpus="0,1", per_member=None, environ={})
+    assert p is not None and p.slots == ("0", "1")
+    p, _ = plan(None, 0, gpus="all", per_member=None, environ={"CUDA_VISIBLE_DEVICES": "3"})
+    assert p is not None and p.slots == ("3",)

@@ -125,13 +125,16 @@ def plan(template: Mapping[str, Any] | None, trainer: int, *, gpus: str | None, 
     """The slots for a run, or None to leave CUDA_VISIBLE_DEVICES alone, and a note for the user.
 
     `gpus` is `--gpus`: None or "all" (what this machine shows), "none", or a comma-separated list
-    of devices; `per_member` is `--gpus-per-member`, which overrides the template's request."""
-    if per_member is None:
-        per_member, field = requested(template, trainer)
-    else:
-        field = "--gpus-per-member"
+    of devices; `per_member` is `--gpus-per-member`, which overrides the template's request (none
+    and no `--gpus-per-member`, but `--gpus` given: one GPU per member)."""
     if gpus is not None and gpus.strip().lower() == "none":
         return None, None
+    if per_member is None:
+        per_member, field = requested(template, trainer)
+        if per_member == 0 and gpus is not None:  # --gpus asked for slots: one GPU each unless told otherwise
+            per_member, field = 1, "--gpus"
+    else:
+        field = "--gpus-per-member"
     if per_member == 0:
         return None, None
     if gpus is None or gpus.strip().lower() == "all":
