@@ -25,7 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
 
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, PermanentStorageError, SaveError
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    PbtWorkerError,
+    PermanentStorageError,
+    SaveError,
+)
 from .storage.base import HashingWriter, Manifest, ObjectEntry, Storage, check_key, spool_file, tmp_root
 
 log = logging.getLogger("pbt_worker")
@@ -297,6 +303,22 @@ class CheckpointReader:
     @property
     def main(self) -> str | None:
         return self.manifest.main
+
+    def value(self, scratch: Callable[[], Path], *, map_location: Any = "cpu",
+              weights_only: bool | None = None) -> Any:
+        """What the checkpoint's one saved thing reads back as: the object `save` stored (bytes, an
+        unpickled object, a `torch.load` result with `map_location` and `weights_only` applied), the
+        local path of the file `save_file` stored, or the folder `save_dir` stored; files and folders
+        are fetched under `scratch()` (called only when one is needed). `Segment.restore` and
+        `pbt_operator.RunResult.load_best` both read through here."""
+        if self.kind == "file" and self.main is not None:
+            return self.get_file(self.main, scratch() / Path(self.main).name)
+        if self.kind == "dir":
+            return self.get_dir(scratch() / "restored", self.main or "dir")
+        if self.main is not None:
+            return self.get_object(self.main, map_location=map_location, weights_only=weights_only)
+        raise PbtWorkerError(f"{self.prefix} holds several objects {self.names}; "
+                             "read one with CheckpointReader.get_object(name)")
 
     def entry(self, name: str) -> ObjectEntry:
         try:

@@ -175,15 +175,10 @@ class Segment:
         if reader is None:
             return None
         start = time.monotonic()
-        if reader.kind == "file" and reader.main is not None:
-            value: Any = reader.get_file(reader.main, self.scratch_dir() / Path(reader.main).name)
-        elif reader.kind == "dir":
-            value = reader.get_dir(self.scratch_dir() / "restored", reader.main or "dir")
-        elif reader.main is not None:
-            value = reader.get_object(reader.main, map_location=map_location, weights_only=weights_only)
-        else:
+        if reader.main is None and reader.kind != "dir":
             raise PbtWorkerError(f"{self.restore_uri} holds several objects {reader.names}; "
                                  "use seg.restored().get_object(name)")
+        value = reader.value(self.scratch_dir, map_location=map_location, weights_only=weights_only)
         log.debug("restored %s in %.3fs", self.restore_uri, time.monotonic() - start)
         return value
 
