@@ -33,9 +33,10 @@ from .spec import load_manifest
 HP_WIDTH = 80
 
 
-def remember_manifest(run_dir: Path, manifest: str, doc: Mapping[str, Any], name: str,
+def remember_manifest(run_dir: Path, manifest: str | None, doc: Mapping[str, Any], name: str,
                       overrides: Mapping[str, Any]) -> None:
-    """Called by `pbt run`: the results commands then know the exact spec (and worker) of a run folder."""
+    """Called by `pbt run` (local/session.py): the results commands then know the exact spec (and worker)
+    of a run folder. `manifest` is None for a document given as a dict (`pbt_operator.run`)."""
     if not run_dir.is_dir():
         return
     eff = copy.deepcopy(dict(doc))

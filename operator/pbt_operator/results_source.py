@@ -176,10 +176,12 @@ def load_local(run_dir: Path, manifest: str | None = None) -> RunData:
     return RunData(spec, records, root, f"local:{run_dir}", phase, {}, {}, manifest_path, inferred)
 
 
-def save_manifest(run_dir: Path, manifest: str, document: Mapping[str, Any]) -> None:
-    """Remember which manifest (as effectively run: overrides applied) produced a run folder."""
+def save_manifest(run_dir: Path, manifest: str | None, document: Mapping[str, Any]) -> None:
+    """Remember which manifest (as effectively run: overrides applied) produced a run folder; `manifest`
+    (its file) is None for a document given to `pbt_operator.run` as a dict."""
+    path = str(Path(manifest).resolve()) if manifest is not None else None
     (run_dir / MANIFEST_FILE).write_text(json.dumps(
-        {"path": str(Path(manifest).resolve()), "document": document}, indent=2, default=str) + "\n")
+        {"path": path, "document": document}, indent=2, default=str) + "\n")
 
 
 def infer_spec(name: str, records: Sequence[Record], best_doc: Mapping[str, Any] | None = None) -> TrainingSpec:

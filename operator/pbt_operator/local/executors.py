@@ -156,7 +156,11 @@ def _json_scalar(o: Any) -> Any:
 
 
 class InlineExecutor:
-    def __init__(self, fn_ref: str, search_path: list[str], workers: int, metric: str,
+    """`fn_ref` is spec.worker.function (`module:function`, imported here, or in each child of a process
+    pool), or the Python function itself (`pbt_operator.run(function=...)`: threads only, since a
+    notebook's function cannot be imported by another process)."""
+
+    def __init__(self, fn_ref: str | Callable[..., Any], search_path: list[str], workers: int, metric: str,
                  pool: str = "threads", storage: Any = None, file_fsync: bool = True,
                  log_dir: Path | None = None):
         self.metric = metric
@@ -169,9 +173,12 @@ class InlineExecutor:
 
             storage = FileStorage(fsync=False)
         self.storage = storage
-        self.fn = resolve_function(fn_ref, search_path)
+        self.fn = fn_ref if callable(fn_ref) else resolve_function(fn_ref, search_path)
         self.pool: cf.Executor
         if pool == "processes":
+            if callable(fn_ref):
+                raise ValueError("spec.worker.pool: a Python function runs in threads (pool: threads); "
+                                 "processes need spec.worker.function: module:function")
             self.pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
                                                initargs=(file_fsync,))
         else:
@@ -182,6 +189,7 @@ class InlineExecutor:
         t0 = time.perf_counter()
         log = segment_log(self.log_dir, sug) if self.log_dir is not None else None
         if self.processes:
+            assert isinstance(self.fn_ref, str)
             fut = self.pool.submit(_call_in_child, self.fn_ref, self.search_path, contract, log)
         else:
             fut = self.pool.submit(call_inline, self.fn, contract, self.storage, log)

@@ -17,8 +17,8 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,13 @@ log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
-    pass
+    """A run that cannot start or continue: a manifest or setting that must not run (the message names
+    the field, as `pbt run` prints it), a run folder that is busy, already used or not a run.
+    `problems`: the message's problems one per line (a manifest's fields, from SpecError)."""
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 @dataclass
@@ -85,8 +91,12 @@ class LocalRunner:
                  also_resumes: tuple[str, ...] = (),
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
                  plot: bool = True, storage: Any = None, started: Callable[[], None] | None = None,
-                 gpus: str | None = None, gpus_per_member: int | None = None):
+                 gpus: str | None = None, gpus_per_member: int | None = None,
+                 function: Callable[..., Any] | None = None):
         self.spec = spec
+        # A Python function to run instead of spec.worker's (pbt_operator.run(function=...)): inline, in
+        # threads of this process; the spec's worker then says executor: inline (local/session.py).
+        self.function = function
         self.gpus = gpus  # --gpus and --gpus-per-member (local/gpus.py)
         self.gpus_per_member = gpus_per_member
         self.gpu_slots: tuple[str, ...] = ()
@@ -146,9 +156,10 @@ class LocalRunner:
         spec, w = self.spec, self.spec.worker
         base = spec.base_dir or Path.cwd()
         cwd = (base / w.working_dir) if w.working_dir else base
-        if w.executor == "inline":
-            assert w.function is not None
-            return InlineExecutor(w.function, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
+        if self.function is not None or w.executor == "inline":
+            fn = self.function if self.function is not None else w.function
+            assert fn is not None
+            return InlineExecutor(fn, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
                                   w.inline_pool, storage=self.storage, file_fsync=not self.barrier,
                                   log_dir=self.run_dir / "logs")
         command = list(w.command) or _template_command(spec)
@@ -159,28 +170,11 @@ class LocalRunner:
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism,
                                field=field, gpu_slots=self.gpu_slots)
 
-    @contextmanager
-    def _as_workers(self) -> Iterator[None]:
+    def _as_workers(self) -> AbstractContextManager[None]:
         """This process's environment as the workers see it (spec.worker.env over it), for the storage
         calls the driver makes itself: the workers' storage settings (an endpoint, credentials) are
         often only in spec.worker.env."""
-        from pbt_worker.storage import reset_storage_cache
-
-        env = {k: str(v) for k, v in self.spec.worker.env.items()} if self.storage is None else {}
-        saved = {k: os.environ.get(k) for k in env}
-        if env:
-            os.environ.update(env)
-            reset_storage_cache()
-        try:
-            yield
-        finally:
-            if env:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                reset_storage_cache()
+        return as_workers(self.spec.worker.env if self.storage is None else {})
 
     def _plan_gpus(self) -> None:
         """Cut this machine's GPUs into one slot per running segment (local/gpus.py); fewer slots than
@@ -387,6 +381,30 @@ class LocalRunner:
         if not interrupted:
             write_outputs(self.spec, engine, self.run_dir, self.root, plot=self.plot)
         return summary
+
+
+@contextmanager
+def as_workers(env: Mapping[str, Any]) -> Iterator[None]:
+    """`env` (a manifest's spec.worker.env) over this process's environment while the block runs, with
+    pbt_worker's storage cache reset on the way in and out: the storage calls made outside a segment
+    (the runner's, `RunResult.load_best`'s) then reach the store the workers reach."""
+    from pbt_worker.storage import reset_storage_cache
+
+    env = {k: str(v) for k, v in env.items()}
+    saved = {k: os.environ.get(k) for k in env}
+    if env:
+        os.environ.update(env)
+        reset_storage_cache()
+    try:
+        yield
+    finally:
+        if env:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            reset_storage_cache()
 
 
 def _retry_failed(spec: TrainingSpec, records: list[Record], decided: dict[int, Suggestion],
