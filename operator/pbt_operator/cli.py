@@ -11,15 +11,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import shlex
-import shutil
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .results_cli import add_results_commands  # status, plot, export, replay
-from .results_cli import remember_manifest as _remember_manifest
-from .spec import SpecError, TrainingSpec, read_manifest
+from .spec import SpecError, TrainingSpec
 
 
 def _load(path: str, name: str | None = None) -> TrainingSpec:
@@ -29,34 +27,11 @@ def _load(path: str, name: str | None = None) -> TrainingSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`pbt run`: the flags into local/session.execute (the code `pbt_operator.run` runs), its result printed."""
     from .core.display import fmt_hp, fmt_value
-    from .core.engine import Engine
-    from .local.progress import Progress
-    from .local.runner import LocalRunner, RunError, run_fingerprints
+    from .local.runner import RunError
+    from .local.session import execute
 
-    spec = _load(args.manifest, args.name)
-    overrides = {}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    if args.parallelism is not None:
-        overrides["parallelism"] = args.parallelism
-    if overrides:
-        import dataclasses
-
-        spec = dataclasses.replace(spec, **overrides)
-    run_dir = Path(args.out) if args.out else Path("pbt-runs") / spec.name
-    if args.fresh and run_dir.exists():
-        from .local.runlock import RunFolderBusy, holder
-
-        pid = holder(run_dir)
-        if pid is not None:  # never delete the folder under a running run
-            print(f"pbt run: --fresh: {RunFolderBusy(run_dir, pid)}", file=sys.stderr)
-            return 2
-        shutil.rmtree(run_dir)
-    # The document the spec came from (a file may also hold a Secret and the like, as for `kubectl apply`).
-    doc = dict(read_manifest(args.manifest))
-    fp, legacy_fp = run_fingerprints(doc, overrides)
-    progress = None if args.quiet else Progress(spec)
     # SIGTERM (timeout, docker stop, systemd) stops the run like Ctrl-C: workers run in their own
     # sessions, so dying without stopping them would leave them training as orphans.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -74,12 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             again += [flag, str(value)]
     resume_hint = f"\ninterrupted: workers stopped; continue with: pbt run {shlex.join(again)}"
     try:
-        # manifest.json as soon as the folder is the run's: the results commands read a running run too
-        summary = LocalRunner(spec, run_dir, resume=args.resume, fingerprint=fp, also_resumes=(legacy_fp,),
-                              progress=progress, plot=not args.no_plot, gpus=args.gpus,
-                              gpus_per_member=args.gpus_per_member,
-                              started=lambda: _remember_manifest(run_dir, args.manifest, doc, spec.name,
-                                                                 overrides)).run()
+        result = execute(args.manifest, out=args.out, resume=args.resume, fresh=args.fresh, seed=args.seed,
+                         parallelism=args.parallelism, name=args.name, progress=not args.quiet, gpus=args.gpus,
+                         gpus_per_member=args.gpus_per_member, plot=not args.no_plot)
     except RunError as e:
         print(f"pbt run: {e}", file=sys.stderr)
         return 2
@@ -91,7 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-    eng: Engine = summary.engine
+    summary = result.summary
+    assert summary is not None
+    run_dir = Path(args.out) if args.out else Path("pbt-runs") / result.name
+    eng = summary.engine
     if summary.retried:
         print(f"pbt run: resumed a failed training: the segment that failed it got another round of "
               f"attempts (it had failed: {summary.retried})", file=sys.stderr)
@@ -99,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(resume_hint, file=sys.stderr)
         return 130
     st = eng.state()
-    print(f"\n{spec.name}: {_segments_line(st.done_segments, summary.ran, summary.wall_seconds)}")
+    print(f"\n{result.name}: {_segments_line(st.done_segments, summary.ran, summary.wall_seconds)}")
     if eng.failed:
         print(f"FAILED: {eng.failed}")
         if summary.failure_log is not None:
@@ -108,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"finished early: {eng.finished}")
     if st.best:
         b = st.best
-        print(f"best: member {b.member} segment {b.segment} {spec.objective.metric}={fmt_value(b.score)}")
+        print(f"best: member {b.member} segment {b.segment} {result.metric}={fmt_value(b.score)}")
         print(f"      {fmt_hp(b.suggestion.hyperparameters, 200)}")
         print("schedule (best lineage):")
         for s in eng.schedule():
