@@ -1,0 +1,276 @@
+"""`pbt_operator.run(...)` from Python: a dict manifest and a function defined right here (a closure, as
+in a notebook), resume after Ctrl-C, errors naming the field, determinism, `load_best`, and the CLI's
+files unchanged (cli.cmd_run calls the same code)."""
+
+from __future__ import annotations
+
+import _thread
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pbt_operator
+import pytest
+import yaml
+from pbt_operator import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+QUADRATIC = ROOT / "examples" / "quadratic" / "populationtraining.yaml"
+
+
+def quadratic_doc(**spec: Any) -> dict[str, Any]:
+    """The quadratic example's manifest as a dict, without its worker (the test's function trains)."""
+    doc = yaml.safe_load(QUADRATIC.read_text())
+    del doc["spec"]["worker"]
+    doc["spec"].update(spec)
+    return doc
+
+
+def quadratic_function(calls: list[tuple[int, int]], learning_rate: float = 0.01) -> Any:
+    """The PBT paper's toy as a closure: it counts its calls in `calls` and captures `learning_rate`, so
+    a run that imported it again (in another process, or by module:name) could not work."""
+
+    def segment(seg: Any) -> dict[str, float]:
+        calls.append((seg.member, seg.index))
+        state = seg.restore()
+        theta = list(state["theta"]) if state is not None else [0.9, 0.9]
+        h0, h1 = float(seg.hyperparameters["h0"]), float(seg.hyperparameters["h1"])
+        for _ in range(seg.steps_budget):
+            theta[0] += learning_rate * (-2.0 * h0 * theta[0])
+            theta[1] += learning_rate * (-2.0 * h1 * theta[1])
+        seg.save({"theta": theta, "member": seg.member, "segment": seg.index, "weights": np.array(theta)})
+        return {"score": 1.2 - (theta[0] ** 2 + theta[1] ** 2), "theta0": theta[0]}
+
+    return segment
+
+
+def done_refs(run_dir: Path) -> list[tuple[int, int]]:
+    out = []
+    for line in (run_dir / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["status"] == "done":
+            out.append((r["suggestion"]["member"], r["suggestion"]["segment"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_dict_and_a_closure_train_and_pbt_beats_the_population_alone(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    pbt = pbt_operator.run(quadratic_doc(), function=quadratic_function(calls), out=tmp_path / "pbt")
+    alone_calls: list[tuple[int, int]] = []
+    alone = pbt_operator.run(quadratic_doc(exploit={"strategy": "none"}), function=quadratic_function(alone_calls),
+                             out=tmp_path / "alone", plot=False)
+    assert isinstance(pbt, pbt_operator.RunResult) and pbt.ok and alone.ok
+    assert pbt.failed is None and pbt.finished is None and not pbt.interrupted
+    total = 16 * 20
+    assert len(calls) == len(alone_calls) == total  # this process's closure ran every segment
+    assert sorted(done_refs(pbt.run_dir)) == sorted(calls)
+    assert pbt.run_dir == (tmp_path / "pbt").resolve()
+    # the same seed: the same initial population
+    assert ({r.member: r.suggestion.hyperparameters for r in pbt.records if r.segment == 0}
+            == {r.member: r.suggestion.hyperparameters for r in alone.records if r.segment == 0})
+    assert pbt.best is not None and alone.best is not None
+    assert pbt.best["score"] > 1.15, pbt.best
+    assert pbt.best["score"] > alone.best["score"] + 0.1, (pbt.best["score"], alone.best["score"])
+    # the result is what pbt export / best.json say
+    best_json = json.loads((pbt.run_dir / "best.json").read_text())
+    assert {k: best_json[k] for k in pbt.best} == pbt.best
+    assert pbt.schedule == best_json["schedule"] and pbt.schedule[-1]["segment"] == pbt.best["segment"]
+    assert len(pbt.records) == total and all(r.status == "done" for r in pbt.records)
+    for name in ("results.jsonl", "suggestions.jsonl", "lineage.json", "best.json", "run.json", "manifest.json",
+                 "plot.png"):
+        assert (pbt.run_dir / name).exists(), name
+    # the results commands read the folder (manifest.json holds the document as run)
+    assert cli.main(["status", str(pbt.run_dir)]) == 0
+    opened = pbt_operator.RunResult.open(pbt.run_dir)
+    assert opened.best == pbt.best and len(opened.records) == total
+
+
+def test_load_best_returns_what_the_best_segment_saved(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    res = pbt_operator.run(quadratic_doc(population=4, budget={"segments": 4}), function=quadratic_function(calls),
+                           out=tmp_path / "run", plot=False)
+    assert res.best is not None
+    saved = res.load_best()
+    assert (saved["member"], saved["segment"]) == (res.best["member"], res.best["segment"])
+    assert 1.2 - (saved["theta"][0] ** 2 + saved["theta"][1] ** 2) == pytest.approx(res.best["score"])
+    assert isinstance(saved["weights"], np.ndarray) and list(saved["weights"]) == saved["theta"]
+    # a file the best segment stored with save_file comes back as a local path
+    def save_file(seg: Any) -> float:
+        src = tmp_path / f"m{seg.member}-s{seg.index}.txt"
+        src.write_text(f"member {seg.member} segment {seg.index}")
+        seg.save_file(src)
+        return float(seg.member + seg.index)
+
+    res = pbt_operator.run(quadratic_doc(population=2, budget={"segments": 2}), function=save_file,
+                           out=tmp_path / "files", plot=False)
+    assert res.best is not None
+    path = res.load_best(dest=tmp_path / "restored")
+    assert Path(path).read_text() == f"member {res.best['member']} segment {res.best['segment']}"
+    assert Path(path).parent == tmp_path / "restored"
+
+
+def test_a_bad_field_raises_naming_it_with_the_message_the_cli_prints(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = quadratic_doc(population=1)
+    with pytest.raises(pbt_operator.RunError) as raised:
+        pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run")
+    assert "spec.population: must be >= 2" in str(raised.value)
+    assert any(p.startswith("spec.population:") for p in raised.value.problems)
+    assert not (tmp_path / "run").exists()
+    # the same document as a file: the same exception from run(), the same message from the CLI
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**doc, "spec": {**doc["spec"], "worker": {"executor": "inline",
+                                                                              "function": "quadratic:segment"}}}))
+    with pytest.raises(pbt_operator.RunError) as from_file:
+        pbt_operator.run(path, out=tmp_path / "run")
+    assert str(from_file.value) == str(raised.value)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"pbt run: {raised.value}\n"
+    # the settings that are flags on the command line, and the callable
+    with pytest.raises(pbt_operator.RunError, match=r"^seed: must be >= 0 \(got -1\)$"):
+        pbt_operator.run(quadratic_doc(), function=quadratic_function([]), seed=-1)
+    with pytest.raises(pbt_operator.RunError, match=r"^parallelism: must be >= 1"):
+        pbt_operator.run(quadratic_doc(), function=quadratic_function([]), parallelism=0)
+    with pytest.raises(pbt_operator.RunError, match=r"^function: must be a callable"):
+        pbt_operator.run(quadratic_doc(), function="quadratic:segment")  # type: ignore[arg-type]
+    # without a function the worker is required, as in a file
+    with pytest.raises(pbt_operator.RunError, match=r"spec\.worker\.command: is required"):
+        pbt_operator.run(quadratic_doc(), out=tmp_path / "run")
+    # a folder that already holds a run
+    pbt_operator.run(quadratic_doc(population=2, budget={"segments": 1}), function=quadratic_function([]),
+                     out=tmp_path / "done", plot=False)
+    with pytest.raises(pbt_operator.RunError, match="pass --resume to continue it, or --fresh"):
+        pbt_operator.run(quadratic_doc(population=2, budget={"segments": 1}), function=quadratic_function([]),
+                         out=tmp_path / "done")
+
+
+def test_same_seed_same_decisions(tmp_path: Path) -> None:
+    """parallelism 1: segments finish in one order, so the decisions depend on the seed alone."""
+
+    def decisions(out: str, seed: int) -> tuple[list[str], list[float | None]]:
+        res = pbt_operator.run(quadratic_doc(parallelism=1, population=6, budget={"segments": 6}),
+                               function=quadratic_function([]), out=tmp_path / out, seed=seed, plot=False)
+        return ((tmp_path / out / "suggestions.jsonl").read_text().splitlines(), [r.score for r in res.records])
+
+    a, b, c = decisions("a", 7), decisions("b", 7), decisions("c", 8)
+    assert a == b
+    assert a[0] != c[0]
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["fingerprint"] != \
+        json.loads((tmp_path / "c" / "run.json").read_text())["fingerprint"]
+
+
+def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path) -> None:
+    phase = {"now": "first"}
+    calls: dict[str, list[tuple[int, int]]] = {"first": [], "second": []}
+    lock = threading.Lock()
+
+    def segment(seg: Any) -> float:
+        with lock:
+            mine = calls[phase["now"]]
+            mine.append((seg.member, seg.index))
+            if phase["now"] == "first" and len(mine) == 25:
+                _thread.interrupt_main()  # what Ctrl-C does to the main thread
+        seg.save({"member": seg.member, "segment": seg.index})
+        return float(seg.hyperparameters["h0"])
+
+    doc = quadratic_doc(population=6, budget={"segments": 10}, parallelism=2)
+    with pytest.raises(KeyboardInterrupt):
+        pbt_operator.run(doc, function=segment, out=tmp_path / "run")
+    finished = done_refs(tmp_path / "run")
+    assert 0 < len(finished) < 60
+    assert not (tmp_path / "run" / "best.json").exists()
+    # another function (another qualified name) is another run
+    with pytest.raises(pbt_operator.RunError, match="changed since"):
+        pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", resume=True)
+    phase["now"] = "second"
+    res = pbt_operator.run(doc, function=segment, out=tmp_path / "run", resume=True)
+    assert res.ok and res.summary is not None
+    assert not set(finished) & set(calls["second"]), "a finished segment ran again"
+    refs = done_refs(tmp_path / "run")
+    assert sorted(refs) == sorted(set(refs)) and len(refs) == 60
+    assert res.summary.ran == len(calls["second"]) == 60 - len(finished)
+
+
+def test_the_cli_writes_the_same_files_through_the_same_code(tmp_path: Path) -> None:
+    """`pbt run FILE` and `pbt_operator.run(FILE)`: the same journal, outputs and fingerprint (so either
+    resumes the other's folder)."""
+    doc = yaml.safe_load(QUADRATIC.read_text())
+    doc["spec"].update(parallelism=1, population=6, budget={"segments": 5})
+    path = tmp_path / "quadratic.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (tmp_path / "quadratic.py").write_text((QUADRATIC.parent / "quadratic.py").read_text())
+    sys.modules.pop("quadratic", None)
+    try:
+        assert cli.main(["run", str(path), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+        res = pbt_operator.run(path, out=tmp_path / "api")
+    finally:
+        sys.modules.pop("quadratic", None)
+    cli_dir, api_dir = tmp_path / "cli", res.run_dir
+    assert sorted(p.name for p in cli_dir.iterdir()) == sorted(p.name for p in api_dir.iterdir())
+    for name in ("results.jsonl", "suggestions.jsonl"):
+        strip = [{k: v for k, v in json.loads(line).items() if k != "duration"}
+                 for line in (cli_dir / name).read_text().splitlines()]
+        assert strip == [{k: v for k, v in json.loads(line).items() if k != "duration"}
+                         for line in (api_dir / name).read_text().splitlines()], name
+    for name in ("best.json", "lineage.json"):
+        assert (cli_dir / name).read_text().replace(str(cli_dir), "") == \
+            (api_dir / name).read_text().replace(str(api_dir), ""), name
+    assert json.loads((cli_dir / "manifest.json").read_text()) == json.loads((api_dir / "manifest.json").read_text())
+    fp = json.loads((cli_dir / "run.json").read_text())["fingerprint"]
+    assert fp == json.loads((api_dir / "run.json").read_text())["fingerprint"]
+    # so the CLI resumes the API's folder (nothing left to run)
+    assert cli.main(["run", str(path), "--out", str(api_dir), "--quiet", "--resume"]) == 0
+
+
+def test_a_function_defined_in_main(tmp_path: Path) -> None:
+    """A script's (or notebook's) function lives in __main__, which no other process can import."""
+    doc = quadratic_doc(population=4, budget={"segments": 5})
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        import pbt_operator
+
+        def segment(seg):
+            state = seg.restore()
+            theta = state if state is not None else [0.9, 0.9]
+            h0, h1 = seg.hyperparameters["h0"], seg.hyperparameters["h1"]
+            for _ in range(seg.steps_budget):
+                theta = [theta[0] - 0.02 * h0 * theta[0], theta[1] - 0.02 * h1 * theta[1]]
+            seg.save(theta)
+            return 1.2 - (theta[0] ** 2 + theta[1] ** 2)
+
+        if __name__ == "__main__":
+            res = pbt_operator.run({doc!r}, function=segment, out=sys.argv[1], resume=len(sys.argv) > 2)
+            print(json.dumps({{"ok": res.ok, "score": res.best["score"], "saved": res.load_best()}}))
+    """))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["ok"] and 1.2 - (got["saved"][0] ** 2 + got["saved"][1] ** 2) == pytest.approx(got["score"])
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["document"]
+    assert saved["spec"]["worker"] == {"executor": "inline", "function": "__main__:segment", "pool": "threads"}
+    again = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--resume"], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_the_worker_env_stays_and_the_dict_is_not_changed(tmp_path: Path) -> None:
+    """The function replaces spec.worker's command; its env (the storage's settings, say) stays."""
+    calls: list[tuple[int, int]] = []
+    doc = quadratic_doc(population=2, budget={"segments": 2},
+                        worker={"executor": "process", "command": ["false"], "env": {"A": "1"}})
+    before = copy.deepcopy(doc)
+    res = pbt_operator.run(doc, function=quadratic_function(calls), out=tmp_path / "run", plot=False)
+    assert doc == before and res.ok and len(calls) == 4
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["document"]
+    assert saved["spec"]["worker"]["env"] == {"A": "1"} and saved["spec"]["worker"]["executor"] == "inline"
