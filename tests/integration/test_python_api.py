@@ -154,18 +154,22 @@ def test_a_bad_field_raises_naming_it_with_the_message_the_cli_prints(
 
 
 def test_same_seed_same_decisions(tmp_path: Path) -> None:
-    """parallelism 1: segments finish in one order, so the decisions depend on the seed alone."""
+    """The decisions depend on the seed and the order segments finish in: one at a time (parallelism 1),
+    the journal is the same line for line; synchronous mode decides per generation, so with segments
+    finishing in any order the decisions are the same set."""
 
-    def decisions(out: str, seed: int) -> tuple[list[str], list[float | None]]:
-        res = pbt_operator.run(quadratic_doc(parallelism=1, population=6, budget={"segments": 6}),
+    def decisions(out: str, seed: int, **spec: Any) -> tuple[list[str], list[float | None]]:
+        res = pbt_operator.run(quadratic_doc(population=6, budget={"segments": 6}, **spec),
                                function=quadratic_function([]), out=tmp_path / out, seed=seed, plot=False)
         return ((tmp_path / out / "suggestions.jsonl").read_text().splitlines(), [r.score for r in res.records])
 
-    a, b, c = decisions("a", 7), decisions("b", 7), decisions("c", 8)
+    a, b, c = decisions("a", 7, parallelism=1), decisions("b", 7, parallelism=1), decisions("c", 8, parallelism=1)
     assert a == b
     assert a[0] != c[0]
     assert json.loads((tmp_path / "a" / "run.json").read_text())["fingerprint"] != \
         json.loads((tmp_path / "c" / "run.json").read_text())["fingerprint"]
+    sync = [decisions(out, 7, parallelism=3, mode="synchronous") for out in ("s1", "s2")]
+    assert sorted(sync[0][0]) == sorted(sync[1][0]) and sorted(map(str, sync[0][1])) == sorted(map(str, sync[1][1]))
 
 
 def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path) -> None:
