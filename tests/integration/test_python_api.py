@@ -192,6 +192,8 @@ def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path) -> 
     finished = done_refs(tmp_path / "run")
     assert 0 < len(finished) < 60
     assert not (tmp_path / "run" / "best.json").exists()
+    stopped = pbt_operator.RunResult.open(tmp_path / "run")
+    assert stopped.interrupted and not stopped.ok and len(stopped.records) == len(finished)
     # another function (another qualified name) is another run
     with pytest.raises(pbt_operator.RunError, match="changed since"):
         pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", resume=True)

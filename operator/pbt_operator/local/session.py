@@ -59,15 +59,15 @@ class RunResult:
     best: dict[str, Any] | None
     schedule: list[dict[str, Any]] = field(repr=False)
     records: list[Record] = field(repr=False)
+    data: RunData = field(repr=False)  # the run as the results commands read it (results_source)
     interrupted: bool = False
     failure_log: Path | None = None
-    data: RunData = field(repr=False, default=None)  # type: ignore[assignment]  # always set by _from_data
     summary: RunSummary | None = field(repr=False, default=None)  # this process's run (None: `open`)
 
     @property
     def ok(self) -> bool:
         """Ran to its end (its budget, or an early finish) without failing or being interrupted."""
-        return self.failed is None and not self.interrupted
+        return self.failed is None and not self.interrupted and self.engine.done
 
     @property
     def spec(self) -> TrainingSpec:
@@ -98,7 +98,8 @@ class RunResult:
             run_dir=Path(data.source.partition(":")[2]).resolve(), name=data.spec.name, metric=data.spec.objective.metric,
             direction=data.spec.objective.direction, finished=eng.finished, failed=eng.failed, best=best,
             schedule=list(doc.get("schedule") or []), records=list(data.records),
-            interrupted=bool(summary and summary.interrupted),
+            # an opened folder: stopped before its end, and no run holds it now (`pbt status`'s phase)
+            interrupted=summary.interrupted if summary is not None else data.phase == "Incomplete",
             failure_log=summary.failure_log if summary else None, data=data, summary=summary,
         )
 
