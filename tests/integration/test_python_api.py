@@ -280,3 +280,28 @@ def test_the_worker_env_stays_and_the_dict_is_not_changed(tmp_path: Path) -> Non
     assert doc == before and res.ok and len(calls) == 4
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["document"]
     assert saved["spec"]["worker"]["env"] == {"A": "1"} and saved["spec"]["worker"]["executor"] == "inline"
+
+
+def test_load_best_from_s3_through_the_worker_env(s3_env: dict[str, str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An s3:// checkpoint store whose endpoint and credentials a manifest gives in spec.worker.env:
+    load_best reads it with them, as `pbt run`'s own storage calls do, and leaves the environment as it was."""
+    import os
+
+    from pbt_worker.storage import reset_storage_cache
+
+    bucket = s3_env["PBT_TEST_BUCKET"]
+    worker_env = {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3",
+                                         "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    doc = quadratic_doc(population=3, budget={"segments": 3}, storage={"uri": f"s3://{bucket}/runs"},
+                        worker={"env": worker_env})
+    res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", plot=False)
+    assert res.ok and res.best is not None
+    assert res.best["checkpoint"].startswith(f"s3://{bucket}/runs/quadratic/m")
+    for k in worker_env:  # now only the manifest knows where the store is
+        monkeypatch.delenv(k, raising=False)
+    reset_storage_cache()
+    saved = res.load_best()
+    assert (saved["member"], saved["segment"]) == (res.best["member"], res.best["segment"])
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ
+    assert pbt_operator.RunResult.open(res.run_dir).load_best()["theta"] == saved["theta"]
