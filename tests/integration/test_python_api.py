@@ -305,3 +305,16 @@ def test_load_best_from_s3_through_the_worker_env(s3_env: dict[str, str], tmp_pa
     assert (saved["member"], saved["segment"]) == (res.best["member"], res.best["segment"])
     assert "AWS_ENDPOINT_URL_S3" not in os.environ
     assert pbt_operator.RunResult.open(res.run_dir).load_best()["theta"] == saved["theta"]
+
+
+def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gpus= / gpus_per_member= are --gpus / --gpus-per-member: refused before the folder exists when the
+    machine has too few, and for a function (this process: every member sees every GPU) said, not applied."""
+    doc = quadratic_doc(population=2, budget={"segments": 1})
+    with pytest.raises(pbt_operator.RunError, match=r"^--gpus-per-member: 2 GPUs per member, but --gpus shows 1"):
+        pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus="0", gpus_per_member=2)
+    assert not (tmp_path / "run").exists()
+    res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus="0,1",
+                           gpus_per_member=1, plot=False)
+    assert res.ok
+    assert "every member sees every GPU" in capsys.readouterr().err
