@@ -19,8 +19,8 @@ so for one seed all methods start from the same initial members.
 
 Methods (all with exploit truncation 0.25 unless said otherwise):
 * `pb2-<mode>`: explore pb2 with `parallel: <mode>`, every other PB2 setting at its default, and
-  truncation at 0.5, as the README recommends with PB2 (`PB2_FRACTION`; `--pb2-fraction 0.25` for
-  the same fraction as PBT)
+  truncation at the manifest's default with PB2 (0.75 below 8 members, else 0.5: spec.pb2_fraction;
+  `--pb2-fraction F` sets one fraction for every population, 0.25 for the same as PBT)
 * `pbt`: explore perturb (factors 0.8/1.2, resample probability 0.25)
 * `pbt-crossover`: the same with `crossover: true`
 * `tournament`: exploit tournament (size 2), explore perturb
@@ -84,9 +84,8 @@ DIGITS = "digits"
 PB2_EXTRA: dict[str, Any] = {}
 # Pb2Settings fields that are not manifest fields (--pb2-settings JSON), e.g. {"window_search": true}.
 PB2_FIELDS: dict[str, Any] = {}
-# Truncation fraction of the pb2 methods: what the README recommends with PB2 (the manifest default,
-# 0.25, is PBT's: benchmarks/README.md has both).
-PB2_FRACTION = 0.5
+# Truncation fraction of the pb2 methods (--pb2-fraction); None: the manifest default with PB2.
+PB2_FRACTION: float | None = None
 # spec.exploit.donorFraction of the pb2 methods (--pb2-donors); None: the manifest default (0.25 with PB2).
 PB2_DONORS: float | None = None
 
@@ -97,7 +96,9 @@ def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed
     exploit: dict[str, Any] = {"strategy": "truncation", "fraction": 0.25}
     explore: dict[str, Any] = {"strategy": "perturb", "factors": list(factors), "resampleProbability": 0.25}
     if method.startswith("pb2-"):
-        exploit = {"strategy": "truncation", "fraction": PB2_FRACTION}
+        exploit = {"strategy": "truncation"}
+        if PB2_FRACTION is not None:
+            exploit["fraction"] = PB2_FRACTION
         if PB2_DONORS is not None:
             exploit["donorFraction"] = PB2_DONORS
         explore = {"strategy": "pb2", "pb2": {"parallel": method[4:], **PB2_EXTRA}}
@@ -213,7 +214,7 @@ def _task(args: tuple[str, str, int, int, dict[str, Any]]) -> RunResult | tuple[
     PB2_EXTRA.update(extra.get("manifest", {}))
     PB2_FIELDS.clear()
     PB2_FIELDS.update(extra.get("fields", {}))
-    PB2_FRACTION = float(extra.get("fraction", PB2_FRACTION))
+    PB2_FRACTION = extra.get("fraction")
     PB2_DONORS = extra.get("donors")
     if method == "limit":
         return prob, pop, seed, PROBLEMS[prob].for_seed(seed).limit(pop, seed)
@@ -477,8 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  'e.g. \'{"window": 25}\'')
     ap.add_argument("--pb2-settings", default="{}", help='Pb2Settings fields that are not manifest fields, JSON, '
                                                           'e.g. \'{"window_search": true}\'')
-    ap.add_argument("--pb2-fraction", type=float, default=PB2_FRACTION,
-                    help=f"truncation fraction of the pb2 methods (default {PB2_FRACTION})")
+    ap.add_argument("--pb2-fraction", type=float, default=None,
+                    help="truncation fraction of the pb2 methods (default: the manifest's with pb2, 0.75 below 8 "
+                         "members, else 0.5)")
     ap.add_argument("--pb2-donors", type=float, default=None,
                     help="spec.exploit.donorFraction of the pb2 methods (default: the manifest's, 0.25 with pb2; "
                          "0.5 for the top half as before 2026-12-01)")

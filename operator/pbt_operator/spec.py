@@ -118,6 +118,18 @@ class Exploit:
 # members that copy, so it needs more of them (at 0.5 its paired median gained on every non-stationary
 # benchmark and on the quadratic, while PBT's perturbation lost on lr-schedule: benchmarks/README.md).
 PB2_FRACTION = 0.5
+# Below PB2_SMALL members, three quarters: every member but the best quarter re-decides. Paired over the
+# benchmarks' seeds (benchmarks/README.md, "Ninth round"), that gained at 3, 4 and 6 members on every
+# non-stationary problem and on the quadratic (0.02-0.16 of the limit, ties on the RL tasks), and lost
+# the RL trap task at 8 and 16 (-0.11, -0.06), where the members left alone keep the diversity of weights
+# that escapes the trap: a small population has too few members for that reserve to pay.
+PB2_FRACTION_SMALL = 0.75
+PB2_SMALL = 8
+
+
+def pb2_fraction(population: int) -> float:
+    """`exploit.fraction`'s default with `explore: pb2` for this population (PB2_FRACTION_SMALL says why)."""
+    return PB2_FRACTION_SMALL if population < PB2_SMALL else PB2_FRACTION
 # ... but the members that copy take the top quarter's checkpoints, not the top half's: the second-best
 # of four is often far behind the best. Paired over the benchmarks' seeds (benchmarks/README.md, "Who
 # donates"), donors from the top quarter gained 0.01-0.04 of the limit at populations 8 and 16 on every
@@ -441,7 +453,9 @@ def parse_spec(
                              f"hyperparameters + categorical choices)): PB2 would never engage and always "
                              f"perturb; raise maxRows or set minRows (got {pb2.max_rows})")
     if fraction is None:
-        fraction = PB2_FRACTION if explore.strategy == "pb2" else Exploit.fraction
+        fraction = pb2_fraction(population) if explore.strategy == "pb2" else Exploit.fraction
+        if explore.strategy == "pb2" and donors is not None:  # a default never collides with what was written
+            fraction = min(fraction, 1.0 - donors)
     donors_given = donors is not None
     if donors is None:
         donors = min(fraction, PB2_DONORS) if explore.strategy == "pb2" else fraction

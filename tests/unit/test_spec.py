@@ -33,11 +33,19 @@ def test_minimal_manifest_defaults(make_spec: Any) -> None:
     assert lr.kind == "float" and lr.log and lr.low == 1e-4 and lr.high == 1e-1
 
 
-def test_truncation_fraction_defaults_to_half_with_pb2(make_spec: Any) -> None:
-    # PB2 decides hyperparameters only for the members that copy: its default re-decides half of them
-    assert make_spec({"explore": {"strategy": "pb2"}}).exploit.fraction == 0.5
-    assert make_spec({"explore": {"strategy": "resample"}}).exploit.fraction == 0.25
-    assert make_spec({"explore": {"strategy": "pb2"}, "exploit": {"fraction": 0.2}}).exploit.fraction == 0.2  # given wins
+def test_truncation_fraction_defaults_to_half_with_pb2_and_three_quarters_below_8(make_spec: Any) -> None:
+    # PB2 decides hyperparameters only for the members that copy: its default re-decides half of them,
+    # and below 8 members every member but the top quarter (benchmarks/README.md, "Ninth round")
+    def fraction(population: int, exploit: dict[str, Any] | None = None, strategy: str = "pb2") -> float:
+        spec = {"population": population, "explore": {"strategy": strategy}, "exploit": exploit or {}}
+        return float(make_spec(spec).exploit.fraction)
+
+    assert fraction(8) == fraction(16) == 0.5
+    assert fraction(2) == fraction(4) == fraction(7) == 0.75
+    assert fraction(4, strategy="resample") == fraction(16, strategy="perturb") == 0.25
+    assert fraction(4, {"fraction": 0.2}) == 0.2  # given wins
+    assert fraction(4, {"donorFraction": 0.5}) == 0.5  # a default never collides with a written donorFraction
+    assert make_spec({"population": 4, "explore": {"strategy": "pb2"}}).exploit.donors == 0.25
 
 
 def test_donors_are_the_top_fraction_but_only_the_top_quarter_with_pb2(make_spec: Any) -> None:
