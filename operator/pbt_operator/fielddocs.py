@@ -111,7 +111,7 @@ FIELDS: tuple[Field, ...] = (
           "truncation: the bottom fraction copies a member of the top fraction; PB2 picks hyperparameters "
           "only for members that copy, so its default is larger (README: \"Choosing PB2 settings\")"),
     Field("spec.exploit.donorFraction", "(0, 0.5], `fraction` (at most 0.25 with `explore.strategy: pb2`)",
-          "truncation: the top fraction whose members are copied; with PB2 half the population re-decides, but "
+          "truncation: the top fraction whose members are copied; with PB2 more of the population re-decides, but "
           "copies only the best quarter's checkpoints (README: \"Choosing PB2 settings\")"),
     Field("spec.exploit.size", "int >= 2, 2", "tournament size: the loser copies the winner"),
     Field("spec.exploit.significance", "`{enabled: false, alpha: 0.05, window: 4}`",
