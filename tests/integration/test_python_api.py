@@ -318,3 +318,20 @@ def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture
                            gpus_per_member=1, plot=False)
     assert res.ok
     assert "every member sees every GPU" in capsys.readouterr().err
+
+
+def test_resume_and_fresh_together_are_refused_and_the_run_is_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both at once deleted the folder (fresh) and then said there was no run to resume: a finished run
+    lost to a flag combination that cannot mean anything."""
+    doc = quadratic_doc(population=2, budget={"segments": 1})
+    pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", plot=False)
+    with pytest.raises(pbt_operator.RunError, match="exclude each other"):
+        pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", resume=True, fresh=True)
+    assert (tmp_path / "run" / "results.jsonl").exists()
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({**doc, "spec": {**doc["spec"], "worker": {"executor": "inline",
+                                                                              "function": "quadratic:segment"}}}))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--resume", "--fresh", "--quiet"]) == 2
+    assert "--resume and --fresh exclude each other" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.jsonl").exists()

@@ -176,6 +176,9 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     from .progress import Progress
     from .runner import LocalRunner, run_fingerprints
 
+    if resume and fresh:  # --fresh deletes the folder that --resume was to continue: never both
+        raise RunError("--resume and --fresh exclude each other: --resume continues the run in the folder, "
+                       "--fresh deletes it first")
     _check_int("seed", seed, 0)
     _check_int("parallelism", parallelism, 1)
     _check_int("gpus_per_member", gpus_per_member, 0)
