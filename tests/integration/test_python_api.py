@@ -148,7 +148,7 @@ def test_a_bad_field_raises_naming_it_with_the_message_the_cli_prints(
     # a folder that already holds a run
     pbt_operator.run(quadratic_doc(population=2, budget={"segments": 1}), function=quadratic_function([]),
                      out=tmp_path / "done", plot=False)
-    with pytest.raises(pbt_operator.RunError, match="pass --resume to continue it, or --fresh"):
+    with pytest.raises(pbt_operator.RunError, match="pass resume=True to continue it, or fresh=True"):
         pbt_operator.run(quadratic_doc(population=2, budget={"segments": 1}), function=quadratic_function([]),
                          out=tmp_path / "done")
 
@@ -311,13 +311,18 @@ def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture
     """gpus= / gpus_per_member= are --gpus / --gpus-per-member: refused before the folder exists when the
     machine has too few, and for a function (this process: every member sees every GPU) said, not applied."""
     doc = quadratic_doc(population=2, budget={"segments": 1})
-    with pytest.raises(pbt_operator.RunError, match=r"^--gpus-per-member: 2 GPUs per member, but --gpus shows 1"):
+    with pytest.raises(pbt_operator.RunError,
+                       match=r"^gpus_per_member: 2 GPUs per member, but gpus shows 1 \(0\): lower it with gpus_per_member=1"):
         pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus="0", gpus_per_member=2)
     assert not (tmp_path / "run").exists()
     res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus="0,1",
                            gpus_per_member=1, plot=False)
     assert res.ok
-    assert "every member sees every GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "every member sees every GPU" in err
+    # said once, in run()'s terms: a Python caller has no `pbt run` and no --gpus flag
+    assert err.count("every member sees every GPU") == 1
+    assert err.startswith("pbt_operator.run: ") and "--gpus" not in err and "gpus: 0, 1" in err
 
 
 def test_resume_and_fresh_together_are_refused_and_the_run_is_kept(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pbt_operator.local.runner import RunError, run_fingerprints
-from pbt_operator.local.session import _check_int, _function_id, _function_ref, _with_function
+from pbt_operator.local.session import _check_int, _function_id, _function_ref, _with_function, python_terms
 
 
 def module_level(seg: Any) -> float:
@@ -114,3 +114,20 @@ def test_checkpoint_value_reads_what_save_stored(tmp_path: Path) -> None:
     (tmp_path / "scratch").mkdir()
     got = CheckpointReader(storage, file_uri).value(scratch)
     assert got == tmp_path / "scratch" / "model.txt" and got.read_text() == "weights" and called
+
+
+def test_the_runners_messages_in_run_s_terms() -> None:
+    """`pbt run`'s messages name its flags; a Python caller passes arguments (`pass --resume` told a
+    notebook user about a flag it has no way to give)."""
+    assert (python_terms("/r already holds a run: pass --resume to continue it, or --fresh to start over")
+            == "/r already holds a run: pass resume=True to continue it, or fresh=True to start over")
+    assert python_terms("--resume: /r holds the run 'a', this manifest names 'b': pass --name a").endswith(
+        "pass name='a'")
+    assert python_terms("the manifest (or --seed) changed") == "the manifest (or seed) changed"
+    assert (python_terms("--gpus-per-member: 3 GPUs per member, but --gpus shows 2 (0, 1): lower it with "
+                         "--gpus-per-member 2, or run where 3 are visible")
+            == "gpus_per_member: 3 GPUs per member, but gpus shows 2 (0, 1): lower it with gpus_per_member=2, "
+               "or run where 3 are visible")
+    assert (python_terms("--gpus: lists no device (got ','; e.g. --gpus 0,1, --gpus all or --gpus none)")
+            == "gpus: lists no device (got ','; e.g. gpus='0,1', gpus='all' or gpus='none')")
+    assert python_terms("spec.population: must be >= 2 (got 1)") == "spec.population: must be >= 2 (got 1)"

@@ -92,8 +92,11 @@ class LocalRunner:
                  progress: Callable[[Engine, dict[int, Suggestion], list[Suggestion]], None] | None = None,
                  plot: bool = True, storage: Any = None, started: Callable[[], None] | None = None,
                  gpus: str | None = None, gpus_per_member: int | None = None,
-                 function: Callable[..., Any] | None = None):
+                 function: Callable[..., Any] | None = None, note: Callable[[str], None] | None = None):
         self.spec = spec
+        # How a note reaches the user (the GPU plan's): `pbt run: ...` on stderr unless the caller says
+        # otherwise (pbt_operator.run words it in its arguments' terms).
+        self.note = note if note is not None else (lambda text: print(f"pbt run: {text}", file=sys.stderr))
         # A Python function to run instead of spec.worker's (pbt_operator.run(function=...)): inline, in
         # threads of this process; the spec's worker then says executor: inline (local/session.py).
         self.function = function
@@ -195,7 +198,7 @@ class LocalRunner:
                 note = f"{note}: {len(plan.slots)} segment(s) at a time (spec.parallelism {spec.parallelism})"
                 self.spec = dataclasses.replace(spec, parallelism=len(plan.slots))
         if note:
-            print(f"pbt run: {note}", file=sys.stderr)
+            self.note(note)
 
     def _check_storage(self) -> None:
         """Refuse a run whose s3:// checkpoint store cannot work at all (no such bucket, no credentials,

@@ -158,9 +158,12 @@ def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str
     finishes its segment in its thread) and raises KeyboardInterrupt; `resume=True` continues the run.
     A run that fails (a segment used up its retries) returns, with `failed` saying why.
     """
-    result = execute(manifest, function=function, out=out, resume=resume, fresh=fresh, seed=seed,
-                     parallelism=parallelism, name=name, progress=progress, gpus=gpus,
-                     gpus_per_member=gpus_per_member, plot=plot)
+    try:
+        result = execute(manifest, function=function, out=out, resume=resume, fresh=fresh, seed=seed,
+                         parallelism=parallelism, name=name, progress=progress, gpus=gpus,
+                         gpus_per_member=gpus_per_member, plot=plot, note=_python_note)
+    except RunError as e:  # the runner words its messages for `pbt run`: here they name run()'s arguments
+        raise RunError(python_terms(str(e)), [python_terms(p) for p in e.problems]) from None
     if result.interrupted:
         raise KeyboardInterrupt
     return result
@@ -169,7 +172,8 @@ def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str
 def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out: str | Path | None = None,
             resume: bool = False, fresh: bool = False, seed: int | None = None, parallelism: int | None = None,
             name: str | None = None, progress: bool = False, gpus: str | None = None,
-            gpus_per_member: int | None = None, plot: bool = True) -> RunResult:
+            gpus_per_member: int | None = None, plot: bool = True,
+            note: Callable[[str], None] | None = None) -> RunResult:
     """`run` without turning an interrupted run into KeyboardInterrupt (`result.interrupted`): `pbt run`
     prints how to resume it instead. A KeyboardInterrupt outside the training loop still propagates."""
     from ..results_cli import remember_manifest
@@ -210,7 +214,7 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     fp, legacy_fp = run_fingerprints(fp_doc, overrides)
     runner = LocalRunner(spec, run_dir, resume=resume, fingerprint=fp, also_resumes=(legacy_fp,),
                          progress=Progress(spec) if progress else None, plot=plot, gpus=gpus,
-                         gpus_per_member=gpus_per_member, function=function,
+                         gpus_per_member=gpus_per_member, function=function, note=note,
                          # manifest.json as soon as the folder is the run's: the results commands read a
                          # running run too
                          started=lambda: remember_manifest(run_dir, path, effective, spec.name, overrides))
@@ -218,6 +222,33 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     data = RunData(runner.spec, read_records(summary.run_dir / "results.jsonl"), runner.root,
                    f"local:{summary.run_dir}", _engine=summary.engine)
     return RunResult._from_data(data, summary)
+
+
+# `pbt run`'s flags in the runner's messages, and the argument of `run` that each one is.
+_FLAG_VALUE = re.compile(r"--(gpus-per-member|gpus|seed|parallelism) ('[^']*'|\d+(?:,\d+)*|all|none)\b"
+                         r"|--(name) ([\w.-]+)")
+_FLAG = re.compile(r"--(resume|fresh|gpus-per-member|gpus|name|seed|parallelism|out)\b")
+
+
+def python_terms(text: str) -> str:
+    """A message of the runner's (written for `pbt run`) in the terms of `pbt_operator.run`'s
+    arguments: `pass --resume` is `pass resume=True`, `--gpus-per-member 2` is `gpus_per_member=2`."""
+
+    def with_value(m: re.Match[str]) -> str:
+        arg, value = (m.group(1) or m.group(3)).replace("-", "_"), m.group(2) or m.group(4)
+        if arg in ("gpus_per_member", "seed", "parallelism") and value.isdigit():
+            return f"{arg}={value}"
+        return f"{arg}={value.strip(chr(39))!r}"
+
+    def bare(m: re.Match[str]) -> str:
+        arg = m.group(1).replace("-", "_")
+        return f"{arg}=True" if arg in ("resume", "fresh") else arg
+
+    return _FLAG.sub(bare, _FLAG_VALUE.sub(with_value, text))
+
+
+def _python_note(text: str) -> None:
+    print(f"pbt_operator.run: {python_terms(text)}", file=sys.stderr)
 
 
 def _check_int(arg: str, value: int | None, minimum: int) -> None:
