@@ -27,6 +27,8 @@ def test_cuda_visible_devices_as_cuda_reads_it() -> None:
     assert parse_visible("-1") == []
     assert parse_visible("2,-1,3") == ["2"]  # CUDA stops at the first invalid entry
     assert parse_visible("GPU-aa,MIG-bb") == ["GPU-aa", "MIG-bb"]
+    assert parse_visible("0,garbage,1") == ["0"]  # a word is an invalid entry too: no device there
+    assert parse_visible("garbage") == []
 
 
 def test_nvidia_smi_listing_gives_uuids_and_mig_instances() -> None:
@@ -87,6 +89,11 @@ def test_impossible_settings_name_the_field() -> None:
         plan(template(1), 0, gpus=",", per_member=None, environ={})
     with pytest.raises(GpuError, match="names a device twice"):
         plan(template(1), 0, gpus="0,0", per_member=None, environ={})
+    # a word is no device: CUDA would stop at it and every member would run without a GPU, unsaid
+    with pytest.raises(GpuError, match=r"--gpus: 'garbage' names no device"):
+        plan(template(1), 0, gpus="garbage", per_member=None, environ={})
+    with pytest.raises(GpuError, match=r"--gpus: 'gpu1' names no device"):
+        plan(template(1), 0, gpus="0,gpu1", per_member=None, environ={})
 
 
 def test_slots_are_held_until_given_back() -> None:

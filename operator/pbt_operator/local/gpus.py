@@ -70,13 +70,18 @@ def requested(template: Mapping[str, Any] | None, trainer: int) -> tuple[int, st
     return 0, ""
 
 
+# What CUDA_VISIBLE_DEVICES accepts as a device: an index, or a GPU's or MIG instance's UUID (or its
+# unique prefix).
+_DEVICE = re.compile(r"\d+|(?:GPU|MIG)-[\w./-]+")
+
+
 def parse_visible(value: str) -> list[str]:
     """The devices a `CUDA_VISIBLE_DEVICES` value lists. CUDA stops at the first invalid entry, so a
-    negative index (`-1`, the usual "no GPU") ends the list."""
+    negative index (`-1`, the usual "no GPU") or a word that names no device (`garbage`) ends the list."""
     out = []
     for entry in value.split(","):
         entry = entry.strip()
-        if not entry or re.fullmatch(r"-\d+", entry):
+        if not _DEVICE.fullmatch(entry):
             break
         out.append(entry)
     return out
@@ -141,6 +146,11 @@ def plan(template: Mapping[str, Any] | None, trainer: int, *, gpus: str | None, 
         devices, source = detect(environ)
     else:
         devices, source = parse_visible(gpus), "--gpus"
+        entries = [e.strip() for e in gpus.split(",")]
+        bad = next((e for e in entries if e and not _DEVICE.fullmatch(e)), None)
+        if bad is not None:  # CUDA would stop there: every member would run without a GPU, silently
+            raise GpuError(f"--gpus: {bad!r} names no device (got {gpus!r}; devices are indexes or GPU-/MIG- "
+                           "UUIDs as CUDA_VISIBLE_DEVICES takes them: e.g. --gpus 0,1, --gpus all or --gpus none)")
         if not devices:
             raise GpuError(f"--gpus: lists no device (got {gpus!r}; e.g. --gpus 0,1, --gpus all or --gpus none)")
     if len(set(devices)) != len(devices):
