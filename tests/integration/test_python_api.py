@@ -319,6 +319,17 @@ def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture
                            gpus_per_member=1, plot=False)
     assert res.ok
     err = capsys.readouterr().err
+    # Python's own forms: a list of devices is --gpus 0,1; a bare number (a device? a count?) is refused
+    # naming the argument (it was an AttributeError from inside the GPU plan), as is an out that is no path
+    res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus=[0, 1], fresh=True,
+                           plot=False)
+    assert res.ok and "slot(s) from gpus: 0, 1" in capsys.readouterr().err
+    with pytest.raises(pbt_operator.RunError, match=r"^gpus: must be devices .*got 2; for 2 GPUs per member "
+                                                    r"pass gpus_per_member=2"):
+        pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run2", gpus=2)  # type: ignore[arg-type]
+    with pytest.raises(pbt_operator.RunError, match=r"^out: must be a folder's path \(got int\)"):
+        pbt_operator.run(doc, function=quadratic_function([]), out=5)  # type: ignore[arg-type]
+    assert not (tmp_path / "run2").exists()
     assert "every member sees every GPU" in err
     # said once, in run()'s terms: a Python caller has no `pbt run` and no --gpus flag
     assert err.count("every member sees every GPU") == 1

@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,7 +138,7 @@ def load_checkpoint(uri: str, spec: TrainingSpec, *, map_location: Any = "cpu", 
 
 def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str | Path | None = None,
         resume: bool = False, fresh: bool = False, seed: int | None = None, parallelism: int | None = None,
-        name: str | None = None, progress: bool = False, gpus: str | None = None,
+        name: str | None = None, progress: bool = False, gpus: str | Sequence[str | int] | None = None,
         gpus_per_member: int | None = None, plot: bool = True) -> RunResult:
     """Train a population on this machine, as `pbt run MANIFEST` does, and return its results.
 
@@ -171,7 +171,7 @@ def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str
 
 def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out: str | Path | None = None,
             resume: bool = False, fresh: bool = False, seed: int | None = None, parallelism: int | None = None,
-            name: str | None = None, progress: bool = False, gpus: str | None = None,
+            name: str | None = None, progress: bool = False, gpus: str | Sequence[str | int] | None = None,
             gpus_per_member: int | None = None, plot: bool = True,
             note: Callable[[str], None] | None = None) -> RunResult:
     """`run` without turning an interrupted run into KeyboardInterrupt (`result.interrupted`): `pbt run`
@@ -186,6 +186,9 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     _check_int("seed", seed, 0)
     _check_int("parallelism", parallelism, 1)
     _check_int("gpus_per_member", gpus_per_member, 0)
+    gpus = _gpus_arg(gpus)
+    if out is not None and not isinstance(out, (str, Path)):
+        raise RunError(f"out: must be a folder's path (got {type(out).__name__})")
     if function is not None and not callable(function):
         raise RunError(f"function: must be a callable fn(seg) (got {type(function).__name__})")
     doc, path, base_dir = _document(manifest)
@@ -259,6 +262,18 @@ def _check_int(arg: str, value: int | None, minimum: int) -> None:
         raise RunError(f"{arg}: must be an integer (got {value!r})")
     if value < minimum:
         raise RunError(f"{arg}: must be >= {minimum} (got {value})")
+
+
+def _gpus_arg(gpus: Any) -> str | None:
+    """`gpus` as --gpus takes it: a string ("0,1", "all", "none"), or, from Python, a list of devices
+    ([0, 1], ["GPU-..."]). A bare number is refused: a device (--gpus 2) or a count (gpus_per_member=2)?"""
+    if gpus is None or isinstance(gpus, str):
+        return gpus
+    if isinstance(gpus, (list, tuple)) and all(isinstance(d, (str, int)) and not isinstance(d, bool) for d in gpus):
+        return ",".join(str(d) for d in gpus)
+    hint = f"; for {gpus} GPUs per member pass gpus_per_member={gpus}" if isinstance(gpus, int) else ""
+    raise RunError(f"gpus: must be devices as a string ('0,1', 'all', 'none') or a list ([0, 1]) "
+                   f"(got {gpus!r}{hint})")
 
 
 def _document(manifest: Manifest) -> tuple[Mapping[str, Any], str | None, Path | None]:
