@@ -399,3 +399,17 @@ def test_optional_network_policy_for_the_metrics_port() -> None:
     closed = render(values={"networkPolicy": {"enabled": True}})
     assert isinstance(closed, list)
     assert [r["ports"][0]["port"] for r in one(closed, "NetworkPolicy")["spec"]["ingress"]] == ["health"]
+
+
+def test_notes_list_the_columns_kubectl_get_pbt_prints() -> None:
+    """NOTES.txt's `kubectl get pbt` comment is what a user sees after install: it left out PHASE and
+    never said that -o wide adds REASON."""
+    from pbt_operator.kube.crds import all_crds
+
+    crd = next(c for c in all_crds() if c["spec"]["names"]["plural"] == "populationtrainings")
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    plain = " ".join(["NAME"] + [c["name"].upper() for c in columns if not c.get("priority")])
+    wide = ", ".join(c["name"].upper() for c in columns if c.get("priority"))
+    notes = (ROOT / "charts" / "pbt-operator" / "templates" / "NOTES.txt").read_text()
+    line = next(x for x in notes.splitlines() if "kubectl get pbt -n" in x)
+    assert line.split("# ", 1)[1] == f"{plain} (-o wide: {wide})"
