@@ -240,6 +240,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not schedule:
         print("pbt replay: the schedule is empty (no finished segment)", file=sys.stderr)
         return 2
+    function = spec.worker.function if spec.worker.executor == "inline" else None
+    if isinstance(function, str) and function.startswith("__main__:"):
+        # pbt_operator.run(function=...) from a script or a notebook: the function lived in that process
+        print(f"pbt replay: the run's spec.worker.function {function} was a function of the Python process that "
+              f"ran it (pbt_operator.run(..., function=...)), which replay cannot import: pass --manifest with "
+              f"a spec.worker.command, or with a spec.worker.function MODULE:NAME that Python can import",
+              file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path("pbt-runs") / f"{spec.name}-replay"
     if out.exists() and any(out.iterdir()) and not args.fresh:
         print(f"pbt replay: {out} is not empty: pass --fresh to replace it, or --out", file=sys.stderr)

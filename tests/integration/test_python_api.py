@@ -351,3 +351,22 @@ def test_resume_and_fresh_together_are_refused_and_the_run_is_kept(
     assert cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--resume", "--fresh", "--quiet"]) == 2
     assert "--resume and --fresh exclude each other" in capsys.readouterr().err
     assert (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_replay_of_a_run_whose_function_lived_in_main_says_what_to_pass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A notebook's or a script's function is `__main__:NAME` in manifest.json; replay tried to import
+    it, printed its header and then 'module '__main__' has no function ...', never saying why or what
+    to do (docs/python.md: replay needs --manifest)."""
+    fn = quadratic_function([])
+    fn.__module__ = "__main__"
+    res = pbt_operator.run(quadratic_doc(population=2, budget={"segments": 1}), function=fn, out=tmp_path / "run",
+                           plot=False)
+    assert res.ok
+    capsys.readouterr()
+    assert cli.main(["replay", str(tmp_path / "run"), "--out", str(tmp_path / "replay")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("pbt replay: the run's spec.worker.function __main__:segment was a function of the "
+                          "Python process that ran it") and "pass --manifest" in err
+    assert not (tmp_path / "replay").exists()
