@@ -131,3 +131,18 @@ def test_the_runners_messages_in_run_s_terms() -> None:
     assert (python_terms("--gpus: lists no device (got ','; e.g. --gpus 0,1, --gpus all or --gpus none)")
             == "gpus: lists no device (got ','; e.g. gpus='0,1', gpus='all' or gpus='none')")
     assert python_terms("spec.population: must be >= 2 (got 1)") == "spec.population: must be >= 2 (got 1)"
+
+
+def test_a_mem_checkpoint_gone_with_its_process_says_so() -> None:
+    """RunResult.open(...).load_best() in a later session of a mem:// run: the storage was that process's
+    memory; the bare 'no committed checkpoint ... killed mid-save, or already deleted' sent users looking
+    for a crash."""
+    from pbt_operator.local.session import load_checkpoint
+    from pbt_operator.spec import parse_manifest
+
+    spec = parse_manifest({"apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": "t"},
+                           "spec": {"population": 2, "hyperparameters": {"lr": {"type": "float", "min": 0.1, "max": 1}},
+                                    "storage": {"uri": "mem://gone"},
+                                    "worker": {"executor": "inline", "function": "m:f"}}})
+    with pytest.raises(RunError, match=r"mem:// checkpoints live only in the Python process that ran the training"):
+        load_checkpoint("mem://gone/t/m000/00000/", spec)

@@ -131,9 +131,19 @@ def load_checkpoint(uri: str, spec: TrainingSpec, *, map_location: Any = "cpu", 
             return Path(dest)
         return Path(tempfile.mkdtemp(prefix=f"pbt-{spec.name}-best-"))
 
+    from pbt_worker.errors import CheckpointNotFoundError
+
     with as_workers(spec.worker.env):
-        reader = CheckpointReader(open_storage(prefix), prefix)
-        return reader.value(scratch, map_location=map_location, weights_only=weights_only)
+        try:
+            reader = CheckpointReader(open_storage(prefix), prefix)
+            return reader.value(scratch, map_location=map_location, weights_only=weights_only)
+        except CheckpointNotFoundError as e:
+            if not uri.startswith("mem://"):
+                raise
+            # mem:// lives in the memory of the process that ran the training: gone once it ended
+            raise RunError(f"{e}: mem:// checkpoints live only in the Python process that ran the training "
+                           "(and only while it runs); to load the best one later, use file:// or s3:// "
+                           "spec.storage.uri (the default is file:// under the run folder)") from None
 
 
 def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str | Path | None = None,
