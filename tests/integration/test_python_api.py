@@ -195,7 +195,9 @@ def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path) -> 
     stopped = pbt_operator.RunResult.open(tmp_path / "run")
     assert stopped.interrupted and not stopped.ok and len(stopped.records) == len(finished)
     # another function (another qualified name) is another run
-    with pytest.raises(pbt_operator.RunError, match="changed since"):
+    # (and the message says so: "the manifest (or seed) changed" sent users looking for a manifest edit)
+    with pytest.raises(pbt_operator.RunError, match=r"the manifest, seed or function \(.*:quadratic_function\."
+                                                    r"<locals>\.segment\) changed since .*use fresh=True"):
         pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", resume=True)
     phase["now"] = "second"
     res = pbt_operator.run(doc, function=segment, out=tmp_path / "run", resume=True)

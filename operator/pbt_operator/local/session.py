@@ -173,7 +173,14 @@ def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str
                          parallelism=parallelism, name=name, progress=progress, gpus=gpus,
                          gpus_per_member=gpus_per_member, plot=plot, note=_python_note)
     except RunError as e:  # the runner words its messages for `pbt run`: here they name run()'s arguments
-        raise RunError(python_terms(str(e)), [python_terms(p) for p in e.problems]) from None
+        def say(text: str) -> str:
+            text = python_terms(text)
+            if function is not None:  # the function's module and name are in the fingerprint too
+                text = text.replace("the manifest (or seed) changed",
+                                    f"the manifest, seed or function ({_function_id(function)}) changed")
+            return text
+
+        raise RunError(say(str(e)), [say(p) for p in e.problems]) from None
     if result.interrupted:
         raise KeyboardInterrupt
     return result
