@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,7 +434,7 @@ def replay(spec: TrainingSpec, schedule: Sequence[Mapping[str, Any]], out_dir: P
 
     from .contract import build_contract
     from .core.types import SegmentResult, Suggestion
-    from .local.runner import LocalRunner
+    from .local.runner import LocalRunner, RunError
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +443,13 @@ def replay(spec: TrainingSpec, schedule: Sequence[Mapping[str, Any]], out_dir: P
     # The runner's storage is the replay's: an inline worker otherwise got the population run's own
     # (file://) storage object and could not write a --storage mem:// or s3:// checkpoint.
     runner = LocalRunner(dataclasses.replace(spec, parallelism=1, storage=dataclasses.replace(spec.storage, uri=root)),
-                         out_dir, plot=False)
+                         out_dir, plot=False, note=lambda text: print(f"pbt replay: {text}", file=sys.stderr))
+    try:
+        # The template's GPU request, as `pbt run` honours it: the replay's one segment at a time gets
+        # one slot (it saw every GPU of the machine, so a replay of a 1-GPU member trained on all of them).
+        runner._plan_gpus()
+    except RunError as e:
+        raise SourceError(str(e)) from None
     try:
         executor = runner._executor()
     except ValueError as e:  # a worker that cannot start: a command not there, a function not importable

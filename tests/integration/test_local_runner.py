@@ -1359,3 +1359,23 @@ def test_gpus_per_member_larger_than_the_machine_is_refused(tmp_path: Path) -> N
     with pytest.raises(RunError, match=r"--gpus-per-member: 3 GPUs per member, but --gpus shows 2"):
         LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False, gpus="0,1", gpus_per_member=3).run()
     assert not (tmp_path / "run").exists()  # refused before the run folder exists
+
+
+def test_replay_gets_a_gpu_slot_as_the_run_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`pbt replay` of a manifest whose members ask for one GPU: its segments ran with every GPU of the
+    machine visible (no CUDA_VISIBLE_DEVICES), unlike the run they replay."""
+    from pbt_operator.results_source import load_local, replay
+
+    log = tmp_path / "calls.jsonl"
+    tpl = {"spec": {"containers": [{"name": "train", "image": "x", "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}
+    manifest = process_manifest(tmp_path, population=2, segments=2, parallelism=2,
+                                env={"PBT_TEST_LOG": str(log)}, extra={"template": tpl})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False).run()
+    run = load_local(tmp_path / "run")
+    log.unlink()
+    steps = replay(load_manifest(manifest), run.schedule(), tmp_path / "replay")
+    assert steps and all(s.error is None for s in steps)
+    assert {c["gpu"] for c in side_channel(log) if c["event"] == "start"} == {"5"}
+    assert "pbt replay: each running member gets its own GPU" in capsys.readouterr().err
