@@ -37,11 +37,15 @@ class GpuPlan:
     slots: tuple[str, ...]
     per_member: int
     source: str
+    unused: tuple[str, ...] = ()  # devices that fill no slot (their count is no multiple of per_member)
 
     def describe(self) -> str:
         each = "its own GPU" if self.per_member == 1 else f"its own {self.per_member} GPUs"
+        left = (f"; {', '.join(_short(d) for d in self.unused)} left unused "
+                f"({len(self.unused) + self.per_member * len(self.slots)} GPUs, {self.per_member} per slot)"
+                if self.unused else "")
         return (f"each running member gets {each} ({len(self.slots)} slot(s) from {self.source}: "
-                f"{', '.join(_short(s) for s in self.slots)})")
+                f"{', '.join(_short(s) for s in self.slots)}{left})")
 
 
 def _short(slot: str) -> str:
@@ -164,7 +168,7 @@ def plan(template: Mapping[str, Any] | None, trainer: int, *, gpus: str | None, 
                        f"({', '.join(_short(d) for d in devices)}): lower it with --gpus-per-member "
                        f"{len(devices)}, or run where {per_member} are visible")
     slots = tuple(",".join(devices[i:i + per_member]) for i in range(0, len(devices) - per_member + 1, per_member))
-    p = GpuPlan(slots, per_member, source)
+    p = GpuPlan(slots, per_member, source, tuple(devices[len(slots) * per_member:]))
     return p, p.describe()
 
 
