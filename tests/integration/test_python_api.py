@@ -325,7 +325,9 @@ def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture
     # naming the argument (it was an AttributeError from inside the GPU plan), as is an out that is no path
     res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus=[0, 1], fresh=True,
                            plot=False)
-    assert res.ok and "slot(s) from gpus: 0, 1" in capsys.readouterr().err
+    assert res.ok and capsys.readouterr().err == (
+        "pbt_operator.run: no GPU slots for the function: it runs in this process, where every member sees every "
+        "GPU (there would be 2 slot(s) from gpus: 0, 1); set a spec.worker.command for one GPU per member\n")
     with pytest.raises(pbt_operator.RunError, match=r"^gpus: must be devices .*got 2; for 2 GPUs per member "
                                                     r"pass gpus_per_member=2"):
         pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run2", gpus=2)  # type: ignore[arg-type]

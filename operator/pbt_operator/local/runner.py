@@ -189,8 +189,11 @@ class LocalRunner:
         except GpuError as e:
             raise RunError(str(e)) from None
         if plan is not None and spec.worker.executor == "inline":
-            note = (f"{note}; but spec.worker.function runs in this process, where every member sees every "
-                    "GPU: set a spec.worker.command for one GPU per member")
+            # not "each running member gets its own GPU ...; but ...": the note said both, of one run
+            who = "the function" if self.function is not None else "spec.worker.function"
+            note = (f"no GPU slots for {who}: it runs in this process, where every member sees every GPU "
+                    f"(there would be {len(plan.slots)} slot(s) from {plan.source}: "
+                    f"{', '.join(plan.slots)}); set a spec.worker.command for one GPU per member")
             plan = None
         if plan is not None:
             self.gpu_slots = plan.slots
