@@ -49,11 +49,12 @@ class Progress:
         elapsed = now - self.t0
         total = max(1, st.total_segments)
         frac = st.done_segments / total
-        eta = (elapsed / frac - elapsed) if 0 < frac < 1 else 0.0
+        # nothing done yet: no rate to tell the rest by ("ETA 0s" before the first segment read as "done")
+        eta = "-" if frac == 0 else f"{elapsed / frac - elapsed:.0f}s" if frac < 1 else "0s"
         best = (f"best {fmt_value(st.best.score)} (member {st.best.member}, segment {st.best.segment})"
                 if st.best else "best -")
         head = (f"{self.spec.name}: segments {st.done_segments}/{total} ({100 * frac:.0f}%)  {best}  "
-                f"running {len(running)}  queued {len(queued)}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s")
+                f"running {len(running)}  queued {len(queued)}  elapsed {elapsed:.0f}s  ETA {eta}")
         if self.live:
             lines = [head, *member_table(self.spec, engine, running)[: 1 + min(self.spec.population, 24)]]
             if self.drawn:
