@@ -55,7 +55,8 @@ def fix_command(chart_version: str | None = None) -> str:
     """The command that installs this version's CRDs. Server-side: a CRD's spec.versions is one atomic
     field there, so the new list replaces the old whole, fields and columns a version removed included;
     --force-conflicts: `helm install` created the CRDs as another field manager, whose fields a plain
-    server-side apply refuses to take over (both checked on the test cluster, tests/e2e/test_upgrade.py)."""
+    server-side apply refuses to take over (the command runs on the test cluster, tests/e2e/test_upgrade.py,
+    over CRDs that kubectl applied, so the conflict with Helm's field manager is not exercised there)."""
     v = chart_version or __version__
     return (f"kubectl apply --server-side --force-conflicts -f charts/pbt-operator/crds/ (the crds/ folder of "
             f"chart version {v}; a released chart: `helm pull <repo>/pbt-operator --version {v} --untar`, then "
