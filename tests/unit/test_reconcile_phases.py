@@ -248,7 +248,8 @@ def test_condition_messages_say_more_than_their_reason() -> None:
                                              "(spec.budget.segments)")
     assert conds[C.FAILED]["reason"] == C.NO_FAILURE
     assert conds[C.FAILED]["message"] == ("no segment attempt failed; a failed segment is retried 2 times "
-                                          "(spec.failurePolicy.maxRetries), then its member is replaced "
+                                          "(spec.failurePolicy.maxRetries), then its member is replaced, "
+                                          "and the training fails if the replacement fails as often "
                                           "(onExhausted: replace)")
     for x in conds.values():
         assert _words(x["message"]) not in (_words(x["reason"]), ""), x
@@ -277,3 +278,8 @@ def test_not_finished_and_no_failure_messages_name_what_ends_it_and_what_failed(
     assert no_failure_message(spec, 1) == ("1 segment attempt failed, none fatal; a failed segment is retried 1 time "
                                            "(spec.failurePolicy.maxRetries), then the training fails (onExhausted: fail)")
     assert no_failure_message(spec, 3, finished=True) == "3 segment attempts failed, none fatal"
+    # "retried 0 times", and a replacement that fails too fails the training (it said only "replaced")
+    spec = parse_spec({**training_obj(failurePolicy={"maxRetries": 0, "onExhausted": "replace"})["spec"]}, name="toy")
+    assert no_failure_message(spec, 0) == (
+        "no segment attempt failed; a failed segment is not retried (spec.failurePolicy.maxRetries: 0), then its "
+        "member is replaced, and the training fails if the replacement fails as often (onExhausted: replace)")

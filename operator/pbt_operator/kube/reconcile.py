@@ -1022,9 +1022,13 @@ def no_failure_message(spec: TrainingSpec, failures: int, finished: bool = False
     if finished:
         return so_far
     fp = spec.failure_policy
-    then = "its member is replaced" if fp.on_exhausted == "replace" else "the training fails"
-    return (f"{so_far}; a failed segment is retried {fp.max_retries} time{'s' if fp.max_retries != 1 else ''} "
-            f"(spec.failurePolicy.maxRetries), then {then} (onExhausted: {fp.on_exhausted})")
+    # replace: the replacement gets one round of its own, and fails the training if it fails it too
+    # (core/engine.py), which "then its member is replaced" left out
+    then = ("its member is replaced, and the training fails if the replacement fails as often"
+            if fp.on_exhausted == "replace" else "the training fails")
+    retried = (f"is retried {fp.max_retries} time{'s' if fp.max_retries != 1 else ''} (spec.failurePolicy.maxRetries)"
+               if fp.max_retries else "is not retried (spec.failurePolicy.maxRetries: 0)")
+    return f"{so_far}; a failed segment {retried}, then {then} (onExhausted: {fp.on_exhausted})"
 
 
 def retried_message(s: Suggestion, spec: TrainingSpec) -> str:
