@@ -374,3 +374,16 @@ def test_replay_of_a_run_whose_function_lived_in_main_says_what_to_pass(
     assert err.startswith("pbt replay: the run's spec.worker.function __main__:segment was a function of the "
                           "Python process that ran it") and "pass --manifest" in err
     assert not (tmp_path / "replay").exists()
+
+
+def test_notes_once_and_yaml_text_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """spec.worker.pool: processes with a function was said twice (the document is made twice: the
+    manifest, the fingerprint); YAML text passed as the manifest was 'invalid PopulationTraining:
+    apiVersion: ...: no such file'."""
+    doc = quadratic_doc(population=2, budget={"segments": 1}, worker={"pool": "processes"})
+    assert pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", plot=False).ok
+    assert capsys.readouterr().err == ("pbt_operator.run: spec.worker.pool: processes ignored: a Python function "
+                                       "runs in threads\n")
+    with pytest.raises(pbt_operator.RunError, match=r"^manifest: a str is a file's path; for YAML text pass "
+                                                    r"yaml\.safe_load\(text\)"):
+        pbt_operator.run(yaml.safe_dump(doc), function=quadratic_function([]), out=tmp_path / "run2")

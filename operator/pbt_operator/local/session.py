@@ -210,6 +210,11 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
         raise RunError(f"function: must be a callable fn(seg) (got {type(function).__name__})")
     doc, path, base_dir = _document(manifest)
     effective = _with_function(doc, function, _function_ref(function)) if function is not None else doc
+    worker = (doc.get("spec") or {}).get("worker") if isinstance(doc.get("spec"), Mapping) else None
+    if function is not None and isinstance(worker, Mapping) and worker.get("pool") == "processes":
+        # once here: _with_function runs twice (the manifest, the fingerprint) and said it twice
+        print("pbt_operator.run: spec.worker.pool: processes ignored: a Python function runs in threads",
+              file=sys.stderr)
     try:
         spec = parse_manifest(effective, base_dir=base_dir, name=name)
     except SpecError as e:
@@ -296,6 +301,9 @@ def _gpus_arg(gpus: Any) -> str | None:
 def _document(manifest: Manifest) -> tuple[Mapping[str, Any], str | None, Path | None]:
     """The manifest's PopulationTraining document, the file it came from and its folder (where a
     worker's relative paths start; a dict's start in the current folder, as its worker runs there)."""
+    if isinstance(manifest, str) and "\n" in manifest and not Path(manifest).exists():
+        # YAML text where a path goes: "invalid PopulationTraining: apiVersion: ...: no such file"
+        raise RunError("manifest: a str is a file's path; for YAML text pass yaml.safe_load(text), a dict")
     if isinstance(manifest, (str, Path)):
         try:
             doc = read_manifest(manifest)
@@ -335,7 +343,4 @@ def _with_function(doc: Mapping[str, Any], fn: SegmentFunction, ref: str) -> dic
     worker = spec.get("worker")
     kept = {k: worker[k] for k in ("env", "workingDir") if k in worker} if isinstance(worker, Mapping) else {}
     spec["worker"] = {**kept, "executor": "inline", "function": ref, "pool": "threads"}
-    if isinstance(worker, Mapping) and worker.get("pool") == "processes":
-        print("pbt_operator.run: spec.worker.pool: processes ignored: a Python function runs in threads",
-              file=sys.stderr)
     return out
