@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pbt_operator.local.gpus import GpuError, GpuSlots, parse_nvidia_smi, parse_visible, plan, requested
@@ -117,3 +118,16 @@ def test_gpus_given_without_a_request_means_one_each() -> None:
     assert p is not None and p.slots == ("0", "1")
     p, _ = plan(None, 0, gpus="all", per_member=None, environ={"CUDA_VISIBLE_DEVICES": "3"})
     assert p is not None and p.slots == ("3",)
+
+
+def test_a_failing_nvidia_smi_says_why(tmp_path: Path) -> None:
+    """'nvidia-smi -L exited with 9' alone left the user to run it again to learn why (no driver, say)."""
+    from pbt_operator.local.gpus import detect
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+                   "driver.\" >&2\nexit 9\n")
+    smi.chmod(0o755)
+    devices, source = detect({"PATH": str(tmp_path)})
+    assert devices == [] and source == ("nvidia-smi -L exited with 9: NVIDIA-SMI has failed because it couldn't "
+                                        "communicate with the NVIDIA driver.")

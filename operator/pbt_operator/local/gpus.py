@@ -124,8 +124,9 @@ def detect(environ: Mapping[str, str]) -> tuple[list[str], str]:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return [], f"nvidia-smi -L failed: {e}"
-    if out.returncode != 0:
-        return [], f"nvidia-smi -L exited with {out.returncode}"
+    if out.returncode != 0:  # its first line says why (no driver, a driver/library mismatch)
+        why = next((line.strip() for line in (out.stderr or out.stdout or "").splitlines() if line.strip()), "")
+        return [], f"nvidia-smi -L exited with {out.returncode}" + (f": {why[:200]}" if why else "")
     return parse_nvidia_smi(out.stdout), "nvidia-smi -L"
 
 
