@@ -131,3 +131,16 @@ def test_a_failing_nvidia_smi_says_why(tmp_path: Path) -> None:
     devices, source = detect({"PATH": str(tmp_path)})
     assert devices == [] and source == ("nvidia-smi -L exited with 9: NVIDIA-SMI has failed because it couldn't "
                                         "communicate with the NVIDIA driver.")
+
+
+def test_a_hung_nvidia_smi_is_waited_for_a_while(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said "nvidia-smi -L failed: Command '['/usr/bin/nvidia-smi', '-L']' timed out after 20 seconds"."""
+    from pbt_operator.local import gpus
+
+    monkeypatch.setattr(gpus, "SMI_TIMEOUT", 0.5)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexec sleep 30\n")
+    smi.chmod(0o755)
+    t0 = time.monotonic()
+    assert gpus.detect({"PATH": str(tmp_path)}) == ([], "nvidia-smi -L did not answer in 0.5 s")
+    assert time.monotonic() - t0 < 10

@@ -24,6 +24,7 @@ from typing import Any
 
 GPU_RESOURCE = "nvidia.com/gpu"
 ENV = "CUDA_VISIBLE_DEVICES"
+SMI_TIMEOUT = 20.0  # seconds `pbt run` waits for `nvidia-smi -L`
 
 
 class GpuError(ValueError):
@@ -121,8 +122,10 @@ def detect(environ: Mapping[str, str]) -> tuple[list[str], str]:
     if smi is None:
         return [], "nvidia-smi not found"
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=SMI_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:  # a hung driver: the run goes on without GPU slots
+        return [], f"nvidia-smi -L did not answer in {SMI_TIMEOUT:g} s"
+    except OSError as e:
         return [], f"nvidia-smi -L failed: {e}"
     if out.returncode != 0:  # its first line says why (no driver, a driver/library mismatch)
         why = next((line.strip() for line in (out.stderr or out.stdout or "").splitlines() if line.strip()), "")
