@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +388,41 @@ def test_notes_once_and_yaml_text_named(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(pbt_operator.RunError, match=r"^manifest: a str is a file's path; for YAML text pass "
                                                     r"yaml\.safe_load\(text\)"):
         pbt_operator.run(yaml.safe_dump(doc), function=quadratic_function([]), out=tmp_path / "run2")
+
+
+def test_resume_right_after_ctrl_c_waits_for_the_segments_still_running(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A segment in a thread cannot be stopped: after Ctrl-C it goes on and saves its checkpoint. A
+    notebook's `run(..., resume=True)` right after ran the same segment again beside it, both writing
+    one checkpoint (the one kept could be the unrecorded run's)."""
+    spans: list[tuple[int, int, float, float]] = []
+    lock = threading.Lock()
+
+    started = threading.Event()
+
+    def slow(seg: Any) -> float:
+        t0 = time.monotonic()
+        started.set()
+        seg.restore()
+        time.sleep(0.8)
+        seg.save({"member": seg.member})
+        with lock:
+            spans.append((seg.member, seg.index, t0, time.monotonic()))
+        return float(seg.member)
+
+    doc = quadratic_doc(population=2, parallelism=2, budget={"segments": 2})
+
+    def interrupt() -> None:  # Ctrl-C while the first segments run
+        started.wait(30)
+        time.sleep(0.2)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        pbt_operator.run(doc, function=slow, out=tmp_path / "run", plot=False)
+    res = pbt_operator.run(doc, function=slow, out=tmp_path / "run", resume=True, plot=False)
+    assert res.ok
+    for i, (m, s, a0, a1) in enumerate(spans):
+        for n, t, b0, b1 in spans[i + 1:]:
+            assert (m, s) != (n, t) or a1 <= b0 or b1 <= a0, f"member {m} segment {s} ran twice at once"
+    assert "segment(s) of the interrupted run, still running in this process" in capsys.readouterr().err

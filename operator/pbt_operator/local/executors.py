@@ -184,6 +184,12 @@ class InlineExecutor:
         else:
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pbt-inline")
         self.processes = pool == "processes"
+        self.pending: set[cf.Future[dict[str, Any]]] = set()  # submitted and not done (see unfinished)
+
+    def unfinished(self) -> list[cf.Future[dict[str, Any]]]:
+        """Segments still running: after `shutdown(cancel=True)` a thread cannot be stopped, and goes on
+        to save its checkpoint (local/runner.py waits for them before the same folder runs again)."""
+        return [f for f in list(self.pending) if not f.done()]
 
     def submit(self, sug: Suggestion, contract: dict[str, Any], on_done: OnDone) -> None:
         t0 = time.perf_counter()
@@ -193,8 +199,10 @@ class InlineExecutor:
             fut = self.pool.submit(_call_in_child, self.fn_ref, self.search_path, contract, log)
         else:
             fut = self.pool.submit(call_inline, self.fn, contract, self.storage, log)
+        self.pending.add(fut)
 
         def done(f: cf.Future[dict[str, Any]]) -> None:
+            self.pending.discard(f)
             dt = time.perf_counter() - t0
             if f.cancelled():
                 return

@@ -39,6 +39,31 @@ from .runlock import RunFolderBusy, acquire, release
 log = logging.getLogger(__name__)
 
 
+# Inline segments (threads of this process) of an interrupted run that were still running when it
+# stopped, by run folder: a thread cannot be stopped, and it goes on to save its segment's checkpoint, so
+# a resume in the same process (a notebook's run(..., resume=True) right after Ctrl-C) would run the same
+# segment again beside it, both writing one checkpoint.
+_STILL_RUNNING: dict[Path, list[Any]] = {}
+
+
+def wait_for_interrupted(run_dir: Path, note: Callable[[str], None]) -> None:
+    """Before `run_dir` runs again (resumed, or deleted for a fresh start) in this process: wait for the
+    segments of its interrupted run that are still running here (_STILL_RUNNING)."""
+    import concurrent.futures as cf
+
+    run_dir = run_dir.resolve()
+    left = [f for f in _STILL_RUNNING.pop(run_dir, []) if not f.done()]
+    if not left:
+        return
+    note(f"waiting for {len(left)} segment(s) of the interrupted run, still running in this process, to finish "
+         "(their results are not recorded: they run again)")
+    try:
+        cf.wait(left)
+    except KeyboardInterrupt:
+        _STILL_RUNNING[run_dir] = left
+        raise
+
+
 class RunError(RuntimeError):
     """A run that cannot start or continue: a manifest or setting that must not run (the message names
     the field, as `pbt run` prints it), a run folder that is busy, already used or not a run.
@@ -263,6 +288,7 @@ class LocalRunner:
     def _run(self) -> RunSummary:
         if self.spec.parallelism < 1:  # valid on a cluster (a paused training), meaningless here
             raise RunError("spec.parallelism: must be >= 1 for pbt run (got 0; 0 pauses a training on a cluster)")
+        wait_for_interrupted(self.run_dir, self.note)
         self._plan_gpus()
         self._check_storage()  # first, like the executor: neither problem may leave a run folder
         try:
@@ -369,6 +395,8 @@ class LocalRunner:
             except KeyboardInterrupt:
                 interrupted = True
                 executor.shutdown(cancel=True)
+                if isinstance(executor, InlineExecutor) and executor.unfinished():
+                    _STILL_RUNNING[self.run_dir] = executor.unfinished()
             else:
                 executor.shutdown(cancel=False)
             barrier.close()

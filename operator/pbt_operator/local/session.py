@@ -195,7 +195,7 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     prints how to resume it instead. A KeyboardInterrupt outside the training loop still propagates."""
     from ..results_cli import remember_manifest
     from .progress import Progress
-    from .runner import LocalRunner, run_fingerprints
+    from .runner import LocalRunner, run_fingerprints, wait_for_interrupted
 
     if resume and fresh:  # --fresh deletes the folder that --resume was to continue: never both
         raise RunError("--resume and --fresh exclude each other: --resume continues the run in the folder, "
@@ -227,6 +227,8 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
     run_dir = Path(out) if out is not None else Path("pbt-runs") / spec.name
+    if fresh:  # a segment of an interrupted run, still running here, would save into the new run's folder
+        wait_for_interrupted(run_dir, note or (lambda text: print(f"pbt run: {text}", file=sys.stderr)))
     if fresh and run_dir.exists():
         from .runlock import RunFolderBusy, holder
 
