@@ -534,8 +534,12 @@ def test_failing_worker_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(["run", str(manifest), "--out", str(run_dir), "--quiet", "--no-plot"]) == 1
     out = capsys.readouterr().out
     assert "FAILED: SegmentFailed" in out and "exit code 1" in out
-    # which log to read: the last failed attempt's
-    failed = [r for r in read_jsonl(run_dir / "results.jsonl") if r["status"] == "failed"][-1]["suggestion"]
+    # which log to read: the last failed attempt of the segment the failure names (another member's
+    # attempt failing after it is not what failed the training)
+    named = out.split("FAILED: SegmentFailed: member ")[1].split()
+    member, segment = int(named[0]), int(named[2])
+    failed = [r for r in read_jsonl(run_dir / "results.jsonl") if r["status"] == "failed"
+              and (r["suggestion"]["member"], r["suggestion"]["segment"]) == (member, segment)][-1]["suggestion"]
     log = run_dir.resolve() / "logs" / f"m{failed['member']:03d}-s{failed['segment']:05d}-a{failed['attempt']}.log"
     assert f"log of the last failed attempt: {log}" in out and log.is_file()
     best = json.loads((run_dir / "best.json").read_text())

@@ -426,3 +426,22 @@ def test_resume_right_after_ctrl_c_waits_for_the_segments_still_running(
         for n, t, b0, b1 in spans[i + 1:]:
             assert (m, s) != (n, t) or a1 <= b0 or b1 <= a0, f"member {m} segment {s} ran twice at once"
     assert "segment(s) of the interrupted run, still running in this process" in capsys.readouterr().err
+
+
+def test_an_opened_failed_run_has_its_failure_log(tmp_path: Path) -> None:
+    """RunResult.open of a failed run had `failed` None (the engine rebuilt from results.jsonl does not
+    know how it ended) and `failure_log` None, though best.json and the log are in the folder."""
+
+    def boom(seg: Any) -> float:
+        raise ValueError("bad data")
+
+    doc = quadratic_doc(population=2, budget={"segments": 1}, failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
+    res = pbt_operator.run(doc, function=boom, out=tmp_path / "run", plot=False)
+    assert res.failed and res.failure_log is not None
+    # the log of the attempt the failure names: both members fail at once, and the engine keeps the first
+    # failure as the reason while failure_log was the last failure's log
+    member = int(res.failed.split("member ")[1].split()[0])
+    assert res.failure_log.name.startswith(f"m{member:03d}-s00000-")
+    opened = pbt_operator.RunResult.open(tmp_path / "run")
+    assert opened.failed == res.failed
+    assert opened.failure_log == res.failure_log.resolve() and "ValueError: bad data" in opened.failure_log.read_text()

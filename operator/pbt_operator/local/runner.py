@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -402,8 +403,9 @@ class LocalRunner:
             barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried,
                              ran=dispatched)
-        if engine.failed and engine.failures:
-            log_path = segment_log(self.run_dir / "logs", engine.failures[-1].suggestion)
+        fatal = failed_attempt(engine.failed, engine.failures)
+        if fatal is not None:
+            log_path = segment_log(self.run_dir / "logs", fatal.suggestion)
             summary.failure_log = log_path if log_path.exists() else None
         if not interrupted:
             # Every result and decision is durable now (the barrier closed), so what they make garbage
@@ -415,6 +417,19 @@ class LocalRunner:
         if not interrupted:
             write_outputs(self.spec, engine, self.run_dir, self.root, plot=self.plot)
         return summary
+
+
+def failed_attempt(failed: str | None, failures: Sequence[Record]) -> Record | None:
+    """The attempt whose failure failed the training (`failed`, the engine's line, names its member and
+    segment), not merely the last failure: segments running beside it may fail after it (the engine
+    keeps the first reason), and their logs are not the one that explains the failure."""
+    if not failed or not failures:
+        return None
+    found = re.search(r"member (\d+) segment (\d+) failed", failed)
+    if found is None:
+        return failures[-1]
+    ref = (int(found.group(1)), int(found.group(2)))
+    return next((r for r in reversed(failures) if (r.member, r.segment) == ref), failures[-1])
 
 
 @contextmanager

@@ -92,15 +92,24 @@ class RunResult:
     def _from_data(cls, data: RunData, summary: RunSummary | None = None) -> RunResult:
         eng = data.engine
         doc = data.export_document()
+        finished, failed = eng.finished, eng.failed
+        if summary is None and data.phase in ("Failed", "Succeeded"):
+            # an opened folder: the engine rebuilt from results.jsonl knows the segments, not how the
+            # training ended; best.json, written at its end, says that
+            import json
+
+            ended = json.loads((Path(data.source.partition(":")[2]) / "best.json").read_text())
+            finished, failed = ended.get("finished") or finished, ended.get("failed") or failed
         best = None if doc.get("best", True) is None else {
             k: doc[k] for k in ("member", "segment", "score", "steps", "hyperparameters", "checkpoint")}
         return cls(
             run_dir=Path(data.source.partition(":")[2]).resolve(), name=data.spec.name, metric=data.spec.objective.metric,
-            direction=data.spec.objective.direction, finished=eng.finished, failed=eng.failed, best=best,
+            direction=data.spec.objective.direction, finished=finished, failed=failed, best=best,
             schedule=list(doc.get("schedule") or []), records=list(data.records),
             # an opened folder: stopped before its end, and no run holds it now (`pbt status`'s phase)
             interrupted=summary.interrupted if summary is not None else data.phase == "Incomplete",
-            failure_log=summary.failure_log if summary else None, data=data, summary=summary,
+            failure_log=summary.failure_log if summary else _failure_log(data, failed), data=data,
+            summary=summary,
         )
 
     def load_best(self, map_location: Any = "cpu", *, weights_only: bool | None = None,
@@ -114,6 +123,18 @@ class RunResult:
             raise RunError(f"{self.run_dir}: no segment finished, so there is no best checkpoint")
         return load_checkpoint(self.best["checkpoint"], self.spec, map_location=map_location,
                                weights_only=weights_only, dest=dest)
+
+
+def _failure_log(data: RunData, failed: str | None) -> Path | None:
+    """An opened folder's log of the attempt that failed the training (what the run's own result has)."""
+    from .executors import segment_log
+    from .runner import failed_attempt
+
+    fatal = failed_attempt(failed, data.failures)
+    if fatal is None or not data.source.startswith("local:"):
+        return None
+    path = segment_log(Path(data.source.partition(":")[2]) / "logs", fatal.suggestion)
+    return path.resolve() if path.exists() else None
 
 
 def load_checkpoint(uri: str, spec: TrainingSpec, *, map_location: Any = "cpu", weights_only: bool | None = None,
