@@ -59,6 +59,9 @@ class RunData:
     manifest_path: Path | None = None  # the manifest a local run was started from, when known
     spec_inferred: bool = False  # True when the spec was reconstructed from the records
     note: str | None = None  # what is missing from `records` (a cluster run whose storage was unreadable)
+    # A local run's best.json, written at its end: how it ended (finished / failed), which an engine
+    # rebuilt from the records does not know; empty for a cluster run or one that has not ended.
+    ended: Mapping[str, Any] = field(default_factory=dict)
     _engine: Engine | None = None
 
     @property
@@ -174,7 +177,7 @@ def load_local(run_dir: Path, manifest: str | None = None) -> RunData:
         phase = "Failed" if best_doc.get("failed") else "Succeeded"
     elif records:
         phase = "Incomplete"  # interrupted or killed: `pbt run MANIFEST --resume` continues it
-    return RunData(spec, records, root, f"local:{run_dir}", phase, {}, {}, manifest_path, inferred)
+    return RunData(spec, records, root, f"local:{run_dir}", phase, {}, {}, manifest_path, inferred, ended=best_doc)
 
 
 def save_manifest(run_dir: Path, manifest: str | None, document: Mapping[str, Any]) -> None:

@@ -396,8 +396,9 @@ class LocalRunner:
             except KeyboardInterrupt:
                 interrupted = True
                 executor.shutdown(cancel=True)
-                if isinstance(executor, InlineExecutor) and executor.unfinished():
-                    _STILL_RUNNING[self.run_dir] = executor.unfinished()
+                unfinished = executor.unfinished() if isinstance(executor, InlineExecutor) else []
+                if unfinished:
+                    _STILL_RUNNING[self.run_dir] = unfinished
             else:
                 executor.shutdown(cancel=False)
             barrier.close()

@@ -92,23 +92,21 @@ class RunResult:
     def _from_data(cls, data: RunData, summary: RunSummary | None = None) -> RunResult:
         eng = data.engine
         doc = data.export_document()
+        run_dir = Path(data.source.partition(":")[2])
         finished, failed = eng.finished, eng.failed
         if summary is None and data.phase in ("Failed", "Succeeded"):
             # an opened folder: the engine rebuilt from results.jsonl knows the segments, not how the
-            # training ended; best.json, written at its end, says that
-            import json
-
-            ended = json.loads((Path(data.source.partition(":")[2]) / "best.json").read_text())
-            finished, failed = ended.get("finished") or finished, ended.get("failed") or failed
+            # training ended; best.json, written at its end and read by load_local, says that
+            finished, failed = data.ended.get("finished") or finished, data.ended.get("failed") or failed
         best = None if doc.get("best", True) is None else {
             k: doc[k] for k in ("member", "segment", "score", "steps", "hyperparameters", "checkpoint")}
         return cls(
-            run_dir=Path(data.source.partition(":")[2]).resolve(), name=data.spec.name, metric=data.spec.objective.metric,
+            run_dir=run_dir.resolve(), name=data.spec.name, metric=data.spec.objective.metric,
             direction=data.spec.objective.direction, finished=finished, failed=failed, best=best,
             schedule=list(doc.get("schedule") or []), records=list(data.records),
             # an opened folder: stopped before its end, and no run holds it now (`pbt status`'s phase)
             interrupted=summary.interrupted if summary is not None else data.phase == "Incomplete",
-            failure_log=summary.failure_log if summary else _failure_log(data, failed), data=data,
+            failure_log=summary.failure_log if summary else _failure_log(data, run_dir, failed), data=data,
             summary=summary,
         )
 
@@ -125,7 +123,7 @@ class RunResult:
                                weights_only=weights_only, dest=dest)
 
 
-def _failure_log(data: RunData, failed: str | None) -> Path | None:
+def _failure_log(data: RunData, run_dir: Path, failed: str | None) -> Path | None:
     """An opened folder's log of the attempt that failed the training (what the run's own result has)."""
     from .executors import segment_log
     from .runner import failed_attempt
@@ -133,7 +131,7 @@ def _failure_log(data: RunData, failed: str | None) -> Path | None:
     fatal = failed_attempt(failed, data.failures)
     if fatal is None or not data.source.startswith("local:"):
         return None
-    path = segment_log(Path(data.source.partition(":")[2]) / "logs", fatal.suggestion)
+    path = segment_log(run_dir / "logs", fatal.suggestion)
     return path.resolve() if path.exists() else None
 
 
