@@ -113,3 +113,67 @@ def test_a_full_disk_during_torch_save_names_the_cause(tmp_path: Path, monkeypat
     with pytest.raises(PermanentStorageError, match="No space left on device"):
         seg.save({"w": torch.ones(1_000_000)})
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+class Slotted:
+    __slots__ = ("w",)
+
+    def __init__(self, w: Any) -> None:
+        self.w = w
+
+
+def test_tensors_anywhere_in_the_state_choose_the_torch_encoding() -> None:
+    """Deep nesting, late list items, objects, sets and cycles: any tensor routes the state through torch
+    (plain pickle would keep each tensor's device, so map_location could not move it)."""
+    from dataclasses import dataclass
+
+    from pbt_worker.checkpoint import choose_encoding, looks_like_torch
+
+    t = torch.zeros(2)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    assert choose_encoding({"opt": {"adam": opt.state_dict()}}) == "torch"  # a tensor 5 levels down
+    deep: Any = t
+    for _ in range(50):
+        deep = {"x": [deep]}
+    assert choose_encoding(deep) == "torch"
+    assert choose_encoding([0] * 1000 + [t]) == "torch"
+    assert choose_encoding({"s": frozenset([("k", t)])}) == "torch"
+
+    @dataclass
+    class TrainState:
+        weights: Any
+        step: int
+
+    assert choose_encoding({"state": TrainState(weights=t, step=3)}) == "torch"
+    cyclic: dict[str, Any] = {"n": 1}
+    cyclic["self"] = cyclic
+    assert choose_encoding(cyclic) == "pickle"
+    cyclic["t"] = t
+    assert choose_encoding(cyclic) == "torch"
+    assert choose_encoding({"a": [list(range(100)) for _ in range(2000)], "b": TrainState(1, 2)}) == "pickle"
+
+    assert choose_encoding([Slotted(t)]) == "torch"  # the walk cannot see into it: a trial pickling
+    assert choose_encoding([Slotted(1)]) == "pickle"
+    assert looks_like_torch([[i] for i in range(50)] + [{"t": t}], limit=10)  # past the bound: pickled
+    assert not looks_like_torch([[i] for i in range(50)], limit=10)
+
+
+def test_a_deeply_nested_tensor_honours_map_location(tmp_path: Path) -> None:
+    base = f"file://{tmp_path}/"
+    state = {"opt": {"adam": {"state": {0: {"exp_avg": torch.ones(3)}}}}, "later": [0] * 100 + [torch.ones(1)]}
+    make(base, 0).save(state)
+    reader = make(base, 1).restored()
+    assert reader is not None and reader.entry("state").encoding == "torch"
+    seen: list[str] = []
+
+    def locate(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    back = make(base, 1).restore(map_location=locate)
+    assert seen and set(seen) == {"cpu"}  # map_location was asked about every storage
+    assert torch.equal(back["opt"]["adam"]["state"][0]["exp_avg"], torch.ones(3))
+    assert torch.equal(back["later"][100], torch.ones(1))

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import sys
+import types
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,27 +45,118 @@ FILE_PARALLELISM = 8
 ENCODINGS = ("raw", "pickle", "torch", "object")
 
 
-def looks_like_torch(obj: Any, depth: int = 0) -> bool:
-    """True if ``obj`` is or contains (in dicts/lists/tuples) a torch tensor, module or optimizer.
+#: How many objects `looks_like_torch` walks through before it settles the question by a trial pickling
+#: instead (which sees everything pickling would, at the cost of one pass over the data).
+TORCH_WALK_LIMIT = 100_000
 
-    Never imports torch: if the user's program has not imported it, the object cannot contain tensors.
-    """
+# Values that hold no tensor, or that pickle by reference (classes, functions, modules never pickle).
+_LEAVES: tuple[type, ...] = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice, type,
+                             types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+_OBJECT_GETSTATE = getattr(object, "__getstate__", None)  # 3.11+
+
+
+class _TorchFound(Exception):
+    pass
+
+
+def _torch_types() -> tuple[type, ...] | None:
+    """The torch types whose pickles carry a device (tensors, modules, optimizers, storages), or None
+    when torch is not imported (or only half imported: we are inside its import)."""
     torch = sys.modules.get("torch")
     if torch is None:
-        return False
+        return None
     try:
-        torch_types = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)
-    except AttributeError:  # torch half-imported (we are inside its import): nothing can be a tensor yet
-        return False
-    if isinstance(obj, torch_types):
+        found: list[type] = [torch.Tensor, torch.nn.Module, torch.optim.Optimizer]
+    except AttributeError:
+        return None
+    for name in ("UntypedStorage", "TypedStorage"):
+        kind = getattr(torch, name, None)
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
+
+
+def _plain_state(value: Any) -> dict[str, Any] | None:
+    """The attributes pickling saves for an object of a plain class (a dataclass, a namespace): its
+    ``__dict__`` when the class changes nothing about how it pickles; None otherwise."""
+    kind = type(value)
+    state = getattr(value, "__dict__", None)
+    if (not isinstance(state, dict) or hasattr(kind, "__slots__")
+            or kind.__reduce_ex__ is not object.__reduce_ex__ or kind.__reduce__ is not object.__reduce__
+            or getattr(kind, "__getstate__", _OBJECT_GETSTATE) is not _OBJECT_GETSTATE):
+        return None
+    return state
+
+
+def _pickle_meets(obj: Any, torch_types: tuple[type, ...]) -> bool:
+    """Whether pickling ``obj`` meets a torch object: a pass of the pickler into a sink that stops at the
+    first one. It sees what pickling sees (any object's state, at any depth); a state that cannot be
+    pickled answers False (saving it fails either way, with the error that names the part)."""
+
+    class Finder(pickle.Pickler):
+        def reducer_override(self, value: Any) -> Any:
+            if isinstance(value, torch_types):
+                raise _TorchFound
+            return NotImplemented
+
+    try:
+        Finder(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except _TorchFound:
         return True
-    if depth >= 4:
+    except Exception:
         return False
-    if isinstance(obj, dict):
-        return any(looks_like_torch(v, depth + 1) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return any(looks_like_torch(v, depth + 1) for v in obj[:64])
     return False
+
+
+def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
+    """True if ``obj`` is or contains a torch tensor, module, optimizer or storage, at any depth: in dicts,
+    lists, tuples and sets, and in the attributes of other objects (a dataclass holding tensors).
+
+    Such a state is written with ``torch.save``: plain pickle records each tensor's device, and
+    ``map_location`` could not move a CUDA checkpoint onto a CPU machine. Containers and plain objects'
+    attributes are walked iteratively, each object once (cycles are safe); an object the walk cannot see
+    into (its own ``__reduce__`` or ``__getstate__``, ``__slots__``), or more than ``limit`` objects,
+    leaves the answer to a trial pickling. Never imports torch: if the user's program has not imported
+    it, the object cannot contain tensors.
+    """
+    torch_types = _torch_types()
+    if torch_types is None:
+        return False
+    numpy = sys.modules.get("numpy")
+    ndarray = getattr(numpy, "ndarray", None)
+    stack = [obj]
+    seen: set[int] = set()
+    opaque = False
+    while stack:
+        value = stack.pop()
+        if isinstance(value, _LEAVES):
+            continue
+        if isinstance(value, torch_types):
+            return True
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if len(seen) > limit:
+            return _pickle_meets(obj, torch_types)
+        if isinstance(value, dict):
+            stack.extend(value.values())
+            stack.extend(value.keys())
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend(value)
+        elif ndarray is not None and isinstance(value, ndarray) and not value.dtype.hasobject:
+            continue
+        else:
+            state = _plain_state(value)
+            if state is None:
+                opaque = True
+                continue
+            stack.extend(state.values())
+            continue
+        if type(value) not in (dict, list, tuple, set, frozenset):  # a subclass: its attributes pickle too
+            extra = getattr(value, "__dict__", None)
+            if isinstance(extra, dict):
+                stack.extend(extra.values())
+    return opaque and _pickle_meets(obj, torch_types)
 
 
 class _Discard:
