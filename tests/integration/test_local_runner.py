@@ -970,6 +970,29 @@ def test_inline_process_pool(tmp_path: Path) -> None:
     assert all(r.score is not None and r.score > -1 for r in summary.engine.records.values())
 
 
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_inline_functions_reach_s3_through_the_worker_env_alone(s3_env: dict[str, str], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, pool: str) -> None:
+    """spec.worker.env holds the store's endpoint and credentials, this process's environment none: an
+    inline function's segments (threads, or a process pool's children) save and restore with them, as a
+    worker process would, and this process's environment stays as it was."""
+    from pbt_worker.storage import reset_storage_cache
+
+    worker_env = {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3",
+                                         "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    for k in worker_env:
+        monkeypatch.delenv(k, raising=False)
+    reset_storage_cache()
+    spec = load_manifest(QUADRATIC)
+    spec = dataclasses.replace(spec, population=2, parallelism=2, budget=dataclasses.replace(spec.budget, segments=3),
+                               storage=dataclasses.replace(spec.storage, uri=f"s3://{s3_env['PBT_TEST_BUCKET']}/r"),
+                               worker=dataclasses.replace(spec.worker, inline_pool=pool, env=worker_env))
+    summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
+    assert summary.engine.failed is None and len(summary.engine.records) == 6
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ
+
+
 def test_sigterm_stops_workers_too(tmp_path: Path, reap: Path) -> None:
     """`timeout`, `docker stop` and systemd send SIGTERM: the workers must not be left running."""
     log = reap

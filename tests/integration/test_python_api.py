@@ -310,6 +310,50 @@ def test_load_best_from_s3_through_the_worker_env(s3_env: dict[str, str], tmp_pa
     assert pbt_operator.RunResult.open(res.run_dir).load_best()["theta"] == saved["theta"]
 
 
+
+def test_the_functions_storage_reaches_s3_through_the_worker_env_alone(
+        s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's endpoint and credentials only in spec.worker.env: the function's seg.save/seg.restore
+    (threads of this process) use them as a worker process would, and os.environ, which the caller's
+    other threads share, is never changed for it."""
+    import os
+
+    from pbt_worker.storage import reset_storage_cache
+
+    bucket = s3_env["PBT_TEST_BUCKET"]
+    worker_env = {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3",
+                                         "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    for k in worker_env:
+        monkeypatch.delenv(k, raising=False)
+    reset_storage_cache()
+    seen: list[str | None] = []
+    inner = quadratic_function([])
+
+    def segment(seg: Any) -> Any:
+        seen.append(os.environ.get("AWS_ENDPOINT_URL_S3"))
+        return inner(seg)
+
+    doc = quadratic_doc(population=2, budget={"segments": 3}, storage={"uri": f"s3://{bucket}/runs"},
+                        worker={"env": worker_env})
+    res = pbt_operator.run(doc, function=segment, out=tmp_path / "run", plot=False)
+    assert res.ok, res.failed
+    assert len(seen) == 6 and set(seen) == {None}
+    keys = [o["Key"] for page in s3_client(s3_env).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("runs/quadratic/m") and k.endswith("_COMMITTED") for k in keys), keys
+    restored = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "done" for r in restored)
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ
+
+
+def s3_client(s3_env: dict[str, str]) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL_S3"], region_name=s3_env["AWS_REGION"],
+                        aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"])
+
+
 def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """gpus= / gpus_per_member= are --gpus / --gpus-per-member: refused before the folder exists when the
     machine has too few, and for a function (this process: every member sees every GPU) said, not applied."""

@@ -286,3 +286,26 @@ def test_object_of_wrong_size_is_corrupt_at_once(s3_env: dict[str, str], moto_se
     assert "retrying" not in caplog.text, "a corrupt object must not be retried"
     assert time.monotonic() - start < 60
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_storage_with_env_reads_the_mapping_not_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an inline function's segments get (spec.worker.env over this environment): every setting comes
+    from the mapping, os.environ is neither read for them nor changed."""
+    from pbt_worker.storage import FileStorage, storage_with_env
+
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_REGION": "eu-west-3", "AWS_ACCESS_KEY_ID": "ak",
+           "AWS_SECRET_ACCESS_KEY": "sk", "PBT_S3_PART_SIZE": str(6 * 1024 * 1024),
+           "PBT_WORKER_TMPDIR": str(tmp_path), "PBT_FILE_FSYNC": "0"}
+    before = dict(os.environ)
+    s3 = storage_with_env("s3://b/p/", env)
+    assert isinstance(s3, S3Storage) and s3.part_size == 6 * 1024 * 1024
+    assert s3.client.meta.endpoint_url == "http://127.0.0.1:9" and s3.client.meta.region_name == "eu-west-3"
+    creds = s3.client._request_signer._credentials
+    assert (creds.access_key, creds.secret_key) == ("ak", "sk")
+    assert s3.spool_dir("s3://b/p/") == str(tmp_path)
+    files = storage_with_env(f"file://{tmp_path}/", env)
+    assert isinstance(files, FileStorage) and files.fsync is False
+    assert dict(os.environ) == before

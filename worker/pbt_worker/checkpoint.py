@@ -458,7 +458,7 @@ class CheckpointReader:
         if e.size > SMALL_OBJECT and not self.storage.holds_objects:
             # Large objects stream to a temp file first: an HTTP body read into memory would be held twice
             # (the response chunks plus the joined result); the file is read back in one allocation.
-            spool = spool_file("pbt-restore-", tmp_root())
+            spool = spool_file("pbt-restore-", tmp_root(self.storage.environ))
         if spool is None:
             if e.encoding == "raw":
                 return self.get_bytes(name)

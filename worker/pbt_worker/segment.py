@@ -127,7 +127,8 @@ class Segment:
     def scratch_dir(self) -> Path:
         if self._scratch is None:
             prefix = f"pbt-{self.training}-m{self.member}-"
-            self._scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root()))
+            environ = self._storage.environ if self._storage is not None else None
+            self._scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root(environ)))
         return self._scratch
 
     def _meta(self) -> dict[str, Any]:

@@ -113,11 +113,16 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         return {"error": tb[:1000]}
 
 
-def _child_init(file_fsync: bool) -> None:
+def _child_init(file_fsync: bool, env: Mapping[str, str] | None = None) -> None:
+    """A process pool's child: spec.worker.env over its environment (its own: no other thread of the
+    caller shares it), and no fsync when the runner makes checkpoints durable per batch."""
+    env = dict(env or {})
     if not file_fsync:
+        env["PBT_FILE_FSYNC"] = "0"
+    if env:
         from pbt_worker.storage import reset_storage_cache
 
-        os.environ["PBT_FILE_FSYNC"] = "0"
+        os.environ.update(env)
         reset_storage_cache()  # a forked child may hold the parent's backend, built before this
 
 
@@ -162,7 +167,7 @@ class InlineExecutor:
 
     def __init__(self, fn_ref: str | Callable[..., Any], search_path: list[str], workers: int, metric: str,
                  pool: str = "threads", storage: Any = None, file_fsync: bool = True,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, env: Mapping[str, str] | None = None):
         self.metric = metric
         self.log_dir = log_dir
         self.fn_ref = fn_ref
@@ -180,7 +185,7 @@ class InlineExecutor:
                 raise ValueError("spec.worker.pool: a Python function runs in threads (pool: threads); "
                                  "processes need spec.worker.function: module:function")
             self.pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
-                                               initargs=(file_fsync,))
+                                               initargs=(file_fsync, dict(env or {})))
         else:
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pbt-inline")
         self.processes = pool == "processes"

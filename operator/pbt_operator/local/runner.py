@@ -188,9 +188,18 @@ class LocalRunner:
         if self.function is not None or w.executor == "inline":
             fn = self.function if self.function is not None else w.function
             assert fn is not None
+            storage = self.storage
+            if storage is None and w.env and w.inline_pool != "processes":
+                # The function runs in threads of this process: its segments' storage reads spec.worker.env
+                # (an endpoint, credentials) over this environment, as a worker process would see it,
+                # without os.environ changing under the caller's other threads (a process pool's
+                # children set it instead: _child_init).
+                from pbt_worker.storage import storage_with_env
+
+                storage = storage_with_env(self.root, {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else w.env)
             return InlineExecutor(fn, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
-                                  w.inline_pool, storage=self.storage, file_fsync=not self.barrier,
-                                  log_dir=self.run_dir / "logs")
+                                  w.inline_pool, storage=storage, file_fsync=not self.barrier,
+                                  log_dir=self.run_dir / "logs", env=w.env)
         command = list(w.command) or _template_command(spec)
         env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
         field = ("spec.worker.command" if w.command

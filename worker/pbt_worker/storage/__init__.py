@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Mapping
 
 from ..errors import PermanentStorageError
 from .base import MARKER, Manifest, ObjectEntry, ObjectInfo, Storage
@@ -25,6 +27,7 @@ __all__ = [
     "mem_storage",
     "open_storage",
     "reset_storage_cache",
+    "storage_with_env",
 ]
 
 _lock = threading.Lock()
@@ -65,6 +68,27 @@ def open_storage(uri: str) -> Storage:
                 )
             _cache[scheme] = backend
         return backend
+
+
+def storage_with_env(uri: str, env: Mapping[str, str]) -> Storage:
+    """A new backend for ``uri``'s scheme (not cached) configured from ``env`` over this process's
+    environment, read instead of ``os.environ``, which stays as it is: for a driver whose segments run
+    in its own threads but should see another environment (``pbt_operator.run(function=...)`` applies
+    ``spec.worker.env`` so). ``mem://`` is the one process-wide store whatever ``env`` says."""
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        raise PermanentStorageError(f"not a storage URI (expected file://, s3:// or mem://): {uri!r}", uri)
+    environ = {**os.environ, **env}
+    if scheme == "mem":
+        return _MEM
+    if scheme == "file":
+        return FileStorage(environ=environ)
+    if scheme == "s3":
+        from .s3 import S3Storage
+
+        return S3Storage(environ=environ)
+    raise PermanentStorageError(f"unsupported storage scheme {scheme!r} in {uri!r} (use file://, s3:// or mem://)",
+                                uri)
 
 
 def reset_storage_cache() -> None:

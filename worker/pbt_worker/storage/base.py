@@ -91,9 +91,10 @@ class Manifest:
             raise CheckpointCorruptError(f"{uri}{MARKER}: unreadable commit marker: {exc}", uri) from None
 
 
-def tmp_root() -> str | None:
-    """Where serialised checkpoints are spooled (``PBT_WORKER_TMPDIR``, else the system default)."""
-    return os.environ.get("PBT_WORKER_TMPDIR") or None
+def tmp_root(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where serialised checkpoints are spooled (``PBT_WORKER_TMPDIR``, else the system default), read
+    from ``environ`` (default: this process's environment)."""
+    return (os.environ if environ is None else environ).get("PBT_WORKER_TMPDIR") or None
 
 
 _warned_no_tmp = False
@@ -223,6 +224,13 @@ class Storage(ABC):
     scheme: ClassVar[str]
     #: True when the backend can hold live Python objects (``put_object``), skipping serialisation.
     holds_objects: ClassVar[bool] = False
+    #: The environment this backend was configured from and reads ``PBT_WORKER_TMPDIR`` from; None: this
+    #: process's (``open_storage``). See :func:`pbt_worker.storage.storage_with_env`.
+    environ: Mapping[str, str] | None = None
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return os.environ if self.environ is None else self.environ
 
     # -- objects ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -236,7 +244,7 @@ class Storage(ABC):
 
     def spool_dir(self, prefix: str) -> str | None:
         """Directory for a temp file that will be handed to :meth:`put_spooled` (None: system default)."""
-        return tmp_root()
+        return tmp_root(self.environ)
 
     def put_spooled(self, prefix: str, key: str, path: str, known: tuple[int, str]) -> ObjectInfo:
         """Store a local temp file whose size and sha256 are known, then remove it (the backend owns it)."""

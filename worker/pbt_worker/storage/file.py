@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, ClassVar
 from urllib.parse import unquote, urlparse
@@ -29,8 +29,8 @@ from .base import (
 )
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
+def _env_flag(name: str, default: bool, environ: Mapping[str, str] = os.environ) -> bool:
+    value = environ.get(name)
     if value is None:
         return default
     return value.strip().lower() not in ("0", "false", "no", "off", "")
@@ -51,8 +51,9 @@ class FileStorage(Storage):
 
     scheme: ClassVar[str] = "file"
 
-    def __init__(self, fsync: bool | None = None) -> None:
-        self.fsync = _env_flag("PBT_FILE_FSYNC", True) if fsync is None else fsync
+    def __init__(self, fsync: bool | None = None, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = environ
+        self.fsync = _env_flag("PBT_FILE_FSYNC", True, self.env) if fsync is None else fsync
 
     # -- paths -----------------------------------------------------------------------------------------
     @staticmethod

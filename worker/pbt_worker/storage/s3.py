@@ -24,7 +24,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
@@ -81,14 +81,34 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+def _env_int(name: str, default: int, environ: Mapping[str, str] = os.environ) -> int:
+    value = environ.get(name)
     return int(value) if value else default
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
+def _env_float(name: str, default: float, environ: Mapping[str, str] = os.environ) -> float:
+    value = environ.get(name)
     return float(value) if value else default
+
+
+def _boto_session(environ: Mapping[str, str]) -> Any:
+    """A boto3 session configured from ``environ`` instead of this process's environment: botocore's
+    settings that come from variables (profile, region, config and credentials files, CA bundle, ...)
+    and the ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` credentials."""
+    import botocore.session
+
+    if environ is os.environ:
+        return boto3.session.Session()
+    core = botocore.session.Session()
+    for name, (_, variables, _, convert) in core.session_var_map.items():
+        for variable in [variables] if isinstance(variables, str) else (variables or []):
+            value = environ.get(variable)
+            if value is not None:
+                core.set_config_variable(name, convert(value) if convert is not None else value)
+    key, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        core.set_credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or None)
+    return boto3.session.Session(botocore_session=core)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -154,11 +174,15 @@ class S3Storage(Storage):
     scheme: ClassVar[str] = "s3"
 
     def __init__(self, client: Any = None, *, part_size: int | None = None, concurrency: int | None = None,
-                 retry_seconds: float | None = None) -> None:
-        self.part_size = part_size or _env_int("PBT_S3_PART_SIZE", 8 * MiB)
-        self.concurrency = concurrency or _env_int("PBT_S3_CONCURRENCY", 10)
+                 retry_seconds: float | None = None, environ: Mapping[str, str] | None = None) -> None:
+        # Where the settings below come from: this process's environment, or (an inline function's
+        # segments, given spec.worker.env over it) a mapping read instead, os.environ left alone.
+        self.environ = environ
+        env = self.env
+        self.part_size = part_size or _env_int("PBT_S3_PART_SIZE", 8 * MiB, env)
+        self.concurrency = concurrency or _env_int("PBT_S3_CONCURRENCY", 10, env)
         self.retry_seconds = (retry_seconds if retry_seconds is not None
-                              else _env_float("PBT_STORAGE_RETRY_SECONDS", 120.0))
+                              else _env_float("PBT_STORAGE_RETRY_SECONDS", 120.0, env))
         self.client = client if client is not None else self._make_client()
         self.transfer = TransferConfig(
             multipart_threshold=self.part_size,
@@ -171,17 +195,18 @@ class S3Storage(Storage):
         self.transfer.max_in_memory_download_chunks = max(2, self.concurrency)
 
     def _make_client(self) -> Any:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-        style = os.environ.get("PBT_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
+        env = self.env
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        style = env.get("PBT_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
         config = Config(
-            retries={"mode": "standard", "max_attempts": _env_int("AWS_MAX_ATTEMPTS", 3)},
-            connect_timeout=_env_float("PBT_S3_CONNECT_TIMEOUT", 10.0),
-            read_timeout=_env_float("PBT_S3_READ_TIMEOUT", 60.0),
+            retries={"mode": "standard", "max_attempts": _env_int("AWS_MAX_ATTEMPTS", 3, env)},
+            connect_timeout=_env_float("PBT_S3_CONNECT_TIMEOUT", 10.0, env),
+            read_timeout=_env_float("PBT_S3_READ_TIMEOUT", 60.0, env),
             max_pool_connections=max(10, self.concurrency * 2),
             s3={"addressing_style": style},
         )
-        session = boto3.session.Session()
+        session = _boto_session(env)
         return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
     # -- retry -----------------------------------------------------------------------------------------
