@@ -489,3 +489,26 @@ def test_an_opened_failed_run_has_its_failure_log(tmp_path: Path) -> None:
     opened = pbt_operator.RunResult.open(tmp_path / "run")
     assert opened.failed == res.failed
     assert opened.failure_log == res.failure_log.resolve() and "ValueError: bad data" in opened.failure_log.read_text()
+
+
+def test_a_returned_score_that_differs_from_the_reported_one_is_said_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """seg.report(0.25) and then `return 0.75`: the returned score counts, and the run says so, once,
+    naming both values (it used to win silently)."""
+
+    def segment(seg: Any) -> float:
+        seg.report(0.25)
+        return 0.75
+
+    def agreeing(seg: Any) -> float:
+        seg.report(0.5)
+        return 0.5
+
+    doc = quadratic_doc(population=2, budget={"segments": 2})
+    res = pbt_operator.run(doc, function=segment, out=tmp_path / "run", plot=False)
+    err = capsys.readouterr().err
+    assert res.ok and {r.score for r in res.records} == {0.75}
+    assert err.count("the returned score counts") == 1, err
+    assert "seg.report(score=0.25) and returned 0.75" in err and err.startswith("pbt_operator.run: member ")
+    res = pbt_operator.run(doc, function=agreeing, out=tmp_path / "run2", plot=False)
+    assert res.ok and "returned" not in capsys.readouterr().err

@@ -266,6 +266,24 @@ def test_execute_score_dict_and_error() -> None:
     assert "error" in execute(lambda s: float("nan"), make("mem://x/", 0))
 
 
+
+def test_execute_says_once_that_a_returned_score_replaced_the_reported_one(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pbt_worker.runner
+
+    monkeypatch.setattr(pbt_worker.runner, "_warned_returned_over_reported", False)
+
+    def both(seg: Segment) -> float:
+        seg.report(0.25)
+        return 0.75
+
+    assert execute(both, make("mem://x/", 0))["score"] == 0.75
+    assert "seg.report(score=0.25) and returned 0.75: the returned score counts" in caplog.text
+    caplog.clear()
+    execute(both, make("mem://x/", 0))
+    execute(lambda s: s.report(0.5) and None, make("mem://x/", 0))
+    assert "returned score" not in caplog.text
+
 def test_execute_fails_a_segment_whose_checkpoint_writer_never_committed(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """seg.checkpoint() used without `with` (and without ck.commit()) wrote objects that no marker lists:

@@ -14,6 +14,18 @@ from .segment import Segment
 log = logging.getLogger("pbt_worker")
 
 TrainFn = Callable[[Segment], Any]
+_warned_returned_over_reported = False
+
+
+def _warn_returned_over_reported(reported: float, returned: float) -> None:
+    """Once per process: the function called seg.report(score) and returned another score, which
+    replaced the reported one (what a function returns is its result)."""
+    global _warned_returned_over_reported
+    if not _warned_returned_over_reported:
+        _warned_returned_over_reported = True
+        log.warning("the training function called seg.report(score=%r) and returned %r: the returned score "
+                    "counts. Return None after seg.report(...), or return the score without reporting it",
+                    reported, returned)
 
 
 def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
@@ -26,6 +38,7 @@ def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
     """
     try:
         value = train_fn(seg)
+        reported = (seg.last_result or {}).get("score")
         if value is None:
             if seg.last_result is None:
                 raise ReportError("the training function returned None without calling seg.report()")
@@ -35,6 +48,9 @@ def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
             seg.report(**dict(value))
         else:
             seg.report(score=value)
+        returned = (seg.last_result or {}).get("score")
+        if value is not None and reported is not None and returned is not None and returned != reported:
+            _warn_returned_over_reported(reported, returned)
         if seg.saved is None:
             pending = seg.uncommitted()
             if pending:

@@ -88,8 +88,25 @@ def segment_log(log_dir: Path, sug: Suggestion) -> Path:
     return log_dir / f"m{sug.member:03d}-s{sug.segment:05d}-a{sug.attempt}.log"
 
 
+def _returned_over_reported(seg: Any, doc: Mapping[str, Any]) -> str | None:
+    """What to tell the user when the function called seg.report(score) and then returned another
+    score: the returned one counts (what a function returns is its result), so the reported one is lost
+    from the journal, though the segment's record in storage keeps it. None when they agree."""
+    reported = (seg.last_result or {}).get("score")
+    returned = doc.get("score")
+    if (not isinstance(reported, numbers.Real) or not isinstance(returned, numbers.Real)
+            or isinstance(returned, bool) or "error" in doc or not math.isfinite(float(returned))
+            or float(returned) == float(reported)):
+        return None
+    return (f"member {seg.member} segment {seg.index}: the function called seg.report(score={float(reported)!r}) "
+            f"and returned {float(returned)!r}: the returned score counts. Return None after seg.report(...), "
+            "or return the score without reporting it (said once per run)")
+
+
 def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any = None,
-                log: Path | None = None) -> dict[str, Any]:
+                log: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """Run one segment of `fn`: its result document, and a note when the function both reported a
+    score and returned a different one (`_returned_over_reported`)."""
     from pbt_worker import Segment
 
     try:
@@ -101,7 +118,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         doc = _result_from_return(out, contract)
         if seg.gc_failed and "error" not in doc:  # a returned result knows nothing of the deletes
             doc[GC_FAILED] = len(seg.gc_failed)
-        return doc
+        return doc, (_returned_over_reported(seg, doc) if out is not None else None)
     except Exception as e:  # a user's bug fails the segment, not the run
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         if log is not None:  # the one line above names no file or line: the whole traceback goes here
@@ -110,7 +127,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
                 log.write_text(traceback.format_exc())
             except OSError:
                 pass
-        return {"error": tb[:1000]}
+        return {"error": tb[:1000]}, None
 
 
 def _child_init(file_fsync: bool, env: Mapping[str, str] | None = None) -> None:
@@ -127,7 +144,7 @@ def _child_init(file_fsync: bool, env: Mapping[str, str] | None = None) -> None:
 
 
 def _call_in_child(fn_ref: str, search_path: list[str], contract: dict[str, Any],
-                   log: Path | None = None) -> dict[str, Any]:
+                   log: Path | None = None) -> tuple[dict[str, Any], str | None]:
     return call_inline(resolve_function(fn_ref, search_path), contract, log=log)
 
 
@@ -167,8 +184,13 @@ class InlineExecutor:
 
     def __init__(self, fn_ref: str | Callable[..., Any], search_path: list[str], workers: int, metric: str,
                  pool: str = "threads", storage: Any = None, file_fsync: bool = True,
-                 log_dir: Path | None = None, env: Mapping[str, str] | None = None):
+                 log_dir: Path | None = None, env: Mapping[str, str] | None = None,
+                 note: Callable[[str], None] | None = None):
         self.metric = metric
+        # How a note reaches the user (the runner's: `pbt run: ...` or `pbt_operator.run: ...` on stderr).
+        self.note = note if note is not None else (lambda text: print(f"pbt run: {text}", file=sys.stderr))
+        self._told_returned_over_reported = False
+        self._note_lock = threading.Lock()
         self.log_dir = log_dir
         self.fn_ref = fn_ref
         self.search_path = search_path
@@ -189,9 +211,9 @@ class InlineExecutor:
         else:
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pbt-inline")
         self.processes = pool == "processes"
-        self.pending: set[cf.Future[dict[str, Any]]] = set()  # submitted and not done (see unfinished)
+        self.pending: set[cf.Future[tuple[dict[str, Any], str | None]]] = set()  # not done (see unfinished)
 
-    def unfinished(self) -> list[cf.Future[dict[str, Any]]]:
+    def unfinished(self) -> list[cf.Future[tuple[dict[str, Any], str | None]]]:
         """Segments still running: after `shutdown(cancel=True)` a thread cannot be stopped, and goes on
         to save its checkpoint (local/runner.py waits for them before the same folder runs again)."""
         return [f for f in list(self.pending) if not f.done()]
@@ -206,13 +228,15 @@ class InlineExecutor:
             fut = self.pool.submit(call_inline, self.fn, contract, self.storage, log)
         self.pending.add(fut)
 
-        def done(f: cf.Future[dict[str, Any]]) -> None:
+        def done(f: cf.Future[tuple[dict[str, Any], str | None]]) -> None:
             self.pending.discard(f)
             dt = time.perf_counter() - t0
             if f.cancelled():
                 return
             exc = f.exception()
-            doc = {"error": f"{type(exc).__name__}: {exc}"} if exc is not None else f.result()
+            doc, said = ({"error": f"{type(exc).__name__}: {exc}"}, None) if exc is not None else f.result()
+            if said is not None:
+                self._tell_once(said)
             try:
                 res = _to_result(sug, doc, self.metric, dt)
             except Exception as e:  # raising here would lose the result and leave the run waiting forever
@@ -221,6 +245,13 @@ class InlineExecutor:
             on_done(sug, res)
 
         fut.add_done_callback(done)
+
+    def _tell_once(self, text: str) -> None:
+        with self._note_lock:
+            if self._told_returned_over_reported:
+                return
+            self._told_returned_over_reported = True
+        self.note(text)
 
     def shutdown(self, cancel: bool) -> None:
         self.pool.shutdown(wait=not cancel, cancel_futures=cancel)

@@ -199,7 +199,7 @@ class LocalRunner:
                 storage = storage_with_env(self.root, {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else w.env)
             return InlineExecutor(fn, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
                                   w.inline_pool, storage=storage, file_fsync=not self.barrier,
-                                  log_dir=self.run_dir / "logs", env=w.env)
+                                  log_dir=self.run_dir / "logs", env=w.env, note=self.note)
         command = list(w.command) or _template_command(spec)
         env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
         field = ("spec.worker.command" if w.command
