@@ -28,7 +28,7 @@ def _load(path: str, name: str | None = None) -> TrainingSpec:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`pbt run`: the flags into local/session.execute (the code `pbt_operator.run` runs), its result printed."""
-    from .core.display import fmt_hp, fmt_value
+    from .core.display import counted, fmt_hp, fmt_value
     from .local.runner import RunError
     from .local.session import execute
 
@@ -90,9 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  steps {s['steps_start']:>6}-{s['steps_end']:<6} m{s['member']:<3} s{s['segment']:<4} "
                   f"{fmt_value(s['score']):>10}  {fmt_hp(s['hyperparameters'], 80)}")
     if summary.collected_at_end:
-        print(f"deleted {summary.collected_at_end} old checkpoint(s) that no segment was left to delete")
+        print(f"deleted {counted(summary.collected_at_end, 'old checkpoint')} that no segment was left to delete")
     if summary.left_at_end:
-        print(f"could not delete {len(summary.left_at_end)} old checkpoint(s), e.g. {summary.left_at_end[0]} "
+        print(f"could not delete {counted(len(summary.left_at_end), 'old checkpoint')}, e.g. {summary.left_at_end[0]} "
               "(the warnings above say why); they take space only", file=sys.stderr)
     print(f"outputs: {run_dir}/results.jsonl lineage.json best.json" + ("" if args.no_plot else " plot.png"))
     return 1 if eng.failed else 0
@@ -101,12 +101,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _segments_line(done: int, ran: int, seconds: float) -> str:
     """'64 segments in 5.0s (12.8 segments/s)'; a resume rates only the segments it ran itself (a
     finished run resumed runs none: it said '64 segments in 0.0s (57371 segments/s)')."""
+    from .core.display import counted
+
     if ran == 0:
-        return f"{done} segments; nothing was left to run"
+        return f"{counted(done, 'segment')}; nothing was left to run"
     rate = f"{ran / max(seconds, 1e-9):.1f} segments/s"
     if ran == done:
-        return f"{done} segments in {seconds:.1f}s ({rate})"
-    return f"{done} segments, {ran} of them in this run, in {seconds:.1f}s ({rate})"
+        return f"{counted(done, 'segment')} in {seconds:.1f}s ({rate})"
+    return f"{counted(done, 'segment')}, {ran} of them in this run, in {seconds:.1f}s ({rate})"
 
 
 def _interrupt(signum: int, frame: object) -> None:

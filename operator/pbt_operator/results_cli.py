@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .core.display import fmt_hp, fmt_value
+from .core.display import counted, fmt_hp, fmt_value
 from .results_source import (
     ReplayStep,
     RunData,
@@ -58,7 +58,7 @@ def status_lines(run: RunData) -> list[str]:
     out = [f"{spec.name}  ({run.source})  phase: {run.phase or '-'}  {spec.mode}, "
            f"{spec.exploit.strategy} + {spec.explore.strategy}",
            f"segments: {eng.done_count} done / {spec.population * spec.budget.segments} budgeted, "
-           f"{eng.failure_count} failed attempts; metric {spec.objective.metric} ({spec.objective.direction})"]
+           f"{counted(eng.failure_count, 'failed attempt')}; metric {spec.objective.metric} ({spec.objective.direction})"]
     if run.note:
         out.append(f"note: {run.note}")
     if run.spec_inferred:
@@ -175,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except Exception as e:  # storage errors (credentials, network) name the URI
             print(f"pbt export: downloading {doc['checkpoint']}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
-        print(f"downloaded {doc['checkpoint']} -> {dest} ({len(keys)} objects: {', '.join(keys[:5])}"
+        print(f"downloaded {doc['checkpoint']} -> {dest} ({counted(len(keys), 'object')}: {', '.join(keys[:5])}"
               f"{'...' if len(keys) > 5 else ''})", file=sys.stderr)
     if args.tensorboard:
         rc = max(rc, write_tensorboard(run, Path(args.tensorboard)))
@@ -257,7 +257,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         shutil.rmtree(out)
     metric = spec.objective.metric
-    print(f"replaying {len(schedule)} segments of {label} with {spec.worker.executor} worker into {out}")
+    print(f"replaying {counted(len(schedule), 'segment')} of {label} with {spec.worker.executor} worker into {out}")
     print(f"{'step':>4} {'steps':>13} {'member':>6} {'seg':>4} {'population':>11} {'replay':>11} {'diff':>10}"
           f"  hyperparameters")
 

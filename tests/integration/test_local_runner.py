@@ -1359,7 +1359,7 @@ def test_each_running_member_gets_its_own_gpus(tmp_path: Path, warm: bool, capsy
     assert summary.engine.done and summary.engine.failed is None
     # no attempt failed waiting for a GPU: the runner starts no more segments than there are slots
     assert {r["status"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")} == {"done"}
-    assert "each running member gets its own GPU (3 slot(s) from --gpus: 0, 1, 2)" in capsys.readouterr().err
+    assert "each running member gets its own GPU (3 slots from --gpus: 0, 1, 2)" in capsys.readouterr().err
     calls = side_channel(log)
     spans = {}
     for c in calls:

@@ -372,7 +372,7 @@ def test_gpu_settings_as_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture
                            plot=False)
     assert res.ok and capsys.readouterr().err == (
         "pbt_operator.run: no GPU slots for the function: it runs in this process, where every member sees every "
-        "GPU (there would be 2 slot(s) from gpus: 0, 1); set a spec.worker.command for one GPU per member\n")
+        "GPU (there would be 2 slots from gpus: 0, 1); set a spec.worker.command for one GPU per member\n")
     with pytest.raises(pbt_operator.RunError, match=r"^gpus: must be devices .*got 2; for 2 GPUs per member "
                                                     r"pass gpus_per_member=2"):
         pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run2", gpus=2)  # type: ignore[arg-type]
@@ -469,7 +469,7 @@ def test_resume_right_after_ctrl_c_waits_for_the_segments_still_running(
     for i, (m, s, a0, a1) in enumerate(spans):
         for n, t, b0, b1 in spans[i + 1:]:
             assert (m, s) != (n, t) or a1 <= b0 or b1 <= a0, f"member {m} segment {s} ran twice at once"
-    assert "segment(s) of the interrupted run, still running in this process" in capsys.readouterr().err
+    assert "of the interrupted run, still running in this process" in capsys.readouterr().err
 
 
 def test_an_opened_failed_run_has_its_failure_log(tmp_path: Path) -> None:

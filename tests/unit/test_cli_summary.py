@@ -14,3 +14,8 @@ def test_a_resume_rates_only_the_segments_it_ran() -> None:
 def test_a_finished_run_resumed_gives_no_rate() -> None:
     # it said '64 segments in 0.0s (57371 segments/s)'
     assert _segments_line(64, 0, 0.001) == "64 segments; nothing was left to run"
+
+
+def test_one_segment_is_singular() -> None:
+    assert _segments_line(1, 1, 1.0) == "1 segment in 1.0s (1.0 segments/s)"
+    assert _segments_line(1, 0, 0.0) == "1 segment; nothing was left to run"

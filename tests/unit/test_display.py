@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pbt_operator.core.display import fmt_hp, shorten
+from pbt_operator.core.display import counted, fmt_hp, shorten
 
 
 def test_shorten_leaves_text_that_fits() -> None:
@@ -37,3 +37,9 @@ def test_every_shortened_place_follows_the_one_rule() -> None:
     err = "PermanentStorageError: " + "why " * 100
     assert failure_text(json.dumps({"error": err})) == shorten(err.strip(), 300)
     assert failure_text("x" * 400 + "END") == ("x" * 400 + "END")[-300:]
+
+
+def test_counted_is_singular_only_for_one() -> None:
+    assert counted(1, "segment") == "1 segment"
+    assert counted(0, "segment") == "0 segments" and counted(3, "old checkpoint") == "3 old checkpoints"
+    assert counted(2, "child", "children") == "2 children"

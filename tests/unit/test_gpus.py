@@ -62,11 +62,11 @@ def test_the_template_request_is_the_trainers() -> None:
 def test_slots_are_cut_from_the_devices() -> None:
     p, note = plan(template(1), 0, gpus="0,1,2", per_member=None, environ={})
     assert p is not None and p.slots == ("0", "1", "2") and p.per_member == 1
-    assert note is not None and "3 slot(s) from --gpus" in note
+    assert note is not None and "3 slots from --gpus" in note
     p, note = plan(template(2), 0, gpus="0,1,2,3,4", per_member=None, environ={})
     assert p is not None and p.slots == ("0,1", "2,3")  # the fifth GPU fits no slot
     # and the note says so: a GPU that no member ever gets was left out without a word
-    assert note == ("each running member gets its own 2 GPUs (2 slot(s) from --gpus: 0,1, 2,3; 4 left unused "
+    assert note == ("each running member gets its own 2 GPUs (2 slots from --gpus: 0,1, 2,3; 4 left unused "
                     "(5 GPUs, 2 per slot))")
     p, _ = plan(template(1), 0, gpus=None, per_member=2, environ={"CUDA_VISIBLE_DEVICES": "4,5"})
     assert p is not None and p.slots == ("4,5",) and p.source == "CUDA_VISIBLE_DEVICES"

@@ -37,7 +37,7 @@ def test_leftovers_message_names_what_is_left() -> None:
     assert leftovers_message({"PopulationMember": [], "Job": []}) is None
     msg = leftovers_message({"PopulationMember": ["x-m000", "x-m001", "x-m002", "x-m003"], "Job": ["x-m000-s00000-a0"]})
     assert msg is not None
-    assert "4 PopulationMember(s) (x-m000, x-m001, x-m002 and 1 more)" in msg and "1 Job(s)" in msg
+    assert "4 PopulationMembers (x-m000, x-m001, x-m002 and 1 more)" in msg and "1 Job (" in msg
     assert "segment 0" in msg
     e = ForeignChild("Job", "x-m000-s00000-a0", {"u-old"})
     assert "x-m000-s00000-a0" in str(e) and "u-old" in str(e)

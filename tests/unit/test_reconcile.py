@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 import pytest
+from pbt_operator.core.display import counted
 from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import DEFAULT_CONTAINER, LABEL_TRAINING, job_name, member_name
@@ -1005,7 +1006,7 @@ def test_a_segment_whose_deletes_failed_gives_its_delete_list_back(monkeypatch: 
         member = int(job["metadata"]["labels"]["pbt.dev/member"])
         ev = [e for e in p.events if e.reason == C.EV_CHECKPOINT_DELETE_FAILED] or [C.EV_CHECKPOINT_DELETE_FAILED]
         assert len(ev) == 1 and ev[0].type == "Warning" and ev[0].target == member_name("toy", member), ev
-        assert f"could not delete {len(gc)} of the {len(gc)} old checkpoints" in ev[0].message
+        assert f"could not delete {len(gc)} of the {counted(len(gc), 'old checkpoint')} it" in ev[0].message
         assert not [e for e in p.events if e.reason == C.EV_SEGMENT_FAILED]  # the segment itself succeeded
         offered = {r for j in p.create_jobs for r in c.gc_of(j)}
         assert all(r in offered or r not in c.collected for r in gc), (gc, sorted(offered))

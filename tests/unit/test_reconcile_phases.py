@@ -14,6 +14,7 @@ from pbt_operator.core.types import Suggestion
 from pbt_operator.kube import conditions as C
 from pbt_operator.kube.builders import member_name
 from pbt_operator.kube.reconcile import (
+    EventSpec,
     Pass,
     Plan,
     admit_segments,
@@ -283,3 +284,48 @@ def test_not_finished_and_no_failure_messages_name_what_ends_it_and_what_failed(
     assert no_failure_message(spec, 0) == (
         "no segment attempt failed; a failed segment is not retried (spec.failurePolicy.maxRetries: 0), then its "
         "member is replaced, and the training fails if the replacement fails as often (onExhausted: replace)")
+
+
+def test_counts_agree_with_their_nouns_and_say_the_total() -> None:
+    """'1 segments running' (Ready, Progressing), SegmentsStarted without how many may run, and the
+    Completed Event's raw score float (0.30000000000000004) instead of the status columns' format."""
+    c = running_cluster(parallelism=1)
+    conds = {x["type"]: x for x in c.training["status"]["conditions"]}
+    assert conds[C.READY]["message"].startswith("1 segment running, 0 waiting to start"), conds[C.READY]
+    assert conds[C.SEGMENTS_STARTED]["message"] == "1 of 1 segment running (spec.parallelism), none waiting to start"
+    c = running_cluster()
+    conds = {x["type"]: x for x in c.training["status"]["conditions"]}
+    assert conds[C.SEGMENTS_STARTED]["message"] == "3 of 3 segments running (spec.parallelism), none waiting to start"
+    c.training["spec"]["parallelism"] = 1
+    c.training["spec"]["suspend"] = True
+    c.reconcile()
+    c.training["spec"]["suspend"] = False
+    c.reconcile()
+    resumed = [e for e in c.events if e.reason == C.EV_RESUMED]
+    assert resumed[-1].message.startswith("training resumed: up to 1 segment runs at once again (spec.parallelism)")
+    c = FakeCluster(training_obj(population=2, parallelism=2, budget={"segments": 1}))
+    drive(c, random.Random(0))
+    done = next(e for e in c.events if e.reason == C.EV_COMPLETED)
+    score = done.message.rsplit(" score ", 1)[1]
+    best = c.training["status"]["best"]["score"]
+    assert score == f"{best:.4g}", (done.message, best)
+
+
+def test_cut_messages_end_with_a_visible_mark() -> None:
+    """Condition messages (1024) and Event messages (1000) were cut by slicing: a cut one just stopped
+    mid-word, and read as complete."""
+    long = "x" * 3000
+    conds = C.set_condition(None, C.READY, False, "Because", long, "now")
+    assert len(conds[0]["message"]) == 1024 and conds[0]["message"].endswith("...")
+    assert C.set_condition(None, C.READY, False, "Because", "short", "now")[0]["message"] == "short"
+    ev = EventSpec("training", "Warning", C.EV_INVALID, long)
+    assert len(ev.message) == 1000 and ev.message.endswith("...")
+    from pbt_operator.kube import lifecycle
+
+    status, events = lifecycle.invalid_spec(training_obj(), long, "2026-01-01T00:00:00Z")
+    assert events[0].message.endswith("...") and len(events[0].message) == 1000
+    assert all(x["message"].endswith("...") for x in status["conditions"])
+    assert lifecycle.jobs_accepted({"status": {}}, {"conditions": status["conditions"]}, False, "Refused", long,
+                                   "now") is not None
+    again = {"conditions": C.set_condition(status["conditions"], C.JOBS_ACCEPTED, False, "Refused", long, "now")}
+    assert lifecycle.jobs_accepted({"status": {}}, again, False, "Refused", long, "now") is None  # same cut text

@@ -292,7 +292,7 @@ def test_segments_that_cannot_be_scheduled_say_why_on_the_training_even_while_ot
     assert st["phase"] == "Running" and st["running"] == 1 and st["waiting"] == 3
     ready, progressing = conds[C.READY], conds[C.PROGRESSING]
     assert ready["status"] == "True" and ready["reason"] == C.SEGMENTS_RUNNING  # one segment trains
-    assert ready["message"] == ("1 segments running, 3 waiting to start, 0 queued, 0/12 done: "
+    assert ready["message"] == ("1 segment running, 3 waiting to start, 0 queued, 0/12 done: "
                                 f"3 Unschedulable (m001, m002, m003): {msg}"), ready
     assert progressing["message"] == ready["message"]
     assert conds[C.SEGMENTS_STARTED]["reason"] == C.UNSCHEDULABLE

@@ -8,6 +8,11 @@ from collections.abc import Mapping
 ELLIPSIS = "..."
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun, singular only for one: '1 segment', '0 segments', '3 checkpoints'."""
+    return f"{n} {noun if n == 1 else (plural if plural is not None else noun + 's')}"
+
+
 def shorten(text: str, limit: int, *, keep_end: bool = False) -> str:
     """`text` in at most `limit` characters, for anything a user reads (hyperparameters in a table, a
     failed trainer's message in a condition, a log line). One rule for every such place, so that a cut

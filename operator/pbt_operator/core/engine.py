@@ -184,7 +184,8 @@ class Engine:
             return f"every member trained {n} segment{'s' if n != 1 else ''}"
         lo, hi = min(trained, default=0), max(trained, default=0)
         span = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        return f"every member trained {span} segments: spec.budget.segments ({n}) was lowered during the run"
+        return (f"every member trained {span} segment{'' if span == '1' else 's'}: spec.budget.segments ({n}) was "
+                "lowered during the run")
 
     def start(self) -> list[Suggestion]:
         """An initial segment for each member that has neither a record nor a pending segment (every

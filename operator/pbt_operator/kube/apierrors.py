@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.display import shorten
+
 REFUSED_STATUSES = frozenset({400, 403, 405, 413, 415, 422})
 
 
@@ -63,10 +65,10 @@ def classify(exc: BaseException) -> ApiError:
     (connection errors, timeouts) are transient."""
     status = getattr(exc, "status", None)
     if not isinstance(status, int) or status <= 0:
-        return ApiError(0, "", f"{type(exc).__name__}: {exc}"[:1000], refused=False)
+        return ApiError(0, "", shorten(f"{type(exc).__name__}: {exc}", 1000), refused=False)
     body = _body(exc)
     reason = str(body.get("reason") or getattr(exc, "reason", "") or "")
-    message = status_message(body, str(getattr(exc, "reason", "") or ""))[:2000]
+    message = shorten(status_message(body, str(getattr(exc, "reason", "") or "")), 2000)
     quota = status == 403 and "exceeded quota" in message
     # RBAC saying the operator itself may not do this is the installation's problem, not the
     # training's: it is retried (and logged) rather than counted against the training's segments.

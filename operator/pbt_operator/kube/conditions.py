@@ -6,6 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 from ..core import types as core_types
+from ..core.display import shorten
+
+#: The API server's limits: a condition's message is cut at 1024 characters, an Event's at 1000 (ours,
+#: below the server's 1 KiB note limit). Cut with shorten(), so a cut message ends with "...".
+CONDITION_MESSAGE_MAX = 1024
+EVENT_MESSAGE_MAX = 1000
+
+
+def condition_message(message: str) -> str:
+    """`message` as a condition stores it: compare a stored message with this, not with the text."""
+    return shorten(message, CONDITION_MESSAGE_MAX)
+
+
+def event_message(message: str) -> str:
+    return shorten(message, EVENT_MESSAGE_MAX)
 
 # Types
 READY = "Ready"
@@ -89,11 +104,11 @@ def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: b
         if c.get("type") == type_:
             if c.get("status") != st:
                 c["lastTransitionTime"] = now
-            c.update(status=st, reason=reason, message=message[:1024])
+            c.update(status=st, reason=reason, message=condition_message(message))
             if generation is not None:
                 c["observedGeneration"] = generation
             return out
-    new: dict[str, Any] = {"type": type_, "status": st, "reason": reason, "message": message[:1024],
+    new: dict[str, Any] = {"type": type_, "status": st, "reason": reason, "message": condition_message(message),
                            "lastTransitionTime": now}
     if generation is not None:
         new["observedGeneration"] = generation

@@ -175,7 +175,7 @@ def _warn_outdated_crds(body: dict[str, Any]) -> None:
         return
     _CRD_WARNED.add(uid)
     msg = crdcheck.event_message(OUTDATED_CRDS, os.environ.get("PBT_CHART_VERSION") or None)
-    _post(body, {}, EventSpec("training", "Warning", C.EV_CRD_OUTDATED, msg[:1000]))
+    _post(body, {}, EventSpec("training", "Warning", C.EV_CRD_OUTDATED, msg))
 
 
 def _post(training: dict[str, Any], members: dict[str, dict[str, Any]], ev: EventSpec) -> None:
@@ -303,7 +303,7 @@ def before_start(a: Api, ns: str, w: World) -> bool | None:
                 what = f"the API server refuses the first segment's {obj['kind']} (server-side dry run): {err.summary()}"
                 if err.quota:  # quota may free up: wait and say why, rather than fail
                     _accepted(a, training, None, False, C.QUOTA_EXCEEDED, what,
-                              EventSpec("training", "Warning", C.EV_JOB_REFUSED, what[:1000]))
+                              EventSpec("training", "Warning", C.EV_JOB_REFUSED, what))
                     raise Retry(QUOTA_RETRY) from None
                 problems.append(what)
                 break

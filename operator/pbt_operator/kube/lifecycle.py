@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..core.display import shorten
 from ..core.types import Record, Suggestion
 from . import conditions as C
 from .apierrors import ApiError
@@ -36,7 +37,7 @@ def invalid_spec(training: Mapping[str, Any], message: str, now: str) -> tuple[d
     for type_, value in ((C.READY, False), (C.PROGRESSING, False), (C.SUCCEEDED, False), (C.FAILED, True)):
         conds = C.set_condition(conds, type_, value, C.INVALID_SPEC, message, now, gen)
     status = {"phase": "Failed", "observedGeneration": gen, "conditions": conds}
-    events = [] if already else [EventSpec("training", "Warning", C.EV_INVALID, message[:1000])]
+    events = [] if already else [EventSpec("training", "Warning", C.EV_INVALID, message)]
     return status, events
 
 
@@ -46,12 +47,13 @@ def waiting_for_leftovers(training: Mapping[str, Any], message: str, now: str
     children are still there; (None, []) when that is already what the training says."""
     gen = (training.get("metadata") or {}).get("generation")
     conds = _conds(training)
-    if _cond(conds, C.READY).get("reason") == C.NAME_CONFLICT and _cond(conds, C.READY).get("message") == message[:1024]:
+    ready = _cond(conds, C.READY)
+    if ready.get("reason") == C.NAME_CONFLICT and ready.get("message") == C.condition_message(message):
         return None, []
     for type_ in (C.READY, C.PROGRESSING):
         conds = C.set_condition(conds, type_, False, C.NAME_CONFLICT, message, now, gen)
     status = {"phase": "Pending", "observedGeneration": gen, "conditions": conds}
-    return status, [EventSpec("training", "Warning", C.EV_NAME_CONFLICT, message[:1000])]
+    return status, [EventSpec("training", "Warning", C.EV_NAME_CONFLICT, message)]
 
 
 def jobs_accepted(training: Mapping[str, Any], status: Mapping[str, Any] | None, ok: bool, reason: str,
@@ -64,7 +66,7 @@ def jobs_accepted(training: Mapping[str, Any], status: Mapping[str, Any] | None,
     if ok and cur.get("status") != "False":
         return None  # absent or already True: nothing to say
     if cur and cur.get("status") == ("True" if ok else "False") and cur.get("reason") == reason \
-            and cur.get("message") == message[:1024]:
+            and cur.get("message") == C.condition_message(message):
         return None
     return {"conditions": C.set_condition(conds, C.JOBS_ACCEPTED, ok, reason, message, now, gen)}
 
@@ -101,10 +103,10 @@ def refused_segment(member: Mapping[str, Any], member_status: Mapping[str, Any] 
     if any(h.get("job") == jname for h in history):
         return None
     error = f"the API server refused the segment Job: {err.summary()}"
-    rec = Record(sug, None, sug.steps_start, status="failed", error=error[:1000])
+    rec = Record(sug, None, sug.steps_start, status="failed", error=shorten(error, C.EVENT_MESSAGE_MAX))
     st["history"] = [*history, record_entry(rec, now, jname)]
     ev = EventSpec(member["metadata"]["name"], "Warning", C.EV_JOB_REFUSED,
-                   f"segment {sug.segment} attempt {sug.attempt}: {error}"[:1000])
+                   f"segment {sug.segment} attempt {sug.attempt}: {error}")
     return st, ev
 
 
@@ -146,4 +148,4 @@ def pass_refused(err: ApiError) -> EventSpec | None:
         return None
     return EventSpec("training", "Warning", C.EV_WRITE_REFUSED,
                      f"the API server refused a write of this training's reconcile pass, which is retried with "
-                     f"back-off until it passes: {err.summary()}"[:1000])
+                     f"back-off until it passes: {err.summary()}")

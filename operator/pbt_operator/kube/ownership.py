@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..core.display import counted
+
 
 def uid_of(obj: Mapping[str, Any]) -> str | None:
     uid = (obj.get("metadata") or {}).get("uid")
@@ -50,7 +52,7 @@ def leftovers_message(kind_names: Mapping[str, Sequence[str]]) -> str | None:
     for kind, ns in kind_names.items():
         if ns:
             shown = ", ".join(list(ns)[:3]) + (f" and {len(ns) - 3} more" if len(ns) > 3 else "")
-            parts.append(f"{len(ns)} {kind}(s) ({shown})")
+            parts.append(f"{counted(len(ns), kind)} ({shown})")
     if not parts:
         return None
     return ("waiting for " + " and ".join(parts) + " that carry this training's name but belong to another "

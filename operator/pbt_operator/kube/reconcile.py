@@ -26,7 +26,7 @@ from typing import Any
 
 from ..checkpoints import checkpoint_ref, checkpoint_uri
 from ..contract import parse_result
-from ..core.display import describe_change, shorten
+from ..core.display import counted, describe_change, fmt_value, shorten
 from ..core.engine import Counters, Engine
 from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild, still_listable, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
@@ -62,6 +62,10 @@ class EventSpec:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+    def __post_init__(self) -> None:
+        # Every Event's message fits, cut the one way (ending with "..."), wherever it was built.
+        self.message = C.event_message(self.message)
 
 
 @dataclass
@@ -475,7 +479,7 @@ def invalid_spec(training: Mapping[str, Any], e: SpecError, now: str, out: Plan)
     out.status_changed = stored_form(out.status) != old
     out.prior_status = old
     if (_cond_true(training, C.FAILED) or {}).get("reason") != C.INVALID_SPEC:
-        out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg[:1000]))
+        out.events.append(EventSpec("training", "Warning", C.EV_INVALID, msg))
     return out
 
 
@@ -624,7 +628,7 @@ def tell_finished_jobs(p: Pass) -> None:
                 gc_failed(p, m_idx, sug, res.gc_failed, p.jobs_by_name[jname])
             if not res.ok:
                 out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_SEGMENT_FAILED,
-                                            f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"[:1000]))
+                                            f"segment {sug.segment} attempt {sug.attempt} failed: {res.error}"))
             p.decide([Decision(s, sug) for s in new])
 
 
@@ -661,11 +665,11 @@ def decision_events(p: Pass) -> list[EventSpec]:
             events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
                                     f"{describe_change(donor_hp, s.hyperparameters)} ({s.explore_reason})"))
         elif s.kind == "replace":
-            events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason[:1000]))
+            events.append(EventSpec(mname, "Warning", C.EV_MEMBER_REPLACED, s.reason))
         elif s.kind == "continue" and d.cause.member == s.member and s.hyperparameters != d.cause.hyperparameters:
             # PB2's retune of a member that keeps its weights (Pb2Settings.retune): announced like an explore
             events.append(EventSpec(mname, "Normal", C.EV_EXPLORED,
-                                    f"{describe_change(d.cause.hyperparameters, s.hyperparameters)} ({s.reason})"[:1000]))
+                                    f"{describe_change(d.cause.hyperparameters, s.hyperparameters)} ({s.reason})"))
     return events
 
 
@@ -748,8 +752,8 @@ def gc_failed(p: Pass, m_idx: int, sug: Suggestion, failed: int, job: Mapping[st
     Event names the member and the count; the pod log names the checkpoints and the error."""
     handed = give_back(p, job)
     p.out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_CHECKPOINT_DELETE_FAILED, (
-        f"segment {sug.segment} could not delete {failed} of the {handed} old checkpoints it was handed "
-        "(its pod log says which and why): they are handed to the next segment that starts")[:1000]))
+        f"segment {sug.segment} could not delete {failed} of the {counted(handed, 'old checkpoint')} it was handed "
+        "(its pod log says which and why): they are handed to the next segment that starts")))
 
 
 def stop_segments(p: Pass) -> list[int]:
@@ -858,7 +862,7 @@ def write_member_statuses(p: Pass) -> None:
         if wait is not None and wait.reason not in S.TRANSIENT and wait.reason != (old.get("waiting") or {}).get("reason"):
             out.events.append(EventSpec(member_name(p.name, m_idx),
                                         "Warning" if wait.reason in C.WAITING_PROBLEMS else "Normal", wait.reason,
-                                        f"segment {cur_sug.segment if cur_sug else '?'} waits: {wait.message}"[:1000]))
+                                        f"segment {cur_sug.segment if cur_sug else '?'} waits: {wait.message}"))
         if set(dp) - set(old.get("disruptedPods") or []):
             out.events.append(EventSpec(member_name(p.name, m_idx), "Warning", C.EV_DISRUPTED,
                                         f"segment {cur_sug.segment if cur_sug else '?'} pod disrupted (preemption, eviction or "
@@ -921,9 +925,10 @@ def finish_pass(p: Pass) -> None:
     fin = engine.outcome
     if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed") and left:
         out.events.append(EventSpec("training", "Normal", C.EV_CHECKPOINTS_LEFT, (
-            f"{left['count']} checkpoints no segment deleted are left under {left['prefix']} (no segment starts "
+            f"{counted(left['count'], 'checkpoint')} no segment deleted {'is' if left['count'] == 1 else 'are'} left "
+            f"under {left['prefix']} (no segment starts "
             "any more; the operator has no storage credentials): status.leftoverCheckpoints lists them, "
-            "docs/operator.md says how to remove them")[:1000]))
+            "docs/operator.md says how to remove them")))
     if out.done and fin is not None and old_status.get("phase") not in ("Succeeded", "Failed"):
         if engine.failure:
             out.events.append(EventSpec("training", "Warning", C.EV_FAILED, str(fin)))
@@ -931,7 +936,8 @@ def finish_pass(p: Pass) -> None:
             b = engine.best
             # str(fin): "BudgetExhausted: every member trained 20 segments", not "budget exhausted" alone
             out.events.append(EventSpec("training", "Normal", C.EV_COMPLETED,
-                                        f"{fin}; best member {b.member if b else '-'} score {b.score if b else '-'}"))
+                                        f"{fin}; best member {b.member if b else '-'} score "
+                                        f"{fmt_value(b.score) if b else '-'}"))
 
 
 LEFTOVERS_LISTED = 20  # URIs in status.leftoverCheckpoints (the count is exact)
@@ -1011,7 +1017,7 @@ def not_finished_message(spec: TrainingSpec, done: int, total: int) -> str:
     if b.target_score is not None:
         ends.append(f"a member reaches {b.target_score:g} (spec.budget.targetScore)")
     if b.patience is not None:
-        ends.append(f"the best score has not improved for {b.patience} generations (spec.budget.patience)")
+        ends.append(f"the best score has not improved for {counted(b.patience, 'generation')} (spec.budget.patience)")
     return f"{done}/{total} segments done; it ends when " + ", or ".join(ends)
 
 
@@ -1039,9 +1045,19 @@ def retried_message(s: Suggestion, spec: TrainingSpec) -> str:
             f"hyperparameters (spec.failurePolicy.maxRetries: {r})")
 
 
+def all_started_message(spec: TrainingSpec, running: int) -> str:
+    """SegmentsStarted=True: how many segments run out of how many may at once (spec.parallelism, at
+    most one per member); after a scale-down, segments that had started go on above the new number."""
+    at_once = min(spec.parallelism, spec.population)
+    if at_once > 0 and running <= at_once:
+        return f"{running} of {counted(at_once, 'segment')} running (spec.parallelism), none waiting to start"
+    return f"{counted(running, 'segment')} running (spec.parallelism {spec.parallelism}), none waiting to start"
+
+
 def resumed_message(spec: TrainingSpec, status: Mapping[str, Any]) -> str:
     """The Resumed Event: what starts now."""
-    return (f"training resumed: up to {spec.parallelism} segments run at once again (spec.parallelism); "
+    at_once = f"{counted(spec.parallelism, 'segment')} {'runs' if spec.parallelism == 1 else 'run'}"
+    return (f"training resumed: up to {at_once} at once again (spec.parallelism); "
             f"{status.get('segmentsDone', 0)}/{status.get('segmentsTotal', 0)} segments done")
 
 
@@ -1085,7 +1101,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
                          failed=(False, C.NO_FAILURE, no_failure_message(spec, engine.failure_count)))
     else:
         phase = "Running"
-        msg = (f"{running} segments running, {len(waits or {})} waiting to start, {queued} queued, "
+        msg = (f"{counted(running, 'segment')} running, {len(waits or {})} waiting to start, {queued} queued, "
                f"{st.done_segments}/{st.total_segments} done")
         if not waits:
             ready = (True, C.SEGMENTS_RUNNING if running else C.WAITING_FOR_SLOTS, msg)
@@ -1103,7 +1119,7 @@ def training_status(spec: TrainingSpec, engine: Engine, old: Mapping[str, Any], 
         conds = C.set_condition(conds, C.SEGMENTS_STARTED, False, w_reason, w_msg, now, generation)
     else:
         conds = C.set_condition(conds, C.SEGMENTS_STARTED, True, C.ALL_STARTED,
-                                f"{running} segments running, none waiting to start", now, generation)
+                                all_started_message(spec, running), now, generation)
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,

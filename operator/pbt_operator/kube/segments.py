@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.display import shorten
 from ..spec import DEFAULT_CONTAINER, KUEUE_QUEUE_LABEL, SegmentSpec
 from . import conditions as C
 
@@ -48,7 +49,7 @@ class Waiting:
     since: str | None = None  # when this wait began (the Job's or the pod's creation)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"reason": self.reason, "message": self.message[:1000]}
+        d = {"reason": self.reason, "message": shorten(self.message, 1000)}
         if self.since:
             d["since"] = self.since
         return d
@@ -335,7 +336,8 @@ def disrupted_pods(job_name: str, pods: Sequence[Mapping[str, Any]], recorded: S
 
 
 def disruption_error(n: int, cap: int) -> str:
-    return (f"{C.TOO_MANY_DISRUPTIONS}: its pod was disrupted {n} times (preemption, eviction or node loss), "
+    times = "once" if n == 1 else f"{n} times"
+    return (f"{C.TOO_MANY_DISRUPTIONS}: its pod was disrupted {times} (preemption, eviction or node loss), "
             f"more than spec.failurePolicy.maxDisruptions ({cap})")
 
 

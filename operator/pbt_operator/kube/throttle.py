@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..core.display import shorten
 from . import conditions as C
 from .reconcile import EventSpec
 
@@ -53,7 +54,7 @@ class EventThrottle:
             n = self.held.pop(ev.reason, 0)
             if n and last is not None:
                 ev = dataclasses.replace(ev, message=(
-                    f"{ev.message[:850]} ({n} more {ev.reason} in the {(now - last) / 60:.0f} min before this "
+                    f"{shorten(ev.message, 850)} ({n} more {ev.reason} in the {(now - last) / 60:.0f} min before this "
                     f"were not posted as Events; {rule.counter} counts them all)"))
             self.last[ev.reason] = now
             post.append(ev)

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.display import counted
+
 GPU_RESOURCE = "nvidia.com/gpu"
 ENV = "CUDA_VISIBLE_DEVICES"
 SMI_TIMEOUT = 20.0  # seconds `pbt run` waits for `nvidia-smi -L`
@@ -45,7 +47,7 @@ class GpuPlan:
         left = (f"; {', '.join(_short(d) for d in self.unused)} left unused "
                 f"({len(self.unused) + self.per_member * len(self.slots)} GPUs, {self.per_member} per slot)"
                 if self.unused else "")
-        return (f"each running member gets {each} ({len(self.slots)} slot(s) from {self.source}: "
+        return (f"each running member gets {each} ({counted(len(self.slots), 'slot')} from {self.source}: "
                 f"{', '.join(_short(s) for s in self.slots)}{left})")
 
 

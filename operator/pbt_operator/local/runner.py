@@ -26,6 +26,7 @@ from typing import Any
 
 from ..checkpoints import checkpoint_uri, storage_root
 from ..contract import build_contract
+from ..core.display import counted
 from ..core.engine import Engine
 from ..core.policy import Rebuilt, admit, garbage_batch, rebuild, take_back
 from ..core.types import Record, Ref, SegmentResult, Suggestion
@@ -56,7 +57,7 @@ def wait_for_interrupted(run_dir: Path, note: Callable[[str], None]) -> None:
     left = [f for f in _STILL_RUNNING.pop(run_dir, []) if not f.done()]
     if not left:
         return
-    note(f"waiting for {len(left)} segment(s) of the interrupted run, still running in this process, to finish "
+    note(f"waiting for {counted(len(left), 'segment')} of the interrupted run, still running in this process, to finish "
          "(their results are not recorded: they run again)")
     try:
         cf.wait(left)
@@ -227,13 +228,13 @@ class LocalRunner:
             # not "each running member gets its own GPU ...; but ...": the note said both, of one run
             who = "the function" if self.function is not None else "spec.worker.function"
             note = (f"no GPU slots for {who}: it runs in this process, where every member sees every GPU "
-                    f"(there would be {len(plan.slots)} slot(s) from {plan.source}: "
+                    f"(there would be {counted(len(plan.slots), 'slot')} from {plan.source}: "
                     f"{', '.join(plan.slots)}); set a spec.worker.command for one GPU per member")
             plan = None
         if plan is not None:
             self.gpu_slots = plan.slots
             if len(plan.slots) < spec.parallelism:
-                note = f"{note}: {len(plan.slots)} segment(s) at a time (spec.parallelism {spec.parallelism})"
+                note = f"{note}: {counted(len(plan.slots), 'segment')} at a time (spec.parallelism {spec.parallelism})"
                 self.spec = dataclasses.replace(spec, parallelism=len(plan.slots))
         if note:
             self.note(note)

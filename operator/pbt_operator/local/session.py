@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.display import counted
 from ..core.types import Record
 from ..results_source import RunData, load_local, read_records
 from ..spec import SpecError, TrainingSpec, parse_manifest, read_manifest
@@ -314,7 +315,7 @@ def _gpus_arg(gpus: Any) -> str | None:
         return gpus
     if isinstance(gpus, (list, tuple)) and all(isinstance(d, (str, int)) and not isinstance(d, bool) for d in gpus):
         return ",".join(str(d) for d in gpus)
-    hint = f"; for {gpus} GPUs per member pass gpus_per_member={gpus}" if isinstance(gpus, int) else ""
+    hint = f"; for {counted(gpus, 'GPU')} per member pass gpus_per_member={gpus}" if isinstance(gpus, int) else ""
     raise RunError(f"gpus: must be devices as a string ('0,1', 'all', 'none') or a list ([0, 1]) "
                    f"(got {gpus!r}{hint})")
 

@@ -230,7 +230,7 @@ class S3Storage(Storage):
                 delay = min(10.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 if elapsed + delay > self.retry_seconds:
                     raise TransientStorageError(
-                        f"{what} {uri} failed after {attempt} attempts in {elapsed:.1f}s "
+                        f"{what} {uri} failed after {attempt} attempt{'s' if attempt != 1 else ''} in {elapsed:.1f}s "
                         f"(retry budget {self.retry_seconds:.0f}s, PBT_STORAGE_RETRY_SECONDS): {cause}",
                         uri) from exc
                 log.warning("%s %s: %s; retrying in %.1fs (attempt %d)", what, uri, cause, delay, attempt)
@@ -465,8 +465,8 @@ class S3Storage(Storage):
                 if errors:
                     first = errors[0]
                     raise PermanentStorageError(
-                        f"delete {prefix}: {len(errors)} objects not deleted, e.g. {first.get('Key')}: "
-                        f"{first.get('Code')} {first.get('Message')}", prefix)
+                        f"delete {prefix}: {len(errors)} object{'s' if len(errors) != 1 else ''} not deleted, e.g. "
+                        f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}", prefix)
 
             self._call("delete", prefix, remove)
         self._abort_uploads(bucket, base, prefix)
