@@ -282,8 +282,11 @@ def _show(v: object) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | None = None) -> TrainingSpec:
-    """Parse a whole PopulationTraining document (apiVersion/kind/metadata/spec)."""
+def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | None = None,
+                   name_field: str = "metadata.name") -> TrainingSpec:
+    """Parse a whole PopulationTraining document (apiVersion/kind/metadata/spec). `name` replaces
+    metadata.name; `name_field` is what a bad one is called in the message (`--name` for `pbt run`'s
+    flag, which `pbt_operator.run` words as its `name` argument)."""
     errors: list[str] = []
     top = _Fields(errors, "manifest", doc, ("apiVersion", "kind", "metadata", "spec", "status"))
     if not top.ok:
@@ -303,7 +306,7 @@ def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | Non
     nm = name or meta.get("name")
     if not isinstance(nm, str) or not NAME_RE.match(nm) or len(nm) > 40:
         errors.append(
-            f"metadata.name: must be a DNS label of at most 40 characters (lower-case letters, digits, '-'), "
+            f"{name_field if name else 'metadata.name'}: must be a DNS label of at most 40 characters (lower-case letters, digits, '-'), "
             f"got {_show(nm)}"
         )
         nm = "invalid"

@@ -143,6 +143,16 @@ def test_a_bad_field_raises_naming_it_with_the_message_the_cli_prints(
         pbt_operator.run(quadratic_doc(), function=quadratic_function([]), parallelism=0)
     with pytest.raises(pbt_operator.RunError, match=r"^function: must be a callable"):
         pbt_operator.run(quadratic_doc(), function="quadratic:segment")  # type: ignore[arg-type]
+    # a bad name= is the argument's fault, not the manifest's metadata.name (pbt run says --name)
+    with pytest.raises(pbt_operator.RunError) as bad_name:
+        pbt_operator.run(quadratic_doc(), function=quadratic_function([]), name="Bad_Name")
+    assert bad_name.value.problems == ["name: must be a DNS label of at most 40 characters (lower-case letters, "
+                                       "digits, '-'), got 'Bad_Name'"], bad_name.value
+    assert cli.main(["run", str(path), "--name", "Bad_Name", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "\n  --name: must be a DNS label" in capsys.readouterr().err
+    bad_meta = {**quadratic_doc(), "metadata": {"name": "Bad_Name"}}
+    with pytest.raises(pbt_operator.RunError, match=r"\n  metadata\.name: must be a DNS label"):
+        pbt_operator.run(bad_meta, function=quadratic_function([]))
     # without a function the worker is required, as in a file
     with pytest.raises(pbt_operator.RunError, match=r"spec\.worker\.command: is required"):
         pbt_operator.run(quadratic_doc(), out=tmp_path / "run")

@@ -561,7 +561,7 @@ def test_cli_name_override(tmp_path: Path, make_doc: Any, capsys: pytest.Capture
     assert cli.main(["run", str(tmp_path / "missing.yaml"), "--name", "x", "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["run", str(path), "--name", "Not_A_Name", "--out", str(out)]) == 2
-    assert "metadata.name: must be a DNS label" in capsys.readouterr().err
+    assert "--name: must be a DNS label" in capsys.readouterr().err  # the flag, not the manifest's field
     assert not out.exists()
 
 

@@ -236,7 +236,7 @@ def execute(manifest: Manifest, *, function: SegmentFunction | None = None, out:
         print("pbt_operator.run: spec.worker.pool: processes ignored: a Python function runs in threads",
               file=sys.stderr)
     try:
-        spec = parse_manifest(effective, base_dir=base_dir, name=name)
+        spec = parse_manifest(effective, base_dir=base_dir, name=name, name_field="--name")
     except SpecError as e:
         raise RunError(str(e), e.problems) from None
     overrides: dict[str, Any] = {}
