@@ -499,6 +499,12 @@ def test_an_opened_failed_run_has_its_failure_log(tmp_path: Path) -> None:
     opened = pbt_operator.RunResult.open(tmp_path / "run")
     assert opened.failed == res.failed
     assert opened.failure_log == res.failure_log.resolve() and "ValueError: bad data" in opened.failure_log.read_text()
+    # found by the engine's (member, segment, attempt), which best.json keeps, not by the message's words
+    best_json = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best_json["failedAttempt"] == {"member": member, "segment": 0, "attempt": 0}
+    best_json["failed"] = "SegmentFailed: worded some other way"
+    (tmp_path / "run" / "best.json").write_text(json.dumps(best_json))
+    assert pbt_operator.RunResult.open(tmp_path / "run").failure_log == res.failure_log.resolve()
 
 
 def test_a_returned_score_that_differs_from_the_reported_one_is_said_once(

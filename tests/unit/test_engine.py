@@ -699,6 +699,7 @@ def test_retry_then_fail(make_spec: Any) -> None:
     assert len(eng.tell(SegmentResult(0, 0, None, 0, error="boom"))) == 1
     assert eng.tell(SegmentResult(0, 0, None, 0, error="boom")) == []
     assert eng.failed is not None and eng.failed.startswith("SegmentFailed: member 0 segment 0 failed 2 times")
+    assert eng.failure is not None and eng.failure.attempt == (0, 0, 1)  # the second attempt failed it
     assert not eng.done  # member 1 still running
     assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == []  # nothing new after the failure
     assert eng.done

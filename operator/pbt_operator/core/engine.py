@@ -531,7 +531,7 @@ class Engine:
         times = "once" if attempts == 1 else f"{attempts} times"
         why = f"member {sug.member} segment {sug.segment} failed {times} ({rounds}): {error}"
         if policy.on_exhausted == "fail" or rnd >= 1:
-            self.failure = Finish(SEGMENT_FAILED, why)
+            self.failure = Finish(SEGMENT_FAILED, why, (sug.member, sug.segment, sug.attempt))
             return []
         scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
         if not scores:

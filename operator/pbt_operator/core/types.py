@@ -79,6 +79,9 @@ class Finish:
 
     reason: str
     message: str
+    # SegmentFailed: the (member, segment, attempt) whose failure failed the training, so that a driver
+    # finds its log without reading the message. Not compared: the message says the same for people.
+    attempt: tuple[int, int, int] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"

@@ -13,8 +13,12 @@ from ..spec import TrainingSpec
 
 def best_document(spec: TrainingSpec, engine: Engine, root: str) -> dict[str, Any]:
     best = engine.best
+    fatal = engine.failure.attempt if engine.failure is not None else None
+    # The attempt that failed the training, for RunResult.open's failure_log (runner.failed_attempt).
+    failed_at = {"failedAttempt": dict(zip(("member", "segment", "attempt"), fatal, strict=True))} if fatal else {}
     if best is None:  # every attempt failed, say: how it ended still matters (`pbt status`'s phase)
-        return {"training": spec.name, "best": None, "finished": engine.finished, "failed": engine.failed}
+        return {"training": spec.name, "best": None, "finished": engine.finished, "failed": engine.failed,
+                **failed_at}
     return {
         "training": spec.name,
         "metric": spec.objective.metric,
@@ -28,6 +32,7 @@ def best_document(spec: TrainingSpec, engine: Engine, root: str) -> dict[str, An
         "schedule": engine.schedule(best.ref),
         "finished": engine.finished,
         "failed": engine.failed,
+        **failed_at,
     }
 
 

@@ -414,7 +414,8 @@ class LocalRunner:
             barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried,
                              ran=dispatched)
-        fatal = failed_attempt(engine.failed, engine.failures)
+        fatal = failed_attempt(engine.failed, engine.failures,
+                               engine.failure.attempt if engine.failure is not None else None)
         if fatal is not None:
             log_path = segment_log(self.run_dir / "logs", fatal.suggestion)
             summary.failure_log = log_path if log_path.exists() else None
@@ -430,12 +431,21 @@ class LocalRunner:
         return summary
 
 
-def failed_attempt(failed: str | None, failures: Sequence[Record]) -> Record | None:
-    """The attempt whose failure failed the training (`failed`, the engine's line, names its member and
-    segment), not merely the last failure: segments running beside it may fail after it (the engine
-    keeps the first reason), and their logs are not the one that explains the failure."""
+def failed_attempt(failed: str | None, failures: Sequence[Record],
+                   attempt: Sequence[int] | None = None) -> Record | None:
+    """The attempt whose failure failed the training, not merely the last failure: segments running
+    beside it may fail after it (the engine keeps the first reason), and their logs are not the one
+    that explains the failure. `attempt` is the engine's (member, segment, attempt) for it
+    (`Finish.attempt`, best.json's failedAttempt); a run folder written before that field existed has
+    only `failed`, the engine's line, whose member and segment are read from its text."""
     if not failed or not failures:
         return None
+    if attempt is not None:
+        key = tuple(int(a) for a in attempt)
+        found_record = next((r for r in reversed(failures)
+                             if (r.member, r.segment, r.suggestion.attempt) == key), None)
+        if found_record is not None:
+            return found_record
     found = re.search(r"member (\d+) segment (\d+) failed", failed)
     if found is None:
         return failures[-1]

@@ -129,7 +129,10 @@ def _failure_log(data: RunData, run_dir: Path, failed: str | None) -> Path | Non
     from .executors import segment_log
     from .runner import failed_attempt
 
-    fatal = failed_attempt(failed, data.failures)
+    at = data.ended.get("failedAttempt")
+    parts = [at.get(k) for k in ("member", "segment", "attempt")] if isinstance(at, Mapping) else []
+    attempt = [p for p in parts if isinstance(p, int)]
+    fatal = failed_attempt(failed, data.failures, attempt if len(attempt) == 3 else None)
     if fatal is None or not data.source.startswith("local:"):
         return None
     path = segment_log(run_dir / "logs", fatal.suggestion)
