@@ -528,3 +528,16 @@ def test_a_returned_score_that_differs_from_the_reported_one_is_said_once(
     assert "seg.report(score=0.25) and returned 0.75" in err and err.startswith("pbt_operator.run: member ")
     res = pbt_operator.run(doc, function=agreeing, out=tmp_path / "run2", plot=False)
     assert res.ok and "returned" not in capsys.readouterr().err
+
+
+def test_the_inline_gpu_note_shortens_device_uuids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The note for a function (no GPU slots: it runs in this process) printed whole UUIDs, where the
+    GPU plan's own note shortens them."""
+    a, b = "GPU-8f1c2a3b-1111-2222-3333-444455556666", "GPU-0d9e7f61-1111-2222-3333-444455556666"
+    doc = quadratic_doc(population=2, budget={"segments": 1})
+    doc["spec"]["template"] = {"spec": {"containers": [{"name": "t", "image": "x",
+                                                        "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}
+    res = pbt_operator.run(doc, function=quadratic_function([]), out=tmp_path / "run", gpus=[a, b], plot=False)
+    err = capsys.readouterr().err
+    assert res.ok and "(there would be 2 slots from gpus: GPU-8f1c2a3b, GPU-0d9e7f61)" in err, err
+    assert "1111-2222" not in err

@@ -48,7 +48,12 @@ class GpuPlan:
                 f"({len(self.unused) + self.per_member * len(self.slots)} GPUs, {self.per_member} per slot)"
                 if self.unused else "")
         return (f"each running member gets {each} ({counted(len(self.slots), 'slot')} from {self.source}: "
-                f"{', '.join(_short(s) for s in self.slots)}{left})")
+                f"{self.shown()}{left})")
+
+    def shown(self) -> str:
+        """The slots as every note shows them: 'GPU-8f1c2a3b, GPU-0d9e7f61' (a UUID cut to its first 8 hex
+        digits), '0,1, 2,3'."""
+        return ", ".join(_short(s) for s in self.slots)
 
 
 def _short(slot: str) -> str:

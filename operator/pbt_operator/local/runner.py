@@ -229,7 +229,7 @@ class LocalRunner:
             who = "the function" if self.function is not None else "spec.worker.function"
             note = (f"no GPU slots for {who}: it runs in this process, where every member sees every GPU "
                     f"(there would be {counted(len(plan.slots), 'slot')} from {plan.source}: "
-                    f"{', '.join(plan.slots)}); set a spec.worker.command for one GPU per member")
+                    f"{plan.shown()}); set a spec.worker.command for one GPU per member")
             plan = None
         if plan is not None:
             self.gpu_slots = plan.slots
