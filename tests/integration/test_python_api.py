@@ -345,9 +345,21 @@ def test_the_functions_storage_reaches_s3_through_the_worker_env_alone(
 
     doc = quadratic_doc(population=2, budget={"segments": 3}, storage={"uri": f"s3://{bucket}/runs"},
                         worker={"env": worker_env})
+    # nor for the driver's own storage calls (the store's check before the run, the deletes at its end,
+    # load_best): they set spec.worker.env in os.environ while they ran, under every other thread
+    written: list[str] = []
+    environ_set = type(os.environ).__setitem__
+
+    def spy(self: Any, key: str, value: str) -> None:
+        written.append(key)
+        environ_set(self, key, value)
+
+    monkeypatch.setattr(type(os.environ), "__setitem__", spy)
     res = pbt_operator.run(doc, function=segment, out=tmp_path / "run", plot=False)
     assert res.ok, res.failed
     assert len(seen) == 6 and set(seen) == {None}
+    assert res.load_best()["theta"]
+    assert not [k for k in written if k in worker_env], written
     keys = [o["Key"] for page in s3_client(s3_env).get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])]
     assert any(k.startswith("runs/quadratic/m") and k.endswith("_COMMITTED") for k in keys), keys

@@ -18,8 +18,7 @@ import queue
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,9 +194,7 @@ class LocalRunner:
                 # (an endpoint, credentials) over this environment, as a worker process would see it,
                 # without os.environ changing under the caller's other threads (a process pool's
                 # children set it instead: _child_init).
-                from pbt_worker.storage import storage_with_env
-
-                storage = storage_with_env(self.root, {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else w.env)
+                storage = workers_storage(self.root, {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else w.env)
             return InlineExecutor(fn, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
                                   w.inline_pool, storage=storage, file_fsync=not self.barrier,
                                   log_dir=self.run_dir / "logs", env=w.env, note=self.note)
@@ -209,11 +206,11 @@ class LocalRunner:
                                timeout=spec.segment.timeout_seconds, warm=w.warm, slots=spec.parallelism,
                                field=field, gpu_slots=self.gpu_slots)
 
-    def _as_workers(self) -> AbstractContextManager[None]:
-        """This process's environment as the workers see it (spec.worker.env over it), for the storage
-        calls the driver makes itself: the workers' storage settings (an endpoint, credentials) are
-        often only in spec.worker.env."""
-        return as_workers(self.spec.worker.env if self.storage is None else {})
+    def _storage(self, uri: str) -> Any:
+        """The store as the workers see it (spec.worker.env over this environment), for the storage calls
+        the driver makes itself: the workers' storage settings (an endpoint, credentials) are often only
+        in spec.worker.env."""
+        return self.storage if self.storage is not None else workers_storage(uri, self.spec.worker.env)
 
     def _plan_gpus(self) -> None:
         """Cut this machine's GPUs into one slot per running segment (local/gpus.py); fewer slots than
@@ -247,16 +244,14 @@ class LocalRunner:
         if self.storage is not None or not self.root.startswith("s3://"):
             return
         from pbt_worker.errors import PermanentStorageError
-        from pbt_worker.storage import open_storage
 
         prefix = f"{self.root.rstrip('/')}/{self.spec.name}/"
-        with self._as_workers():
-            try:
-                open_storage(prefix).exists(prefix)  # one GET: a resumed run's prefix may hold many objects
-            except PermanentStorageError as e:
-                raise RunError(f"spec.storage.uri: the checkpoint store {self.root} cannot be used: {e}") from None
-            except Exception as e:  # transient (or unknown): the segments will see for themselves
-                log.warning("could not reach the checkpoint store %s before the run (%s); trying anyway", prefix, e)
+        try:
+            self._storage(prefix).exists(prefix)  # one GET: a resumed run's prefix may hold many objects
+        except PermanentStorageError as e:
+            raise RunError(f"spec.storage.uri: the checkpoint store {self.root} cannot be used: {e}") from None
+        except Exception as e:  # transient (or unknown): the segments will see for themselves
+            log.warning("could not reach the checkpoint store %s before the run (%s); trying anyway", prefix, e)
 
     def _collect_at_end(self, refs: list[Ref]) -> tuple[int, tuple[str, ...]]:
         """Delete the checkpoints that became garbage after the last segment started: segments delete
@@ -268,23 +263,21 @@ class LocalRunner:
         many were deleted and the URIs that could not be (the run still succeeds: they are only space)."""
         if not refs:
             return 0, ()
-        from pbt_worker.storage import open_storage
-
         uris = [checkpoint_uri(self.root, self.spec.name, r) for r in refs]
         failed: list[str] = []
         deleted = 0
-        with self._as_workers():
-            for uri in uris:
-                try:
-                    storage = self.storage if self.storage is not None else open_storage(uri)
-                    # A resumed run lists again what earlier segments already deleted: only what is
-                    # still there counts (a resumed finished run said 'deleted 10' and deleted none).
-                    if storage.list(uri):
-                        storage.delete(uri)
-                        deleted += 1
-                except Exception as e:  # a leftover checkpoint is only space: say so, never fail the run
-                    log.warning("could not delete the old checkpoint %s: %s", uri, e)
-                    failed.append(uri)
+        storage: Any = None
+        for uri in uris:
+            try:
+                storage = storage if storage is not None else self._storage(uri)
+                # A resumed run lists again what earlier segments already deleted: only what is
+                # still there counts (a resumed finished run said 'deleted 10' and deleted none).
+                if storage.list(uri):
+                    storage.delete(uri)
+                    deleted += 1
+            except Exception as e:  # a leftover checkpoint is only space: say so, never fail the run
+                log.warning("could not delete the old checkpoint %s: %s", uri, e)
+                failed.append(uri)
         return deleted, tuple(failed)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -453,28 +446,14 @@ def failed_attempt(failed: str | None, failures: Sequence[Record],
     return next((r for r in reversed(failures) if (r.member, r.segment) == ref), failures[-1])
 
 
-@contextmanager
-def as_workers(env: Mapping[str, Any]) -> Iterator[None]:
-    """`env` (a manifest's spec.worker.env) over this process's environment while the block runs, with
-    pbt_worker's storage cache reset on the way in and out: the storage calls made outside a segment
-    (the runner's, `RunResult.load_best`'s) then reach the store the workers reach."""
-    from pbt_worker.storage import reset_storage_cache
+def workers_storage(uri: str, env: Mapping[str, Any]) -> Any:
+    """The store at `uri` as the workers reach it, for the storage calls made outside a segment (the
+    runner's, `RunResult.load_best`'s) and an inline function's segments: `env` (a manifest's
+    spec.worker.env) over this process's environment, read by the backend without changing os.environ,
+    which other threads share (pbt_worker.storage.storage_with_env); the cached backend without env."""
+    from pbt_worker.storage import open_storage, storage_with_env
 
-    env = {k: str(v) for k, v in env.items()}
-    saved = {k: os.environ.get(k) for k in env}
-    if env:
-        os.environ.update(env)
-        reset_storage_cache()
-    try:
-        yield
-    finally:
-        if env:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_storage_cache()
+    return storage_with_env(uri, {k: str(v) for k, v in env.items()}) if env else open_storage(uri)
 
 
 def _retry_failed(spec: TrainingSpec, records: list[Record], decided: dict[int, Suggestion],

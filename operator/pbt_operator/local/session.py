@@ -27,7 +27,7 @@ from ..core.display import counted
 from ..core.types import Record
 from ..results_source import RunData, load_local, read_records
 from ..spec import SpecError, TrainingSpec, parse_manifest, read_manifest
-from .runner import RunError, RunSummary, as_workers
+from .runner import RunError, RunSummary, workers_storage
 
 if TYPE_CHECKING:
     from ..core.engine import Engine
@@ -144,7 +144,6 @@ def load_checkpoint(uri: str, spec: TrainingSpec, *, map_location: Any = "cpu", 
     """The saved thing of the committed checkpoint at `uri`, through pbt_worker's storage and
     checkpoint reader (the path `Segment.restore` takes), with spec.worker.env over this environment."""
     from pbt_worker.checkpoint import CheckpointReader
-    from pbt_worker.storage import open_storage
 
     prefix = uri if uri.endswith("/") else uri + "/"
 
@@ -156,17 +155,16 @@ def load_checkpoint(uri: str, spec: TrainingSpec, *, map_location: Any = "cpu", 
 
     from pbt_worker.errors import CheckpointNotFoundError
 
-    with as_workers(spec.worker.env):
-        try:
-            reader = CheckpointReader(open_storage(prefix), prefix)
-            return reader.value(scratch, map_location=map_location, weights_only=weights_only)
-        except CheckpointNotFoundError as e:
-            if not uri.startswith("mem://"):
-                raise
-            # mem:// lives in the memory of the process that ran the training: gone once it ended
-            raise RunError(f"{e}: mem:// checkpoints live only in the Python process that ran the training "
-                           "(and only while it runs); to load the best one later, use file:// or s3:// "
-                           "spec.storage.uri (the default is file:// under the run folder)") from None
+    try:
+        reader = CheckpointReader(workers_storage(prefix, spec.worker.env), prefix)
+        return reader.value(scratch, map_location=map_location, weights_only=weights_only)
+    except CheckpointNotFoundError as e:
+        if not uri.startswith("mem://"):
+            raise
+        # mem:// lives in the memory of the process that ran the training: gone once it ended
+        raise RunError(f"{e}: mem:// checkpoints live only in the Python process that ran the training "
+                       "(and only while it runs); to load the best one later, use file:// or s3:// "
+                       "spec.storage.uri (the default is file:// under the run folder)") from None
 
 
 def run(manifest: Manifest, *, function: SegmentFunction | None = None, out: str | Path | None = None,
