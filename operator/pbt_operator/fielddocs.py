@@ -163,7 +163,10 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.worker.env", "map", "environment of the worker process", row=False),
     Field("spec.worker.workingDir", "path", "folder of the worker process (relative to the manifest)", row=False),
     Field("spec.worker.env, workingDir", "", "environment (a map, or a container's `[{name, value}]` list), "
-          "folder (relative to the manifest)"),
+          "folder (relative to the manifest). An inline function in threads gets `env` in its segments' storage "
+          "settings (`seg.save`/`seg.restore`: the S3 endpoint, credentials, `PBT_S3_*`, `PBT_WORKER_TMPDIR`), "
+          "not in `os.environ`, which this process's other threads share; in `pool: processes` each child has it "
+          "in `os.environ`"),
     Field("spec.worker.pool", _alts(INLINE_POOLS), "inline executor: run the function in threads or in worker processes"),
     Field("spec.worker.warm", "bool, true", WARM),
     Field("spec.template", "PodTemplateSpec, required in Kubernetes",
