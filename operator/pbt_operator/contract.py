@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .checkpoints import checkpoint_uri, record_uri
+from .core.display import shorten
 from .core.types import SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
@@ -64,7 +65,7 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     if not isinstance(doc, dict):
         return fail(f"result must be a JSON object (got {type(doc).__name__})")
     if "error" in doc:
-        return fail(f"worker reported an error: {str(doc['error'])[:500]}")
+        return fail(f"worker reported an error: {shorten(str(doc['error']), 500)}")
     unknown = set(doc) - {"score", "metrics", "steps", "version", GC_FAILED}
     if unknown:
         return fail(f"result has unexpected keys {sorted(unknown)}; allowed: score, metrics, steps, {GC_FAILED}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import checkpoint_uri, storage_root
+from .core.display import shorten
 from .core.engine import Engine
 from .core.types import Record, Ref
 from .local.runlock import holder
@@ -277,7 +278,7 @@ def with_storage_records(run: RunData, members: Sequence[Mapping[str, Any]]) -> 
         stored = storage_records(prefix)
     except Exception as e:  # no credentials, unreachable, denied: the status window still answers
         run.note = (f"the full history could not be read from storage ({prefix}: {type(e).__name__}: "
-                    f"{str(e)[:200]}); shown: each member's newest segments kept in the cluster status "
+                    f"{shorten(str(e), 200)}); shown: each member's newest segments kept in the cluster status "
                     f"(totals and best are exact; lineage and tables are partial)")
         return run
     if not stored:

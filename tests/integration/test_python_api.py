@@ -553,3 +553,13 @@ def test_the_inline_gpu_note_shortens_device_uuids(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert res.ok and "(there would be 2 slots from gpus: GPU-8f1c2a3b, GPU-0d9e7f61)" in err, err
     assert "1111-2222" not in err
+
+
+def test_a_long_exception_of_the_function_is_cut_with_a_visible_mark(tmp_path: Path) -> None:
+    def boom(seg: Any) -> float:
+        raise ValueError("bad " * 1000)
+
+    doc = quadratic_doc(population=2, budget={"segments": 1}, failurePolicy={"maxRetries": 0, "onExhausted": "fail"})
+    res = pbt_operator.run(doc, function=boom, out=tmp_path / "run", plot=False)
+    errors = [r.error for r in res.records if r.error]
+    assert errors and all(e.endswith("...") for e in errors), errors[0][-40:]

@@ -108,3 +108,9 @@ def test_parse_result_never_raises(text: str | bytes) -> None:
         assert type(r.gc_failed) is int and r.gc_failed >= 0
     else:
         assert r.error
+
+
+def test_a_long_worker_error_is_cut_with_a_visible_mark() -> None:
+    """It was sliced at 500 characters: the cut message stopped mid-word and read as complete."""
+    r = parse_result(json.dumps({"error": "RuntimeError: " + "x" * 2000}), SUG)
+    assert r.error is not None and r.error.endswith("...") and len(r.error) == len("worker reported an error: ") + 500

@@ -127,7 +127,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
                 log.write_text(traceback.format_exc())
             except OSError:
                 pass
-        return {"error": tb[:1000]}, None
+        return {"error": shorten(tb, 1000)}, None
 
 
 def _child_init(file_fsync: bool, env: Mapping[str, str] | None = None) -> None:
@@ -241,7 +241,7 @@ class InlineExecutor:
                 res = _to_result(sug, doc, self.metric, dt)
             except Exception as e:  # raising here would lose the result and leave the run waiting forever
                 res = SegmentResult(sug.member, sug.segment, None, sug.steps_start,
-                                    error=f"unreadable result: {type(e).__name__}: {e}"[:1000], duration=dt)
+                                    error=shorten(f"unreadable result: {type(e).__name__}: {e}", 1000), duration=dt)
             on_done(sug, res)
 
         fut.add_done_callback(done)

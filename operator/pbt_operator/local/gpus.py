@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.display import counted
+from ..core.display import counted, shorten
 
 GPU_RESOURCE = "nvidia.com/gpu"
 ENV = "CUDA_VISIBLE_DEVICES"
@@ -136,7 +136,7 @@ def detect(environ: Mapping[str, str]) -> tuple[list[str], str]:
         return [], f"nvidia-smi -L failed: {e}"
     if out.returncode != 0:  # its first line says why (no driver, a driver/library mismatch)
         why = next((line.strip() for line in (out.stderr or out.stdout or "").splitlines() if line.strip()), "")
-        return [], f"nvidia-smi -L exited with {out.returncode}" + (f": {why[:200]}" if why else "")
+        return [], f"nvidia-smi -L exited with {out.returncode}" + (f": {shorten(why, 200)}" if why else "")
     return parse_nvidia_smi(out.stdout), "nvidia-smi -L"
 
 
