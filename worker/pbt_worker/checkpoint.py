@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import pickle
 import sys
 import types
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
@@ -45,7 +46,7 @@ FILE_PARALLELISM = 8
 ENCODINGS = ("raw", "pickle", "torch", "object")
 
 
-#: How many objects `looks_like_torch` walks through before it settles the question by a trial pickling
+#: How many values `looks_like_torch` looks at before it settles the question by a trial pickling
 #: instead (which sees everything pickling would, at the cost of one pass over the data).
 TORCH_WALK_LIMIT = 100_000
 
@@ -53,6 +54,7 @@ TORCH_WALK_LIMIT = 100_000
 _LEAVES: tuple[type, ...] = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice, type,
                              types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
 _OBJECT_GETSTATE = getattr(object, "__getstate__", None)  # 3.11+
+_END = object()
 
 
 class _TorchFound(Exception):
@@ -115,7 +117,7 @@ def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
     Such a state is written with ``torch.save``: plain pickle records each tensor's device, and
     ``map_location`` could not move a CUDA checkpoint onto a CPU machine. Containers and plain objects'
     attributes are walked iteratively, each object once (cycles are safe); an object the walk cannot see
-    into (its own ``__reduce__`` or ``__getstate__``, ``__slots__``), or more than ``limit`` objects,
+    into (its own ``__reduce__`` or ``__getstate__``, ``__slots__``), or more than ``limit`` values,
     leaves the answer to a trial pickling. Never imports torch: if the user's program has not imported
     it, the object cannot contain tensors.
     """
@@ -124,11 +126,19 @@ def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
         return False
     numpy = sys.modules.get("numpy")
     ndarray = getattr(numpy, "ndarray", None)
-    stack = [obj]
+    # Iterators, not items: a list of ten million floats costs `limit` steps and no copy of the list.
+    stack: list[Iterator[Any]] = [iter((obj,))]
     seen: set[int] = set()
+    visited = 0
     opaque = False
     while stack:
-        value = stack.pop()
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+            continue
+        visited += 1
+        if visited > limit:
+            return _pickle_meets(obj, torch_types)
         if isinstance(value, _LEAVES):
             continue
         if isinstance(value, torch_types):
@@ -136,26 +146,23 @@ def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
         if id(value) in seen:
             continue
         seen.add(id(value))
-        if len(seen) > limit:
-            return _pickle_meets(obj, torch_types)
         if isinstance(value, dict):
-            stack.extend(value.values())
-            stack.extend(value.keys())
+            stack.append(itertools.chain.from_iterable(value.items()))
         elif isinstance(value, list | tuple | set | frozenset):
-            stack.extend(value)
+            stack.append(iter(value))
         elif ndarray is not None and isinstance(value, ndarray) and not value.dtype.hasobject:
             continue
         else:
             state = _plain_state(value)
             if state is None:
                 opaque = True
-                continue
-            stack.extend(state.values())
+            else:
+                stack.append(iter(state.values()))
             continue
         if type(value) not in (dict, list, tuple, set, frozenset):  # a subclass: its attributes pickle too
             extra = getattr(value, "__dict__", None)
             if isinstance(extra, dict):
-                stack.extend(extra.values())
+                stack.append(iter(extra.values()))
     return opaque and _pickle_meets(obj, torch_types)
 
 
