@@ -161,6 +161,32 @@ def test_tensors_anywhere_in_the_state_choose_the_torch_encoding() -> None:
     assert not looks_like_torch([[i] for i in range(50)], limit=10)
 
 
+def test_numpy_parts_of_a_state_cost_no_trial_pickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy scalars are leaves of the walk, and a trial pickling (an opaque object beside large arrays)
+    does not serialise the arrays' data: a state of numpy weights and a step counter stays cheap."""
+    import numpy as np
+    from pbt_worker import checkpoint
+
+    trials: list[Any] = []
+    real = checkpoint._pickle_meets
+    monkeypatch.setattr(checkpoint, "_pickle_meets", lambda obj, types: trials.append(obj) or real(obj, types))
+    assert not checkpoint.looks_like_torch({"step": np.int64(3), "loss": np.float32(0.5), "w": np.zeros(4)})
+    assert trials == []
+
+    written: list[int] = []
+
+    class Counting(checkpoint._Discard):
+        def write(self, data: Any) -> int:
+            written.append(len(data))
+            return len(data)
+
+    monkeypatch.setattr(checkpoint, "_Discard", Counting)
+    state = {"w": np.zeros(1_000_000), "opaque": Slotted(1)}
+    assert not checkpoint.looks_like_torch(state)
+    assert len(trials) == 1 and sum(written) < 10_000  # the 8 MB array was not written to the sink
+    assert checkpoint.looks_like_torch({"w": np.zeros(10), "opaque": Slotted(torch.zeros(1))})
+
+
 def test_a_deeply_nested_tensor_honours_map_location(tmp_path: Path) -> None:
     base = f"file://{tmp_path}/"
     state = {"opt": {"adam": {"state": {0: {"exp_avg": torch.ones(3)}}}}, "later": [0] * 100 + [torch.ones(1)]}

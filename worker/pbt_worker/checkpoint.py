@@ -95,10 +95,14 @@ def _pickle_meets(obj: Any, torch_types: tuple[type, ...]) -> bool:
     first one. It sees what pickling sees (any object's state, at any depth); a state that cannot be
     pickled answers False (saving it fails either way, with the error that names the part)."""
 
+    ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
+
     class Finder(pickle.Pickler):
         def reducer_override(self, value: Any) -> Any:
             if isinstance(value, torch_types):
                 raise _TorchFound
+            if ndarray is not None and isinstance(value, ndarray) and not value.dtype.hasobject:
+                return (tuple, ())  # holds no tensor: skip serialising its data
             return NotImplemented
 
     try:
@@ -126,6 +130,7 @@ def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
         return False
     numpy = sys.modules.get("numpy")
     ndarray = getattr(numpy, "ndarray", None)
+    generic = getattr(numpy, "generic", None)  # numpy scalars (np.int64 is not an int): no tensor inside
     # Iterators, not items: a list of ten million floats costs `limit` steps and no copy of the list.
     stack: list[Iterator[Any]] = [iter((obj,))]
     seen: set[int] = set()
@@ -139,7 +144,7 @@ def looks_like_torch(obj: Any, limit: int = TORCH_WALK_LIMIT) -> bool:
         visited += 1
         if visited > limit:
             return _pickle_meets(obj, torch_types)
-        if isinstance(value, _LEAVES):
+        if isinstance(value, _LEAVES) or (generic is not None and isinstance(value, generic)):
             continue
         if isinstance(value, torch_types):
             return True
