@@ -419,30 +419,11 @@ class Engine:
         if spec.explore.strategy != "pb2" or pb2.retune <= 0.0 or not spec.space.numeric:
             return None
         own = rec.suggestion.hyperparameters
-        rs = dataclasses.replace(pb2, trust_region=pb2.retune, kappa=0.0)
-        if pb2.retune_min_rows_numeric and pb2.min_rows is None:
-            # the retune keeps the categories: only the numbers need rows (2 each, at least 4)
-            rs = dataclasses.replace(rs, min_rows=min(32, max(4, 2 * len(spec.space.numeric))))
-        if pb2.retune_surprise is not None:
-            rs = dataclasses.replace(rs, surprise_kappa=pb2.kappa, surprise_trust_region=pb2.trust_region)
-        hp, why = self._pb2(rec.member, rec.segment + 1, rec, purpose=RETUNE, settings=rs)
+        hp, why = self._pb2(rec.member, rec.segment + 1, rec, purpose=RETUNE,
+                            settings=dataclasses.replace(pb2, trust_region=pb2.retune, kappa=0.0))
         if hp is None:
             return None
-        if "surprise" in why and hp != dict(own):
-            s = self._continue(rec, f"continue; surprise explore: {why}")
-            s = dataclasses.replace(s, hyperparameters=hp)
-            self.pending[rec.member] = s
-            return s
         if any(hp[p.name] != own[p.name] for p in spec.space.categorical):
-            if pb2.retune_switch:
-                # the posterior mean prefers another category: its numbers come from the exploit's box
-                hp2, why2 = self._pb2(rec.member, rec.segment + 1, rec, purpose=RETUNE,
-                                      settings=dataclasses.replace(rs, trust_region=pb2.trust_region))
-                if hp2 is not None and any(hp2[p.name] != own[p.name] for p in spec.space.categorical):
-                    s = self._continue(rec, f"continue; retune switch: {why2}")
-                    s = dataclasses.replace(s, hyperparameters=hp2)
-                    self.pending[rec.member] = s
-                    return s
             return None  # a member that keeps its weights keeps its categories
         if hp == dict(own):
             return None

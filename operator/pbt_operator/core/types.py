@@ -217,27 +217,3 @@ class Pb2Settings:
     # on benchmarks/search_quality.py it changed no median beyond noise at populations 8 and 16
     # (it never triggers at 4) and it doubles a decision's CPU time (three fits instead of one).
     window_search: bool = False
-    # Tenth round screening switches (benchmarks/README.md, "Tenth round"); off by default.
-    # A per-category drift term in the kernel: k += s2 * a * k_x * exp(-rho2 |dt| / 2) * k_h, so that
-    # each category can change over time on its own (a and rho2 fitted by marginal likelihood).
-    category_drift: bool | str = False
-    drift_init: tuple[float, float] | None = None  # the fit's start for (a, rho2); None: (0.1, 2)
-    # Change point from surprise: the newest k rows (k = change_point_rows x (pending + 1), about a
-    # population) are predicted from the rows before them; if their mean standardised predictive
-    # residual is below -change_point, the rows before them are dropped (change_point_noise None) or
-    # get change_point_noise x the signal variance of extra noise. Cuts further back are tested too
-    # (every k rows back, as long as min_rows rows remain before the cut): the newest rejected cut wins.
-    change_point: float | None = None
-    change_point_rows: float = 1.0
-    change_point_noise: float | None = None
-    change_point_scan: bool = True
-    # The retune keeps a member's categories, so its minimum rows count the numbers only.
-    retune_min_rows_numeric: bool = False
-    # A kept member whose own newest row is a surprise (leave-one-out z below -retune_surprise) gets a
-    # full explore step (the exploit's kappa and trust region, categories free) instead of a retune.
-    retune_surprise: float | None = None
-    # A retune whose posterior-mean choice switches category is redone in the exploit's trust region
-    # (still greedy) and kept when it still switches, instead of keeping the configuration.
-    retune_switch: bool = False
-    surprise_kappa: float | None = None  # set by the engine on the retune call: the explore step's kappa
-    surprise_trust_region: float | None = None

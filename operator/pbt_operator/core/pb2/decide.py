@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 
 import numpy as np
 
@@ -119,10 +118,7 @@ def _suggest(
         return Pb2Choice({}, "pb2: no hyperparameters to choose")
     prep = prepare(space, rows, pending, t, c, settings, rng)
     domain = Domain.of(space)
-    layout = Layout(dx=1 + domain.p, q=domain.q, drift=settings.category_drift)
-    if settings.drift_init is not None:
-        from . import kernel as _kernel
-        _kernel.DRIFT_INIT[:] = list(settings.drift_init)
+    layout = Layout(dx=1 + domain.p, q=domain.q)
     # Kernel hyperparameters are fitted on a smaller subsample than the posterior is conditioned on:
     # the fit costs O(n^3) per likelihood evaluation and needs dozens of them, the posterior one.
     # The window is chosen by marginal likelihood once the history is long (pb2/window.py).
@@ -131,27 +127,13 @@ def _suggest(
     theta = fitted.theta
     n_pending = len(prep.pending)
     beta_full = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
-    extra: np.ndarray | None = None
-    cp_note = ""
-    if settings.change_point is not None:
-        win, extra, cp_note = _change_point(win, theta, layout, settings, n_pending, space)
     if _FILL[mode] is None or n_pending == 0:
-        post = Posterior(theta, layout, win.rows, win.y, extra_noise=extra)
+        post = Posterior(theta, layout, win.rows, win.y)
     else:
         sqrt_full = math.sqrt(beta_full)
-        y_obs = win.y
-        post = Posterior(theta, layout, Encoded.concat(win.rows, prep.pending), y_obs,
-                         fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, y_obs, sqrt_full),
-                         extra_noise=extra)
+        post = Posterior(theta, layout, Encoded.concat(win.rows, prep.pending), win.y,
+                         fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, win.y, sqrt_full))
 
-    surprise_note = ""
-    if settings.retune_surprise is not None and settings.surprise_kappa is not None and center is not None:
-        z = _own_surprise(space, post, win, center, len(win.y))
-        if z is not None and z < -float(settings.retune_surprise):
-            surprise_note = f"surprise z={z:.2f}"
-            beta_full = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.surprise_kappa)
-            settings = replace(settings, kappa=settings.surprise_kappa,
-                               trust_region=float(settings.surprise_trust_region or settings.trust_region))
     region = _region(space, domain, center, settings.trust_region)
     factor = budget_factor(remaining)
     beta = beta_full * factor
@@ -178,8 +160,6 @@ def _suggest(
         f"pending={n_pending}",
         f"eps={hp.eps:.3g} noise={hp.noise:.2g}",
     ]
-    if layout.has_drift:
-        parts.append(f"drift a={hp.amp:.2g} eps2={-math.expm1(-hp.rho2):.3g}")
     if prep.dropped_nonfinite:
         parts.append(f"dropped {prep.dropped_nonfinite} non-finite")
     if prep.dropped_invalid:
@@ -191,67 +171,7 @@ def _suggest(
     parts.extend(prep.notes)
     if win.note:
         parts.append(win.note)
-    if cp_note:
-        parts.append(cp_note)
-    if surprise_note:
-        parts.append(surprise_note)
     return Pb2Choice(hyperparameters, " ".join(parts))
-
-
-def _own_surprise(space: Space, post: Posterior, win: window.Windowed, center: Mapping[str, Value],
-                  n_obs: int) -> float | None:
-    """Leave-one-out z of the newest observed row with the donor's own configuration."""
-    u, h, status = unit_columns(space, [center])
-    if status[0] != 0:
-        return None
-    rows = win.rows
-    match = np.flatnonzero(np.all(rows.x[:, 1:] == u[0], axis=1) & np.all(rows.h == h[0], axis=1))
-    if match.size == 0:
-        return None
-    i = int(match[np.argmax(rows.tau[match])])
-    kinv = post.kinv
-    return float(post.alpha[i] / math.sqrt(kinv[i, i]))
-
-
-def _change_point(win: window.Windowed, theta: np.ndarray, layout: Layout, settings: Pb2Settings,
-                  n_pending: int, space: Space) -> tuple[window.Windowed, np.ndarray | None, str]:
-    """Screening switch (Pb2Settings.change_point): see there."""
-    from dataclasses import replace as _replace
-
-    from .data import auto_min_rows
-    thr = float(settings.change_point or 0.0)
-    rows, y = win.rows, win.y
-    n = len(rows)
-    order = np.argsort(rows.tau, kind="stable")
-    k = max(1, int(math.ceil(float(settings.change_point_rows) * (n_pending + 1))))
-    need = max(1, int(settings.min_rows)) if settings.min_rows is not None else auto_min_rows(space)
-    hp = Hyper.of(theta, layout)
-    p = n - k
-    found = -1
-    zbar = 0.0
-    while p >= need:
-        old, new = order[:p], order[p : p + k]
-        post = Posterior(theta, layout, rows.take(old), y[old])
-        nd = rows.take(new)
-        mu, var = post.predict(nd.tau, nd.x, nd.h)
-        z = (y[new] - mu) / np.sqrt(var + hp.noise)
-        zbar = float(np.mean(z))
-        if zbar < -thr:
-            found = p
-            break
-        if not settings.change_point_scan:
-            break
-        p -= k
-    if found < 0:
-        return win, None, ""
-    if settings.change_point_noise is None:
-        keep = np.sort(order[found:])
-        yk, mean, std = window._standardise(y[keep], win.y_mean, win.y_std)
-        out = _replace(win, rows=rows.take(keep), y=yk, y_mean=mean, y_std=std)
-        return out, None, f"change point: dropped {found} rows (mean z {zbar:.2f})"
-    extra = np.zeros(n)
-    extra[order[:found]] = float(settings.change_point_noise) * hp.signal
-    return win, extra, f"change point: {found} rows down-weighted (mean z {zbar:.2f})"
 
 
 def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, radius: float) -> Region | None:

@@ -84,8 +84,6 @@ def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: 
     instead of the full W = alpha alpha^T - K^-1: for a symmetric A, sum(V * A) = sum(W * A), and
     dpotri returns exactly tril(K^-1).
     """
-    if layout.has_drift:
-        return _neg_log_marginal_drift(thetas, layout, pw, y)
     s_count = thetas.shape[0]
     n = y.shape[0]
     dx = layout.dx
@@ -152,59 +150,6 @@ def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: 
         grad[:, layout.decay] = -0.25 * rho * (len_dt[:, dx] + a * sq[:, 0])
         grad[:, layout.mix] = 0.5 * (p_hs - 0.5 * p_sum - 0.5 * sq[:, 1]) * lam * (1.0 - lam)
     grad[:, layout.noise] = 0.5 * vflat[:, :: n + 1].sum(axis=1) * noise
-    return nll, -grad
-
-
-def _neg_log_marginal_drift(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`neg_log_marginal_batch` with the per-category drift term (plain per-matrix gradients):
-    k = s2 * (m * time + a * k_x * time2 * k_h) + noise * I."""
-    assert pw.hs is not None and layout.mix is not None
-    assert layout.drift_amp is not None and layout.drift_decay is not None
-    s_count = thetas.shape[0]
-    n = y.shape[0]
-    dx = layout.dx
-    nll = np.empty(s_count)
-    grad = np.empty(thetas.shape)
-    hs = pw.hs
-    for i in range(s_count):
-        hp = Hyper.of(thetas[i], layout)
-        r2 = (hp.inv_l2 @ pw.d2).reshape(pw.shape)
-        se = np.exp(-0.5 * r2)
-        time = np.exp(-0.5 * hp.rho * pw.dt)
-        time2 = np.exp(-0.5 * hp.rho2 * pw.dt)
-        if layout.drift == "product":
-            time2 = time2 * time
-        mixed = 0.5 * (1.0 - hp.lam) * (se + hs) + hp.lam * se * hs
-        main = hp.signal * mixed * time
-        drift = hp.signal * hp.amp * (1.0 if layout.drift_level else se) * hs * time2
-        kf = main + drift
-        kn = kf.copy()
-        kn.flat[:: n + 1] += hp.noise + JITTERS[0] * hp.signal
-        low = cholesky(kn)
-        alpha, info = dpotrs(low, y, lower=1)
-        if info != 0:
-            raise NotPositiveDefinite("potrs")
-        nll[i] = 0.5 * float(y @ alpha) + float(np.log(low.diagonal()).sum()) + 0.5 * n * _LOG_2PI
-        kinv_low, info = dpotri(low, lower=1)
-        if info != 0:
-            raise NotPositiveDefinite("potri")
-        kinv = kinv_low + kinv_low.T
-        kinv.flat[:: n + 1] -= kinv_low.diagonal()
-        w = np.outer(alpha, alpha) - kinv
-        g = np.empty(layout.size)
-        g[layout.signal] = 0.5 * float(np.sum(w * kf))
-        dse = hp.signal * se * (time * (0.5 * (1.0 - hp.lam) + hp.lam * hs)
-                                + (0.0 if layout.drift_level else hp.amp * hs * time2))
-        wd = w * dse
-        for j in range(dx):
-            g[1 + j] = 0.5 * float(np.sum(wd * pw.d2[j].reshape(pw.shape))) * hp.inv_l2[j]
-        g[layout.decay] = 0.5 * float(np.sum(w * (main + (drift if layout.drift == "product" else 0.0)) * (-0.5 * hp.rho * pw.dt)))
-        dm_dlam = -0.5 * (se + hs) + se * hs
-        g[layout.mix] = 0.5 * float(np.sum(w * hp.signal * time * dm_dlam)) * hp.lam * (1.0 - hp.lam)
-        g[layout.drift_amp] = 0.5 * float(np.sum(w * drift))
-        g[layout.drift_decay] = 0.5 * float(np.sum(w * drift * (-0.5 * hp.rho2 * pw.dt)))
-        g[layout.noise] = 0.5 * float(np.trace(w)) * hp.noise
-        grad[i] = g
     return nll, -grad
 
 
@@ -295,8 +240,7 @@ class Posterior:
     """
 
     def __init__(self, theta: np.ndarray, layout: Layout, data: Encoded, y: np.ndarray,
-                 fill: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 extra_noise: np.ndarray | None = None) -> None:
+                 fill: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> None:
         self.theta = theta
         self.layout = layout
         self.data = data
@@ -305,8 +249,6 @@ class Posterior:
         k = cross(theta, layout, data.tau, data.x, data.h, data.tau, data.x, data.h)
         k = 0.5 * (k + k.T)
         k.flat[:: n + 1] += self.hp.noise
-        if extra_noise is not None:  # per-row extra noise variance (leading rows; the rest get none)
-            k.flat[: extra_noise.shape[0] * (n + 1) : n + 1] += extra_noise
         self.low = cholesky_jittered(k, self.hp.signal)
         n_obs = y.shape[0]
         if n_obs < n:
@@ -315,12 +257,12 @@ class Posterior:
             low_obs = self.low[:n_obs, :n_obs]
             a_obs = cho_solve((low_obs, True), y, check_finite=False)
             v = solve_triangular(low_obs, k[:n_obs, n_obs:], lower=True, check_finite=False)
-            var = np.maximum(self.hp.prior - np.sum(v * v, axis=0), 1e-12)
+            var = np.maximum(self.hp.signal - np.sum(v * v, axis=0), 1e-12)
             y = np.concatenate([y, fill(k[n_obs:, :n_obs] @ a_obs, var)])
         self.y = y
         self.alpha = cho_solve((self.low, True), y, check_finite=False)
         self._kinv: np.ndarray | None = None
-        self.prior_var = self.hp.prior  # k(z, z): the mixed and time factors are 1 on the diagonal
+        self.prior_var = self.hp.signal  # k(z, z): the mixed and time factors are 1 on the diagonal
 
     @property
     def kinv(self) -> np.ndarray:
@@ -391,14 +333,6 @@ class Posterior:
             hs = (d.h[None, :, :] == np.asarray(h)[:, None, :]).mean(axis=2)  # (k, n)
             slope = time * (0.5 * (1.0 - hp.lam) + hp.lam * hs)  # s2 * time * dm/dk_x
             offset = time * (0.5 * (1.0 - hp.lam)) * hs  # the part of k not multiplied by k_x
-            if self.layout.has_drift:
-                dterm = hp.signal * hp.amp * np.exp(-0.5 * hp.rho2 * np.abs(d.tau - tau)) * hs
-                if self.layout.drift == "product":
-                    dterm = dterm * np.exp(-0.5 * hp.rho * np.abs(d.tau - tau))
-                if self.layout.drift_level:
-                    offset = offset + dterm
-                else:
-                    slope = slope + dterm
         else:
             slope = np.broadcast_to(time, (np.asarray(h).shape[0], time.shape[0]))
             offset = None

@@ -38,8 +38,6 @@ LENGTHSCALE_BOUNDS = (math.log(0.02), math.log(20.0))
 DECAY_BOUNDS = (math.log(1e-3), math.log(50.0))  # rho = -log(1 - eps): eps from 1e-3 to 1 - 2e-22
 MIX_BOUNDS = (-6.0, 6.0)  # logit(lam)
 NOISE_BOUNDS = (math.log(1e-4), math.log(2.0))
-DRIFT_INIT = [0.1, 2.0]  # screening: the fit's start for (a, rho2)
-DRIFT_AMP_BOUNDS = (math.log(1e-3), math.log(10.0))  # a: the per-category drift term's share of s2
 
 
 @dataclass(frozen=True)
@@ -48,25 +46,6 @@ class Layout:
 
     dx: int  # continuous inputs (1 + number of numeric hyperparameters)
     q: int  # categorical hyperparameters
-    # Per-category drift (Pb2Settings.category_drift): k += s2 * a * k_x * exp(-rho2 |dt| / 2) * k_h,
-    # with log a and log rho2 in two more slots before the noise (only with categoricals).
-    drift: bool | str = False  # True / "local": times k_x; "level": the category's level alone
-
-    @property
-    def has_drift(self) -> bool:
-        return bool(self.drift) and self.q > 0
-
-    @property
-    def drift_level(self) -> bool:
-        return self.drift == "level"
-
-    @property
-    def drift_amp(self) -> int | None:
-        return 2 + self.dx + (1 if self.q > 0 else 0) if self.has_drift else None
-
-    @property
-    def drift_decay(self) -> int | None:
-        return 3 + self.dx + (1 if self.q > 0 else 0) if self.has_drift else None
 
     @property
     def signal(self) -> int:
@@ -90,14 +69,12 @@ class Layout:
 
     @property
     def size(self) -> int:
-        return 3 + self.dx + (1 if self.q > 0 else 0) + (2 if self.has_drift else 0)
+        return 3 + self.dx + (1 if self.q > 0 else 0)
 
     def bounds(self) -> list[tuple[float, float]]:
         b = [SIGNAL_BOUNDS, *([LENGTHSCALE_BOUNDS] * self.dx), DECAY_BOUNDS]
         if self.q > 0:
             b.append(MIX_BOUNDS)
-        if self.has_drift:
-            b.extend([DRIFT_AMP_BOUNDS, DECAY_BOUNDS])
         b.append(NOISE_BOUNDS)
         return b
 
@@ -109,9 +86,6 @@ class Layout:
         th[self.decay] = math.log(0.5)
         if self.mix is not None:
             th[self.mix] = 0.0
-        if self.drift_amp is not None and self.drift_decay is not None:
-            th[self.drift_amp] = math.log(DRIFT_INIT[0])
-            th[self.drift_decay] = math.log(DRIFT_INIT[1])
         th[self.noise] = math.log(0.1)
         return th
 
@@ -130,13 +104,6 @@ class Hyper:
     rho: float
     lam: float
     noise: float
-    amp: float = 0.0  # per-category drift amplitude a (0: no drift term)
-    rho2: float = 0.0  # its forgetting rate
-
-    @property
-    def prior(self) -> float:
-        """k(z, z)."""
-        return self.signal * (1.0 + self.amp)
 
     @staticmethod
     def of(theta: np.ndarray, layout: Layout) -> Hyper:
@@ -150,8 +117,6 @@ class Hyper:
             rho=math.exp(float(theta[layout.decay])),
             lam=lam,
             noise=math.exp(float(theta[layout.noise])),
-            amp=math.exp(float(theta[layout.drift_amp])) if layout.drift_amp is not None else 0.0,
-            rho2=math.exp(float(theta[layout.drift_decay])) if layout.drift_decay is not None else 0.0,
         )
 
     @property
@@ -248,10 +213,7 @@ def cross(theta: np.ndarray, layout: Layout, tau_a: np.ndarray, xa: np.ndarray, 
         mixed = 0.5 * (1.0 - hp.lam) * (se + hs) + hp.lam * se * hs
     else:
         mixed = se
-    out = hp.signal * mixed * time
-    if layout.has_drift:
-        out = out + hp.signal * hp.amp * (1.0 if layout.drift_level else se) * hs * np.exp(-0.5 * hp.rho2 * np.abs(tau_a[:, None] - tau_b[None, :])) * (time if layout.drift == "product" else 1.0)
-    return out
+    return hp.signal * mixed * time
 
 
 def gram_grads(theta: np.ndarray, layout: Layout, pw: Pairwise, pt: Parts | None = None) -> list[np.ndarray]:
