@@ -159,6 +159,15 @@ def test_fixed_configs_finds_the_best_fixed_configuration() -> None:
     assert "best fixed:" in schedules
 
 
+def test_cat_flip_trace_splits_the_best_lineage_shortfall() -> None:
+    out = run("cat_flip_trace", "--seeds", "1")
+    [(head, rows)] = tables(out)
+    assert head == ["half", "chosen by", "optimizer", "lineage segments", "points lost per seed"]
+    assert {r[0] for r in rows} == {"first", "second"} and all(int(r[3]) > 0 for r in rows)
+    assert sum(int(r[3]) for r in rows if r[0] == "first") >= 10  # the lineage's segments before the flip
+    assert "population's first sgd within 0.5 decades of its optimum: iteration median" in out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="examples/digits trains with torch")
 def test_replay_digits_replays_the_best_schedule(tmp_path: Path) -> None:
     out = run("replay_digits", "--seeds", "0", "--population", "2", "--segments", "2", "--parallelism", "2",
