@@ -303,10 +303,11 @@ def parse_manifest(doc: object, *, base_dir: Path | None = None, name: str | Non
     # Kubernetes' ObjectMeta, all of it (a file saved with `kubectl get -o yaml` runs as it is): a typo such
     # as `lables` is refused, as kubectl's strict field validation does.
     _Fields(errors, "metadata", meta, OBJECT_META)
-    nm = name or meta.get("name")
+    override = name is not None  # an empty override is refused, not quietly replaced by metadata.name
+    nm = name if override else meta.get("name")
     if not isinstance(nm, str) or not NAME_RE.match(nm) or len(nm) > 40:
         errors.append(
-            f"{name_field if name else 'metadata.name'}: must be a DNS label of at most 40 characters (lower-case letters, digits, '-'), "
+            f"{name_field if override else 'metadata.name'}: must be a DNS label of at most 40 characters (lower-case letters, digits, '-'), "
             f"got {_show(nm)}"
         )
         nm = "invalid"

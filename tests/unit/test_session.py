@@ -121,7 +121,7 @@ def test_the_runners_messages_in_run_s_terms() -> None:
     notebook user about a flag it has no way to give)."""
     assert (python_terms("/r already holds a run: pass --resume to continue it, or --fresh to start over")
             == "/r already holds a run: pass resume=True to continue it, or fresh=True to start over")
-    assert python_terms("--resume: /r holds the run 'a', this manifest names 'b': pass --name a").endswith(
+    assert python_terms("--resume: /r holds the run 'a', this run is named 'b': pass --name a").endswith(
         "pass name='a'")
     assert python_terms("the manifest (or --seed) changed") == "the manifest (or seed) changed"
     assert (python_terms("--gpus-per-member: 3 GPUs per member, but --gpus shows 2 (0, 1): lower it with "

@@ -563,6 +563,9 @@ def test_cli_name_override(tmp_path: Path, make_doc: Any, capsys: pytest.Capture
     assert cli.main(["run", str(path), "--name", "Not_A_Name", "--out", str(out)]) == 2
     assert "--name: must be a DNS label" in capsys.readouterr().err  # the flag, not the manifest's field
     assert not out.exists()
+    assert cli.main(["run", str(path), "--name", "", "--out", str(out)]) == 2  # not quietly metadata.name
+    assert "--name: must be a DNS label" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--parallelism", "0"), ("--parallelism", "-2"), ("--seed", "-1")])

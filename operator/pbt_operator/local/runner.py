@@ -162,7 +162,7 @@ class LocalRunner:
             old = json.loads(meta.read_text())
             # The name is in every checkpoint URI: under another name nothing could be restored.
             if old.get("name") not in (None, self.spec.name):
-                raise RunError(f"--resume: {d} holds the run {old['name']!r}, this manifest names {self.spec.name!r}: "
+                raise RunError(f"--resume: {d} holds the run {old['name']!r}, this run is named {self.spec.name!r}: "
                                f"pass --name {old['name']}")
             if self.fingerprint and old.get("fingerprint") not in (self.fingerprint, *self.also_resumes):
                 raise RunError(f"--resume: the manifest (or --seed) changed since {d} was started "
