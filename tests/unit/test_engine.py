@@ -250,6 +250,26 @@ def test_invariants_hold_on_every_step(make_spec: Any, c: dict[str, Any]) -> Non
     assert eng.best is not None and sign * eng.best.score == best
 
 
+@pytest.mark.parametrize("explore", ["perturb", "resample", "pb2"])
+@pytest.mark.parametrize("exploit", ["truncation", "tournament"])
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_minimising_a_negated_score_decides_as_maximising(make_spec: Any, explore: str, exploit: str,
+                                                          mode: str) -> None:
+    """direction: min is the mirror of max everywhere a score is compared or turned into a rate (ranks,
+    donors, PB2's improvement rates, the best): a loss that is minus an accuracy gets the same decisions."""
+    runs = []
+    for direction in ("max", "min"):
+        spec = spec_for(make_spec, population=5, mode=mode, seed=3, objective={"direction": direction},
+                        exploit={"strategy": exploit}, explore={"strategy": explore}, budget={"segments": 8})
+        w = World(Engine(spec), seed=3)  # World.score negates the score for min
+        w.run()
+        assert w.engine.best is not None
+        runs.append(([(s.member, s.segment, s.kind, s.restore, s.donor, s.hyperparameters, s.reason)
+                      for s in w.emitted], w.engine.best.ref))
+    assert sum(1 for s in runs[0][0] if s[4] is not None) >= 3  # exploits happened: the test compares decisions
+    assert runs[0] == runs[1]
+
+
 @SETTINGS
 @given(configs)
 def test_determinism_same_seed_same_suggestions(make_spec: Any, c: dict[str, Any]) -> None:
