@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,8 +251,8 @@ def test_invariants_hold_on_every_step(make_spec: Any, c: dict[str, Any]) -> Non
     assert eng.best is not None and sign * eng.best.score == best
 
 
-@pytest.mark.parametrize("explore", ["perturb", "resample", "pb2"])
-@pytest.mark.parametrize("exploit", ["truncation", "tournament"])
+@pytest.mark.parametrize(("explore", "exploit"), [("perturb", "tournament"), ("resample", "truncation"),
+                                                  ("pb2", "truncation")])
 @pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
 def test_minimising_a_negated_score_decides_as_maximising(make_spec: Any, explore: str, exploit: str,
                                                           mode: str) -> None:
@@ -268,6 +269,40 @@ def test_minimising_a_negated_score_decides_as_maximising(make_spec: Any, explor
                       for s in w.emitted], w.engine.best.ref))
     assert sum(1 for s in runs[0][0] if s[4] is not None) >= 3  # exploits happened: the test compares decisions
     assert runs[0] == runs[1]
+
+
+@dataclass
+class Rescaled(World):
+    """The same world reporting `a * score + b`: a metric in other units (a percentage, a reward in
+    hundreds, an offset loss)."""
+
+    a: float = 1.0
+    b: float = 0.0
+
+    def score(self, sug: Suggestion) -> float:
+        return self.a * super().score(sug) + self.b
+
+
+@pytest.mark.parametrize(("a", "b", "mode"), [(1000.0, 0.0, "asynchronous"), (1.0, 50.0, "synchronous"),
+                                             (0.001, -3.0, "asynchronous")])
+@pytest.mark.parametrize("explore", ["perturb", "pb2"])
+def test_decisions_do_not_depend_on_the_scores_units(make_spec: Any, a: float, b: float, explore: str,
+                                                     mode: str) -> None:
+    """Ranks are invariant to a positive affine change of the score, and PB2 normalises the score
+    input and standardises the rates, so the decisions are the same up to float rounding in the fit."""
+    runs = []
+    for aa, bb in ((1.0, 0.0), (a, b)):
+        spec = spec_for(make_spec, population=5, mode=mode, seed=3, exploit={"strategy": "truncation"},
+                        explore={"strategy": explore}, budget={"segments": 8})
+        w = Rescaled(Engine(spec), seed=3, a=aa, b=bb)
+        w.run()
+        runs.append(w.emitted)
+    assert sum(1 for s in runs[0] if s.donor is not None) >= 3
+    for x, y in zip(*runs, strict=True):
+        assert (x.member, x.segment, x.kind, x.restore, x.donor) == (y.member, y.segment, y.kind, y.restore, y.donor)
+        for k, v in x.hyperparameters.items():
+            w2 = y.hyperparameters[k]
+            assert (math.isclose(v, w2, rel_tol=1e-4) if isinstance(v, float) else v == w2), (x, y)
 
 
 @SETTINGS
