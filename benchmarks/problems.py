@@ -68,6 +68,13 @@ it.
   third as fast); the divergence penalty is not scaled. x4..x9 are nuisance (no effect). Its limit
   trains at the moving learning-rate optimum and the relevant optima (nuisance at 0.5), so it is
   `lr-schedule`'s limit. Opt-in (`OPT_IN`: `--problems lr-schedule-10d`), not a default run.
+* `lr-schedule-3d`, `lr-schedule-5d` (opt-in, the same code as `lr-schedule-10d`: `lr_many`): lr plus
+  x1, x2 relevant as in `lr-schedule-10d` (0.3 and 0.7, strengths 0.6 and 0.4); `-5d` adds two
+  nuisance hyperparameters, x3 and x4 (unlike `-10d`, where x3 matters). Limits: `lr-schedule`'s.
+* `lr-schedule-mixed` (opt-in): lr, x1 (as above), an int batch size on a log range 8..1024 whose
+  bell (strength 0.5, width a quarter of the range in log space, about 1.75 octaves) peaks at 128,
+  and a categorical optimizer that scales the progress (adam 1, rmsprop 0.8, sgd 0.6). Its limit
+  trains at adam, 128, x1 = 0.3 and the moving learning rate: `lr-schedule`'s limit.
 * `quadratic`: the PBT paper's toy, as examples/quadratic (deterministic); its limit trains at
   h = (1, 1) throughout.
 """
@@ -174,46 +181,72 @@ LR_SCHEDULE = Problem(
 )
 
 
-# -- lr-schedule-10d: lr-schedule plus nine numeric hyperparameters, three of which matter ----------
+# -- lr-schedule-Nd: lr-schedule plus numeric hyperparameters, some of which matter -----------------
 # (name, optimum, strength): the learning-rate bell's progress is scaled by (1 - s) + s * bell(x - c).
 MANY_RELEVANT: tuple[tuple[str, float, float], ...] = (("x1", 0.3, 0.6), ("x2", 0.7, 0.4), ("x3", 0.5, 0.2))
 MANY_NUISANCE = tuple(f"x{i}" for i in range(4, 10))
 MANY_WIDTH = 0.25  # the relevant hyperparameters' bells, on their [0, 1] scale
+LR_SPACE = {"type": "float", "min": 1.0e-5, "max": 1.0, "log": True}
+# lr-schedule-mixed: a batch size on a log int range (its bell in octaves around BATCH_BEST, width
+# MANY_WIDTH of the range) and an optimizer that scales the progress (adam fastest).
+BATCH_RANGE, BATCH_BEST, BATCH_STRENGTH = (8, 1024), 128, 0.5
+OPTIMIZER_SCALE = {"adam": 1.0, "rmsprop": 0.8, "sgd": 0.6}
 
 
-def many_scale(hp: HP) -> float:
+def many_scale(hp: HP, relevant: tuple[tuple[str, float, float], ...] = MANY_RELEVANT) -> float:
     """Factor on the learning-rate bell's progress from the relevant hyperparameters (1 at their optima)."""
     scale = 1.0
-    for name, centre, strength in MANY_RELEVANT:
+    for name, centre, strength in relevant:
         d = float(hp[name]) - centre
         scale *= (1.0 - strength) + strength * math.exp(-0.5 * (d / MANY_WIDTH) ** 2)
     return scale
 
 
-def _many_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generator) -> float:
-    return _lr_train(state, hp, t0, steps, rng, bell_scale=many_scale(hp))
+def mixed_scale(hp: HP) -> float:
+    """`lr-schedule-mixed`'s factor: x1 as in lr-schedule-10d, the batch size's bell, the optimizer's factor."""
+    lo, hi = BATCH_RANGE
+    d = (math.log(float(hp["batch"])) - math.log(BATCH_BEST)) / (math.log(hi) - math.log(lo))
+    batch = (1.0 - BATCH_STRENGTH) + BATCH_STRENGTH * math.exp(-0.5 * (d / MANY_WIDTH) ** 2)
+    return many_scale(hp, MANY_RELEVANT[:1]) * batch * OPTIMIZER_SCALE[str(hp["optimizer"])]
 
 
-def _many_best(t0: int, state: float) -> HP:
-    hp: dict[str, float] = dict(_lr_best(t0, state))
-    hp.update({name: centre for name, centre, _ in MANY_RELEVANT})
-    hp.update({name: 0.5 for name in MANY_NUISANCE})
-    return hp
+def _scaled_lr(name: str, extra: dict[str, Any], scale: Callable[[HP], float], best: HP) -> Problem:
+    """`lr-schedule` with more hyperparameters (`extra`) that scale the learning-rate bell's progress
+    (`scale`, 1 at `best`); the oracle trains at the moving learning-rate optimum and `best`, so its
+    limit is `lr-schedule`'s."""
+    return Problem(
+        name=name,
+        hyperparameters={"lr": dict(LR_SPACE), **extra},
+        segments=20, steps=5,
+        init=lambda rng: 0.0,
+        train=lambda state, hp, t0, steps, rng: _lr_train(state, hp, t0, steps, rng, bell_scale=scale(hp)),
+        true_score=float,
+        report=_additive_report,
+        best_hp=lambda t0, state: {**_lr_best(t0, state), **best},
+    )
 
 
-LR_SCHEDULE_10D = Problem(
-    name="lr-schedule-10d",
-    hyperparameters={
-        "lr": {"type": "float", "min": 1.0e-5, "max": 1.0, "log": True},
-        **{name: {"type": "float", "min": 0.0, "max": 1.0} for name, _, _ in MANY_RELEVANT},
-        **{name: {"type": "float", "min": 0.0, "max": 1.0} for name in MANY_NUISANCE},
-    },
-    segments=20, steps=5,
-    init=lambda rng: 0.0,
-    train=_many_train,
-    true_score=float,
-    report=_additive_report,
-    best_hp=_many_best,
+def lr_many(name: str, relevant: tuple[tuple[str, float, float], ...], nuisance: tuple[str, ...]) -> Problem:
+    """`lr-schedule` plus relevant hyperparameters (`many_scale`) and nuisance ones, all in [0, 1]."""
+    unit = {"type": "float", "min": 0.0, "max": 1.0}
+    return _scaled_lr(
+        name,
+        {**{n: dict(unit) for n, _, _ in relevant}, **{n: dict(unit) for n in nuisance}},
+        lambda hp: many_scale(hp, relevant),
+        {**{n: c for n, c, _ in relevant}, **{n: 0.5 for n in nuisance}},
+    )
+
+
+LR_SCHEDULE_10D = lr_many("lr-schedule-10d", MANY_RELEVANT, MANY_NUISANCE)
+LR_SCHEDULE_3D = lr_many("lr-schedule-3d", MANY_RELEVANT[:2], ())
+LR_SCHEDULE_5D = lr_many("lr-schedule-5d", MANY_RELEVANT[:2], ("x3", "x4"))
+LR_SCHEDULE_MIXED = _scaled_lr(
+    "lr-schedule-mixed",
+    {"x1": {"type": "float", "min": 0.0, "max": 1.0},
+     "batch": {"type": "int", "min": BATCH_RANGE[0], "max": BATCH_RANGE[1], "log": True},
+     "optimizer": {"type": "categorical", "choices": list(OPTIMIZER_SCALE)}},
+    mixed_scale,
+    {"x1": MANY_RELEVANT[0][1], "batch": BATCH_BEST, "optimizer": "adam"},
 )
 
 
@@ -560,7 +593,9 @@ QUADRATIC = Problem(
     best_hp=lambda t0, s: {"h0": 1.0, "h1": 1.0},
 )
 
-PROBLEMS: dict[str, Problem] = {p.name: p for p in (LR_SCHEDULE, LR_SCHEDULE_10D, LR_FAMILY, CAT_FLIP, RL, RL_REACH, QUADRATIC)}
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (
+    LR_SCHEDULE, LR_SCHEDULE_3D, LR_SCHEDULE_5D, LR_SCHEDULE_MIXED, LR_SCHEDULE_10D, LR_FAMILY, CAT_FLIP, RL, RL_REACH,
+    QUADRATIC)}
 # Opt-in problems (`--problems`): not in the benchmarks' default runs, whose documented tables predate them.
-OPT_IN = ("lr-schedule-10d",)
+OPT_IN = ("lr-schedule-3d", "lr-schedule-5d", "lr-schedule-mixed", "lr-schedule-10d")
 NONSTATIONARY = ("lr-schedule", "lr-family", "cat-flip", "rl", "rl-reach")

@@ -7,7 +7,8 @@ each measured against its physical limit (issue 14).
 
 Problems and their limits: benchmarks/problems.py (`digits`, the torch example, runs through the
 real local runner and has no known limit; it is opt-in: `--problems digits`, raw accuracy reported).
-`lr-schedule-10d` (ten hyperparameters, three of which matter) is opt-in too: `--problems lr-schedule-10d`.
+`lr-schedule-10d` (ten hyperparameters, three of which matter) is opt-in too: `--problems lr-schedule-10d`,
+and so are `lr-schedule-3d`, `lr-schedule-5d` and `lr-schedule-mixed` (an int and a categorical that matter).
 
 Every run drives the real engine (`pbt_operator.core.engine.Engine`, the ask/tell core the operator
 and `pbt run` use) on a simulated cluster: all members train at once (parallelism = population,

@@ -200,9 +200,20 @@ def test_per_seed_problems_are_measured_against_each_seed_s_own_limit(sq):
     assert sum(c.seeds for c in by if c.key == "score" and c.method == "pbt") == 2
 
 
-def test_many_hyperparameter_problem_rewards_only_its_relevant_ones(P, sq):
-    many = P.PROBLEMS["lr-schedule-10d"]
-    assert len(many.hyperparameters) == 10 and "lr-schedule-10d" not in P.NONSTATIONARY
+# (problem, number of hyperparameters, nuisance ones, one relevant hyperparameter moved off its optimum)
+MANY = [
+    ("lr-schedule-3d", 3, (), {"x1": 1.0}),
+    ("lr-schedule-5d", 5, ("x3", "x4"), {"x1": 1.0}),
+    ("lr-schedule-10d", 10, tuple(f"x{i}" for i in range(4, 10)), {"x1": 1.0}),
+    ("lr-schedule-mixed", 4, (), {"batch": 8}),
+    ("lr-schedule-mixed", 4, (), {"optimizer": "sgd"}),
+]
+
+
+@pytest.mark.parametrize(("name", "dims", "nuisance", "moved"), MANY)
+def test_many_hyperparameter_problems_reward_only_their_relevant_ones(P, sq, name, dims, nuisance, moved):
+    many = P.PROBLEMS[name]
+    assert len(many.hyperparameters) == dims and name in P.OPT_IN and name not in P.NONSTATIONARY
     # at the relevant optima it is lr-schedule, so its limit is lr-schedule's
     assert many.limit(4, 0) == pytest.approx(P.LR_SCHEDULE.limit(4, 0), rel=0.05)
 
@@ -214,15 +225,15 @@ def test_many_hyperparameter_problem_rewards_only_its_relevant_ones(P, sq):
         return many.true_score(state)
 
     best = final(lambda t0: many.best_hp(t0, 0.0))
-    nuisance_moved = final(lambda t0: {**many.best_hp(t0, 0.0), **{n: 0.0 for n in P.MANY_NUISANCE}})
-    relevant_moved = final(lambda t0: {**many.best_hp(t0, 0.0), "x1": 1.0})
+    nuisance_moved = final(lambda t0: {**many.best_hp(t0, 0.0), **{n: 0.0 for n in nuisance}})
+    relevant_moved = final(lambda t0: {**many.best_hp(t0, 0.0), **moved})
     assert nuisance_moved == pytest.approx(best)
     assert relevant_moved < 0.8 * best
-    # the real engine runs it (PB2 over ten dimensions)
-    quick = replace(many, name="quick-10d", segments=3)
-    sq.PROBLEMS["quick-10d"] = quick
+    # the real engine runs it (PB2 over all its dimensions)
+    quick = replace(many, name=f"quick-{name}", segments=3)
+    sq.PROBLEMS[quick.name] = quick
     try:
         run = sq.simulate(quick, "pb2-liar-pessimistic", 4, 0)
     finally:
-        del sq.PROBLEMS["quick-10d"]
+        del sq.PROBLEMS[quick.name]
     assert run.segments == 3 * 4 and math.isfinite(run.final)
