@@ -219,7 +219,8 @@ class Pb2Settings:
     window_search: bool = False
     # Screening switches (not manifest fields; benchmarks/README.md, "A few more hyperparameters"):
     # `trust_region_scaled` shrinks the trust-region half-width of a numeric hyperparameter whose
-    # fitted length scale l is long: times min(1, 0.3 / l), at least a quarter of it;
+    # fitted length scale l is long: times l_min / l (l_min: the shortest of the numeric
+    # hyperparameters'), at least a quarter of it;
     # `beta_dims` is the dimension beta's schedule is computed with (None: the number of
     # hyperparameters, GP-UCB's theorem); `keep_tol` > 0 puts each numeric hyperparameter of UCB's
     # choice back at the donor's value where that lowers UCB by less than `keep_tol` (standardised).

@@ -138,7 +138,7 @@ def _suggest(
     scale = None
     if settings.trust_region_scaled and domain.p > 1:
         ls = 1.0 / np.sqrt(Hyper.of(theta, layout).inv_l2[1:])  # the numeric hyperparameters' (not c's)
-        scale = np.clip(0.3 / ls, 0.25, 1.0)
+        scale = np.clip(float(np.min(ls)) / ls, 0.25, 1.0)  # the most relevant one keeps the full radius
     region = _region(space, domain, center, settings.trust_region, scale)
     factor = budget_factor(remaining)
     beta = beta_full * factor
