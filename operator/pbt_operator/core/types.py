@@ -217,13 +217,3 @@ class Pb2Settings:
     # on benchmarks/search_quality.py it changed no median beyond noise at populations 8 and 16
     # (it never triggers at 4) and it doubles a decision's CPU time (three fits instead of one).
     window_search: bool = False
-    # Screening switches (not manifest fields; benchmarks/README.md, "A few more hyperparameters"):
-    # `trust_region_scaled` shrinks the trust-region half-width of a numeric hyperparameter whose
-    # fitted length scale l is long: times l_min / l (l_min: the shortest of the numeric
-    # hyperparameters'), at least a quarter of it;
-    # `beta_dims` is the dimension beta's schedule is computed with (None: the number of
-    # hyperparameters, GP-UCB's theorem); `keep_tol` > 0 puts each numeric hyperparameter of UCB's
-    # choice back at the donor's value where that lowers UCB by less than `keep_tol` (standardised).
-    trust_region_scaled: bool = False
-    beta_dims: int | None = None
-    keep_tol: float = 0.0

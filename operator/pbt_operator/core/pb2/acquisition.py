@@ -153,7 +153,7 @@ class Region:
     hi: np.ndarray
 
     @staticmethod
-    def around(u: np.ndarray, radius: float | np.ndarray) -> Region:
+    def around(u: np.ndarray, radius: float) -> Region:
         return Region(np.clip(u - radius, 0.0, 1.0), np.clip(u + radius, 0.0, 1.0))
 
     def bounds(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ from ..choices import PB2_PARALLEL, check_table
 from ..space import Space, Value
 from ..types import Pb2Settings
 from . import window
-from .acquisition import Domain, Pick, Region, _ucb, beta_schedule, maximise_ucb, thompson
+from .acquisition import Domain, Region, beta_schedule, maximise_ucb, thompson
 from .data import Encoded, Pb2Choice, Pb2Fallback, Pb2Pending, Pb2Row, decode, prepare, unit_columns
 from .gp import Posterior
 from .kernel import Hyper, Layout
@@ -126,8 +126,7 @@ def _suggest(
     fitted = win.fitted
     theta = fitted.theta
     n_pending = len(prep.pending)
-    dims = domain.p + domain.q if settings.beta_dims is None else settings.beta_dims
-    beta_full = beta_schedule(prep.n_valid + n_pending + 1, dims, settings.kappa)
+    beta_full = beta_schedule(prep.n_valid + n_pending + 1, domain.p + domain.q, settings.kappa)
     if _FILL[mode] is None or n_pending == 0:
         post = Posterior(theta, layout, win.rows, win.y)
     else:
@@ -135,11 +134,7 @@ def _suggest(
         post = Posterior(theta, layout, Encoded.concat(win.rows, prep.pending), win.y,
                          fill=lambda mu_p, var_p: hallucinate(mode, mu_p, var_p, win.y, sqrt_full))
 
-    scale = None
-    if settings.trust_region_scaled and domain.p > 1:
-        ls = 1.0 / np.sqrt(Hyper.of(theta, layout).inv_l2[1:])  # the numeric hyperparameters' (not c's)
-        scale = np.clip(float(np.min(ls)) / ls, 0.25, 1.0)  # the most relevant one keeps the full radius
-    region = _region(space, domain, center, settings.trust_region, scale)
+    region = _region(space, domain, center, settings.trust_region)
     factor = budget_factor(remaining)
     beta = beta_full * factor
     if mode == "randomized":
@@ -149,10 +144,6 @@ def _suggest(
     else:
         pick = maximise_ucb(domain, post, win.y, prep.query_tau, prep.query_c, math.sqrt(beta),
                             settings.candidates, settings.restarts, rng, region)
-
-    if settings.keep_tol > 0.0 and center is not None and not (mode == "thompson" and factor > 0.0):
-        pick = _keep_indifferent(space, post, prep.query_tau, prep.query_c, pick, center, math.sqrt(beta),
-                                 settings.keep_tol)
 
     hyperparameters = decode(space, pick.u, pick.h)
     if not space.contains(hyperparameters):
@@ -183,38 +174,14 @@ def _suggest(
     return Pb2Choice(hyperparameters, " ".join(parts))
 
 
-def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, radius: float,
-            scale: np.ndarray | None = None) -> Region | None:
-    """The trust region around the donor's configuration, or None (search everywhere); `scale`
-    multiplies the half-width per numeric hyperparameter (Pb2Settings.trust_region_scaled)."""
+def _region(space: Space, domain: Domain, center: Mapping[str, Value] | None, radius: float) -> Region | None:
+    """The trust region around the donor's configuration, or None (search everywhere)."""
     if center is None or radius >= 1.0 or domain.p == 0:
         return None
     u, _, status = unit_columns(space, [center])
     if status[0] != 0:
         return None
-    r = max(0.0, float(radius))
-    return Region.around(u[0], r if scale is None else r * scale)
-
-
-def _keep_indifferent(space: Space, post: Posterior, tau: float, c: float, pick: Pick, center: Mapping[str, Value],
-                      sqrt_beta: float, tol: float) -> Pick:
-    """`pick` with each numeric hyperparameter whose move away from the donor's value buys less than
-    `tol` of UCB on its own put back at the donor's value (Pb2Settings.keep_tol)."""
-    u0, _, status = unit_columns(space, [center])
-    p = pick.u.shape[0]
-    if status[0] != 0 or p == 0:
-        return pick
-    base = u0[0]
-    us = np.repeat(pick.u[None, :], p, axis=0)
-    us[np.arange(p), np.arange(p)] = base
-    a, _, _ = _ucb(post, tau, c, us, np.repeat(pick.h[None, :], p, axis=0), sqrt_beta)
-    keep = (pick.score - a) < tol
-    if not np.any(keep):
-        return pick
-    u = pick.u.copy()
-    u[keep] = base[keep]
-    a1, mu1, s1 = _ucb(post, tau, c, u[None, :], pick.h[None, :], sqrt_beta)
-    return Pick(u, pick.h, float(a1[0]), float(mu1[0]), float(s1[0]))
+    return Region.around(u[0], max(0.0, float(radius)))
 
 
 # How each parallel mode fills in the pending points' values (standardised units), given their
