@@ -177,3 +177,12 @@ def test_replay_digits_replays_the_best_schedule(tmp_path: Path) -> None:
     assert 0.0 < number(rows[0][1]) <= 1.0 and "over 1 replays:" in out
     # the digits worker seeds its first weights and its batches: the replay lands on the population's best
     assert number(rows[0][4]) == number(rows[0][1]) and number(rows[0][6]) == 0.0, out
+
+
+def test_pb2_trace_reports_every_numeric_hyperparameter() -> None:
+    out = run("pb2_trace", "lr-schedule-3d", "--seeds", "1")
+    assert out.startswith("lr-schedule-3d pop 4: 1 seeds, median final ")
+    [(header, rows)] = tables(out)
+    assert header[0] == "hp" and [r[0] for r in rows] == ["lr", "x1", "x2"]
+    for r in rows:
+        number(r[1])
