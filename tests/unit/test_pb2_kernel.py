@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from pbt_operator.core.pb2 import kernel
-from pbt_operator.core.pb2.gp import LengthscalePrior, Posterior, neg_log_marginal
+from pbt_operator.core.pb2.gp import Posterior, neg_log_marginal
 from pbt_operator.core.pb2.kernel import Hyper, Layout, Pairwise, cross, gram_grads, parts
-from pbt_operator.core.types import Pb2Settings
 
 
 def _points(n: int, dx: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,41 +98,6 @@ def test_log_marginal_gradient_matches_finite_differences(q: int) -> None:
                 2 * step
             )
         np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("q", [0, 2])
-def test_length_scale_prior_value_and_gradient(q: int) -> None:
-    """The MAP objective: the marginal likelihood plus 1/2 sum ((log l - mu) / sd)^2, and its
-    gradient against finite differences."""
-    layout = Layout(dx=4, q=q)
-    tau, x, h = _points(25, 4, q, seed=5)
-    y = np.sin(3 * x[:, 0]) + 0.1 * np.random.default_rng(6).standard_normal(25)
-    y = (y - y.mean()) / y.std()
-    pw = Pairwise.of(tau, x, h, tau, x, h)
-    prior = LengthscalePrior(mu=math.log(0.4), sd=0.7)
-    for seed in (7, 8):
-        th = _theta(layout, seed)
-        f, g = neg_log_marginal(th, layout, pw, y, prior)
-        z = (th[layout.lengthscales] - prior.mu) / prior.sd
-        assert f == pytest.approx(neg_log_marginal(th, layout, pw, y)[0] + 0.5 * float(z @ z), rel=1e-12)
-        step = 1e-6
-        num = np.empty_like(th)
-        for i in range(layout.size):
-            e = np.zeros_like(th)
-            e[i] = step
-            num[i] = (neg_log_marginal(th + e, layout, pw, y, prior)[0]
-                      - neg_log_marginal(th - e, layout, pw, y, prior)[0]) / (2 * step)
-        np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
-
-
-def test_length_scale_prior_from_settings() -> None:
-    layout = Layout(dx=4, q=1)
-    assert LengthscalePrior.of(Pb2Settings(), layout) is None
-    fixed = LengthscalePrior.of(replace(Pb2Settings(), ls_prior=0.4, ls_prior_sd=0.5), layout)
-    assert fixed == LengthscalePrior(mu=math.log(0.4), sd=0.5)
-    scaled = LengthscalePrior.of(replace(Pb2Settings(), ls_prior=math.exp(math.sqrt(2)), ls_prior_sd=math.sqrt(3),
-                                         ls_prior_dims=True), layout)
-    assert scaled is not None and scaled.mu == pytest.approx(math.sqrt(2) + 0.5 * math.log(5))
 
 
 def test_log_marginal_value_matches_direct_formula() -> None:

@@ -217,12 +217,3 @@ class Pb2Settings:
     # on benchmarks/search_quality.py it changed no median beyond noise at populations 8 and 16
     # (it never triggers at 4) and it doubles a decision's CPU time (three fits instead of one).
     window_search: bool = False
-    # A log-normal prior on every ARD length scale (screening switch, not a manifest field; None:
-    # none, plain marginal likelihood): its median in the unit range, `ls_prior_sd` its width in log
-    # space; with `ls_prior_dims` the median is multiplied by sqrt(d), d the GP's non-time inputs
-    # (Hvarfner et al. 2024: median exp(sqrt(2)) sqrt(d), sd sqrt(3)). Why: on lr-schedule-3d the fit
-    # gives the two relevant numbers besides the learning rate length scales of 1.5-20 (flat) at
-    # population 4 (benchmarks/README.md, "A few more hyperparameters").
-    ls_prior: float | None = None
-    ls_prior_sd: float = 1.0
-    ls_prior_dims: bool = False

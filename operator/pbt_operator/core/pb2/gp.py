@@ -17,7 +17,6 @@ import numpy as np
 from scipy.linalg import cho_solve, lapack, solve_triangular
 from scipy.linalg.lapack import dpotri, dpotrs
 
-from ..types import Pb2Settings
 from .data import Encoded, Pb2Fallback
 from .kernel import Hyper, Layout, Pairwise, cross
 from .lbfgsb import minimize_box
@@ -63,46 +62,13 @@ def cholesky_jittered(a: np.ndarray, scale: float) -> np.ndarray:
     raise last
 
 
-@dataclass(frozen=True)
-class LengthscalePrior:
-    """A Gaussian prior on each log length scale (a log-normal on l): the fit becomes MAP.
-
-    Adds 1/2 sum_j ((log l_j - mu) / sd)^2 to the negative log marginal likelihood (the prior's
-    normalising constant is left out: it does not depend on theta).
-    """
-
-    mu: float  # mean of log l (log of the median length scale, unit range)
-    sd: float  # standard deviation of log l
-
-    @staticmethod
-    def of(settings: Pb2Settings, layout: Layout) -> LengthscalePrior | None:
-        """From `Pb2Settings.ls_prior*`; with `ls_prior_dims` the median grows as sqrt(d), d the
-        GP's inputs besides time (continuous, the score included, and categorical), as in
-        Hvarfner et al. 2024."""
-        if settings.ls_prior is None:
-            return None
-        mu = math.log(float(settings.ls_prior))
-        if settings.ls_prior_dims:
-            mu += 0.5 * math.log(layout.dx + layout.q)
-        return LengthscalePrior(mu=mu, sd=float(settings.ls_prior_sd))
-
-    def add(self, thetas: np.ndarray, layout: Layout, nll: np.ndarray, grad: np.ndarray) -> None:
-        """Add the prior's term to (S,) values and (S, P) gradients in place."""
-        z = (thetas[:, layout.lengthscales] - self.mu) / self.sd
-        nll += 0.5 * np.sum(z * z, axis=1)
-        grad[:, layout.lengthscales] += z / self.sd
-
-
-def neg_log_marginal(theta: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray,
-                     prior: LengthscalePrior | None = None) -> tuple[float, np.ndarray]:
-    """Negative log marginal likelihood (plus the length-scale prior's term, if any) and its
-    gradient w.r.t. theta (the log-hyperparameters)."""
-    nll, grad = neg_log_marginal_batch(theta[None, :], layout, pw, y, prior)
+def neg_log_marginal(theta: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Negative log marginal likelihood and its gradient w.r.t. theta (the log-hyperparameters)."""
+    nll, grad = neg_log_marginal_batch(theta[None, :], layout, pw, y)
     return float(nll[0]), grad[0]
 
 
-def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray,
-                           prior: LengthscalePrior | None = None) -> tuple[np.ndarray, np.ndarray]:
+def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`neg_log_marginal` for S hyperparameter vectors at once: (S,) values and (S, P) gradients.
 
     d log p / d theta_i = 1/2 tr((alpha alpha^T - K^-1) dK/dtheta_i), alpha = K^-1 y, with
@@ -184,10 +150,7 @@ def neg_log_marginal_batch(thetas: np.ndarray, layout: Layout, pw: Pairwise, y: 
         grad[:, layout.decay] = -0.25 * rho * (len_dt[:, dx] + a * sq[:, 0])
         grad[:, layout.mix] = 0.5 * (p_hs - 0.5 * p_sum - 0.5 * sq[:, 1]) * lam * (1.0 - lam)
     grad[:, layout.noise] = 0.5 * vflat[:, :: n + 1].sum(axis=1) * noise
-    grad = -grad
-    if prior is not None:
-        prior.add(thetas, layout, nll, grad)
-    return nll, grad
+    return nll, -grad
 
 
 class _RateSigns(dict[int, np.ndarray]):
@@ -210,9 +173,8 @@ class FitResult:
     failed_starts: int
 
 
-def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.random.Generator,
-        prior: LengthscalePrior | None = None) -> FitResult:
-    """Maximise the log marginal likelihood (times `prior`, if any) with L-BFGS-B from `restarts` starts.
+def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.random.Generator) -> FitResult:
+    """Maximise the log marginal likelihood with L-BFGS-B from `restarts` starts.
 
     The first start is a neutral default; the others are drawn from `rng` inside the bounds. The
     starts are optimised jointly: L-BFGS-B minimises the *sum* of their negative log likelihoods
@@ -230,7 +192,7 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
     alive = []
     for th in inits:
         try:
-            f0, g0 = neg_log_marginal(th, layout, pw, y, prior)
+            f0, g0 = neg_log_marginal(th, layout, pw, y)
         except Pb2Fallback:
             continue
         if math.isfinite(f0) and np.all(np.isfinite(g0)):
@@ -243,7 +205,7 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
 
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
         try:
-            f, g = neg_log_marginal_batch(flat.reshape(s_count, p), layout, pw, y, prior)
+            f, g = neg_log_marginal_batch(flat.reshape(s_count, p), layout, pw, y)
         except Pb2Fallback:
             return math.inf, np.zeros_like(flat)
         total = float(np.sum(f))
@@ -259,11 +221,11 @@ def fit(layout: Layout, data: Encoded, y: np.ndarray, restarts: int, rng: np.ran
         finals = np.array([float(res.fun)])
     else:
         try:
-            finals, _ = neg_log_marginal_batch(thetas, layout, pw, y, prior)
+            finals, _ = neg_log_marginal_batch(thetas, layout, pw, y)
         except Pb2Fallback:
             finals = np.full(s_count, math.inf)
     if not np.any(np.isfinite(finals)):  # cannot happen unless the optimiser ends on a failed point
-        thetas, finals = np.stack(alive), np.array([neg_log_marginal(t, layout, pw, y, prior)[0] for t in alive])
+        thetas, finals = np.stack(alive), np.array([neg_log_marginal(t, layout, pw, y)[0] for t in alive])
     best = int(np.argmin(np.where(np.isfinite(finals), finals, math.inf)))
     return FitResult(theta=thetas[best], nll=float(finals[best]), starts=n_starts, failed_starts=failed)
 

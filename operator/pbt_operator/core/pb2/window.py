@@ -21,7 +21,7 @@ import numpy as np
 
 from ..types import Pb2Settings
 from .data import Encoded, Prepared, select_rows
-from .gp import FitResult, LengthscalePrior, fit
+from .gp import FitResult, fit
 from .kernel import Layout
 
 # Candidate windows, as fractions of the time span from the oldest kept row to the decision's time.
@@ -52,7 +52,6 @@ def choose(prep: Prepared, layout: Layout, settings: Pb2Settings, rng: np.random
     """Fit the GP on the window that the marginal likelihood prefers (see the module docstring)."""
     n_fit = max(2, int(settings.fit_rows))
     restarts = max(1, int(settings.fit_restarts))
-    prior = LengthscalePrior.of(settings, layout)
     tau = prep.rows.tau
     candidates: list[np.ndarray] = [np.arange(len(prep.rows))]
     if settings.window_search and settings.window is None and len(prep.rows) >= 2 * n_fit:
@@ -69,7 +68,7 @@ def choose(prep: Prepared, layout: Layout, settings: Pb2Settings, rng: np.random
         y, mean, std = (prep.y[idx], prep.y_mean, prep.y_std) if i == 0 else _standardise(
             prep.y[idx], prep.y_mean, prep.y_std)
         sub = select_rows(data.tau, n_fit, rng)
-        fitted = fit(layout, data.take(sub), y[sub], restarts, rng, prior)
+        fitted = fit(layout, data.take(sub), y[sub], restarts, rng)
         ll = -fitted.nll
         if best is None or ll > best_ll:
             note = "" if i == 0 else f"window {FRACTIONS[i]:g} of the span ({idx.size} rows, by likelihood)"
