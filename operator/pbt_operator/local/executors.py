@@ -130,12 +130,9 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         return {"error": shorten(tb, 1000)}, None
 
 
-def _child_init(file_fsync: bool, env: Mapping[str, str] | None = None) -> None:
-    """A process pool's child: spec.worker.env over its environment (its own: no other thread of the
-    caller shares it), and no fsync when the runner makes checkpoints durable per batch."""
-    env = dict(env or {})
-    if not file_fsync:
-        env["PBT_FILE_FSYNC"] = "0"
+def _child_init(env: Mapping[str, str]) -> None:
+    """A process pool's child: the workers' environment (spec.worker.env, and PBT_FILE_FSYNC=0 when the
+    runner makes checkpoints durable per batch) over its own (no other thread of the caller shares it)."""
     if env:
         from pbt_worker.storage import reset_storage_cache
 
@@ -183,7 +180,7 @@ class InlineExecutor:
     notebook's function cannot be imported by another process)."""
 
     def __init__(self, fn_ref: str | Callable[..., Any], search_path: list[str], workers: int, metric: str,
-                 pool: str = "threads", storage: Any = None, file_fsync: bool = True,
+                 pool: str = "threads", storage: Any = None,
                  log_dir: Path | None = None, env: Mapping[str, str] | None = None,
                  note: Callable[[str], None] | None = None):
         self.metric = metric
@@ -194,11 +191,6 @@ class InlineExecutor:
         self.log_dir = log_dir
         self.fn_ref = fn_ref
         self.search_path = search_path
-        if storage is None and not file_fsync and pool != "processes":
-            # the runner makes file:// checkpoints durable once per batch (local/durability.py)
-            from pbt_worker.storage import FileStorage
-
-            storage = FileStorage(fsync=False)
         self.storage = storage
         self.fn = fn_ref if callable(fn_ref) else resolve_function(fn_ref, search_path)
         self.pool: cf.Executor
@@ -207,7 +199,7 @@ class InlineExecutor:
                 raise ValueError("spec.worker.pool: a Python function runs in threads (pool: threads); "
                                  "processes need spec.worker.function: module:function")
             self.pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
-                                               initargs=(file_fsync, dict(env or {})))
+                                               initargs=(dict(env or {}),))
         else:
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pbt-inline")
         self.processes = pool == "processes"

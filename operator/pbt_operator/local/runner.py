@@ -185,21 +185,23 @@ class LocalRunner:
         spec, w = self.spec, self.spec.worker
         base = spec.base_dir or Path.cwd()
         cwd = (base / w.working_dir) if w.working_dir else base
+        # The workers' environment: spec.worker.env, and no fsync per checkpoint when the runner makes
+        # file:// checkpoints durable once per batch (local/durability.py).
+        env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
         if self.function is not None or w.executor == "inline":
             fn = self.function if self.function is not None else w.function
             assert fn is not None
             storage = self.storage
-            if storage is None and w.env and w.inline_pool != "processes":
-                # The function runs in threads of this process: its segments' storage reads spec.worker.env
-                # (an endpoint, credentials) over this environment, as a worker process would see it,
-                # without os.environ changing under the caller's other threads (a process pool's
-                # children set it instead: _child_init).
-                storage = workers_storage(self.root, {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else w.env)
+            if storage is None and env and w.inline_pool != "processes":
+                # The function runs in threads of this process: its segments' storage reads that
+                # environment over this one, as a worker process would see it, without os.environ
+                # changing under the caller's other threads (a process pool's children set it instead:
+                # executors._child_init).
+                storage = workers_storage(self.root, env)
             return InlineExecutor(fn, [str(cwd), str(base)], spec.parallelism, spec.objective.metric,
-                                  w.inline_pool, storage=storage, file_fsync=not self.barrier,
-                                  log_dir=self.run_dir / "logs", env=w.env, note=self.note)
+                                  w.inline_pool, storage=storage, log_dir=self.run_dir / "logs", env=env,
+                                  note=self.note)
         command = list(w.command) or _template_command(spec)
-        env = {**w.env, "PBT_FILE_FSYNC": "0"} if self.barrier else dict(w.env)
         field = ("spec.worker.command" if w.command
                  else f"spec.template.spec.containers[{trainer_index(spec.template or {})}].command")
         return ProcessExecutor(command, env, cwd, self.run_dir / "logs", spec.objective.metric,
