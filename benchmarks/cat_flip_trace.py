@@ -18,7 +18,6 @@ optimum) and how often they switch the optimizer (benchmarks/README.md, "Tenth r
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import statistics
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import search_quality as sq  # sets up the import paths and the BLAS threads
 from pbt_operator.core.engine import Engine
-from pbt_operator.core.types import Record, SegmentResult
+from pbt_operator.core.types import Record
 from problems import CAT_FLIP, CAT_ITERS, cat_optimizers, lr_progress
 
 
@@ -40,23 +39,7 @@ def run(seed: int, population: int, fields: dict[str, Any]) -> tuple[Engine, dic
                                          problem.segments, problem.steps, problem.factors))
     if fields:
         spec = replace(spec, explore=replace(spec.explore, pb2=replace(spec.explore.pb2, **fields)))
-    eng = Engine(spec)
-    queue: list[tuple[float, int, int]] = []
-    states: dict[Any, float] = {}
-
-    def launch(now: float, sugs: Any) -> None:
-        for s in sugs:
-            rng = np.random.default_rng([seed, s.member, s.segment, s.attempt, 1])
-            start = states[s.restore] if s.restore is not None else problem.init(np.random.default_rng([seed, s.member, 0]))
-            states[s.ref] = problem.train(start, s.hyperparameters, s.steps_start, s.steps_budget, rng)
-            heapq.heappush(queue, (now + s.steps_budget * float(np.exp(0.25 * rng.standard_normal())), s.member, s.segment))
-
-    launch(0.0, eng.start())
-    while queue:
-        now, m, k = heapq.heappop(queue)
-        sug = eng.pending[m]
-        score = problem.report(states[(m, k)], np.random.default_rng([seed, m, k, 2]))
-        launch(now, eng.tell(SegmentResult(m, k, score, sug.steps_start + sug.steps_budget)))
+    eng, states, _ = sq.drive(problem, spec, seed)
     return eng, states
 
 

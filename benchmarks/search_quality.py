@@ -145,6 +145,17 @@ def simulate(problem: Problem, method: str, population: int, seed: int) -> RunRe
                                                  problem.segments, problem.steps, problem.factors))
     if PB2_FIELDS:
         spec = replace(spec, explore=replace(spec.explore, pb2=replace(spec.explore.pb2, **PB2_FIELDS)))
+    eng, states, decide = drive(problem, spec, seed)
+    if eng.failed or len(eng.records) != population * problem.segments:
+        raise RuntimeError(f"{problem.name}/{method}: {len(eng.records)} segments finished ({eng.failed})")
+    final = max(problem.true_score(states[r.ref]) for r in eng.latest.values())
+    fallbacks = sum(1 for r in eng.records.values() if "pb2 fallback" in r.suggestion.reason)
+    return RunResult(problem.name, method, population, seed, final, len(eng.records), decide, fallbacks)
+
+
+def drive(problem: Problem, spec: TrainingSpec, seed: int) -> tuple[Engine, dict[tuple[int, int], Any], float]:
+    """The engine for `spec` driven to its end on the simulated cluster: the engine, every checkpoint's
+    state by ref, and the CPU seconds spent inside the engine (the traces in this folder reuse it)."""
     t_decide = time.process_time()
     eng = Engine(spec)
     queue: list[tuple[float, int, int]] = []
@@ -174,11 +185,7 @@ def simulate(problem: Problem, method: str, population: int, seed: int) -> RunRe
         nxt = eng.tell(SegmentResult(m, k, score, sug.steps_start + sug.steps_budget))
         decide += time.process_time() - t0
         launch(now, nxt)
-    if eng.failed or len(eng.records) != population * problem.segments:
-        raise RuntimeError(f"{problem.name}/{method}: {len(eng.records)} segments finished ({eng.failed})")
-    final = max(problem.true_score(states[r.ref]) for r in eng.latest.values())
-    fallbacks = sum(1 for r in eng.records.values() if "pb2 fallback" in r.suggestion.reason)
-    return RunResult(problem.name, method, population, seed, final, len(eng.records), decide, fallbacks)
+    return eng, states, decide
 
 
 def run_digits(method: str, population: int, seed: int, workdir: Path) -> RunResult:
