@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,9 +30,12 @@ import pbt_operator.core.pb2 as pb2mod
 import pbt_operator.core.pb2.window as winmod
 import search_quality as sq
 from pbt_operator.core.pb2.data import unit_columns
+from problems import BATCH_BEST, BATCH_RANGE, MANY_RELEVANT
 
-# Unit-space optima of the relevant numbers of problems.py's lr-schedule-Nd and -mixed (batch: 128 on 8..1024).
-OPTIMA = {"x1": 0.3, "x2": 0.7, "x3": 0.5, "batch": 4 / 7}
+# Unit-space optima of the relevant numbers of problems.py's lr-schedule-Nd and -mixed (the batch size's
+# on its log range).
+OPTIMA = {**{name: centre for name, centre, _ in MANY_RELEVANT},
+          "batch": math.log(BATCH_BEST / BATCH_RANGE[0]) / math.log(BATCH_RANGE[1] / BATCH_RANGE[0])}
 
 
 def trace(problem: str, pop: int, seeds: int) -> tuple[list[dict[str, Any]], list[float]]:
