@@ -100,8 +100,8 @@ def run_api(problem: Problem, method: str, population: int, seed: int, workdir: 
 
     t0 = time.process_time()
     try:
-        result = pbt_operator.run(doc, function=segment, out=workdir / doc["metadata"]["name"], progress=False,
-                                  plot=False)
+        result = pbt_operator.run(doc, function=segment, out=workdir / problem.name / doc["metadata"]["name"],
+                                  progress=False, plot=False)
     finally:
         mem_storage().clear()
     cpu = time.process_time() - t0
