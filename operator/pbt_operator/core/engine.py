@@ -480,7 +480,14 @@ class Engine:
             from .pb2 import Pb2Pending, Pb2Row, suggest
         except ImportError as e:  # pragma: no cover - only while pb2 is missing
             return None, f"pb2 unavailable ({e})"
-        rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in self._rows.values()]
+        found: Any = self._rows.values()
+        if self.spec.mode == "synchronous":
+            # A generation's results arrive in the order its members happened to finish (a thread, a pod):
+            # rows in that order changed the GP in its last bits, and the run's decisions with it. By (time,
+            # member) they are the same for any order, as a synchronous run's decisions must be. Only the last
+            # generation can be out of that order, so the sort is about linear.
+            found = [row for _, row in sorted(self._rows.items(), key=lambda kv: (kv[1][0], kv[0]))]
+        rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in found]
         pend = [
             Pb2Pending(t=float(s.steps_start), c=self._internal(s.score_before), hyperparameters=s.hyperparameters)
             for s in self.pending.values()
