@@ -2,7 +2,7 @@
 `pbt_operator.run(manifest, function=fn)`, as a user runs them, instead of the simulated cluster.
 
     .venv/bin/python benchmarks/api_quality.py [--seeds 30] [--problems lr-schedule,cat-flip] [--pops 4]
-        [--methods pb2-liar-pessimistic,pbt] [--mode asynchronous|synchronous] [--ms-per-step 4]
+        [--methods pb2-liar-pessimistic,pbt] [--mode asynchronous|synchronous] [--ms-per-step 16]
         [--simulate] [--quiet] [--out results.json]
 
 search_quality.py drives the engine directly (`drive()`: Engine.start, then one tell per finished
@@ -17,9 +17,13 @@ first segment, from `default_rng([seed, member, 0])` as in the simulator), train
 saves it (`seg.save`) and returns `problem.report` with the simulator's report rng
 (`default_rng([seed, member, segment, 2])`). It then sleeps for the simulator's own duration of that
 segment (`steps x exp(0.25 N(0, 1))`, drawn next from the same rng, as `drive()` draws it) times
-`--ms-per-step` milliseconds (default 4: about 20 ms for a 5-step segment, 13-31 ms for the middle
+`--ms-per-step` milliseconds (default 16: about 80 ms for a 5-step segment, 50-130 ms for the middle
 95%), so members finish out of order as on the simulated cluster, but the order is decided by real
-threads and the engine's own decision time. Every segment is checked to have started from the state
+threads and the engine's own decision time. The default keeps a segment about ten times longer than a
+PB2 decision (~7 ms of CPU at population 4 on a 2-core EPYC), as any real training's is: at 4 ms per
+step (20 ms segments) the main thread deciding is the bottleneck, results queue while it decides,
+the finish order is the engine's more than the durations', and PB2 ends 0.02-0.04 of the limit lower
+than on the simulator (benchmarks/README.md, "Through the real local runner"). Every segment is checked to have started from the state
 of the checkpoint its suggestion named (the run raises otherwise: a function or runner that does not
 restore would otherwise only look like a bad search).
 
@@ -78,7 +82,7 @@ def api_manifest(problem: Problem, method: str, population: int, seed: int, mode
 
 
 def run_api(problem: Problem, method: str, population: int, seed: int, workdir: Path, *,
-            mode: str = "asynchronous", ms_per_step: float = 4.0) -> sq.RunResult:
+            mode: str = "asynchronous", ms_per_step: float = 16.0) -> sq.RunResult:
     """One run through `pbt_operator.run` (see the module docstring)."""
     doc = api_manifest(problem, method, population, seed, mode)
     states: dict[tuple[int, int], Any] = {}  # what each segment saved, by ref (the score is measured on it)
@@ -152,7 +156,7 @@ def limits_for(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int
 
 
 def benchmark(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int], methods: Sequence[str], *,
-              mode: str = "asynchronous", ms_per_step: float = 4.0, simulate: bool = False,
+              mode: str = "asynchronous", ms_per_step: float = 16.0, simulate: bool = False,
               log: Any = None) -> tuple[list[sq.Row], list[sq.RunResult]]:
     limits, seed_limits = limits_for(problems, pops, seeds)
     results: list[sq.RunResult] = []
@@ -179,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pops", default="4")
     ap.add_argument("--methods", default="pb2-liar-pessimistic,pbt")
     ap.add_argument("--mode", default="asynchronous", choices=MODES)
-    ap.add_argument("--ms-per-step", type=float, default=4.0,
-                    help="milliseconds a segment sleeps per simulated time unit (default 4)")
+    ap.add_argument("--ms-per-step", type=float, default=16.0,
+                    help="milliseconds a segment sleeps per simulated time unit (default 16)")
     ap.add_argument("--simulate", action="store_true",
                     help="search_quality's simulated cluster instead of the local runner (same specs and mode)")
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON (benchmarks/paired.py reads it)")
