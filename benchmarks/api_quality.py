@@ -20,7 +20,7 @@ segment (`steps x exp(0.25 N(0, 1))`, drawn next from the same rng, as `drive()`
 `--ms-per-step` milliseconds (default 16: about 80 ms for a 5-step segment, 50-130 ms for the middle
 95%), so members finish out of order as on the simulated cluster, but the order is decided by real
 threads and the engine's own decision time. The default keeps a segment about ten times longer than a
-PB2 decision (~7 ms of CPU at population 4 on a 2-core EPYC), as any real training's is: at 4 ms per
+PB2 decision (~5 ms of CPU at population 4 on a 2-core EPYC), as any real training's is: at 4 ms per
 step (20 ms segments) the main thread deciding is the bottleneck, results queue while it decides,
 the finish order is the engine's more than the durations', and PB2 ends 0.02-0.04 of the limit lower
 than on the simulator (benchmarks/README.md, "Through the real local runner"). Every segment is checked to have started from the state
