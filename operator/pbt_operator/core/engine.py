@@ -122,6 +122,7 @@ class Engine:
         self.best: Record | None = None
         self._since_best = 0
         self._rows: dict[Ref, Any] = {}  # PB2 rows, built incrementally, in absorption order
+        self._sorted_rows: list[Any] | None = None  # synchronous mode: _rows by (time, member), until they change
         self.last: Record | None = None  # the record the latest tell() produced, for drivers to persist
         self.window = None if window is None else max(1, int(window), spec.exploit.significance.window)
         self.seq = 0  # records absorbed (done and failed)
@@ -328,6 +329,7 @@ class Engine:
         dt = rec.steps_end - rec.suggestion.steps_start
         if before is not None and dt > 0 and rec.score is not None:
             s = self._internal(rec.score)
+            self._sorted_rows = None
             self._rows[rec.ref] = (rec.suggestion.steps_start, self._internal(before), rec.suggestion.hyperparameters,
                                    (s - self._internal(before)) / dt)
         if self.window is not None:
@@ -344,7 +346,8 @@ class Engine:
         self.order.remove(ref)
         # Failed attempts leave with their segment (only the current segment's attempts are counted).
         self.failures = [f for f in self.failures if f.member != ref[0] or f.segment > ref[1]]
-        self._rows.pop(ref, None)
+        if self._rows.pop(ref, None) is not None:
+            self._sorted_rows = None
         old = self.evicted_best.get(rec.member)
         if old is None or self._internal(rec.score) > self._internal(old.score):  # type: ignore[arg-type]
             self.evicted_best[rec.member] = rec
@@ -484,9 +487,11 @@ class Engine:
         if self.spec.mode == "synchronous":
             # A generation's results arrive in the order its members happened to finish (a thread, a pod):
             # rows in that order changed the GP in its last bits, and the run's decisions with it. By (time,
-            # member) they are the same for any order, as a synchronous run's decisions must be. Only the last
-            # generation can be out of that order, so the sort is about linear.
-            found = [row for _, row in sorted(self._rows.items(), key=lambda kv: (kv[1][0], kv[0]))]
+            # member) they are the same for any order, as a synchronous run's decisions must be. Sorted once
+            # per generation (a generation's decisions add no rows): ~5 ms at 10 000 rows.
+            if self._sorted_rows is None:
+                self._sorted_rows = [row for _, row in sorted(self._rows.items(), key=lambda kv: (kv[1][0], kv[0]))]
+            found = self._sorted_rows
         rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in found]
         pend = [
             Pb2Pending(t=float(s.steps_start), c=self._internal(s.score_before), hyperparameters=s.hyperparameters)
