@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -112,6 +112,25 @@ class Problem:
     # What was drawn for this instance, as class labels (e.g. {"path": "bell"}): the benchmark breaks
     # its results down by them.
     classes: Mapping[str, str] | None = None
+    # The oracle's `best_hp` for segments of `steps` iterations (`segments` of them), where the best
+    # constant configuration of a segment depends on how long the segment is (a moving optimum is taken
+    # at the segment's middle; a schedule is indexed by segment); None: `best_hp` serves every length.
+    best_hp_for: Callable[[int, int], Callable[[int, State], HP]] | None = None
+
+    @property
+    def iterations(self) -> int:
+        return self.segments * self.steps
+
+    def with_interval(self, steps: int) -> Problem:
+        """The same training (the same total iterations) cut into segments of `steps` iterations: the
+        population exploits after each, and so does the oracle, so the limit follows the interval."""
+        if steps == self.steps:
+            return self
+        if steps < 1 or self.iterations % steps:
+            raise ValueError(f"{self.name}: an interval of {steps} does not divide its {self.iterations} iterations")
+        segments = self.iterations // steps
+        best = self.best_hp_for(segments, steps) if self.best_hp_for is not None else self.best_hp
+        return replace(self, segments=segments, steps=steps, best_hp=best)
 
     def for_seed(self, seed: int) -> Problem:
         """This problem's instance for one seed: every member and the oracle of a seed share it."""
@@ -165,8 +184,12 @@ def _lr_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generato
     return float(state + gain + TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal())
 
 
-def _lr_best(t0: int, state: float) -> HP:
-    return {"lr": 10.0 ** lr_optimum(t0 + 2.0)}  # the optimum at the segment's middle
+def _lr_best(t0: int, state: float, steps: int = 5) -> HP:
+    return {"lr": 10.0 ** lr_optimum(t0 + (steps - 1) / 2)}  # the optimum at the segment's middle
+
+
+def _lr_best_for(segments: int, steps: int) -> Callable[[int, State], HP]:
+    return lambda t0, state: _lr_best(t0, state, steps)
 
 
 LR_SCHEDULE = Problem(
@@ -178,6 +201,7 @@ LR_SCHEDULE = Problem(
     true_score=float,
     report=_additive_report,
     best_hp=_lr_best,
+    best_hp_for=_lr_best_for,
 )
 
 
@@ -223,6 +247,7 @@ def _scaled_lr(name: str, extra: dict[str, Any], scale: Callable[[HP], float], b
         true_score=float,
         report=_additive_report,
         best_hp=lambda t0, state: {**_lr_best(t0, state), **best},
+        best_hp_for=lambda segments, steps: lambda t0, state: {**_lr_best(t0, state, steps), **best},
     )
 
 
@@ -342,6 +367,7 @@ def _lr_family(shape: LrShape, per_seed: Callable[[int], Problem] | None) -> Pro
         true_score=lambda state: _family_score(shape, state),
         report=lambda state, rng: _family_report(shape, state, rng),
         best_hp=lambda t0, state: {"lr": 10.0 ** shape.optimum(t0 + 2.0)},  # the segment's middle
+        best_hp_for=lambda segments, steps: lambda t0, state: {"lr": 10.0 ** shape.optimum(t0 + (steps - 1) / 2)},
         per_seed=per_seed,
         classes=shape.classes(),
     )
@@ -558,6 +584,8 @@ RL_REACH = Problem(
     true_score=lambda s: reach_expected_return(s[0], s[1]),
     report=lambda s, rng: float(s[2]),
     best_hp=lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // REACH_STEPS, REACH_SEGMENTS),
+    # other intervals: the same geometric schedule over the run, one value per segment, first to last
+    best_hp_for=lambda segments, steps: lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // steps, segments),
 )
 
 

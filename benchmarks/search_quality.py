@@ -3,7 +3,7 @@ each measured against its physical limit (issue 14).
 
     .venv/bin/python benchmarks/search_quality.py [--seeds 20] [--problems lr-schedule,cat-flip,rl,rl-reach,quadratic]
         [--pops 4,8,16] [--methods ...] [--jobs 2] [--pb2 JSON] [--pb2-settings JSON] [--pb2-fraction 0.5]
-        [--out results.json]
+        [--mode asynchronous|synchronous] [--interval N] [--out results.json]
 
 Problems and their limits: benchmarks/problems.py (`digits`, the torch example, runs through the
 real local runner and has no known limit; it is opt-in: `--problems digits`, raw accuracy reported).
@@ -17,6 +17,12 @@ out of order and PB2 always has running (pending) configurations to account for.
 simulator's states; an exploit restores the donor's. Every method gets the same budget: `segments`
 segments per member. A seed is the manifest's `spec.seed` plus the simulator's noise and durations,
 so for one seed all methods start from the same initial members.
+
+`--mode synchronous` runs the same with spec.mode synchronous (every member waits at a barrier after
+each segment, and the whole generation is decided there). `--interval N` cuts each problem's training
+(its total iterations stay the same) into segments of N iterations: the members exploit every N
+iterations, and so does the oracle, so the limit is that interval's (`Problem.with_interval`). Default:
+each problem's own (5, the quadratic's 10). Both are recorded in the table and the JSON.
 
 Methods (all with exploit truncation 0.25 unless said otherwise):
 * `pb2-<mode>`: explore pb2 with `parallel: <mode>`, every other PB2 setting at its default, and
@@ -93,7 +99,7 @@ PB2_DONORS: float | None = None
 
 def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed: int, segments: int,
              steps: int, factors: Sequence[float] = (0.8, 1.2), function: str = "bench:segment",
-             parallelism: int | None = None) -> dict[str, Any]:
+             parallelism: int | None = None, mode: str = "asynchronous") -> dict[str, Any]:
     exploit: dict[str, Any] = {"strategy": "truncation", "fraction": 0.25}
     explore: dict[str, Any] = {"strategy": "perturb", "factors": list(factors), "resampleProbability": 0.25}
     if method.startswith("pb2-"):
@@ -116,7 +122,7 @@ def manifest(hyperparameters: dict[str, Any], method: str, population: int, seed
     return {
         "apiVersion": "pbt.dev/v1alpha1", "kind": "PopulationTraining", "metadata": {"name": name},
         "spec": {
-            "population": population, "parallelism": parallelism or population, "mode": "asynchronous",
+            "population": population, "parallelism": parallelism or population, "mode": mode,
             "seed": seed, "objective": {"metric": "score", "direction": "max"},
             "segment": {"steps": steps}, "budget": {"segments": segments},
             "hyperparameters": hyperparameters, "exploit": exploit, "explore": explore,
@@ -137,12 +143,15 @@ class RunResult:
     decide_seconds: float  # CPU time inside the engine (PB2's decisions dominate)
     pb2_fallbacks: int = 0
     limit: float | None = None  # what `final` is divided by (set by `benchmark`)
+    mode: str = "asynchronous"  # spec.mode
+    interval: int | None = None  # iterations per segment (spec.segment.steps)
 
 
-def simulate(problem: Problem, method: str, population: int, seed: int) -> RunResult:
-    """One run on the simulated cluster (see the module docstring)."""
+def simulate(problem: Problem, method: str, population: int, seed: int, mode: str = "asynchronous") -> RunResult:
+    """One run on the simulated cluster (see the module docstring); `problem` already cut into its
+    segments (`Problem.with_interval`)."""
     spec: TrainingSpec = parse_manifest(manifest(problem.hyperparameters, method, population, seed,
-                                                 problem.segments, problem.steps, problem.factors))
+                                                 problem.segments, problem.steps, problem.factors, mode=mode))
     if PB2_FIELDS:
         spec = replace(spec, explore=replace(spec.explore, pb2=replace(spec.explore.pb2, **PB2_FIELDS)))
     eng, states, decide = drive(problem, spec, seed)
@@ -150,7 +159,8 @@ def simulate(problem: Problem, method: str, population: int, seed: int) -> RunRe
         raise RuntimeError(f"{problem.name}/{method}: {len(eng.records)} segments finished ({eng.failed})")
     final = max(problem.true_score(states[r.ref]) for r in eng.latest.values())
     fallbacks = sum(1 for r in eng.records.values() if "pb2 fallback" in r.suggestion.reason)
-    return RunResult(problem.name, method, population, seed, final, len(eng.records), decide, fallbacks)
+    return RunResult(problem.name, method, population, seed, final, len(eng.records), decide, fallbacks,
+                     mode=spec.mode, interval=spec.segment.steps)
 
 
 def drive(problem: Problem, spec: TrainingSpec, seed: int) -> tuple[Engine, dict[tuple[int, int], Any], float]:
@@ -224,12 +234,25 @@ def _task(args: tuple[str, str, int, int, dict[str, Any]]) -> RunResult | tuple[
     PB2_FIELDS.update(extra.get("fields", {}))
     PB2_FRACTION = extra.get("fraction")
     PB2_DONORS = extra.get("donors")
+    interval = extra.get("interval")
     if method == "limit":
-        return prob, pop, seed, PROBLEMS[prob].for_seed(seed).limit(pop, seed)
+        return prob, pop, seed, instance(prob, seed, interval).limit(pop, seed)
     if prob == DIGITS:
         with tempfile.TemporaryDirectory(prefix="pbt-sq-") as tmp:
             return run_digits(method, pop, seed, Path(tmp))
-    return simulate(PROBLEMS[prob].for_seed(seed), method, pop, seed)
+    return simulate(instance(prob, seed, interval), method, pop, seed, extra.get("mode", "asynchronous"))
+
+
+def instance(prob: str, seed: int, interval: int | None = None) -> Problem:
+    """Problem `prob` as seed `seed` sees it, cut into segments of `interval` iterations (None: its own)."""
+    problem = PROBLEMS[prob].for_seed(seed)
+    return problem if interval is None else problem.with_interval(interval)
+
+
+def limit_key(prob: str, pop: int, seed: int, interval: int | None = None) -> str:
+    """The limit cache's key: the problem's own interval keeps the key it always had."""
+    own = interval is None or prob == DIGITS or interval == PROBLEMS[prob].steps
+    return f"{prob}/{pop}/{seed}" if own else f"{prob}@{interval}/{pop}/{seed}"
 
 
 @dataclass
@@ -245,6 +268,8 @@ class Row:
     vs_pbt: str
     decide_seconds: float
     pb2_fallbacks: int
+    mode: str = "asynchronous"  # spec.mode of its runs
+    interval: int | None = None  # iterations per segment of its runs
 
 
 def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
@@ -286,7 +311,9 @@ def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float]
             mine = [r for r in group if r.method == method]
             rows.append(Row(prob, pop, method, len(seeds), limit, med, q25, q75,
                             "-" if method == "pbt" else f"{w}/{t}/{len(paired) - w - t}",
-                            sum(r.decide_seconds for r in mine), sum(r.pb2_fallbacks for r in mine)))
+                            sum(r.decide_seconds for r in mine), sum(r.pb2_fallbacks for r in mine),
+                            "/".join(sorted({r.mode for r in mine})),
+                            mine[0].interval if len({r.interval for r in mine}) == 1 else None))
     return rows
 
 
@@ -296,12 +323,15 @@ def _header(head: str) -> list[str]:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = (f"| {'problem':<11} | {'pop':>3} | {'method':<20} | {'seeds':>5} | {'limit':>7} | "
-            f"{'final / limit: median [q25, q75]':<32} | {'vs PBT w/t/l':>12} | {'engine s':>8} |")
+    head = (f"| {'problem':<11} | {'pop':>3} | {'mode':<5} | {'int':>3} | {'method':<20} | {'seeds':>5} | "
+            f"{'limit':>7} | {'final / limit: median [q25, q75]':<32} | {'vs PBT w/t/l':>12} | {'engine s':>8} |")
     lines = _header(head)
     for r in rows:
         lim = "seed" if r.limit is not None and math.isnan(r.limit) else f"{r.limit:.4g}" if r.limit else "none"
-        lines.append(f"| {r.problem:<11} | {r.population:>3} | {r.method:<20} | {r.seeds:>5} | {lim:>7} | "
+        mode = {"asynchronous": "async", "synchronous": "sync"}.get(r.mode, r.mode)
+        interval = "-" if r.interval is None else str(r.interval)
+        lines.append(f"| {r.problem:<11} | {r.population:>3} | {mode:<5} | {interval:>3} | {r.method:<20} | "
+                     f"{r.seeds:>5} | {lim:>7} | "
                      f"{f'{r.median:.3f} [{r.q25:.3f}, {r.q75:.3f}]':<32} | {r.vs_pbt:>12} | "
                      f"{r.decide_seconds:>8.1f} |")
     return "\n".join(lines)
@@ -388,13 +418,15 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
     """Rows, runs, the problems' limits (for a per-seed problem: the median of its first seeds') and
     the per-seed problems' own limits."""
     pb2_extra = dict(pb2_extra or {})
+    interval = pb2_extra.get("interval")
     cache = _load_limits()
     tasks: list[tuple[str, str, int, int, dict[str, Any]]] = []
     per_seed = {p for p in problems if p != DIGITS and PROBLEMS[p].per_seed is not None}
     for prob in problems:
         for pop in populations:
             for i, seed in enumerate(seeds):
-                if prob != DIGITS and (i < LIMIT_SEEDS or prob in per_seed) and f"{prob}/{pop}/{seed}" not in cache:
+                if (prob != DIGITS and (i < LIMIT_SEEDS or prob in per_seed)
+                        and limit_key(prob, pop, seed, interval) not in cache):
                     tasks.append((prob, "limit", pop, seed, pb2_extra))
                 tasks.extend((prob, m, pop, seed, pb2_extra) for m in methods)
     results: list[RunResult] = []
@@ -412,15 +444,15 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
                     f"final {out.final:.4g} ({out.decide_seconds:.2f}s in the engine)")
         else:
             prob, pop, seed, value = out
-            cache[f"{prob}/{pop}/{seed}"] = value
+            cache[limit_key(prob, pop, seed, interval)] = value
     _save_limits(cache)
     for prob in problems:
         for pop in populations:
             for seed in list(seeds)[:LIMIT_SEEDS]:
-                if f"{prob}/{pop}/{seed}" in cache:
-                    raw_limits.setdefault((prob, pop), []).append(cache[f"{prob}/{pop}/{seed}"])
+                if limit_key(prob, pop, seed, interval) in cache:
+                    raw_limits.setdefault((prob, pop), []).append(cache[limit_key(prob, pop, seed, interval)])
     limits = {k: statistics.median(v) for k, v in raw_limits.items()}
-    seed_limits: SeedLimits = {(prob, pop, seed): cache[f"{prob}/{pop}/{seed}"]
+    seed_limits: SeedLimits = {(prob, pop, seed): cache[limit_key(prob, pop, seed, interval)]
                                for prob in per_seed for pop in populations for seed in seeds}
     for r in results:
         r.limit = seed_limits.get((r.problem, r.population, r.seed), limits.get((r.problem, r.population)))
@@ -492,6 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pb2-donors", type=float, default=None,
                     help="spec.exploit.donorFraction of the pb2 methods (default: the manifest's, 0.25 with pb2; "
                          "0.5 for the top half as before 2026-12-01)")
+    ap.add_argument("--mode", default="asynchronous", choices=("asynchronous", "synchronous"),
+                    help="spec.mode of every run (default asynchronous)")
+    ap.add_argument("--interval", type=int, default=None,
+                    help="iterations per segment, the problems' total iterations kept (segments = total / N; "
+                         "default: each problem's own, 5, the quadratic's 10); the limit follows it")
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON")
     ap.add_argument("--quiet", action="store_true", help="no line per run")
     a = ap.parse_args(argv)
@@ -504,10 +541,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m not in METHODS:
             ap.error(f"--methods: unknown method {m!r} (one of {', '.join(METHODS)})")
     pops = [int(x) for x in a.pops.split(",") if x]
+    if DIGITS in problems and (a.mode != "asynchronous" or a.interval is not None):
+        ap.error("--mode and --interval do not apply to digits (its own manifest: parallelism 1, 8 x 40 steps)")
+    for p in problems:
+        if a.interval is not None and (a.interval < 1 or PROBLEMS[p].iterations % a.interval):
+            ap.error(f"--interval {a.interval} does not divide {p}'s {PROBLEMS[p].iterations} iterations")
     print(f"machine: {machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     t0 = time.perf_counter()
-    extra = {"manifest": json.loads(a.pb2), "fields": json.loads(a.pb2_settings), "fraction": a.pb2_fraction, "donors": a.pb2_donors}
+    extra = {"manifest": json.loads(a.pb2), "fields": json.loads(a.pb2_settings), "fraction": a.pb2_fraction, "donors": a.pb2_donors,
+             "mode": a.mode, "interval": a.interval}
     rows, results, limits, seed_limits = benchmark(problems, pops, range(a.seeds), methods, a.jobs, extra,
                                                    log=None if a.quiet else (lambda s: print(s, flush=True)))
     wall = time.perf_counter() - t0
@@ -527,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.out is not None:
         a.out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in results],
                                      "limits": {f"{k[0]}/{k[1]}": v for k, v in limits.items()},
+                                     "mode": a.mode, "interval": a.interval,
                                      "machine": machine(), "wall_seconds": wall}, indent=1))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import sys
 from dataclasses import replace
@@ -237,3 +238,45 @@ def test_many_hyperparameter_problems_reward_only_their_relevant_ones(P, sq, nam
     finally:
         del sq.PROBLEMS[quick.name]
     assert run.segments == 3 * 4 and math.isfinite(run.final)
+
+
+def test_mode_and_interval_reach_the_engine_and_the_limit(sq, P, monkeypatch, tmp_path):
+    """`--mode synchronous` decides at barriers (a whole generation per tell), `--interval` cuts the same
+    training into more or fewer segments, for the members and the oracle alike, and both are recorded."""
+    batches: list[int] = []
+
+    class Recording(sq.Engine):
+        def tell(self, result):
+            out = super().tell(result)
+            if out:
+                batches.append(len(out))
+            return out
+
+    monkeypatch.setattr(sq, "Engine", Recording)
+    quick = replace(sq.PROBLEMS["lr-schedule"], segments=4)
+    sync = sq.simulate(quick, "pb2-liar-pessimistic", 4, 0, mode="synchronous")
+    assert sync.mode == "synchronous" and set(batches) == {4} and len(batches) == 3  # 3 barriers after the start
+    batches.clear()
+    asyn = sq.simulate(quick, "pb2-liar-pessimistic", 4, 0)
+    assert asyn.mode == "asynchronous" and set(batches) == {1} and len(batches) == 4 * 3
+    monkeypatch.undo()
+
+    lr = P.LR_SCHEDULE
+    ten = lr.with_interval(10)
+    assert (ten.segments, ten.steps, ten.iterations) == (10, 10, lr.iterations) and lr.with_interval(5) is lr
+    assert ten.best_hp(0, 0.0)["lr"] == pytest.approx(10.0 ** P.lr_optimum(4.5))  # the longer segment's middle
+    assert ten.limit(4, 0) < lr.limit(4, 0)  # the oracle too exploits only every 10 iterations
+    with pytest.raises(ValueError, match="does not divide"):
+        lr.with_interval(3)
+    reach = P.RL_REACH.with_interval(20)  # the oracle's schedule still runs from its first value to its last
+    assert reach.best_hp(80, None) == pytest.approx(P.geometric_schedule(P.REACH_SCHEDULE, 19, 20))
+
+    out = tmp_path / "sq.json"
+    monkeypatch.setattr(sq, "LIMIT_CACHE", tmp_path / "limits.json")
+    assert sq.main(["--seeds", "1", "--pops", "2", "--problems", "lr-schedule", "--methods", "pbt", "--jobs", "1",
+                    "--quiet", "--mode", "synchronous", "--interval", "10", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["mode"], data["interval"]) == ("synchronous", 10)
+    assert [(r["mode"], r["interval"], r["segments"]) for r in data["runs"]] == [("synchronous", 10, 2 * 10)]
+    assert data["limits"]["lr-schedule/2"] == pytest.approx(ten.limit(2, 0))
+    assert set(json.loads((tmp_path / "limits.json").read_text())) == {"lr-schedule@10/2/0"}
