@@ -2,6 +2,7 @@
 edges and walls per hyperparameter, fitted length scales, distance of relevant numbers from their optima.
 
     .venv/bin/python benchmarks/pb2_trace.py lr-schedule-3d [--pop 4] [--seeds 20] [--pb2-settings JSON]
+        [--mode asynchronous|synchronous] [--interval N]
 
 Runs `pb2-liar-pessimistic` as search_quality.py does and wraps `pbt_operator.core.pb2.suggest` (and
 the window's fit, for the length scales) to record every explore decision; retunes (kappa 0) are not
@@ -38,7 +39,8 @@ OPTIMA = {**{name: centre for name, centre, _ in MANY_RELEVANT},
           "batch": math.log(BATCH_BEST / BATCH_RANGE[0]) / math.log(BATCH_RANGE[1] / BATCH_RANGE[0])}
 
 
-def trace(problem: str, pop: int, seeds: int) -> tuple[list[dict[str, Any]], list[float]]:
+def trace(problem: str, pop: int, seeds: int, mode: str = "asynchronous",
+          interval: int | None = None) -> tuple[list[dict[str, Any]], list[float]]:
     log: list[dict[str, Any]] = []
     last: dict[str, list[float]] = {}
     suggest, choose = pb2mod.suggest, winmod.choose
@@ -49,7 +51,7 @@ def trace(problem: str, pop: int, seeds: int) -> tuple[list[dict[str, Any]], lis
         return w
 
     def traced(space: Any, rows: Sequence[Any], pending: Sequence[Any], t: float, c: float, settings: Any,
-               rng: Any, remaining: int | None = None, center: Mapping[str, Any] | None = None) -> Any:
+               rng: Any, remaining: float | None = None, center: Mapping[str, Any] | None = None) -> Any:
         last.pop("ls", None)
         ch = suggest(space, rows, pending, t, c, settings, rng, remaining=remaining, center=center)
         if settings.kappa == 0.0:  # a retune
@@ -67,8 +69,8 @@ def trace(problem: str, pop: int, seeds: int) -> tuple[list[dict[str, Any]], lis
     pb2mod.suggest = traced
     winmod.choose = fit
     try:
-        prob = sq.PROBLEMS[problem]
-        finals = [sq.simulate(prob.for_seed(s), "pb2-liar-pessimistic", pop, s).final for s in range(seeds)]
+        finals = [sq.simulate(sq.instance(problem, s, interval), "pb2-liar-pessimistic", pop, s, mode).final
+                  for s in range(seeds)]
     finally:
         pb2mod.suggest, winmod.choose = suggest, choose
     return log, finals
@@ -115,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pop", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--pb2-settings", default="{}", help="Pb2Settings fields, JSON (as search_quality.py)")
+    ap.add_argument("--mode", default="asynchronous", choices=("asynchronous", "synchronous"))
+    ap.add_argument("--interval", type=int, default=None, help="iterations per segment (as search_quality.py)")
     a = ap.parse_args(argv)
     sq.PB2_FIELDS.update(json.loads(a.pb2_settings))
-    log, finals = trace(a.problem, a.pop, a.seeds)
+    log, finals = trace(a.problem, a.pop, a.seeds, a.mode, a.interval)
     print("\n".join(report(a.problem, a.pop, log, finals)))
     return 0
 
