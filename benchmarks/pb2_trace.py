@@ -51,7 +51,7 @@ def trace(problem: str, pop: int, seeds: int, mode: str = "asynchronous",
         return w
 
     def traced(space: Any, rows: Sequence[Any], pending: Sequence[Any], t: float, c: float, settings: Any,
-               rng: Any, remaining: float | None = None, center: Mapping[str, Any] | None = None) -> Any:
+               rng: Any, remaining: int | None = None, center: Mapping[str, Any] | None = None) -> Any:
         last.pop("ls", None)
         ch = suggest(space, rows, pending, t, c, settings, rng, remaining=remaining, center=center)
         if settings.kappa == 0.0:  # a retune
@@ -76,10 +76,14 @@ def trace(problem: str, pop: int, seeds: int, mode: str = "asynchronous",
     return log, finals
 
 
-def report(problem: str, pop: int, log: list[dict[str, Any]], finals: list[float]) -> list[str]:
+def report(problem: str, pop: int, log: list[dict[str, Any]], finals: list[float],
+           iterations: int | None = None) -> list[str]:
     n, fb = len(log), sum(r["fallback"] for r in log)
     out = [f"{problem} pop {pop}: {len(finals)} seeds, median final {np.median(finals):.2f}; {n} explore decisions, "
            f"{fb} fell back to perturb ({fb / max(n, 1):.0%})"]
+    if iterations:  # how often a member restarts from a donor, per unit of training
+        out.append(f"  explore steps (exploits) per member and 10 iterations: "
+                   f"{10 * n / (len(finals) * pop * iterations):.2f}")
     why = collections.Counter(r["reason"].split("(")[0] for r in log if r["fallback"])
     out.append(f"  fallback reasons: {why.most_common(3)}")
     ok = [r for r in log if not r["fallback"] and "un" in r]
@@ -122,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sq.PB2_FIELDS.update(json.loads(a.pb2_settings))
     log, finals = trace(a.problem, a.pop, a.seeds, a.mode, a.interval)
-    print("\n".join(report(a.problem, a.pop, log, finals)))
+    iterations = sq.instance(a.problem, 0, a.interval).iterations
+    print("\n".join(report(a.problem, a.pop, log, finals, iterations)))
     return 0
 
 

@@ -12,11 +12,9 @@ run would make (docs/architecture.md, "The driver policy").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from . import exploit as exploit_mod
 from .choices import MODES, ON_EXHAUSTED
@@ -404,8 +402,6 @@ class Engine:
         choice = exploit_mod.choose(spec.exploit.strategy, m, scores, rng, fraction=spec.exploit.fraction,
                                     size=spec.exploit.size, donors=spec.exploit.donors)
         reason = choice.reason
-        if choice.donor is not None and not self._ready(rec):
-            return self._retuned(rec) or self._continue(rec, f"continue: not ready ({reason})")
         if choice.donor is not None and spec.exploit.significance.enabled:
             ok, why = exploit_mod.significantly_better(
                 self._recent(choice.donor), self._recent(m), spec.exploit.significance.alpha
@@ -416,21 +412,6 @@ class Engine:
         if choice.donor is None:
             return self._retuned(rec) or self._continue(rec, "continue")
         return self._exploit(m, k, choice.donor, choice.second, reason, kind="exploit")
-
-    def _ready(self, rec: Record) -> bool:
-        """Pb2Settings.ready: has the member trained enough steps since its lineage's last restart
-        (a start or an exploit; continues and retunes keep the lineage) to exploit again?"""
-        spec = self.spec
-        if spec.explore.strategy != "pb2" or spec.explore.pb2.ready <= 0.0:
-            return True
-        need = spec.explore.pb2.ready * spec.budget.segments * spec.segment.steps
-        first = rec
-        while first.suggestion.kind == "continue":
-            prev = self.records.get((rec.member, first.segment - 1))
-            if prev is None:  # outside a bounded window: long enough ago
-                return True
-            first = prev
-        return rec.steps_end - first.suggestion.steps_start >= need - 1e-9
 
     def _retuned(self, rec: Record) -> Suggestion | None:
         """With PB2, a member that keeps its weights may still move its numbers a little: to the GP's
@@ -481,10 +462,7 @@ class Engine:
         rng = rng_for(spec.seed, m, k, purpose)
 
         def pb2() -> tuple[dict[str, Value] | None, str]:
-            hp, why = self._pb2(m, k, drec)
-            if hp is None and spec.explore.pb2.fallback_region and " rows (need " in why:
-                return self._region_draw(drec.suggestion.hyperparameters, rng), f"{why}; drawn in the trust region"
-            return hp, why
+            return self._pb2(m, k, drec)
 
         hp, why = explore(
             spec.space, spec.explore.strategy, drec.suggestion.hyperparameters, second_hp, rng,
@@ -498,17 +476,6 @@ class Engine:
         )
         self.pending[m] = s
         return s
-
-    def _region_draw(self, center: Mapping[str, Value], rng: np.random.Generator) -> dict[str, Value]:
-        """Pb2Settings.fallback_region: numbers uniform within the trust region around `center`,
-        categories resampled with the explore step's resample probability."""
-        space, spec = self.spec.space, self.spec
-        u = space.to_unit(center)
-        r = spec.explore.pb2.trust_region
-        new = rng.uniform(np.clip(u - r, 0.0, 1.0), np.clip(u + r, 0.0, 1.0)) if u.size else u
-        cats = {p.name: (p.sample(rng) if rng.random() < spec.explore.resample_probability else center[p.name])
-                for p in space.categorical}
-        return space.clip(space.from_unit(new.tolist(), cats))
 
     def _pb2(self, m: int, k: int, drec: Record, purpose: int = PB2,
              settings: Pb2Settings | None = None) -> tuple[dict[str, Value] | None, str]:
@@ -534,21 +501,10 @@ class Engine:
         choice = suggest(
             self.spec.space, rows, pend, float(drec.steps_end), self._internal(drec.score),  # type: ignore[arg-type]
             settings or self.spec.explore.pb2, rng_for(self.spec.seed, m, k, purpose),
-            remaining=self._remaining(k, settings or self.spec.explore.pb2),
+            remaining=self.spec.budget.segments - k,
             center=drec.suggestion.hyperparameters,
         )
         return choice.hyperparameters, choice.reason
-
-    def _remaining(self, k: int, settings: Pb2Settings) -> float:
-        """The segments a member deciding segment k has left, as pb2.suggest's budget factor reads them;
-        with Pb2Settings.budget_horizon, rescaled so that the factor reaches 1 that share of the budget
-        before the last segment (BUDGET_HORIZON segments before it otherwise)."""
-        from .pb2.decide import BUDGET_HORIZON
-
-        n = self.spec.budget.segments
-        if settings.budget_horizon <= 0.0:
-            return n - k
-        return 1.0 + BUDGET_HORIZON * (n - k - 1) / (settings.budget_horizon * n)
 
     def _failed(self, sug: Suggestion, result: SegmentResult) -> list[Suggestion]:
         self._absorb(Record(sug, result.score, result.steps, dict(result.metrics), "failed",

@@ -217,18 +217,3 @@ class Pb2Settings:
     # on benchmarks/search_quality.py it changed no median beyond noise at populations 8 and 16
     # (it never triggers at 4) and it doubles a decision's CPU time (three fits instead of one).
     window_search: bool = False
-    # Screening switch (benchmarks/README.md, "Outside the benchmark's setting"), not a manifest field,
-    # off by default: a member may exploit only once it has trained at least `ready` of its budget's
-    # steps (spec.budget.segments x spec.segment.steps) since it last started from scratch or from a
-    # donor (the PBT paper's "ready"); until then it continues (and is retuned). 0.05 is one segment
-    # at 20 segments, so only shorter exploit intervals change.
-    ready: float = 0.0
-    # Screening switch (as `ready`), off by default: beta's budget-aware scaling (pb2/decide.py,
-    # budget_factor) reaches full strength this share of the budget before a member's last segment
-    # instead of BUDGET_HORIZON (3) segments before it. 0.15 is 3 segments at 20 segments.
-    budget_horizon: float = 0.0
-    # Screening switch (as `ready`), off by default: when PB2 declines an explore step for too few
-    # rows (before `minRows`; a member's first segment gives no row, having no score before it), the
-    # numbers are drawn uniformly from the trust region around the donor's instead of perturbed by
-    # `factors`; categories are resampled with resampleProbability as perturb does.
-    fallback_region: bool = False

@@ -66,12 +66,12 @@ BUDGET_HORIZON = 3
 RANDOM_SHAPE = 1.0
 
 
-def budget_factor(remaining: float | None) -> float:
+def budget_factor(remaining: int | None) -> float:
     """Scale of the exploration weight for a member with `remaining` segments to train, the one being
     decided included (None: unknown, no scaling)."""
     if remaining is None:
         return 1.0
-    return min(1.0, max(0.0, (float(remaining) - 1) / BUDGET_HORIZON))
+    return min(1.0, max(0.0, (int(remaining) - 1) / BUDGET_HORIZON))
 
 
 def suggest(
@@ -82,7 +82,7 @@ def suggest(
     c: float,
     settings: Pb2Settings,
     rng: np.random.Generator,
-    remaining: float | None = None,
+    remaining: int | None = None,
     center: Mapping[str, Value] | None = None,
 ) -> Pb2Choice:
     """New hyperparameters for a member that restarts from a donor at time `t` with score `c` and
@@ -108,7 +108,7 @@ def _suggest(
     c: float,
     settings: Pb2Settings,
     rng: np.random.Generator,
-    remaining: float | None = None,
+    remaining: int | None = None,
     center: Mapping[str, Value] | None = None,
 ) -> Pb2Choice:
     mode = settings.parallel
