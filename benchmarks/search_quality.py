@@ -26,7 +26,8 @@ each problem's own (5, the quadratic's 10). Both are recorded in the table and t
 
 Methods (all with exploit truncation 0.25 unless said otherwise):
 * `pb2-<mode>`: explore pb2 with `parallel: <mode>`, every other PB2 setting at its default, and
-  truncation at the manifest's default with PB2 (0.75 below 8 members, else 0.5: spec.pb2_fraction;
+  truncation at the manifest's default with PB2 (0.75 below 8 members, else 0.5, at most 15 / segments
+  and never below 0.25: spec.pb2_fraction;
   `--pb2-fraction F` sets one fraction for every population, 0.25 for the same as PBT)
 * `pbt`: explore perturb (factors 0.8/1.2, resample probability 0.25)
 * `pbt-crossover`: the same with `crossover: true`
@@ -520,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           'e.g. \'{"window_search": true}\'')
     ap.add_argument("--pb2-fraction", type=float, default=None,
                     help="truncation fraction of the pb2 methods (default: the manifest's with pb2, 0.75 below 8 "
-                         "members, else 0.5)")
+                         "members, else 0.5; at most 15 / segments, never below 0.25)")
     ap.add_argument("--pb2-donors", type=float, default=None,
                     help="spec.exploit.donorFraction of the pb2 methods (default: the manifest's, 0.25 with pb2; "
                          "0.5 for the top half as before 2026-12-01)")

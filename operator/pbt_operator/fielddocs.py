@@ -107,7 +107,7 @@ FIELDS: tuple[Field, ...] = (
           "the first value, or a narrower range or subset to draw the first values from", row=False),
     Field("spec.exploit", "", "how poor members copy better ones", row=False),
     Field("spec.exploit.strategy", _alts(EXPLOIT_STRATEGIES), "`none`: members train alone (a random-search baseline)"),
-    Field("spec.exploit.fraction", "(0, 1) and at most 1 - `donorFraction`, 0.25 (with `explore.strategy: pb2`: 0.75 below 8 members, else 0.5)",
+    Field("spec.exploit.fraction", "(0, 1) and at most 1 - `donorFraction`, 0.25 (with `explore.strategy: pb2`: 0.75 below 8 members, else 0.5; with more than 20 segments at most 15 / `budget.segments`, never below 0.25)",
           "truncation: the bottom fraction copies a member of the top fraction; PB2 picks hyperparameters "
           "only for members that copy, so its default is larger (README: \"Choosing PB2 settings\")"),
     Field("spec.exploit.donorFraction", "(0, 0.5], `fraction` (at most 0.25 with `explore.strategy: pb2`)",

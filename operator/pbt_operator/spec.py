@@ -125,11 +125,23 @@ PB2_FRACTION = 0.5
 # that escapes the trap: a small population has too few members for that reserve to pay.
 PB2_FRACTION_SMALL = 0.75
 PB2_SMALL = 8
+# Both were measured at 20 decisions per member. The fraction applies per decision, so a member's expected
+# restarts over its budget grow with budget.segments: exploiting every iteration (100 segments), 0.75 made
+# three of four members restart on one iteration's noisy score after almost every iteration, no
+# configuration ran long enough to be judged, and PB2 fell behind PBT on every moving optimum; at PBT's 0.25
+# it led again (benchmarks/README.md, "Outside the benchmark's setting"). So the default keeps a member's
+# expected restarts near what was measured to pay (0.75 x 20 = 15), never below PBT's fraction: the same
+# fraction up to 20 segments (30 from 8 members), then 15 / segments, 0.25 from 60 segments on.
+PB2_RESTARTS = 15.0
 
 
-def pb2_fraction(population: int) -> float:
-    """`exploit.fraction`'s default with `explore: pb2` for this population (PB2_FRACTION_SMALL says why)."""
-    return PB2_FRACTION_SMALL if population < PB2_SMALL else PB2_FRACTION
+def pb2_fraction(population: int, segments: int | None = None) -> float:
+    """`exploit.fraction`'s default with `explore: pb2` for this population and budget.segments
+    (PB2_FRACTION_SMALL and PB2_RESTARTS say why)."""
+    base = PB2_FRACTION_SMALL if population < PB2_SMALL else PB2_FRACTION
+    if segments is None:
+        return base
+    return max(Exploit.fraction, min(base, PB2_RESTARTS / max(1, segments)))
 # ... but the members that copy take the top quarter's checkpoints, not the top half's: the second-best
 # of four is often far behind the best. Paired over the benchmarks' seeds (benchmarks/README.md, "Who
 # donates"), donors from the top quarter gained 0.01-0.04 of the limit at populations 8 and 16 on every
@@ -457,7 +469,7 @@ def parse_spec(
                              f"hyperparameters + categorical choices)): PB2 would never engage and always "
                              f"perturb; raise maxRows or set minRows (got {pb2.max_rows})")
     if fraction is None:
-        fraction = pb2_fraction(population) if explore.strategy == "pb2" else Exploit.fraction
+        fraction = pb2_fraction(population, budget.segments) if explore.strategy == "pb2" else Exploit.fraction
         if explore.strategy == "pb2" and donors is not None:  # a default never collides with what was written
             fraction = min(fraction, 1.0 - donors)
     donors_given = donors is not None

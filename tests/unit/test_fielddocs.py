@@ -52,7 +52,7 @@ def test_manifest_table_is_generated_from_the_same_fields() -> None:
         "docs/manifest.md is stale: .venv/bin/python -m pbt_operator.fielddocs --write docs/manifest.md"
     rows = [line for line in fielddocs.table().splitlines()[2:]]
     assert len(rows) == sum(f.row for f in fielddocs.FIELDS)
-    assert any(r.startswith("| `spec.exploit.fraction` | (0, 1) and at most 1 - `donorFraction`, 0.25 (with `explore.strategy: pb2`: 0.75 below 8 members, else 0.5) |")
+    assert any(r.startswith("| `spec.exploit.fraction` | (0, 1) and at most 1 - `donorFraction`, 0.25 (with `explore.strategy: pb2`: 0.75 below 8 members, else 0.5; with more than 20 segments at most 15 / `budget.segments`, never below 0.25) |")
                for r in rows)
 
 
