@@ -123,10 +123,11 @@ def test_search_quality_has_a_row_per_problem_and_method(tmp_path: Path) -> None
     out = run("search_quality", "--seeds", "1", "--problems", "lr-schedule,cat-flip", "--pops", "4", "--jobs", "2",
               "--methods", ",".join(methods), "--quiet", "--out", str(tmp_path / "runs.json"))
     [(head, rows)] = tables(out)[:1]
-    assert head[:4] == ["problem", "pop", "method", "seeds"]
-    assert [(r[0], r[1], r[2]) for r in rows] == [(p, "4", m) for p in ("lr-schedule", "cat-flip") for m in methods]
+    assert head[:6] == ["problem", "pop", "mode", "int", "method", "seeds"]
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        (p, "4", "async", "5", m) for p in ("lr-schedule", "cat-flip") for m in methods]
     for r in rows:
-        assert 0.0 <= number(r[5]) <= 1.2  # final / limit
+        assert 0.0 <= number(r[7]) <= 1.2  # final / limit
     assert "targets (population 4):" in out
     assert len(json.loads((tmp_path / "runs.json").read_text())["runs"]) == 2 * len(methods)
 
