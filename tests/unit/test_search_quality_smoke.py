@@ -280,3 +280,51 @@ def test_mode_and_interval_reach_the_engine_and_the_limit(sq, P, monkeypatch, tm
     assert [(r["mode"], r["interval"], r["segments"]) for r in data["runs"]] == [("synchronous", 10, 2 * 10)]
     assert data["limits"]["lr-schedule/2"] == pytest.approx(ten.limit(2, 0))
     assert set(json.loads((tmp_path / "limits.json").read_text())) == {"lr-schedule@10/2/0"}
+
+
+# -- benchmarks/api_quality.py: search_quality's problems through `pbt_operator.run` (tiny) -----------------
+
+
+@pytest.fixture(scope="module")
+def aq():
+    yield from _benchmark_module("api_quality")
+
+
+def _quick(aq):
+    return replace(aq.PROBLEMS["lr-schedule"], segments=2)
+
+
+@pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
+def test_a_run_through_the_local_runner_gives_a_finite_fraction(aq, tmp_path, mode):
+    quick = _quick(aq)
+    r = aq.run_api(quick, "pb2-liar-pessimistic", 2, 0, tmp_path, mode=mode, ms_per_step=0.5)
+    assert r.segments == 2 * 2
+    frac = r.final / quick.limit(2, 0)
+    assert math.isfinite(frac) and 0.0 < frac < 1.5
+    # the simulator's run of the same spec measures the same thing
+    s = aq.run_sim(quick, "pb2-liar-pessimistic", 2, 0, mode)
+    assert s.segments == r.segments and math.isfinite(s.final)
+
+
+def test_a_segment_that_does_not_restore_its_checkpoint_fails_the_benchmark(aq, tmp_path, monkeypatch):
+    from pbt_worker.segment import Segment
+
+    monkeypatch.setattr(Segment, "restore", lambda self, **kw: None)  # every segment starts from scratch
+    with pytest.raises(RuntimeError, match="not restored"):
+        aq.run_api(_quick(aq), "pbt", 2, 0, tmp_path, ms_per_step=0.5)
+
+
+def test_the_json_is_what_paired_py_reads(aq, tmp_path, monkeypatch):
+    monkeypatch.setitem(aq.PROBLEMS, "lr-schedule", _quick(aq))
+    monkeypatch.setattr(aq.sq, "LIMIT_CACHE", tmp_path / "limits.json")  # not the shared cache: a tiny problem
+    out = tmp_path / "api.json"
+    assert aq.main(["--seeds", "1", "--pops", "2", "--problems", "lr-schedule", "--ms-per-step", "0.5",
+                    "--quiet", "--out", str(out)]) == 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import paired
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    runs = paired.load(out, "pb2-liar-pessimistic")
+    assert list(runs) == [("lr-schedule", 2, 0)] and math.isfinite(runs[("lr-schedule", 2, 0)][0])
+    assert len(json.loads(out.read_text())["rows"]) == 2
