@@ -63,7 +63,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pbt_operator  # noqa: E402
 import search_quality as sq  # noqa: E402
-from pbt_operator.spec import parse_manifest  # noqa: E402
 from pbt_worker.storage import mem_storage  # noqa: E402
 from problems import PROBLEMS, Problem  # noqa: E402
 
@@ -126,17 +125,6 @@ def run_api(problem: Problem, method: str, population: int, seed: int, workdir: 
     return sq.RunResult(problem.name, method, population, seed, final, len(eng.records), cpu, fallbacks)
 
 
-def run_sim(problem: Problem, method: str, population: int, seed: int, mode: str) -> sq.RunResult:
-    """The same spec on search_quality's simulated cluster (search_quality.simulate, with `mode`)."""
-    spec = parse_manifest(api_manifest(problem, method, population, seed, mode))
-    eng, states, decide = sq.drive(problem, spec, seed)
-    if eng.failed or len(eng.records) != population * problem.segments:
-        raise RuntimeError(f"{problem.name}/{method}: {len(eng.records)} segments finished ({eng.failed})")
-    final = max(problem.true_score(states[r.ref]) for r in eng.latest.values())
-    fallbacks = sum(1 for r in eng.records.values() if "pb2 fallback" in r.suggestion.reason)
-    return sq.RunResult(problem.name, method, population, seed, final, len(eng.records), decide, fallbacks)
-
-
 def limits_for(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int]
                ) -> tuple[dict[tuple[str, int], float], sq.SeedLimits]:
     """search_quality's limits for these runs (its oracle, its cache, its rule for per-seed problems)."""
@@ -166,7 +154,7 @@ def benchmark(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int]
                 for seed in seeds:
                     problem = PROBLEMS[prob].for_seed(seed)
                     for method in methods:
-                        r = (run_sim(problem, method, pop, seed, mode) if simulate else
+                        r = (sq.simulate(problem, method, pop, seed, mode) if simulate else
                              run_api(problem, method, pop, seed, Path(tmp), mode=mode, ms_per_step=ms_per_step))
                         r.limit = seed_limits.get((prob, pop, seed), limits.get((prob, pop)))
                         results.append(r)

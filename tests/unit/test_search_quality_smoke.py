@@ -302,7 +302,7 @@ def test_a_run_through_the_local_runner_gives_a_finite_fraction(aq, tmp_path, mo
     frac = r.final / quick.limit(2, 0)
     assert math.isfinite(frac) and 0.0 < frac < 1.5
     # the simulator's run of the same spec measures the same thing
-    s = aq.run_sim(quick, "pb2-liar-pessimistic", 2, 0, mode)
+    s = aq.sq.simulate(quick, "pb2-liar-pessimistic", 2, 0, mode)
     assert s.segments == r.segments and math.isfinite(s.final)
 
 
