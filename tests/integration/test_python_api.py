@@ -7,11 +7,13 @@ from __future__ import annotations
 import _thread
 import copy
 import json
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +185,20 @@ def test_same_seed_same_decisions(tmp_path: Path) -> None:
     assert sorted(sync[0][0]) == sorted(sync[1][0]) and sorted(map(str, sync[0][1])) == sorted(map(str, sync[1][1]))
 
 
-def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path) -> None:
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it: `_thread.interrupt_main()` only raises KeyboardInterrupt where
+    SIGINT has Python's default handler, and a suite started in the background (`cmd &` in a
+    non-interactive shell) inherits SIGINT ignored, where it would do nothing and these tests fail."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_stops_and_resume_repeats_no_finished_segment(tmp_path: Path, ctrl_c: None) -> None:
     phase = {"now": "first"}
     calls: dict[str, list[tuple[int, int]]] = {"first": [], "second": []}
     lock = threading.Lock()
@@ -457,7 +472,7 @@ def test_notes_once_and_yaml_text_named(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_resume_right_after_ctrl_c_waits_for_the_segments_still_running(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], ctrl_c: None) -> None:
     """A segment in a thread cannot be stopped: after Ctrl-C it goes on and saves its checkpoint. A
     notebook's `run(..., resume=True)` right after ran the same segment again beside it, both writing
     one checkpoint (the one kept could be the unrecorded run's)."""
