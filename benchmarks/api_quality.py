@@ -129,18 +129,10 @@ def limits_for(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int
                ) -> tuple[dict[tuple[str, int], float], sq.SeedLimits]:
     """search_quality's limits for these runs (its oracle, its cache, its rule for per-seed problems)."""
     cache = sq._load_limits()
-    for prob in problems:
-        per_seed = PROBLEMS[prob].per_seed is not None
-        for pop in pops:
-            for i, seed in enumerate(seeds):
-                if (i < sq.LIMIT_SEEDS or per_seed) and f"{prob}/{pop}/{seed}" not in cache:
-                    cache[f"{prob}/{pop}/{seed}"] = PROBLEMS[prob].for_seed(seed).limit(pop, seed)
+    for prob, pop, seed in sq.missing_limits(problems, pops, seeds, None, cache):
+        cache[sq.limit_key(prob, pop, seed)] = PROBLEMS[prob].for_seed(seed).limit(pop, seed)
     sq._save_limits(cache)
-    limits = {(prob, pop): float(np.median([cache[f"{prob}/{pop}/{s}"] for s in list(seeds)[:sq.LIMIT_SEEDS]]))
-              for prob in problems for pop in pops}
-    seed_limits: sq.SeedLimits = {(prob, pop, s): cache[f"{prob}/{pop}/{s}"] for prob in problems
-                                  if PROBLEMS[prob].per_seed is not None for pop in pops for s in seeds}
-    return limits, seed_limits
+    return sq.read_limits(problems, pops, seeds, None, cache)
 
 
 def benchmark(problems: Sequence[str], pops: Sequence[int], seeds: Sequence[int], methods: Sequence[str], *,

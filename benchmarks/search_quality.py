@@ -421,17 +421,12 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
     pb2_extra = dict(pb2_extra or {})
     interval = pb2_extra.get("interval")
     cache = _load_limits()
-    tasks: list[tuple[str, str, int, int, dict[str, Any]]] = []
-    per_seed = {p for p in problems if p != DIGITS and PROBLEMS[p].per_seed is not None}
-    for prob in problems:
-        for pop in populations:
-            for i, seed in enumerate(seeds):
-                if (prob != DIGITS and (i < LIMIT_SEEDS or prob in per_seed)
-                        and limit_key(prob, pop, seed, interval) not in cache):
-                    tasks.append((prob, "limit", pop, seed, pb2_extra))
-                tasks.extend((prob, m, pop, seed, pb2_extra) for m in methods)
+    tasks: list[tuple[str, str, int, int, dict[str, Any]]] = [
+        (prob, "limit", pop, seed, pb2_extra) for prob, pop, seed in missing_limits(problems, populations, seeds,
+                                                                                   interval, cache)]
+    tasks.extend((prob, m, pop, seed, pb2_extra) for prob in problems for pop in populations for seed in seeds
+                 for m in methods)
     results: list[RunResult] = []
-    raw_limits: dict[tuple[str, int], list[float]] = {}
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as ex:
             outs = list(ex.map(_task, tasks, chunksize=4))
@@ -447,17 +442,38 @@ def benchmark(problems: Sequence[str], populations: Sequence[int], seeds: Sequen
             prob, pop, seed, value = out
             cache[limit_key(prob, pop, seed, interval)] = value
     _save_limits(cache)
-    for prob in problems:
-        for pop in populations:
-            for seed in list(seeds)[:LIMIT_SEEDS]:
-                if limit_key(prob, pop, seed, interval) in cache:
-                    raw_limits.setdefault((prob, pop), []).append(cache[limit_key(prob, pop, seed, interval)])
-    limits = {k: statistics.median(v) for k, v in raw_limits.items()}
-    seed_limits: SeedLimits = {(prob, pop, seed): cache[limit_key(prob, pop, seed, interval)]
-                               for prob in per_seed for pop in populations for seed in seeds}
+    limits, seed_limits = read_limits(problems, populations, seeds, interval, cache)
     for r in results:
         r.limit = seed_limits.get((r.problem, r.population, r.seed), limits.get((r.problem, r.population)))
     return summarise(results, limits, seed_limits), results, limits, seed_limits
+
+
+def missing_limits(problems: Sequence[str], populations: Sequence[int], seeds: Sequence[int],
+                   interval: int | None, cache: dict[str, float]) -> list[tuple[str, int, int]]:
+    """The oracle runs these runs need that `cache` lacks: the first LIMIT_SEEDS seeds of each
+    (problem, population), and every seed of a per-seed problem."""
+    return [(prob, pop, seed) for prob in problems if prob != DIGITS for pop in populations
+            for i, seed in enumerate(seeds)
+            if (i < LIMIT_SEEDS or PROBLEMS[prob].per_seed is not None)
+            and limit_key(prob, pop, seed, interval) not in cache]
+
+
+def read_limits(problems: Sequence[str], populations: Sequence[int], seeds: Sequence[int],
+                interval: int | None, cache: dict[str, float]
+                ) -> tuple[dict[tuple[str, int], float], SeedLimits]:
+    """The limit of each (problem, population) (the median of its first seeds' oracles) and, for a
+    per-seed problem, each seed's own, from `cache` once missing_limits' runs are in it."""
+    limits: dict[tuple[str, int], float] = {}
+    seed_limits: SeedLimits = {}
+    for prob in problems:
+        for pop in populations:
+            first = [cache[k] for k in (limit_key(prob, pop, s, interval) for s in list(seeds)[:LIMIT_SEEDS])
+                     if k in cache]
+            if first:
+                limits[(prob, pop)] = statistics.median(first)
+            if prob != DIGITS and PROBLEMS[prob].per_seed is not None:
+                seed_limits.update({(prob, pop, s): cache[limit_key(prob, pop, s, interval)] for s in seeds})
+    return limits, seed_limits
 
 
 # The limit of a (problem, population) is the median of the oracle over the first LIMIT_SEEDS seeds
