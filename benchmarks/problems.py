@@ -103,7 +103,7 @@ class Problem:
     true_score: Callable[[State], float]
     report: Callable[[State, np.random.Generator], float]
     # The best hyperparameters for the segment starting at iteration t, given the state (None: use
-    # `grid` and a one-segment look-ahead).
+    # `grid` and a one-segment look-ahead; set from `best_hp_for` where a problem has that).
     best_hp: Callable[[int, State], HP] | None = None
     grid: tuple[HP, ...] = ()
     factors: tuple[float, ...] = (0.8, 1.2)
@@ -117,6 +117,11 @@ class Problem:
     # at the segment's middle; a schedule is indexed by segment); None: `best_hp` serves every length.
     best_hp_for: Callable[[int, int], Callable[[int, State], HP]] | None = None
 
+    def __post_init__(self) -> None:
+        # One rule per problem: where it has `best_hp_for`, `best_hp` is that at the problem's own cut.
+        if self.best_hp_for is not None:
+            object.__setattr__(self, "best_hp", self.best_hp_for(self.segments, self.steps))
+
     @property
     def iterations(self) -> int:
         return self.segments * self.steps
@@ -128,9 +133,7 @@ class Problem:
             return self
         if steps < 1 or self.iterations % steps:
             raise ValueError(f"{self.name}: an interval of {steps} does not divide its {self.iterations} iterations")
-        segments = self.iterations // steps
-        best = self.best_hp_for(segments, steps) if self.best_hp_for is not None else self.best_hp
-        return replace(self, segments=segments, steps=steps, best_hp=best)
+        return replace(self, segments=self.iterations // steps, steps=steps)  # __post_init__ cuts best_hp_for
 
     def for_seed(self, seed: int) -> Problem:
         """This problem's instance for one seed: every member and the oracle of a seed share it."""
@@ -184,7 +187,7 @@ def _lr_train(state: float, hp: HP, t0: int, steps: int, rng: np.random.Generato
     return float(state + gain + TRAIN_NOISE * math.sqrt(steps) * rng.standard_normal())
 
 
-def _lr_best(t0: int, state: float, steps: int = 5) -> HP:
+def _lr_best(t0: int, state: float, steps: int) -> HP:
     return {"lr": 10.0 ** lr_optimum(t0 + (steps - 1) / 2)}  # the optimum at the segment's middle
 
 
@@ -200,7 +203,6 @@ LR_SCHEDULE = Problem(
     train=_lr_train,
     true_score=float,
     report=_additive_report,
-    best_hp=_lr_best,
     best_hp_for=_lr_best_for,
 )
 
@@ -246,7 +248,6 @@ def _scaled_lr(name: str, extra: dict[str, Any], scale: Callable[[HP], float], b
         train=lambda state, hp, t0, steps, rng: _lr_train(state, hp, t0, steps, rng, bell_scale=scale(hp)),
         true_score=float,
         report=_additive_report,
-        best_hp=lambda t0, state: {**_lr_best(t0, state), **best},
         best_hp_for=lambda segments, steps: lambda t0, state: {**_lr_best(t0, state, steps), **best},
     )
 
@@ -366,7 +367,6 @@ def _lr_family(shape: LrShape, per_seed: Callable[[int], Problem] | None) -> Pro
         train=lambda state, hp, t0, steps, rng: _family_train(shape, state, hp, t0, steps, rng),
         true_score=lambda state: _family_score(shape, state),
         report=lambda state, rng: _family_report(shape, state, rng),
-        best_hp=lambda t0, state: {"lr": 10.0 ** shape.optimum(t0 + 2.0)},  # the segment's middle
         best_hp_for=lambda segments, steps: lambda t0, state: {"lr": 10.0 ** shape.optimum(t0 + (steps - 1) / 2)},
         per_seed=per_seed,
         classes=shape.classes(),
@@ -583,7 +583,6 @@ RL_REACH = Problem(
     train=_reach_train,
     true_score=lambda s: reach_expected_return(s[0], s[1]),
     report=lambda s, rng: float(s[2]),
-    best_hp=lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // REACH_STEPS, REACH_SEGMENTS),
     # other intervals: the same geometric schedule over the run, one value per segment, first to last
     best_hp_for=lambda segments, steps: lambda t0, s: geometric_schedule(REACH_SCHEDULE, t0 // steps, segments),
 )
