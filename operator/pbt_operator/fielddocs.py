@@ -128,7 +128,7 @@ FIELDS: tuple[Field, ...] = (
           "per hyperparameter, draw from the prior instead of perturbing"),
     Field("spec.explore.crossover", "bool, false", "the child takes each hyperparameter from one of two good parents"),
     Field("spec.explore.pb2", "`{parallel: liar-pessimistic, window, maxRows: 128, minRows, candidates: 128, restarts: 2, "
-          "kappa: 1, trustRegion: 0.25, retune: 0.05}`", "PB2's settings"),
+          "kappa: 1, trustRegion: 0.25, retune}`", "PB2's settings"),
     Field("spec.explore.pb2.parallel", _alts(PB2_PARALLEL),
           "how PB2 accounts for segments decided but not finished (README: \"Choosing PB2 settings\")"),
     Field("spec.explore.pb2.window", "int >= 1, none", "only rows within this many steps of the newest are used",
@@ -143,7 +143,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.explore.pb2.trustRegion", "(0, 1], 0.25",
           "how far a new configuration may move from the donor's, as a share of each numeric range (log scale "
           "where log: true), whether or not its categories change; 1 searches everywhere"),
-    Field("spec.explore.pb2.retune", "[0, 1], 0.05",
+    Field("spec.explore.pb2.retune", "[0, 1], 0.05 (with more than 20 segments 1 / `budget.segments`)",
           "a member that keeps its weights moves its numbers to PB2's best predicted ones within this share of "
           "each numeric range of its own (categories kept; no exploration bonus); 0 keeps its configuration, as "
           "in PBT"),

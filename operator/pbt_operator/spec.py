@@ -135,6 +135,23 @@ PB2_SMALL = 8
 PB2_RESTARTS = 15.0
 
 
+# `retune` was measured at 20 segments (0.05 won over 0.025; benchmarks/README.md, "Retuning members that
+# keep their weights"). It is a half-width per decision, so what a kept member's numbers can drift over
+# its budget grows with budget.segments: exploiting every iteration (100 segments), 0.05 let a member that
+# kept winning walk five times the range on one iteration's noisy rates, into a wall of the space on the RL
+# reaching task (PB2 0.05 of the limit against PBT's 1.00 at 3 members), and cost the moving optima 0.03-0.09
+# of the limit at 3, 4 and 8 members (benchmarks/README.md, "A retune that follows the number of
+# segments"). So the default keeps the drift over the whole budget at what was measured (0.05 x 20 = 1, the
+# whole unit range): 0.05 up to 20 segments, then 1 / segments. Never more: larger radii at 5 and 10
+# segments measured within noise.
+PB2_RETUNE_DRIFT = 1.0
+
+
+def pb2_retune(segments: int) -> float:
+    """`explore.pb2.retune`'s default for budget.segments (PB2_RETUNE_DRIFT says why)."""
+    return min(Pb2Settings.retune, PB2_RETUNE_DRIFT / max(1, segments))
+
+
 def pb2_fraction(population: int, segments: int | None = None) -> float:
     """`exploit.fraction`'s default with `explore: pb2` for this population and budget.segments
     (PB2_FRACTION_SMALL and PB2_RESTARTS say why)."""
@@ -434,12 +451,12 @@ def parse_spec(
         if trust is not None:
             p.err("trustRegion", f"must be in (0, 1]: a half-width in unit space, 1 for the whole space (got {trust})")
         trust = Pb2Settings.trust_region
-    retune = p.float("retune", Pb2Settings.retune)
+    retune = p.float("retune", None)
     if retune is None or not (0.0 <= retune <= 1.0):
         if retune is not None:
             p.err("retune", f"must be in [0, 1]: a half-width in unit space, 0 to keep a winning member's "
                             f"configuration (got {retune})")
-        retune = Pb2Settings.retune
+        retune = pb2_retune(budget.segments)
     pb2 = Pb2Settings(
         parallel=p.str("parallel", Pb2Settings.parallel, choices=PB2_PARALLEL),
         window=p.int("window", None, minimum=1),

@@ -245,7 +245,7 @@ TRAINING_STATUS = _obj(
 # lets the defaults inside it apply when the section is left out. Nothing in spec.worker (refused on a
 # cluster) or where a default depends on other fields (parallelism = population; exploit.fraction = 0.5 with
 # explore pb2, else 0.25; exploit.donorFraction = fraction, at most 0.25 with pb2; explore.pb2.minRows grows
-# with the hyperparameter space).
+# with the hyperparameter space; explore.pb2.retune shrinks with budget.segments).
 DEFAULTS: dict[str, Any] = {
     "spec.mode": "asynchronous", "spec.seed": 0,
     "spec.objective": {}, "spec.objective.metric": S.Objective().metric, "spec.objective.direction": S.Objective().direction,
@@ -263,7 +263,7 @@ DEFAULTS: dict[str, Any] = {
     "spec.explore.pb2.parallel": Pb2Settings.parallel, "spec.explore.pb2.maxRows": Pb2Settings.max_rows,
     "spec.explore.pb2.candidates": Pb2Settings.candidates,
     "spec.explore.pb2.restarts": Pb2Settings.restarts, "spec.explore.pb2.kappa": Pb2Settings.kappa,
-    "spec.explore.pb2.trustRegion": Pb2Settings.trust_region, "spec.explore.pb2.retune": Pb2Settings.retune,
+    "spec.explore.pb2.trustRegion": Pb2Settings.trust_region,
     "spec.failurePolicy": {}, "spec.failurePolicy.maxRetries": S.FailurePolicy().max_retries,
     "spec.failurePolicy.onExhausted": S.FailurePolicy().on_exhausted,
 }
