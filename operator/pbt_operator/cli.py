@@ -116,9 +116,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .spec import describe_search
+
     spec = _load(args.manifest)
     print(f"{args.manifest}: valid PopulationTraining {spec.name!r} (population {spec.population}, "
           f"{len(spec.space)} hyperparameters)")
+    print(f"  search: {describe_search(spec)}")
     return 0
 
 
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--no-plot", action="store_true")
     r.set_defaults(fn=cmd_run)
-    v = sub.add_parser("validate", help="check a manifest without running it")
+    v = sub.add_parser("validate", help="check a manifest without running it; print the search it asks for, defaults filled in")
     v.add_argument("manifest")
     v.set_defaults(fn=cmd_validate)
     add_results_commands(sub)

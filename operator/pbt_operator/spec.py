@@ -825,3 +825,36 @@ def load_manifest(path: str | Path, *, name: str | None = None) -> TrainingSpec:
     metadata.name."""
     p = Path(path)
     return parse_manifest(read_manifest(p), base_dir=p.resolve().parent, name=name)
+
+
+def describe_search(spec: TrainingSpec) -> str:
+    """The search a manifest asks for, with the defaults filled in, on one line for `pbt validate`.
+
+    Why: several defaults depend on other fields (exploit.fraction and donorFraction, explore.pb2.retune
+    and minRows on the population, budget.segments and the space), so neither the manifest nor
+    `kubectl get -o yaml` shows what a training will use; this line does."""
+    from .core.pb2.data import auto_min_rows
+
+    ex, xp = spec.exploit, spec.explore
+    if ex.strategy == "truncation":
+        exploit = f"truncation: the bottom {ex.fraction:g} copies the top {ex.donors:g}"
+    elif ex.strategy == "tournament":
+        exploit = f"tournament of {ex.size}"
+    else:
+        exploit = "none (members train alone)"
+    if ex.significance.enabled:
+        exploit += f", if Welch's test over {ex.significance.window} scores says so (alpha {ex.significance.alpha:g})"
+    if xp.strategy == "pb2":
+        p = xp.pb2
+        min_rows = p.min_rows if p.min_rows is not None else auto_min_rows(spec.space)
+        explore = (f"pb2 ({p.parallel}, kappa {p.kappa:g}, trustRegion {p.trust_region:g}, retune {p.retune:g}, "
+                   f"minRows {min_rows}{f', window {p.window}' if p.window is not None else ''})")
+    elif xp.strategy == "perturb":
+        explore = (f"perturb (factors {', '.join(f'{f:g}' for f in xp.factors)}, resampleProbability "
+                   f"{xp.resample_probability:g})")
+    else:
+        explore = xp.strategy
+    if xp.crossover:
+        explore += " with crossover"
+    return (f"{spec.population} members, {spec.parallelism} at a time, {spec.mode}; {spec.budget.segments} segments "
+            f"of {spec.segment.steps} steps; exploit {exploit}; explore {explore}")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pbt_operator import cli
 from pbt_operator import spec as spec_mod
-from pbt_operator.spec import SpecError, load_manifest, parse_manifest
+from pbt_operator.spec import SpecError, describe_search, load_manifest, parse_manifest
 
 # --------------------------------------------------------------------------------------------------
 # valid manifests
@@ -516,7 +516,26 @@ def test_cli_validate_bad_manifest(tmp_path: Path, make_doc: Any, capsys: pytest
 def test_cli_validate_good_manifest(tmp_path: Path, make_doc: Any, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, make_doc())
     assert cli.main(["validate", str(path)]) == 0
-    assert "valid PopulationTraining 't'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "valid PopulationTraining 't'" in out
+    assert "\n  search: " in out and "exploit truncation: the bottom 0.25 copies the top 0.25" in out
+
+
+def test_validate_shows_the_defaults_that_depend_on_other_fields(make_spec: Any) -> None:
+    # exploit.fraction, donorFraction, pb2.retune and minRows are filled in from the population, the
+    # budget and the space: neither the manifest nor `kubectl get -o yaml` shows them.
+    def search(segments: int, **spec: Any) -> str:
+        return describe_search(make_spec({"population": 4, "budget": {"segments": segments},
+                                          "explore": {"strategy": "pb2"}, **spec}))
+
+    assert "the bottom 0.75 copies the top 0.25" in search(20) and "retune 0.05," in search(20)
+    many = search(100)
+    assert "the bottom 0.25 copies the top 0.25" in many and "retune 0.01," in many
+    assert "pb2 (liar-pessimistic, kappa 1, trustRegion 0.25" in many and "100 segments of" in many
+    assert "minRows 4)" in many  # two numbers: 2 x 2, at least 4
+    given = search(100, exploit={"fraction": 0.5, "donorFraction": 0.5}, mode="synchronous")
+    assert "the bottom 0.5 copies the top 0.5" in given and "synchronous" in given
+    assert "tournament of 3" in describe_search(make_spec({"exploit": {"strategy": "tournament", "size": 3}}))
 
 
 def test_cli_run_bad_manifest_creates_nothing(tmp_path: Path, make_doc: Any, monkeypatch: pytest.MonkeyPatch,
