@@ -560,9 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pops = [int(x) for x in a.pops.split(",") if x]
     if DIGITS in problems and (a.mode != "asynchronous" or a.interval is not None):
         ap.error("--mode and --interval do not apply to digits (its own manifest: parallelism 1, 8 x 40 steps)")
-    for p in problems:
-        if a.interval is not None and (a.interval < 1 or PROBLEMS[p].iterations % a.interval):
-            ap.error(f"--interval {a.interval} does not divide {p}'s {PROBLEMS[p].iterations} iterations")
+    for p in problems if a.interval is not None else ():
+        try:
+            instance(p, 0, a.interval)  # Problem.with_interval refuses an interval that does not divide
+        except ValueError as e:
+            ap.error(f"--interval: {e}")
     print(f"machine: {machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     t0 = time.perf_counter()

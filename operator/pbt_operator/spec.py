@@ -152,12 +152,10 @@ def pb2_retune(segments: int) -> float:
     return min(Pb2Settings.retune, PB2_RETUNE_DRIFT / max(1, segments))
 
 
-def pb2_fraction(population: int, segments: int | None = None) -> float:
+def pb2_fraction(population: int, segments: int) -> float:
     """`exploit.fraction`'s default with `explore: pb2` for this population and budget.segments
     (PB2_FRACTION_SMALL and PB2_RESTARTS say why)."""
     base = PB2_FRACTION_SMALL if population < PB2_SMALL else PB2_FRACTION
-    if segments is None:
-        return base
     return max(Exploit.fraction, min(base, PB2_RESTARTS / max(1, segments)))
 # ... but the members that copy take the top quarter's checkpoints, not the top half's: the second-best
 # of four is often far behind the best. Paired over the benchmarks' seeds (benchmarks/README.md, "Who
@@ -833,7 +831,7 @@ def describe_search(spec: TrainingSpec) -> str:
     Why: several defaults depend on other fields (exploit.fraction and donorFraction, explore.pb2.retune
     and minRows on the population, budget.segments and the space), so neither the manifest nor
     `kubectl get -o yaml` shows what a training will use; this line does."""
-    from .core.pb2.data import auto_min_rows
+    from .core.pb2.data import min_rows_for
 
     ex, xp = spec.exploit, spec.explore
     if ex.strategy == "truncation":
@@ -846,9 +844,8 @@ def describe_search(spec: TrainingSpec) -> str:
         exploit += f", if Welch's test over {ex.significance.window} scores says so (alpha {ex.significance.alpha:g})"
     if xp.strategy == "pb2":
         p = xp.pb2
-        min_rows = p.min_rows if p.min_rows is not None else auto_min_rows(spec.space)
         explore = (f"pb2 ({p.parallel}, kappa {p.kappa:g}, trustRegion {p.trust_region:g}, retune {p.retune:g}, "
-                   f"minRows {min_rows}{f', window {p.window}' if p.window is not None else ''})")
+                   f"minRows {min_rows_for(p, spec.space)}{f', window {p.window}' if p.window is not None else ''})")
     elif xp.strategy == "perturb":
         explore = (f"perturb (factors {', '.join(f'{f:g}' for f in xp.factors)}, resampleProbability "
                    f"{xp.resample_probability:g})")

@@ -267,7 +267,7 @@ def prepare(
             notes.append(f"window dropped {int(np.count_nonzero(~inside))}")
         idx = idx[inside]
     n_valid = int(idx.size)
-    min_rows = max(1, int(settings.min_rows)) if settings.min_rows is not None else auto_min_rows(space)
+    min_rows = min_rows_for(settings, space)
     if n_valid < min_rows:
         raise Pb2Fallback(_too_few(n_valid, min_rows, dropped_nonfinite, 0))
 
@@ -377,6 +377,11 @@ def auto_min_rows(space: Space) -> int:
     before."""
     need = 2 * (len(space.numeric) + sum(len(p.choices) for p in space.categorical))
     return min(AUTO_MIN_ROWS_CAP, max(4, need))
+
+
+def min_rows_for(settings: Pb2Settings, space: Space) -> int:
+    """The rows PB2 needs before it engages: `minRows` as written, else `auto_min_rows(space)`."""
+    return max(1, int(settings.min_rows)) if settings.min_rows is not None else auto_min_rows(space)
 
 
 def _too_few(have: int, need: int, nonfinite: int, invalid: int) -> str:
