@@ -65,7 +65,6 @@ def test_pb2_fraction_keeps_a_members_restarts_when_segments_are_many(make_spec:
     assert make_spec({"population": 4, "budget": {"segments": 100}}).exploit.fraction == 0.25  # PBT's as ever
 
 
-
 def test_pb2_retune_keeps_a_kept_members_drift_when_segments_are_many(make_spec: Any) -> None:
     # `retune` is a half-width per decision: with 100 segments 0.05 let a member that kept winning walk five
     # times the range on noisy one-iteration rates (benchmarks/README.md, "A retune that follows the number
@@ -77,6 +76,7 @@ def test_pb2_retune_keeps_a_kept_members_drift_when_segments_are_many(make_spec:
     assert retune(5) == retune(10) == retune(20) == 0.05  # what was measured: unchanged, never larger
     assert retune(25) == 0.04 and retune(50) == 0.02 and retune(100) == 0.01  # the whole range over the budget
     assert retune(100, {"retune": 0.05}) == 0.05 and retune(100, {"retune": 0}) == 0.0  # given wins
+
 
 def test_donors_are_the_top_fraction_but_only_the_top_quarter_with_pb2(make_spec: Any) -> None:
     def donors(exploit: dict[str, Any], strategy: str = "pb2") -> float:
