@@ -53,9 +53,27 @@ chain_images() {
   step images bash "$HERE/realnode.sh" images
 }
 
+# containerd's root under the cache should hold the current images only (about 2 GiB; realnode.sh
+# prunes older ones at every `up`). Before that pruning existed it grew by an image set per source
+# version, until the disk filled while pip installed torch. It is a cache of what `up` imports again from
+# the image tarballs, so when it is oversized and no containerd runs on the machine, it is dropped here,
+# before the venv needs the space.
+trim_node_cache() {
+  local root="$CACHE_ROOT/node/containerd-root" limit_gib="${PBT_CONTAINERD_CACHE_GIB:-8}" kib
+  [[ -d "$root" ]] || return 0
+  local comm
+  for comm in /proc/[0-9]*/comm; do [[ "$(cat "$comm" 2>/dev/null)" == containerd ]] && return 0; done
+  kib="$(du -sk "$root" 2>/dev/null | cut -f1)"
+  if ((${kib:-0} > limit_gib * 1024 * 1024)); then
+    log "containerd's image cache holds $((kib / 1024 / 1024)) GiB (more than $limit_gib GiB): removing $root"
+    rm -rf "$root"
+  fi
+}
+
 cmd_start() {
   if off "${PBT_E2E:-}" || off "${PBT_PREBUILD:-}"; then return 0; fi
   mkdir -p "$PREBUILD_DIR"
+  trim_node_cache
   local running=0 _ pid
   if [[ -f "$PREBUILD_DIR/pids" ]]; then
     while read -r _ pid; do kill -0 "$pid" 2>/dev/null && running=1; done <"$PREBUILD_DIR/pids"

@@ -509,16 +509,29 @@ ctr_() { "$NODE_BIN/ctr" --address "$NODE_DIR/containerd/containerd.sock" --name
 crictl_() { "$CRICTL_BIN/crictl" --runtime-endpoint "unix://$NODE_DIR/containerd/containerd.sock" --timeout 20s "$@"; }
 
 import_images() {
-  local tar keep=() ref
+  local tar
   for tar in "$IMAGE_CACHE/pause-1.tar" "$@"; do
     ctr_ images import --snapshotter overlayfs "$tar" >/dev/null \
       || die "ctr could not import $tar"
   done
-  # containerd's root is a cache kept between runs: drop the images of older source versions
-  read -r -a keep <<<"$(sed -n 's/^PBT_[A-Z]*_IMAGE=//p' "$IMAGE_CACHE/current" | tr '\n' ' ')"
-  for ref in $(ctr_ images ls -q 2>/dev/null | grep -E "^localhost/pbt-(operator|quadratic-worker|digits-worker):"); do
-    [[ " ${keep[*]} " == *" $ref "* ]] || ctr_ images rm "$ref" >/dev/null 2>&1 || true
-  done
+  # shellcheck disable=SC2046
+  prune_images "$PAUSE_IMAGE" $(sed -n 's/^PBT_[A-Z]*_IMAGE=//p' "$IMAGE_CACHE/current")
+}
+
+# containerd's root is a cache kept between runs, and every source version imports new images. Removing
+# the old tags alone frees nothing: the CRI plugin adds a `sha256:<image id>` reference to every image it
+# sees, which keeps the layers and unpacked snapshots alive (25 GiB after a few dozen runs, until a
+# disk filled). So drop every reference, tag or id, that does not point at an image we keep, and wait
+# for containerd's garbage collection before the kubelet starts.
+prune_images() {
+  local keep=" $* " listing digests drop
+  listing="$(ctr_ images ls 2>/dev/null | awk 'NR > 1 {print $1, $3}')"
+  digests=" $(awk -v keep="$keep" 'index(keep, " " $1 " ") {print $2}' <<<"$listing" | tr '\n' ' ') "
+  drop="$(awk -v keep="$keep" -v digests="$digests" '($1 ~ /^localhost\/pbt-/ || $1 ~ /^sha256:/) \
+    && !index(keep, " " $1 " ") && !index(digests, " " $2 " ") {print $1}' <<<"$listing")"
+  [[ -z "$drop" ]] && return 0
+  # shellcheck disable=SC2086
+  ctr_ images rm --sync $drop >/dev/null 2>&1 || echo "warning: could not remove old images from containerd's cache" >&2
 }
 
 node_up() {
