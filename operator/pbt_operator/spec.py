@@ -9,6 +9,7 @@ default and waste a GPU-day.
 from __future__ import annotations
 
 import builtins
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -223,6 +224,29 @@ class TrainingSpec:
     job_annotations: Mapping[str, str] = field(default_factory=dict)
 
 
+# Names that other tuners (Ray Tune, Katib, Optuna, W&B sweeps) use for fields we spell differently: a
+# user porting a search space meets these first, and a typo-distance match would not find them.
+_PEER_NAMES = {
+    "values": "choices", "options": "choices", "list": "choices", "categories": "choices",
+    "low": "min", "lower": "min", "minimum": "min", "high": "max", "upper": "max", "maximum": "max",
+    "scale": "log", "log_scale": "log", "logScale": "log", "distribution": "log",
+    "steps": "segments", "iterations": "segments", "num_samples": "population", "size": "population",
+    "quantile_fraction": "fraction", "perturbation_interval": "steps", "metric_name": "metric",
+    "mode": "direction", "goal": "direction",
+}
+
+
+def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
+    """`; did you mean `x`?` for an unknown field, when a peer's name or a near spelling says which."""
+    peer = _PEER_NAMES.get(key)
+    if peer in allowed:
+        if key in ("scale", "log_scale", "logScale", "distribution"):
+            return "; did you mean `log: true` (a log scale)?"
+        return f"; did you mean `{peer}`?"
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 # --------------------------------------------------------------------------------------------------
 class _Fields:
     """Reads one mapping, recording every problem with its full path."""
@@ -237,8 +261,7 @@ class _Fields:
             return
         for key in self.data:
             if key not in allowed:
-                hint = f"; allowed: {', '.join(allowed)}"
-                errors.append(f"{path}.{key}: unknown field{hint}")
+                errors.append(f"{path}.{key}: unknown field{_did_you_mean(str(key), allowed)}; allowed: {', '.join(allowed)}")
 
     def err(self, key: str, message: str) -> None:
         self.errors.append(f"{self.path}.{key}: {message}")

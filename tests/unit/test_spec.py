@@ -196,6 +196,13 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown-deep", {"exploit": {"significance": {"enable": True}}}, ["spec.exploit.significance.enable: unknown field"]),
     ("unknown-param", {"hyperparameters": {"lr": {"step": 2}}}, [f"{HP}.lr.step: unknown field"]),
     ("unknown-pb2", {"explore": {"pb2": {"beta": 2}}}, ["spec.explore.pb2.beta: unknown field"]),
+    # another tuner's names, and near spellings, get a suggestion
+    ("peer-values", {"hyperparameters": {"o": {"type": "categorical", "values": ["a"]}}},
+     [f"{HP}.o.values: unknown field; did you mean `choices`?"]),
+    ("peer-scale", {"hyperparameters": {"lr": {"type": "float", "min": 1e-4, "max": 1, "scale": "log"}}},
+     [f"{HP}.lr.scale: unknown field; did you mean `log: true` (a log scale)?"]),
+    ("peer-mode", {"objective": {"metric": "score", "mode": "max"}}, ["spec.objective.mode: unknown field; did you mean `direction`?"]),
+    ("typo-suggested", {"popluation": 3}, ["spec.popluation: unknown field; did you mean `population`?"]),
     # ranges
     ("population-1", {"population": 1}, ["spec.population: must be >= 2"]),
     ("population-0", {"population": 0}, ["spec.population: must be >= 2"]),
@@ -386,7 +393,7 @@ def test_empty_hyperparameters(make_doc: Any) -> None:
         ({"metadata": {"name": "x" * 41}}, "metadata.name: must be a DNS label of at most 40"),
         ({"metadata": ["t"]}, "metadata: must be a mapping"),
         ({"metadata": []}, "metadata: must be a mapping (got [])"),
-        ({"metadata": {"name": "t", "lables": {"a": "b"}}}, "metadata.lables: unknown field; allowed: name, "),
+        ({"metadata": {"name": "t", "lables": {"a": "b"}}}, "metadata.lables: unknown field; did you mean `labels`?; allowed: name, "),
         ({"colour": "blue"}, "colour: unknown field"),
         ({"spec": None}, "spec: must be a mapping (got None)"),
         ({"spec": [1]}, "spec: must be a mapping (got [1])"),
