@@ -102,7 +102,7 @@ FIELDS: tuple[Field, ...] = (
     Field("spec.hyperparameters.NAME.min", "number", "lower bound (float and int)", row=False),
     Field("spec.hyperparameters.NAME.max", "number", "upper bound, > min (float and int)", row=False),
     Field("spec.hyperparameters.NAME.log", "bool, false", "sample and perturb on a log scale (min > 0)", row=False),
-    Field("spec.hyperparameters.NAME.choices", "list", "the values of a categorical", row=False),
+    Field("spec.hyperparameters.NAME.choices", "list", "the values of a categorical: strings, numbers, or true and false (not mixed with the others)", row=False),
     Field("spec.hyperparameters.NAME.initial", "value or {min, max} or {choices}",
           "the first value, or a narrower range or subset to draw the first values from", row=False),
     Field("spec.exploit", "", "how poor members copy better ones", row=False),

@@ -236,6 +236,11 @@ _PEER_NAMES = {
 }
 
 
+def _is_choice(value: object, choices: Sequence[object]) -> bool:
+    """`value in choices`, but a boolean is never the number 1 or 0 (True == 1 in Python)."""
+    return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices)
+
+
 def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
     """`; did you mean `x`?` for an unknown field, when a peer's name or a near spelling says which."""
     peer = _PEER_NAMES.get(key)
@@ -694,13 +699,15 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
             if h.has(k):
                 h.err(k, "is not allowed for type: categorical (use choices)")
         choices = h.raw("choices")
-        if (not isinstance(choices, list) or not choices
-                or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)):
-            hint = ""
-            if isinstance(choices, list) and any(isinstance(c, bool) for c in choices):
-                # YAML reads true/false/yes/no/on/off as booleans (`choices: [yes, no]` too): say what works
-                hint = "; booleans are not choices: quote them (['true', 'false']) or use 0 and 1"
-            h.err("choices", f"must be a non-empty list of strings or numbers (got {_show(choices)}){hint}")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, (str, int, float)) for c in choices):
+            h.err("choices", f"must be a non-empty list of strings, numbers or booleans (got {_show(choices)})")
+            return None
+        n_bool = sum(isinstance(c, bool) for c in choices)
+        if 0 < n_bool < len(choices):
+            # YAML reads yes/no/on/off/y/n as booleans too: `choices: [yes, no, maybe]` is two booleans and
+            # a string; and True == 1, so a mix could not tell the two apart
+            h.err("choices", f"must not mix booleans with other values (got {_show(choices)}); YAML reads "
+                             f"true/false, yes/no, on/off, y/n as booleans: quote them to mean strings")
             return None
         if len(set(choices)) != len(choices):
             h.err("choices", f"must not repeat a value (got {_show(choices)})")
@@ -709,13 +716,13 @@ def _parse_param(errs: list[str], path: str, name: str, raw: object) -> Param | 
         if isinstance(initial, Mapping):
             ic = _Fields(errs, f"{path}.initial", initial, ("choices",))
             sub = ic.raw("choices")
-            if not isinstance(sub, list) or not sub or not all(c in choices for c in sub):
+            if not isinstance(sub, list) or not sub or not all(_is_choice(c, choices) for c in sub):
                 ic.err("choices", f"must be a non-empty subset of {path}.choices (got {_show(sub)})")
             else:
                 init_choices = tuple(sub)
         elif initial is not None:
-            if initial not in choices:
-                h.err("initial", f"must be one of {choices} (got {_show(initial)})")
+            if not _is_choice(initial, choices):
+                h.err("initial", f"must be one of {_show(choices)} (got {_show(initial)})")
             else:
                 init_v = initial
         if len(errs) > before:

@@ -578,3 +578,32 @@ def test_a_long_exception_of_the_function_is_cut_with_a_visible_mark(tmp_path: P
     res = pbt_operator.run(doc, function=boom, out=tmp_path / "run", plot=False)
     errors = [r.error for r in res.records if r.error]
     assert errors and all(e.endswith("...") for e in errors), errors[0][-40:]
+
+
+def test_boolean_choices_train_as_booleans_with_pb2_and_perturb(tmp_path: Path) -> None:
+    """`choices: [true, false]` (YAML's booleans): the function gets True/False, never the strings, PB2
+    models the choice like any categorical, and the better value wins."""
+    seen: list[object] = []
+
+    def segment(seg: Any) -> dict[str, float]:
+        flag = seg.hyperparameters["flag"]
+        seen.append(flag)
+        state = seg.restore() or {"x": 0.0}
+        x = state["x"] + seg.steps_budget * (1.0 if flag is True else 0.2) * float(seg.hyperparameters["lr"])
+        seg.save({"x": x})
+        return {"score": x}
+
+    space = {"flag": {"type": "categorical", "choices": [True, False], "initial": {"choices": [False]}},
+             "lr": {"type": "float", "min": 0.5, "max": 1.0}}
+    for explore in ({"strategy": "pb2"}, {"strategy": "perturb", "resampleProbability": 0.5}):
+        seen.clear()
+        res = pbt_operator.run(quadratic_doc(population=4, parallelism=2, hyperparameters=space,
+                                             budget={"segments": 12}, explore=explore),
+                               function=segment, out=tmp_path / explore["strategy"], plot=False)
+        assert res.ok and res.best is not None
+        assert seen and all(type(v) is bool for v in seen), {type(v) for v in seen}
+        assert seen[:4] == [False] * 4  # the initial subset
+        assert res.best["hyperparameters"]["flag"] is True, (explore, res.best)
+        # the run folder's files keep the type (JSON true), so a resume decides the same
+        best_json = json.loads((res.run_dir / "best.json").read_text())
+        assert best_json["hyperparameters"]["flag"] is True

@@ -76,7 +76,7 @@ def test_missing_field_is_named(field: str) -> None:
         ({"steps": {"start": 0}}, "'steps.budget'"),
         ({"steps": {"start": 1.5, "budget": 3}}, "'steps.start'"),
         ({"hyperparameters": {"lr": [1]}}, "'hyperparameters.lr'"),
-        ({"hyperparameters": {"flag": True}}, "'hyperparameters.flag'"),
+        ({"hyperparameters": {"flag": None}}, "'hyperparameters.flag'"),
         ({"checkpoint": "file:///no/trailing/slash"}, "'checkpoint'"),
         ({"checkpoint": "gs://bucket/x/"}, "'checkpoint'"),
         ({"restore": 7}, "'restore'"),
@@ -89,6 +89,12 @@ def test_missing_field_is_named(field: str) -> None:
 def test_bad_field_is_named(over: dict[str, Any], named: str) -> None:
     with pytest.raises(ContractError, match=named):
         parse_contract(contract(**over))
+
+
+def test_a_boolean_choice_reaches_the_worker_as_a_boolean() -> None:
+    """A categorical's [true, false] must arrive as True/False: the string 'false' would be truthy."""
+    seg = Segment(contract(hyperparameters={"nesterov": False, "bn": True, "lr": 0.1}))
+    assert seg.hyperparameters["nesterov"] is False and seg.hyperparameters["bn"] is True
 
 
 def test_inline_driver_may_omit_result() -> None:

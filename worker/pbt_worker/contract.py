@@ -20,7 +20,7 @@ CONTRACT_VERSION = 1
 RESULT_MAX_BYTES = 4096
 URI_SCHEMES = ("file", "s3", "mem")
 
-HyperValue = float | int | str
+HyperValue = bool | float | int | str
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,9 @@ def parse_contract(data: Mapping[str, Any], *, require_result: bool = True) -> C
         raise ContractError(f"{ENV_VAR}: field 'hyperparameters' must be an object, got {hps!r}")
     hyperparameters: dict[str, HyperValue] = {}
     for key, value in hps.items():
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
+        if not isinstance(value, int | float | str):  # bool is an int: a categorical's [true, false]
             raise ContractError(
-                f"{ENV_VAR}: field 'hyperparameters.{key}' must be a float, int or str, got {value!r}"
+                f"{ENV_VAR}: field 'hyperparameters.{key}' must be a float, int, str or bool, got {value!r}"
             )
         hyperparameters[str(key)] = value
 
