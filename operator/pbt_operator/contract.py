@@ -77,7 +77,15 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
         return fail(f"result.metrics must be an object (got {type(metrics).__name__})")
     score = doc.get("score") if metric == "score" or metric not in metrics else metrics.get(metric)
     if isinstance(score, bool) or not isinstance(score, (int, float)):
-        return fail(f"result has no numeric score for metric {metric!r} (got {score!r})")
+        hint = ""
+        if score is None:  # missing, not malformed: say what the worker did report
+            reported = sorted(str(k) for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))
+            hint = "; the worker reported no number: report one (seg.report(score=...)) or return it"
+            if reported:
+                hint = (f"; the worker reported {', '.join(reported)}: report {metric!r} (seg.report(score=...)) "
+                        f"or set spec.objective.metric to one of them")
+        return fail(f"result has no numeric score for metric {metric!r} (got {score!r}){hint}")
     try:
         value = float(score)
     except OverflowError:  # a JSON integer beyond float range: raising here would hang the driver

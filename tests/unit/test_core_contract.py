@@ -75,7 +75,9 @@ def test_parse_result_failures_name_the_problem() -> None:
         ('{"score": true}', "no numeric score"),
         ('{"score": NaN}', "not finite"),
         ('{"score": Infinity}', "not finite"),
-        ('{"metrics": {"loss": 1}}', "no numeric score"),
+        ('{"metrics": {"loss": 1}}', "no numeric score for metric 'score' (got None); the worker reported loss: "
+                                     "report 'score' (seg.report(score=...)) or set spec.objective.metric"),
+        ('{"metrics": {"note": "x"}}', "the worker reported no number"),
         ('{"score": 1, "metrics": [1]}', "metrics must be an object"),
         ('{"score": 1, "steps": 10}', "steps must be an integer >= 50"),
         ('{"score": 1, "steps": 60.5}', "steps must be an integer"),
