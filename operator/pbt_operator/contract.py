@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoints import checkpoint_uri, record_uri
 from .core.display import shorten
-from .core.types import SegmentResult, Suggestion
+from .core.types import NO_METRIC_ERROR, SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
 MAX_RESULT_BYTES = 4096
@@ -85,7 +85,7 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
             if reported:
                 hint = (f"; the worker reported {', '.join(reported)}: report {metric!r} (seg.report(score=...)) "
                         f"or set spec.objective.metric to one of them")
-        return fail(f"result has no numeric score for metric {metric!r} (got {score!r}){hint}")
+        return fail(f"{NO_METRIC_ERROR} {metric!r} (got {score!r}){hint}")
     try:
         value = float(score)
     except OverflowError:  # a JSON integer beyond float range: raising here would hang the driver

@@ -936,6 +936,38 @@ def test_resume_of_a_failed_training_continues_it(make_spec: Any, tmp_path: Path
     assert last.retried is None and done_refs(run_dir) == refs
 
 
+def test_a_missing_metric_fails_at_once_and_resume_after_the_fix_goes_on(
+        make_spec: Any, tmp_path: Path, inline_module: Callable[[str], str]) -> None:
+    """A function that reports `loss` under `metric: score` fails the training at its first result,
+    not after every retry and replacement; the member's other segments are kept, and --resume after
+    the fix goes on from there."""
+    flag = tmp_path / "broken"
+    flag.touch()
+    mod = inline_module(
+        "import os\n"
+        "def fn(seg):\n"
+        "    x = (seg.restore() or 0.0) + 1.0\n"
+        "    seg.save(x)\n"
+        f"    if os.path.exists({str(flag)!r}) and seg.index == 1:\n"
+        "        return {'loss': 1.0 / x}\n"
+        "    return x\n"
+    )
+    spec = make_spec({"population": 2, "parallelism": 1, "budget": {"segments": 3},
+                      "worker": {"function": f"{mod}:fn"}, "failurePolicy": {"maxRetries": 2, "onExhausted": "replace"}})
+    spec = dataclasses.replace(spec, base_dir=tmp_path)
+    run_dir = tmp_path / "run"
+    first = LocalRunner(spec, run_dir, plot=False).run()
+    assert first.engine.failed is not None and "not retried" in first.engine.failed
+    assert "the worker reported loss" in first.engine.failed
+    assert len(first.engine.failures) == 1  # one segment trained, not six
+    before = done_refs(run_dir)
+    flag.unlink()  # the fix
+    fixed = LocalRunner(spec, run_dir, plot=False, resume=True).run()
+    assert fixed.retried is not None and fixed.engine.failed is None and fixed.engine.done
+    refs = done_refs(run_dir)
+    assert len(refs) == len(set(refs)) == 6 and set(before) <= set(refs)
+
+
 def test_resume_after_a_torn_last_line_keeps_every_record(make_spec: Any, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill in the middle of a results.jsonl write leaves a last line without its newline. --resume

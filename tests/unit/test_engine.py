@@ -791,6 +791,27 @@ def test_retry_then_fail(make_spec: Any) -> None:
     assert eng.done
 
 
+def test_a_result_without_the_metric_fails_the_training_at_once(make_spec: Any) -> None:
+    """No number for the objective's metric is the worker's code or the manifest, not chance: a retry
+    or a replacement would train a whole segment to fail the same way. A NaN score (a learning rate
+    that diverged) is still retried."""
+    from pbt_operator.contract import parse_result
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 2, "onExhausted": "replace"})
+    eng = Engine(spec)
+    s0, _ = eng.start()
+    nan = parse_result('{"score": NaN}', s0)
+    (r,) = eng.tell(nan)  # retried
+    assert r.ref == s0.ref and r.attempt == 1 and eng.failed is None
+    missing = parse_result('{"metrics": {"loss": 0.3}}', r, "val_acc")
+    assert missing.error is not None and missing.error.startswith("result has no numeric score for metric 'val_acc'")
+    assert eng.tell(missing) == []
+    assert eng.failed is not None and eng.failed.startswith("SegmentFailed: member 0 segment 0 failed, not retried")
+    assert "the worker reported loss" in eng.failed
+    assert eng.failure is not None and eng.failure.attempt == (0, 0, 1)
+    assert 0 not in eng.pending and not eng.done  # member 1 still runs; nothing new starts
+    assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == [] and eng.done
+
+
 def test_zero_retries(make_spec: Any) -> None:
     spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 0, "onExhausted": "replace"})
     eng = Engine(spec)

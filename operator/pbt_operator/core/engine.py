@@ -34,6 +34,7 @@ from .types import (
     Ref,
     SegmentResult,
     Suggestion,
+    is_permanent_failure,
 )
 
 if TYPE_CHECKING:
@@ -518,6 +519,12 @@ class Engine:
             return []
         attempts = sum(1 for r in self.failures if r.ref == sug.ref)
         policy = self.spec.failure_policy
+        if is_permanent_failure(error):
+            del self.pending[sug.member]
+            why = (f"member {sug.member} segment {sug.segment} failed, not retried (a result without the "
+                   f"objective's metric fails every attempt the same way): {error}")
+            self.failure = Finish(SEGMENT_FAILED, why, (sug.member, sug.segment, sug.attempt))
+            return []
         # Failures come in rounds of maxRetries+1 attempts: the original member's round, then (with
         # onExhausted: replace) one round for its replacement. A replacement that fails its whole
         # round too points at the worker or the data, not at hyperparameters: the training fails

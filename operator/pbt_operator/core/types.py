@@ -72,6 +72,18 @@ SEGMENT_FAILED = "SegmentFailed"
 BUDGET_EXHAUSTED = "BudgetExhausted"
 
 
+# A result that holds no number for the objective's metric: the worker's code or the manifest's
+# spec.objective.metric, never chance, so a retry or a replacement would fail the same way after
+# training a whole segment again (on a cluster, GPU hours). The engine fails the training at once.
+# The driver's error message starts with this text; the engine classifies by it, so that a training
+# rebuilt from its records (a resume, an operator restart) decides the same.
+NO_METRIC_ERROR = "result has no numeric score for metric"
+
+
+def is_permanent_failure(error: str | None) -> bool:
+    return error is not None and error.startswith(NO_METRIC_ERROR)
+
+
 @dataclass(frozen=True)
 class Finish:
     """How a training ended (or is ending): a machine-readable reason and a message for people.
