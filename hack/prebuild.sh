@@ -74,6 +74,8 @@ cmd_start() {
   if off "${PBT_E2E:-}" || off "${PBT_PREBUILD:-}"; then return 0; fi
   mkdir -p "$PREBUILD_DIR"
   trim_node_cache
+  # a full disk fails far from its cause (pip, a Go link, containerd): say how much there is up front
+  log "free disk: $(df -Ph "$CACHE_ROOT" | awk 'NR == 2 {print $4 " under " $6}') (the cache), $(df -Ph . | awk 'NR == 2 {print $4 " under " $6}') (this checkout); a cold \`make test\` needs about 25 GiB"
   local running=0 _ pid
   if [[ -f "$PREBUILD_DIR/pids" ]]; then
     while read -r _ pid; do kill -0 "$pid" 2>/dev/null && running=1; done <"$PREBUILD_DIR/pids"
