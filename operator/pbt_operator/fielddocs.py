@@ -135,7 +135,7 @@ FIELDS: tuple[Field, ...] = (
           row=False),
     Field("spec.explore.pb2.maxRows", "int >= 8, 128", "the GP's largest number of rows (older ones subsampled)",
           row=False),
-    Field("spec.explore.pb2.minRows", "int >= 2, 2 x (numeric hyperparameters + categorical choices), within [4, 32]",
+    Field("spec.explore.pb2.minRows", "int >= 2, 2 x (numeric hyperparameters + categorical choices), within [4, 32], and at most a tenth of population x budget.segments (at least 2)",
           "below this many rows PB2 perturbs instead; at most maxRows", row=False),
     Field("spec.explore.pb2.candidates", "int >= 1, 128", "random candidates scored by the acquisition", row=False),
     Field("spec.explore.pb2.restarts", "int >= 0, 2", "L-BFGS-B starts from the best candidates", row=False),

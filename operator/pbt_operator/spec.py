@@ -13,7 +13,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -506,11 +506,15 @@ def parse_spec(
     elif explore.strategy == "pb2" and pb2.min_rows is None and isinstance(pb2.max_rows, int) and space.params:
         from .core.pb2.data import auto_min_rows
 
-        need = auto_min_rows(space)
+        need = auto_min_rows(space, population, budget.segments)
         if need > pb2.max_rows:
             p.err("maxRows", f"must be >= minRows, whose default for these hyperparameters is {need} (2 x (numeric "
-                             f"hyperparameters + categorical choices)): PB2 would never engage and always "
+                             f"hyperparameters + categorical choices), at most a tenth of population x "
+                             f"budget.segments): PB2 would never engage and always "
                              f"perturb; raise maxRows or set minRows (got {pb2.max_rows})")
+        else:
+            pb2 = replace(pb2, min_rows=need)
+            explore = replace(explore, pb2=pb2)
     if fraction is None:
         fraction = pb2_fraction(population, budget.segments) if explore.strategy == "pb2" else Exploit.fraction
         if explore.strategy == "pb2" and donors is not None:  # a default never collides with what was written

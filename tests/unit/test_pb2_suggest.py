@@ -123,6 +123,19 @@ def test_min_rows_by_default_grows_with_the_numbers_and_the_categorical_choices(
     assert ch.hyperparameters is not None, ch.reason
 
 
+def test_min_rows_by_default_is_at_most_a_tenth_of_the_rows_the_run_produces() -> None:
+    """A short run cannot wait for the space's rows: at 4 members and 5 segments (20 rows, the first
+    round giving none) 8 rows were PBT's perturbation for most of its explore steps. At most a tenth of
+    population x segments, at least 2; the measured setting (4 members, 20 segments: 80 rows) keeps 8."""
+    cat = Space((Param("a", "float", 0, 1), Param("o", "categorical", choices=("sgd", "adam", "rmsprop"))))
+    assert auto_min_rows(cat, 4, 20) == 8 and auto_min_rows(cat, 16, 5) == 8
+    assert auto_min_rows(cat, 4, 10) == 4 and auto_min_rows(cat, 8, 5) == 4
+    assert auto_min_rows(cat, 4, 5) == 2 and auto_min_rows(cat, 2, 5) == 2  # never below 2
+    assert auto_min_rows(cat, 3, 20) == 6  # 6 of 60 rows
+    many = Space(tuple(Param(f"x{i}", "float", 0, 1) for i in range(40)))
+    assert auto_min_rows(many, 16, 20) == 32 and auto_min_rows(many, 4, 20) == 8
+
+
 def test_nonfinite_rows_are_dropped_and_counted() -> None:
     space = mixed_space()
     rows = history(space, 20)

@@ -321,7 +321,7 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("pb2-min-rows-above-max", {"explore": {"strategy": "pb2", "pb2": {"minRows": 64, "maxRows": 32}}},
      ["spec.explore.pb2.minRows: must be <= maxRows (32)"]),
     ("pb2-default-min-rows-above-max",
-     {"explore": {"strategy": "pb2", "pb2": {"maxRows": 8}},
+     {"explore": {"strategy": "pb2", "pb2": {"maxRows": 8}}, "budget": {"segments": 40},
       "hyperparameters": {"a": {"type": "float", "min": 0, "max": 1}, "b": {"type": "float", "min": 0, "max": 1},
                           "c": {"type": "float", "min": 0, "max": 1}, "d": {"type": "float", "min": 0, "max": 1},
                           "e": {"type": "float", "min": 0, "max": 1}}},
@@ -544,6 +544,8 @@ def test_validate_shows_the_defaults_that_depend_on_other_fields(make_spec: Any)
     assert "the bottom 0.25 copies the top 0.25" in many and "retune 0.01," in many
     assert "pb2 (liar-pessimistic, kappa 1, trustRegion 0.25" in many and "100 segments of" in many
     assert "minRows 4)" in many  # two numbers: 2 x 2, at least 4
+    assert "minRows 2)" in search(5)  # 4 members x 5 segments: at most a tenth of the run's 20 rows
+    assert "minRows 3)" in search(5, explore={"strategy": "pb2", "pb2": {"minRows": 3}})  # as written
     given = search(100, exploit={"fraction": 0.5, "donorFraction": 0.5}, mode="synchronous")
     assert "the bottom 0.5 copies the top 0.5" in given and "synchronous" in given
     assert "tournament of 3" in describe_search(make_spec({"exploit": {"strategy": "tournament", "size": 3}}))

@@ -186,7 +186,9 @@ class Pb2Settings:
     max_rows: int = 128
     # Below this many rows PB2 perturbs instead. None: `auto_min_rows(space)`, which grows with what the
     # GP has to learn: a categorical's choices are unknown to its Hamming kernel until rows with them
-    # exist, so a space with categoricals needs more rows than its numeric dimensions alone suggest.
+    # exist, so a space with categoricals needs more rows than its numeric dimensions alone suggest. A
+    # manifest's default also caps it by the run's rows (spec.py: `auto_min_rows(space, population,
+    # segments)`).
     min_rows: int | None = None
     # Acquisition: random candidates scored, then multi-start L-BFGS-B from the best `restarts`.
     # The starts are optimised as one stacked problem, whose shared line search slows each of them:

@@ -360,9 +360,15 @@ def _safe_c(p: Pb2Pending, default: float) -> float:
 
 
 AUTO_MIN_ROWS_CAP = 32
+# The rule below was measured at 4 members and 20 segments, where its 8 rows for `cat-flip` are a tenth
+# of the 80 rows the run produces. A run that produces fewer waits for a larger share of its budget:
+# a member's first segment gives no row, and at 4 members and 5 segments, 8 rows meant PBT's
+# perturbation for 39-65% of PB2's explore steps. So the rows asked for are at most a tenth of
+# population x segments, and at least 2 (benchmarks/README.md, "minRows that follows the run's rows").
+AUTO_MIN_ROWS_SHARE = 0.1
 
 
-def auto_min_rows(space: Space) -> int:
+def auto_min_rows(space: Space, population: int | None = None, segments: int | None = None) -> int:
     """The default `minRows`: two rows per numeric hyperparameter and per categorical choice, at
     least 4 (the old fixed default, unchanged for up to two numeric hyperparameters without
     categoricals) and at most 32 (a quarter of `maxRows`: beyond that PB2 would rarely engage).
@@ -375,8 +381,10 @@ def auto_min_rows(space: Space) -> int:
     three optimizers: 8 rows) median final / limit 0.667 -> 0.697 at population 4 and 0.790 -> 0.817
     at 8 over 60 seeds; every benchmark problem without categoricals keeps 4 and decides exactly as
     before."""
-    need = 2 * (len(space.numeric) + sum(len(p.choices) for p in space.categorical))
-    return min(AUTO_MIN_ROWS_CAP, max(4, need))
+    need = min(AUTO_MIN_ROWS_CAP, max(4, 2 * (len(space.numeric) + sum(len(p.choices) for p in space.categorical))))
+    if population is not None and segments is not None:
+        need = min(need, max(2, math.floor(AUTO_MIN_ROWS_SHARE * population * segments + 0.5)))
+    return need
 
 
 def min_rows_for(settings: Pb2Settings, space: Space) -> int:
