@@ -162,6 +162,23 @@ def test_population_runs_to_success(cluster: Cluster, namespace: str, operator: 
         assert any("pb2" in m for m in msgs), msgs
 
 
+def test_boolean_choices_reach_the_trainers_as_booleans(cluster: Cluster, namespace: str, operator: OperatorProcess,
+                                                       tmp_path: Path) -> None:
+    """`choices: [true, false]` through the API server (the CRD keeps JSON booleans), the operator's PB2 and
+    the segment contract: the trainer's worker SDK would refuse anything but a bool, int, float or str,
+    and the member's history keeps booleans, not the strings."""
+    t = training("flags", tmp_path / "ckpt", segments=3, explore={"strategy": "pb2", "pb2": {"minRows": 3}},
+                 exploit={"strategy": "truncation", "fraction": 0.5})
+    t["spec"]["hyperparameters"]["flag"] = {"type": "categorical", "choices": [True, False]}
+    cluster.apply(t, namespace)
+    obj = wait_phase(cluster, namespace, "flags", operator)
+    check_finished(cluster, namespace, "flags", obj, 4, 3)
+    members = cluster.kubectl_json("get", "pbtm", "-n", namespace, "-l", "pbt.dev/training=flags")["items"]
+    flags = [h["suggestion"]["hyperparameters"]["flag"] for m in members for h in m["status"]["history"]]
+    assert flags and all(type(f) is bool for f in flags), flags
+    assert "flag=" in cluster.kubectl("get", "pbtm", "-n", namespace).stdout
+
+
 def test_larger_population_time_shares_slots(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                              tmp_path: Path) -> None:
     cluster.apply(training("wide", tmp_path / "ckpt", population=8, parallelism=3, segments=2,
