@@ -61,8 +61,7 @@ chain_images() {
 trim_node_cache() {
   local root="$CACHE_ROOT/node/containerd-root" limit_gib="${PBT_CONTAINERD_CACHE_GIB:-8}" kib
   [[ -d "$root" ]] || return 0
-  local comm
-  for comm in /proc/[0-9]*/comm; do [[ "$(cat "$comm" 2>/dev/null)" == containerd ]] && return 0; done
+  pgrep -x containerd >/dev/null && return 0
   kib="$(du -sk "$root" 2>/dev/null | cut -f1)"
   if ((${kib:-0} > limit_gib * 1024 * 1024)); then
     log "containerd's image cache holds $((kib / 1024 / 1024)) GiB (more than $limit_gib GiB): removing $root"

@@ -234,6 +234,8 @@ _PEER_NAMES = {
     "quantile_fraction": "fraction", "perturbation_interval": "steps", "metric_name": "metric",
     "mode": "direction", "goal": "direction",
 }
+# How to write a field whose peers take a different value (`scale: log` is our `log: true`).
+_PEER_HINTS = {"log": "`log: true` (a log scale)"}
 
 
 def _is_choice(value: object, choices: Sequence[object]) -> bool:
@@ -244,10 +246,8 @@ def _is_choice(value: object, choices: Sequence[object]) -> bool:
 def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
     """`; did you mean `x`?` for an unknown field, when a peer's name or a near spelling says which."""
     peer = _PEER_NAMES.get(key)
-    if peer in allowed:
-        if key in ("scale", "log_scale", "logScale", "distribution"):
-            return "; did you mean `log: true` (a log scale)?"
-        return f"; did you mean `{peer}`?"
+    if peer is not None and peer in allowed:
+        return f"; did you mean {_PEER_HINTS.get(peer, f'`{peer}`')}?"
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
     return f"; did you mean `{close[0]}`?" if close else ""
 
