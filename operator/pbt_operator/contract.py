@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoints import checkpoint_uri, record_uri
 from .core.display import shorten
-from .core.types import NO_METRIC_ERROR, SegmentResult, Suggestion
+from .core.types import NO_METRIC_ERROR, PERMANENT_ERROR, SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
 MAX_RESULT_BYTES = 4096
@@ -65,6 +65,8 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     if not isinstance(doc, dict):
         return fail(f"result must be a JSON object (got {type(doc).__name__})")
     if "error" in doc:
+        if doc.get("permanent") is True:
+            return fail(f"{PERMANENT_ERROR} {shorten(str(doc['error']), 500)}")
         return fail(f"worker reported an error: {shorten(str(doc['error']), 500)}")
     unknown = set(doc) - {"score", "metrics", "steps", "version", GC_FAILED}
     if unknown:

@@ -253,7 +253,9 @@ def test_segment_failures_follow_the_failure_policy(
                with a Failed condition and a TrainingFailed Event naming the member, segment and exit code.
     - hang:    member 0 segment 1 hangs once; spec.segment.timeoutSeconds kills it, the retry succeeds.
     - garbage: each member's segment 1 writes a hostile result once (not JSON, too long, NaN score,
-               unexpected keys): only that segment fails, with a reason, and its retry succeeds."""
+               unexpected keys): only that segment fails, with a reason, and its retry succeeds.
+    - permanent: member 1 segment 1 reports a permanent error (a PermanentError, a refused contract);
+               maxRetries 2 -> the training fails at that first attempt, saying so, with no retry."""
     ns = make_ns("wfault")
     op = operator_for(ns, tag="op")
 
@@ -272,12 +274,15 @@ def test_segment_failures_follow_the_failure_policy(
         t("hang", {"PBT_TEST_HANG": "0:1:1"}, {"maxRetries": 1, "onExhausted": "fail"}, segments=2, timeout=20),
         t("garbage", {"PBT_TEST_GARBAGE": "0:1:notjson,1:1:toolong,2:1:nan,3:1:keys"},
           {"maxRetries": 1, "onExhausted": "fail"}, population=4, segments=2),
+        t("permanent", {"PBT_TEST_PERMANENT": "1:1:no dataset at /data/train"},
+          {"maxRetries": 2, "onExhausted": "replace"}),
     ]
     cluster.apply({"apiVersion": "v1", "kind": "List", "items": items}, ns)
-    wait_all(cluster, ns, ["fails"], op, 240, want="Failed")
+    wait_all(cluster, ns, ["fails", "permanent"], op, 240, want="Failed")
     wait_all(cluster, ns, ["retry", "replace", "hang", "garbage"], op, 300)
     # (the TrainingFailed Event follows the status write that made "fails" Failed: when the others had
     # finished by then, a plain list here could come before it)
+    cluster.events_once(ns, "TrainingFailed", name="permanent")  # then the list below has it as well
     events = cluster.events_once(ns, "TrainingFailed", name="fails")
 
     def ev(obj: str, reason: str) -> list[str]:
@@ -312,6 +317,16 @@ def test_segment_failures_follow_the_failure_policy(
     assert "member 0 segment 1 failed 2 times" in failed["message"] and "exit code 3" in failed["message"], failed
     assert any("member 0 segment 1 failed 2 times" in m for m in ev("fails", "TrainingFailed")), events
     assert runs("fails")[(0, 1)] == 2
+
+    # permanent: one attempt, no retry and no replacement, and the reason is the worker's
+    st = cluster.get("pbt", "permanent", ns)["status"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "SegmentFailed", failed
+    assert ("member 1 segment 1 failed, not retried (the worker said that running it again cannot succeed): "
+            "worker reported a permanent error: PermanentError: no dataset at /data/train (exit code 1)"
+            in failed["message"]), failed
+    assert any("not retried" in m for m in ev("permanent", "TrainingFailed")), events
+    assert runs("permanent")[(1, 1)] == 1 and job_attempts(jobs_of(cluster, ns, "permanent"))[(1, 1)] == 1
 
     # hang: killed by the deadline, retried once, nothing left running
     fh = failed_history(members_of(cluster, ns, "hang")[0])

@@ -551,6 +551,46 @@ def test_failing_worker_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "phase: Failed" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("warm", [True, False])
+@pytest.mark.parametrize("why", ["refused", "raised"])
+def test_a_permanent_failure_fails_the_run_at_its_first_attempt(tmp_path: Path, warm: bool, why: str) -> None:
+    """A worker image older than the driver refuses every contract the same way, and a training function
+    that raises PermanentError says a retry cannot help: one attempt each, not maxRetries + 1 and then a
+    replacement's round, and the reason says why; warm workers (one interpreter for many segments) too."""
+    script = tmp_path / "old.py"
+    script.write_text(
+        "import pbt_worker, pbt_worker.contract\n"
+        + ("pbt_worker.contract.CONTRACT_VERSION = 0  # an image from before the driver's contract\n"
+           if why == "refused" else "")
+        + "def train(seg):\n"
+        + "    raise pbt_worker.PermanentError('no dataset at /data/train')\n"
+        + "pbt_worker.run(train)\n")
+    manifest = process_manifest(tmp_path, population=2, segments=2, extra={
+        "failurePolicy": {"maxRetries": 2, "onExhausted": "replace"},
+        "worker": {"executor": "process", "warm": warm, "command": ["python", str(script)]}})
+    summary = LocalRunner(load_manifest(manifest), tmp_path / "run", plot=False).run()
+    failed = summary.engine.failed
+    assert failed is not None and "not retried (the worker said that running it again cannot succeed)" in failed
+    said = ("ContractError: PBT_SEGMENT: field 'version' is 1, this pbt_worker understands version 0"
+            if why == "refused" else "PermanentError: no dataset at /data/train")
+    assert f"worker reported a permanent error: {said}" in failed, failed
+    assert len(summary.engine.failures) <= 2  # at most each member's first attempt (parallelism 2)
+    assert all(r.suggestion.attempt == 0 for r in summary.engine.failures)
+
+
+def test_an_inline_functions_permanent_error_is_not_retried(make_spec: Any, tmp_path: Path,
+                                                              inline_module: Callable[[str], str]) -> None:
+    mod = inline_module("import pbt_worker\n"
+                        "def fn(seg):\n"
+                        "    raise pbt_worker.PermanentError('tokenizer file missing')\n")
+    spec = make_spec({"population": 2, "parallelism": 1, "budget": {"segments": 2},
+                      "worker": {"function": f"{mod}:fn"}, "failurePolicy": {"maxRetries": 3, "onExhausted": "replace"}})
+    summary = LocalRunner(dataclasses.replace(spec, base_dir=tmp_path), tmp_path / "run", plot=False).run()
+    assert summary.engine.failed is not None and len(summary.engine.failures) == 1
+    assert "not retried (the worker said that running it again cannot succeed): worker reported a permanent " \
+           "error: pbt_worker.errors.PermanentError: tokenizer file missing" in summary.engine.failed
+
+
 def test_always_failing_worker_with_replace_terminates(tmp_path: Path) -> None:
     manifest = process_manifest(tmp_path, population=2, segments=2, env={"PBT_TEST_FAIL": "always"},
                                 extra={"failurePolicy": {"maxRetries": 0, "onExhausted": "replace"}})

@@ -816,6 +816,26 @@ def test_a_result_without_the_metric_fails_the_training_at_once(make_spec: Any) 
     assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == [] and eng.done
 
 
+def test_a_worker_that_says_its_failure_is_permanent_fails_the_training_at_once(make_spec: Any) -> None:
+    """`{"error": ..., "permanent": true}` (a refused contract, a training function's PermanentError) is not
+    retried; the same error without the flag is, and a worker cannot fake the flag through the message."""
+    from pbt_operator.contract import parse_result
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 2, "onExhausted": "replace"})
+    eng = Engine(spec)
+    s0, _ = eng.start()
+    (r,) = eng.tell(parse_result('{"error": "worker reported a permanent error: no, a plain one"}', s0))
+    assert r.attempt == 1 and eng.failed is None  # the flag, not the text, makes it permanent
+    (r,) = eng.tell(parse_result('{"error": "FileNotFoundError: /data", "permanent": false}', r))
+    assert r.attempt == 2 and eng.failed is None
+    assert eng.tell(parse_result('{"error": "PermanentError: no dataset at /data", "permanent": true}', r)) == []
+    assert eng.failed == ("SegmentFailed: member 0 segment 0 failed, not retried (the worker said that running it "
+                          "again cannot succeed): worker reported a permanent error: PermanentError: no dataset "
+                          "at /data")
+    assert eng.failure is not None and eng.failure.attempt == (0, 0, 2)
+    assert 0 not in eng.pending and not eng.done
+    assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == [] and eng.done
+
+
 def test_zero_retries(make_spec: Any) -> None:
     spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 0, "onExhausted": "replace"})
     eng = Engine(spec)

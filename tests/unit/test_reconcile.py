@@ -566,6 +566,31 @@ def test_a_long_worker_error_keeps_its_head_and_a_log_tail_keeps_its_end() -> No
     assert outcome(tail).endswith("RuntimeError: CUDA out of memory")
 
 
+def test_a_trainer_that_says_its_failure_is_permanent_keeps_that_word_first() -> None:
+    """The engine fails the training at once on a permanent error, recognised by how the error starts: the
+    exit code must not go in front of it. A missing metric in a failed pod's message stays a failure."""
+    from pbt_operator.core.types import permanent_failure
+
+    sug = Suggestion(0, 3, {"h0": 0.5}, (0, 2), 30, 10, "continue")
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "PodFailurePolicy"}]}}
+
+    def outcome(message: str, code: int) -> str:
+        pod = {"metadata": {"labels": {"job-name": "j"}}, "status": {"phase": "Failed", "containerStatuses": [
+            {"name": "w", "state": {"terminated": {"exitCode": code, "reason": "Error", "message": message}}}]}}
+        res = job_outcome(job, [pod], sug, "score")
+        assert res is not None and not res.ok and res.error is not None
+        return res.error
+
+    refused = json.dumps({"error": "ContractError: PBT_SEGMENT: field 'version' is 2", "permanent": True})
+    text = outcome(refused, 2)
+    assert text == "worker reported a permanent error: ContractError: PBT_SEGMENT: field 'version' is 2 (exit code 2)"
+    assert permanent_failure(text)
+    for plain in (json.dumps({"error": "ContractError: PBT_SEGMENT: field 'version' is 2"}),
+                  json.dumps({"error": "x", "permanent": "yes"}), "pbt_worker: PBT_SEGMENT is not valid JSON"):
+        assert not permanent_failure(outcome(plain, 2)), plain
+
+
 def test_a_segment_without_storage_credentials_names_the_secret_to_check() -> None:
     # A missing credentialsSecret starts the pod all the same (its keys are optional references): the
     # worker only said "no usable AWS credentials ... set AWS_ACCESS_KEY_ID", for a user who had.

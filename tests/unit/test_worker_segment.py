@@ -16,6 +16,7 @@ from pbt_worker import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     PbtWorkerError,
+    PermanentError,
     ReportError,
     Segment,
     execute,
@@ -350,6 +351,43 @@ def test_run_in_a_subprocess(tmp_path: Path) -> None:
 
     missing = _run_script(tmp_path, "import pbt_worker\npbt_worker.run(lambda s: 1.0)\n", None)
     assert missing.returncode == 2 and "PBT_SEGMENT is not set" in missing.stderr
+
+
+def test_a_permanent_failure_says_so_in_the_result(tmp_path: Path) -> None:
+    """A training function's PermanentError, and a contract this worker refuses (a driver newer than the
+    image), write `"permanent": true`, which tells the driver not to retry; other errors do not."""
+    result = tmp_path / "result.json"
+    contract = {
+        "version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {"x": 2.0},
+        "steps": {"start": 0, "budget": 5}, "restore": None, "checkpoint": f"file://{tmp_path}/ck/",
+        "result": str(result), "gc": [],
+    }
+    gone = _run_script(tmp_path, """
+        import pbt_worker
+        def train(seg):
+            raise pbt_worker.PermanentError("no dataset at /data/train")
+        pbt_worker.run(train)
+    """, contract)
+    assert gone.returncode == 1
+    assert json.loads(result.read_text()) == {"error": "PermanentError: no dataset at /data/train", "permanent": True}
+
+    newer = _run_script(tmp_path, "import pbt_worker\npbt_worker.run(lambda s: 1.0)\n", {**contract, "version": 2})
+    assert newer.returncode == 2 and "field 'version' is 2" in newer.stderr
+    doc = json.loads(result.read_text())
+    assert doc["permanent"] is True and doc["error"].startswith("ContractError: PBT_SEGMENT: field 'version' is 2")
+
+    result.unlink()
+    script = "import pbt_worker\npbt_worker.run(lambda s: 1.0)\n"
+    assert _run_script(tmp_path, script, {**contract, "hyperparameters": [1]}).returncode == 2
+    assert json.loads(result.read_text())["permanent"] is True  # any refused field, not only the version
+    result.unlink()
+    assert _run_script(tmp_path, script, {**contract, "result": 7}).returncode == 2
+    assert not result.exists()  # nowhere to write: the message on stderr is all there is
+    def huge(seg: Segment) -> float:
+        raise PermanentError("x" * 9000)
+
+    big = execute(huge, make("mem://x/", 0))
+    assert big["permanent"] is True and len(json.dumps(big)) <= 4096
 
 
 def test_mem_storage_is_thread_safe() -> None:

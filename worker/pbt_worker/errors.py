@@ -20,6 +20,17 @@ class ContractError(PbtWorkerError, ValueError):
     """
 
 
+class PermanentError(PbtWorkerError):
+    """Raise it from a training function when running the segment again cannot succeed: a dataset that
+    does not exist, a script argument that is wrong, a model that does not fit the hyperparameters' space.
+
+    The worker reports it as permanent (``{"error": ..., "permanent": true}``) and the driver fails the
+    training at once instead of retrying the segment ``maxRetries`` times, each retry holding a GPU for as
+    long as the failure takes to show. Fix the cause and resume (``pbt run --resume``, or re-apply the
+    PopulationTraining): completed segments and their checkpoints are kept.
+    """
+
+
 class ReportError(PbtWorkerError, ValueError):
     """``Segment.report`` was given something the contract cannot carry (NaN score, > 4096 bytes, ...)."""
 

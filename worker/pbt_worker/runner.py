@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from .errors import ReportError
-from .segment import Segment
+from .contract import ENV_VAR
+from .errors import ContractError, PermanentError, ReportError
+from .segment import Segment, error_result
 
 log = logging.getLogger("pbt_worker")
 
@@ -69,7 +72,7 @@ def execute(train_fn: TrainFn, seg: Segment) -> dict[str, Any]:
         detail = f"{type(exc).__name__}: {exc}"
         log.error("segment %s/m%d/%d failed: %s\n%s", seg.training, seg.member, seg.index, detail,
                   traceback.format_exc())
-        seg.write_error(detail)
+        seg.write_error(detail, permanent=isinstance(exc, PermanentError))
     except (KeyboardInterrupt, SystemExit) as exc:
         # The process is going away; leave a reason unless the function already reported success.
         if seg.last_result is None or (isinstance(exc, SystemExit) and exc.code not in (0, None)):
@@ -83,8 +86,9 @@ def run(train_fn: TrainFn) -> NoReturn:
     """Entry point for a worker process: ``pbt_worker.run(train)`` at the bottom of a training script.
 
     Reads ``PBT_SEGMENT``, calls ``train_fn(seg)``, writes the result and exits 0, or writes
-    ``{"error": ...}`` and exits 1. A malformed contract exits 2 (nothing can be reported: the result
-    path itself may be unknown).
+    ``{"error": ...}`` and exits 1. A contract this worker refuses exits 2, after writing a permanent
+    error to the contract's result path where it can find one: a driver newer than the worker's image
+    would get the same refusal on every retry.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -92,7 +96,27 @@ def run(train_fn: TrainFn) -> NoReturn:
         seg = Segment.from_env()
     except Exception as exc:
         print(f"pbt_worker: {exc}", file=sys.stderr)
+        if isinstance(exc, ContractError):
+            _report_refusal(f"{type(exc).__name__}: {exc}")
         sys.exit(2)
     with seg:
         result = execute(train_fn, seg)
     sys.exit(1 if "error" in result else 0)
+
+
+def _report_refusal(message: str) -> None:
+    """Write a refused contract's permanent error to its `result` path, if the contract is JSON that
+    names one: the driver then fails the training at once, naming the refusal, instead of retrying.
+    Best effort: a contract that is not even JSON says nothing about where a result would go."""
+    try:
+        doc = json.loads(os.environ.get(ENV_VAR) or "")
+    except ValueError:
+        return
+    path = doc.get("result") if isinstance(doc, dict) else None
+    if not isinstance(path, str) or not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:  # in place: /dev/termination-log cannot be replaced
+            f.write(json.dumps(error_result(message, permanent=True)))
+    except OSError as exc:
+        print(f"pbt_worker: could not write the error result to {path}: {exc}", file=sys.stderr)

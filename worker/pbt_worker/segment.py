@@ -29,6 +29,16 @@ MAIN = "state"
 GC_FAILED = "gcFailed"
 
 
+def error_result(message: str, permanent: bool = False) -> dict[str, Any]:
+    """``{"error": message}`` (plus ``"permanent": true``), the message cut to fit the contract's 4096 bytes."""
+    extra = {"permanent": True} if permanent else {}
+    msg = message
+    while len(json.dumps({"error": msg, **extra}).encode()) > RESULT_MAX_BYTES:
+        over = len(json.dumps({"error": msg, **extra}).encode()) - RESULT_MAX_BYTES
+        msg = msg[: max(0, len(msg) - over - 16)] + "..."
+    return {"error": msg, **extra}
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
@@ -315,15 +325,12 @@ class Segment:
         self.write_error(message)
         return ReportError(message)
 
-    def write_error(self, message: str) -> None:
-        """Record a failed segment (``{"error": message}``), truncated to fit 4096 bytes."""
-        msg = message
-        text = json.dumps({"error": msg})
-        while len(text.encode()) > RESULT_MAX_BYTES:
-            msg = msg[: max(0, len(msg) - (len(text.encode()) - RESULT_MAX_BYTES) - 16)] + "..."
-            text = json.dumps({"error": msg})
+    def write_error(self, message: str, *, permanent: bool = False) -> None:
+        """Record a failed segment (``{"error": message}``), truncated to fit 4096 bytes. `permanent`:
+        running the segment again cannot succeed, so the driver fails the training instead of retrying."""
+        doc = error_result(message, permanent)
         try:
-            self._write_result(text, {"error": msg})
+            self._write_result(json.dumps(doc), doc)
         except OSError as exc:  # "if it can": the exit status still says the segment failed
             log.error("could not write the error result to %s: %s", self.result, exc)
 

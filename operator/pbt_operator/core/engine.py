@@ -34,7 +34,7 @@ from .types import (
     Ref,
     SegmentResult,
     Suggestion,
-    is_permanent_failure,
+    permanent_failure,
 )
 
 if TYPE_CHECKING:
@@ -519,10 +519,10 @@ class Engine:
             return []
         attempts = sum(1 for r in self.failures if r.ref == sug.ref)
         policy = self.spec.failure_policy
-        if is_permanent_failure(error):
+        permanent = permanent_failure(error)
+        if permanent:
             del self.pending[sug.member]
-            why = (f"member {sug.member} segment {sug.segment} failed, not retried (a result without the "
-                   f"objective's metric fails every attempt the same way): {error}")
+            why = f"member {sug.member} segment {sug.segment} failed, not retried ({permanent}): {error}"
             self.failure = Finish(SEGMENT_FAILED, why, (sug.member, sug.segment, sug.attempt))
             return []
         # Failures come in rounds of maxRetries+1 attempts: the original member's round, then (with

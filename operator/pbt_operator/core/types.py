@@ -78,10 +78,22 @@ BUDGET_EXHAUSTED = "BudgetExhausted"
 # The driver's error message starts with this text; the engine classifies by it, so that a training
 # rebuilt from its records (a resume, an operator restart) decides the same.
 NO_METRIC_ERROR = "result has no numeric score for metric"
+# A worker's own word that a retry cannot succeed (docs/segment-contract.md, `"permanent": true`): the
+# worker SDK says it for a contract it refuses and for a training function's `PermanentError`.
+PERMANENT_ERROR = "worker reported a permanent error:"
+
+# Why each kind of permanent failure is not retried, for the message that fails the training.
+_NOT_RETRIED = {
+    NO_METRIC_ERROR: "a result without the objective's metric fails every attempt the same way",
+    PERMANENT_ERROR: "the worker said that running it again cannot succeed",
+}
 
 
-def is_permanent_failure(error: str | None) -> bool:
-    return error is not None and error.startswith(NO_METRIC_ERROR)
+def permanent_failure(error: str | None) -> str | None:
+    """Why a segment that failed with `error` is not worth another attempt; None when it may be."""
+    if error is None:
+        return None
+    return next((why for prefix, why in _NOT_RETRIED.items() if error.startswith(prefix)), None)
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
                 log: Path | None = None) -> tuple[dict[str, Any], str | None]:
     """Run one segment of `fn`: its result document, and a note when the function both reported a
     score and returned a different one (`_returned_over_reported`)."""
-    from pbt_worker import Segment
+    from pbt_worker import PermanentError, Segment
 
     try:
         # A function that returns None is credited with what it reported: never with the result file
@@ -127,7 +127,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
                 log.write_text(traceback.format_exc())
             except OSError:
                 pass
-        return {"error": shorten(tb, 1000)}, None
+        return {"error": shorten(tb, 1000), **({"permanent": True} if isinstance(e, PermanentError) else {})}, None
 
 
 def _child_init(env: Mapping[str, str]) -> None:

@@ -8,6 +8,8 @@ Env knobs:
 - PBT_TEST_STATE: a folder for per-(member, segment) run counters (default: PBT_TEST_LOG's folder); the
   fault knobs below use it to fault only the first runs of a segment.
 - PBT_TEST_FAIL="m:s:n[,m:s:n...]": the first n runs of member m's segment s exit 3 (a crash).
+- PBT_TEST_PERMANENT="m:s:message[,...]": member m's segment s fails with a permanent error (what
+  `pbt_worker.PermanentError` writes) every time, and exits 1.
 - PBT_TEST_HANG="m:s:n[,...]": the first n runs of member m's segment s hang (sleep an hour).
 - PBT_TEST_GATE="m:s:path[,...]": member m's segment s, once it has logged its start and restored, waits
   until `path` exists (a test can act while the trainer is provably mid-segment, then let it go on).
@@ -61,6 +63,10 @@ fail = knob("PBT_TEST_FAIL")
 if fail is not None and earlier < int(fail):
     print(f"injected failure: run {earlier + 1} of member {seg.member} segment {seg.index}", file=sys.stderr)
     sys.exit(3)
+permanent = knob("PBT_TEST_PERMANENT")
+if permanent is not None:
+    seg.write_error(f"PermanentError: {permanent}", permanent=True)
+    sys.exit(1)
 hang = knob("PBT_TEST_HANG")
 if hang is not None and earlier < int(hang):
     time.sleep(3600)
