@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoints import checkpoint_uri, record_uri
 from .core.display import shorten
-from .core.types import NO_METRIC_ERROR, PERMANENT_ERROR, SegmentResult, Suggestion
+from .core.types import DIVERGED_ERROR, NO_METRIC_ERROR, PERMANENT_ERROR, SegmentResult, Suggestion
 
 CONTRACT_VERSION = 1
 MAX_RESULT_BYTES = 4096
@@ -67,6 +67,8 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     if "error" in doc:
         if doc.get("permanent") is True:
             return fail(f"{PERMANENT_ERROR} {shorten(str(doc['error']), 500)}")
+        if doc.get("diverged") is True:
+            return fail(f"{DIVERGED_ERROR} {shorten(str(doc['error']), 500)}")
         return fail(f"worker reported an error: {shorten(str(doc['error']), 500)}")
     unknown = set(doc) - {"score", "metrics", "steps", "version", GC_FAILED}
     if unknown:
@@ -78,6 +80,10 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     if not isinstance(metrics, dict):
         return fail(f"result.metrics must be an object (got {type(metrics).__name__})")
     score = doc.get("score") if metric == "score" or metric not in metrics else metrics.get(metric)
+    if score is None and metric != "score" and metric in metrics:
+        # the worker SDK reports a non-finite metric as null: a loss that went NaN, not a missing metric
+        return fail(f"{DIVERGED_ERROR} metric {metric!r} is null (the worker SDK reports a NaN or infinite "
+                    f"value as null)")
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         hint = ""
         if score is None:  # missing, not malformed: say what the worker did report
@@ -93,7 +99,7 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     except OverflowError:  # a JSON integer beyond float range: raising here would hang the driver
         return fail(f"score is out of range ({str(score)[:40]}...)")
     if not math.isfinite(value):
-        return fail(f"score is {score} (not finite)")
+        return fail(f"{DIVERGED_ERROR} score is {score} (not finite)")
     steps = doc.get("steps", sug.steps_start + sug.steps_budget)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < sug.steps_start:
         return fail(f"result.steps must be an integer >= {sug.steps_start} (got {steps!r})")

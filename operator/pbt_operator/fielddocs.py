@@ -178,7 +178,7 @@ FIELDS: tuple[Field, ...] = (
           "A read-only root filesystem is fine: without a writable temp directory the worker SDK buffers "
           "checkpoints in memory (mount an `emptyDir` at `/tmp` for large ones)"),
     Field("spec.failurePolicy", "", "what happens when a segment fails", row=False),
-    Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment; a result without the objective's metric is not retried (the worker's code or `objective.metric`, never chance), nor is a failure the worker calls permanent (a `pbt_worker.PermanentError`, or a contract its SDK refuses: an image older than the operator): either fails the training at once, and `pbt run --resume` after the fix goes on"),
+    Field("spec.failurePolicy.maxRetries", "int >= 0, 2", "retries per segment; a segment that diverged (a NaN or infinite score) is not retried as it was: its next attempt copies the best member's checkpoint and explores from there, as an exploit does; a result without the objective's metric is not retried (the worker's code or `objective.metric`, never chance), nor is a failure the worker calls permanent (a `pbt_worker.PermanentError`, or a contract its SDK refuses: an image older than the operator): either fails the training at once, and `pbt run --resume` after the fix goes on"),
     Field("spec.failurePolicy.onExhausted", _alts(ON_EXHAUSTED),
           "then the member becomes an exact copy of the best member, checkpoint and hyperparameters "
           "(`replace`; if the copy fails as often, the training fails), or the training fails"),

@@ -253,7 +253,8 @@ def test_segment_failures_follow_the_failure_policy(
                with a Failed condition and a TrainingFailed Event naming the member, segment and exit code.
     - hang:    member 0 segment 1 hangs once; spec.segment.timeoutSeconds kills it, the retry succeeds.
     - garbage: each member's segment 1 writes a hostile result once (not JSON, too long, NaN score,
-               unexpected keys): only that segment fails, with a reason, and its retry succeeds.
+               unexpected keys): only that segment fails, with a reason, and its next attempt succeeds
+               (for the NaN, a divergence, from the best checkpoint with explored hyperparameters).
     - permanent: member 1 segment 1 reports a permanent error (a PermanentError, a refused contract);
                maxRetries 2 -> the training fails at that first attempt, saying so, with no retry."""
     ns = make_ns("wfault")
@@ -343,6 +344,12 @@ def test_segment_failures_follow_the_failure_policy(
         assert done_segments(gm[m]) == [0, 1]
     r = runs("garbage")
     assert all(r[(m, 1)] == 2 and r[(m, 0)] == 1 for m in range(4)), r
+    # the NaN is a divergence: the next attempt is not the same hyperparameters from the same checkpoint
+    nan_failed = failed_history(gm[2])[0]["suggestion"]
+    nan_next = next(h["suggestion"] for h in gm[2]["status"]["history"]
+                    if h["status"] == "done" and h["suggestion"]["segment"] == 1)
+    assert nan_next["attempt"] == 1 and "diverged" in nan_next["reason"], nan_next
+    assert (nan_next["hyperparameters"], nan_next["restore"]) != (nan_failed["hyperparameters"], nan_failed["restore"])
     assert op.alive()
 
 

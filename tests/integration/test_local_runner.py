@@ -591,6 +591,48 @@ def test_an_inline_functions_permanent_error_is_not_retried(make_spec: Any, tmp_
            "error: pbt_worker.errors.PermanentError: tokenizer file missing" in summary.engine.failed
 
 
+@pytest.mark.parametrize("how", ["returned", "reported", "process"])
+def test_a_diverged_member_copies_the_best_and_explores_instead_of_retrying(
+        make_spec: Any, tmp_path: Path, inline_module: Callable[[str], str], how: str) -> None:
+    """Learning rates above 0.3 diverge (NaN) from the second segment on, whatever the checkpoint: retrying
+    the same rate from the same checkpoint wasted every retry, and the replacement copied the best
+    member's rate exactly, collapsing the population. Each next attempt now starts from the best
+    checkpoint with explored hyperparameters; through a returned NaN, seg.report(nan) raised out of an
+    inline function, and a worker process that reports NaN (pbt_worker.run)."""
+    body = ("def fn(seg):\n"
+            "    x = seg.restore() or 0.0\n"
+            "    lr = float(seg.hyperparameters['lr'])\n"
+            "    if lr > 0.3 and seg.index >= 1:\n"
+            + ("        return float('nan')\n" if how == "returned" else "        seg.report(float('nan'))\n")
+            + "    x += lr\n"
+            "    seg.save(x)\n"
+            "    return x\n")
+    space = {"lr": {"type": "float", "min": 0.01, "max": 1.0, "log": True, "initial": {"min": 0.2, "max": 1.0}}}
+    cfg: dict[str, Any] = {"population": 4, "parallelism": 2, "budget": {"segments": 6}, "hyperparameters": space,
+                           "failurePolicy": {"maxRetries": 2, "onExhausted": "replace"}, "seed": 1}
+    if how == "process":
+        script = tmp_path / "train.py"
+        script.write_text("import pbt_worker\n" + body + "pbt_worker.run(fn)\n")
+        cfg["worker"] = {"executor": "process", "command": ["python", str(script)]}
+    else:
+        cfg["worker"] = {"function": f"{inline_module(body)}:fn"}
+    spec = dataclasses.replace(make_spec(cfg), base_dir=tmp_path)
+    summary = LocalRunner(spec, tmp_path / "run", plot=False).run()
+    eng = summary.engine
+    assert eng.failed is None and eng.done
+    diverged = [f for f in eng.failures if (f.error or "").startswith("diverged:")]
+    assert diverged and len(diverged) == len(eng.failures), [f.error for f in eng.failures]
+    journal = [Suggestion.from_dict(r["suggestion"]) for r in read_jsonl(tmp_path / "run" / "results.jsonl")]
+    for f in diverged:
+        after = next(s for s in journal if (s.member, s.segment, s.attempt) == (f.member, f.segment,
+                                                                                f.suggestion.attempt + 1))
+        assert after.hyperparameters != f.suggestion.hyperparameters, (f.suggestion, after)
+        assert "diverged" in after.reason
+    # every member ends on a rate that trains, and they are not all one copied rate
+    finals = {m: float(eng.latest[m].suggestion.hyperparameters["lr"]) for m in range(4)}
+    assert all(lr <= 0.3 for lr in finals.values()) and len(set(finals.values())) >= 2, finals
+
+
 def test_always_failing_worker_with_replace_terminates(tmp_path: Path) -> None:
     manifest = process_manifest(tmp_path, population=2, segments=2, env={"PBT_TEST_FAIL": "always"},
                                 extra={"failurePolicy": {"maxRetries": 0, "onExhausted": "replace"}})

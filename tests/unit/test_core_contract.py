@@ -62,6 +62,18 @@ def test_parse_result_ok() -> None:
     assert r.ok and r.gc_failed == 3
 
 
+def test_an_objective_metric_reported_as_null_is_a_divergence_not_a_missing_metric() -> None:
+    """The worker SDK reports a NaN metric as null: under `objective.metric: val_loss` a loss that went
+    NaN must not read as a result without the metric (that fails the whole training at once)."""
+    from pbt_operator.core.types import diverged, permanent_failure
+
+    r = parse_result('{"score": 0.1, "metrics": {"val_loss": null}}', SUG, "val_loss")
+    assert r.error is not None and diverged(r.error) and not permanent_failure(r.error), r.error
+    assert "metric 'val_loss' is null" in r.error
+    r = parse_result('{"metrics": {"acc": 0.5}}', SUG, "val_loss")  # absent, and no score: still missing
+    assert r.error is not None and permanent_failure(r.error) and not diverged(r.error)
+
+
 def test_parse_result_failures_name_the_problem() -> None:
     cases = [
         (None, "wrote no result"),
@@ -73,8 +85,11 @@ def test_parse_result_failures_name_the_problem() -> None:
         ('{"score": 1, "extra": 2}', "unexpected keys ['extra']"),
         ('{"score": "high"}', "no numeric score"),
         ('{"score": true}', "no numeric score"),
-        ('{"score": NaN}', "not finite"),
-        ('{"score": Infinity}', "not finite"),
+        ('{"score": NaN}', "diverged: score is nan (not finite)"),
+        ('{"score": Infinity}', "diverged: score is inf (not finite)"),
+        ('{"error": "score is nan: the segment diverged", "diverged": true}', "diverged: score is nan: the segment"),
+        ('{"error": "no", "diverged": 1}', "worker reported an error: no"),  # only true is the flag
+        ('{"error": "no", "permanent": true, "diverged": true}', "worker reported a permanent error: no"),
         ('{"metrics": {"loss": 1}}', "no numeric score for metric 'score' (got None); the worker reported loss: "
                                      "report 'score' (seg.report(score=...)) or set spec.objective.metric"),
         ('{"metrics": {"note": "x"}}', "the worker reported no number"),

@@ -51,6 +51,7 @@ class World:
     fail_rate: float = 0.0
     disrupt_rate: float = 0.0
     always_fail: Callable[[Suggestion], bool] | None = None
+    fail_error: str = "boom"  # what a failure says ("diverged: ..." makes it a divergence)
     weights: dict[Ref, float] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)  # what a driver persists, in tell order
     emitted: list[Suggestion] = field(default_factory=list)
@@ -92,7 +93,7 @@ class World:
             res = SegmentResult(sug.member, sug.segment, None, sug.steps_start, disrupted=True)
         elif (self.always_fail is not None and self.always_fail(sug)) or \
                 (self.fail_rate and self._chance(sug, "f") < self.fail_rate):
-            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start, error="boom")
+            res = SegmentResult(sug.member, sug.segment, None, sug.steps_start, error=self.fail_error)
         else:
             res = SegmentResult(sug.member, sug.segment, self.score(sug), sug.steps_start + sug.steps_budget,
                                 {"m": 1.0}, duration=0.5)
@@ -162,6 +163,7 @@ configs = st.fixed_dictionaries({
     "on_exhausted": st.sampled_from(["replace", "fail"]),
     "fail_rate": st.sampled_from([0.0, 0.0, 0.15, 0.4]),
     "disrupt_rate": st.sampled_from([0.0, 0.2]),
+    "fail_error": st.sampled_from(["boom", "diverged: score is nan"]),
     "seed": st.integers(0, 1000),
 })
 
@@ -222,7 +224,7 @@ def invariants(world: World, told: Suggestion, new: list[Suggestion]) -> None:
 def test_invariants_hold_on_every_step(make_spec: Any, c: dict[str, Any]) -> None:
     spec = spec_from_config(make_spec, c)
     world = World(Engine(spec), seed=c["seed"], fail_rate=c["fail_rate"], disrupt_rate=c["disrupt_rate"],
-                  check=invariants)
+                  fail_error=c["fail_error"], check=invariants)
     world.run()
     eng = world.engine
     assert eng.done
@@ -798,7 +800,7 @@ def test_retry_then_fail(make_spec: Any) -> None:
 def test_a_result_without_the_metric_fails_the_training_at_once(make_spec: Any) -> None:
     """No number for the objective's metric is the worker's code or the manifest, not chance: a retry
     or a replacement would train a whole segment to fail the same way. A NaN score (a learning rate
-    that diverged) is still retried."""
+    that diverged) still gets another attempt (here: a fresh sample, as no member has a score yet)."""
     from pbt_operator.contract import parse_result
     spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 2, "onExhausted": "replace"})
     eng = Engine(spec)
@@ -834,6 +836,94 @@ def test_a_worker_that_says_its_failure_is_permanent_fails_the_training_at_once(
     assert eng.failure is not None and eng.failure.attempt == (0, 0, 2)
     assert 0 not in eng.pending and not eng.done
     assert eng.tell(SegmentResult(1, 0, 1.0, 10)) == [] and eng.done
+
+
+def test_a_diverged_segment_copies_the_best_and_explores_instead_of_retrying(make_spec: Any) -> None:
+    """A NaN score from the same checkpoint and hyperparameters mostly comes again: the next attempt is
+    what PBT does with its worst member (copy the best, explore), still counted against maxRetries, so
+    a worker that always diverges ends in onExhausted as before."""
+    from pbt_operator.contract import parse_result
+    spec = spec_for(make_spec, population=3, failurePolicy={"maxRetries": 2, "onExhausted": "replace"},
+                    exploit={"strategy": "truncation", "fraction": 0.34}, explore={"strategy": "perturb"})
+    eng = Engine(spec)
+    s = {x.member: x for x in eng.start()}
+    nxt = {}
+    for m, score in ((0, 1.0), (1, 3.0), (2, 2.0)):
+        nxt.update({x.member: x for x in eng.tell(SegmentResult(m, 0, score, 10))})
+    mine = nxt[2]
+    assert mine.kind == "continue"  # member 2 (2.0) keeps its weights; it diverges at its segment 1
+    (d1,) = eng.tell(parse_result('{"score": NaN}', mine))
+    assert d1.kind == "exploit" and d1.donor == 1 and d1.restore == (1, 0) and d1.attempt == 1 and d1.segment == 1
+    assert d1.hyperparameters != mine.hyperparameters and d1.hyperparameters != s[1].hyperparameters
+    assert d1.reason.startswith("segment 1 diverged (score is nan (not finite)): copies member 1, the best (score 3)")
+    assert eng.failed is None and [f.error for f in eng.failures] == ["diverged: score is nan (not finite)"]
+    (d2,) = eng.tell(parse_result('{"error": "score is inf: the segment diverged or failed", "diverged": true}', d1))
+    assert d2.kind == "exploit" and d2.attempt == 2 and d2.hyperparameters != d1.hyperparameters
+    (d3,) = eng.tell(parse_result('{"score": NaN}', d2))  # the round is spent: the failure policy's copy
+    assert d3.kind == "replace" and d3.hyperparameters == s[1].hyperparameters and d3.attempt == 3
+    assert "failed 3 times" in d3.reason and "diverged" in d3.reason
+
+
+def test_a_diverged_leader_explores_from_its_own_checkpoint(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 1, "onExhausted": "fail"},
+                    explore={"strategy": "perturb"})
+    eng = Engine(spec)
+    eng.start()
+    eng.tell(SegmentResult(1, 0, 1.0, 10))
+    (mine,) = eng.tell(SegmentResult(0, 0, 5.0, 10))
+    (again,) = eng.tell(SegmentResult(0, 1, None, 10, error="diverged: score is nan"))
+    assert again.kind == "continue" and again.donor is None and again.restore == (0, 0) and again.attempt == 1
+    assert again.hyperparameters != mine.hyperparameters
+    assert again.reason.startswith("segment 1 diverged (score is nan): again from its own last checkpoint (score 5)")
+    assert eng.tell(SegmentResult(0, 1, None, 10, error="diverged: score is nan")) == []  # onExhausted: fail
+    assert eng.failed is not None and "failed 2 times" in eng.failed
+
+
+def test_a_first_segment_that_diverges_before_any_score_restarts_from_a_fresh_sample(make_spec: Any) -> None:
+    spec = spec_for(make_spec, population=2, failurePolicy={"maxRetries": 1, "onExhausted": "replace"})
+    eng = Engine(spec)
+    s0, _ = eng.start()
+    (fresh,) = eng.tell(SegmentResult(0, 0, None, 0, error="diverged: score is nan"))
+    assert fresh.kind == "replace" and fresh.restore is None and fresh.steps_start == 0 and fresh.attempt == 1
+    assert fresh.hyperparameters != s0.hyperparameters and "with no checkpoint to copy: a fresh sample" in fresh.reason
+
+
+def test_pb2_sees_a_diverged_configuration_as_the_worst_row(make_spec: Any) -> None:
+    """The GP learns nothing from a failure unless it is a row: a diverged attempt is one, at a rate
+    below every finished row's (in the rates' own units), and it leaves with its segment's window."""
+    spec = spec_for(make_spec, population=2, explore={"strategy": "pb2"}, budget={"segments": 10},
+                    failurePolicy={"maxRetries": 2, "onExhausted": "replace"})
+    eng = Engine(spec, window=2)
+    eng.start()
+    score = {0: 1.0, 1: 1.0}
+
+    def finish(m: int) -> None:
+        sug = eng.pending[m]
+        score[m] += 0.5 + m
+        eng.tell(SegmentResult(m, sug.segment, score[m], sug.steps_start + sug.steps_budget))
+
+    for _ in range(2):
+        finish(0)
+        finish(1)
+    assert len(eng._pb2_rows()) == len(eng._rows) > 0 and not eng._diverged
+    bad = eng.pending[0]
+    assert bad.segment == 2 and bad.score_before is not None
+    eng.tell(SegmentResult(0, 2, None, bad.steps_start, error="diverged: score is nan"))
+    rows = eng._pb2_rows()
+    t, c, hp, rate = rows[-1]
+    assert (t, c, dict(hp)) == (bad.steps_start, bad.score_before, dict(bad.hyperparameters))
+    assert len(rows) == len(eng._rows) + 1 and rate < min(r[3] for r in rows[:-1])
+    big = Engine(spec)  # the same rows in scores 1000 times larger: the same row, 1000 times larger
+    big._rows = {ref: (t, c * 1000, h, r * 1000) for ref, (t, c, h, r) in eng._rows.items()}
+    big._diverged = dict(eng._diverged)
+    assert [r[3] for r in big._pb2_rows()] == pytest.approx([r[3] * 1000 for r in rows])
+    assert eng._pb2_rows(keyed=True)[-1] == ((0, 2, 0), rows[-1])  # synchronous mode sorts rows by key
+    assert eng.window is not None
+    last = 2 + eng.window  # the window then holds segments 3.., and segment 2 leaves with its failure
+    while eng.latest[0].segment < last:
+        assert eng._diverged
+        finish(0)
+    assert not eng._diverged and len(eng._pb2_rows()) == len(eng._rows)
 
 
 def test_zero_retries(make_spec: Any) -> None:
@@ -974,17 +1064,19 @@ def test_best_schedule_matches_lineage(make_spec: Any) -> None:
 
 
 @pytest.mark.parametrize("mode", ["asynchronous", "synchronous"])
-@pytest.mark.parametrize("on_exhausted", ["replace", "fail"])
-def test_rebuild_at_every_point_of_a_run(make_spec: Any, mode: str, on_exhausted: str) -> None:
+@pytest.mark.parametrize(("on_exhausted", "error"), [("replace", "boom"), ("fail", "boom"),
+                                                     ("replace", "diverged: score is nan")])
+def test_rebuild_at_every_point_of_a_run(make_spec: Any, mode: str, on_exhausted: str, error: str) -> None:
     """Exhaustively: a rebuild after any tell, with or without the decision that tell caused having
-    been persisted, continues exactly like the uninterrupted run (failures and disruptions included)."""
+    been persisted, continues exactly like the uninterrupted run (failures, divergences and
+    disruptions included)."""
     checked = 0
     for seed in range(3):
         spec = spec_from_config(make_spec, {
             "population": 3, "segments": 3, "mode": mode, "exploit": "truncation", "fraction": 0.34,
             "explore": "perturb", "crossover": False, "significance": False, "direction": "max",
             "max_retries": 1, "on_exhausted": on_exhausted, "seed": seed})
-        kw = {"seed": seed, "fail_rate": 0.3, "disrupt_rate": 0.2}
+        kw: dict[str, Any] = {"seed": seed, "fail_rate": 0.3, "disrupt_rate": 0.2, "fail_error": error}
         straight = World(Engine(spec), **kw)
         straight.run()
         want = [json.dumps(r.to_dict()) for r in straight.records]

@@ -586,6 +586,8 @@ def test_a_trainer_that_says_its_failure_is_permanent_keeps_that_word_first() ->
     text = outcome(refused, 2)
     assert text == "worker reported a permanent error: ContractError: PBT_SEGMENT: field 'version' is 2 (exit code 2)"
     assert permanent_failure(text)
+    nan = json.dumps({"error": "score is nan: the segment diverged or failed", "diverged": True})
+    assert outcome(nan, 1) == "diverged: score is nan: the segment diverged or failed (exit code 1)"
     for plain in (json.dumps({"error": "ContractError: PBT_SEGMENT: field 'version' is 2"}),
                   json.dumps({"error": "x", "permanent": "yes"}), "pbt_worker: PBT_SEGMENT is not valid JSON"):
         assert not permanent_failure(outcome(plain, 2)), plain

@@ -230,7 +230,9 @@ def test_nan_score_is_a_failure(tmp_path: Path, bad: float) -> None:
     seg = make(f"file://{tmp_path}/", 0, result=str(result))
     with pytest.raises(ReportError, match="diverged"):
         seg.report(score=bad)
-    assert "error" in json.loads(result.read_text())
+    doc = json.loads(result.read_text())
+    assert doc == {"error": f"score is {bad}: the segment diverged or failed", "diverged": True}
+    assert execute(lambda s: bad, make("mem://x/", 0))["diverged"] is True  # returned, not reported
 
 
 def test_report_too_large(tmp_path: Path) -> None:
@@ -486,7 +488,7 @@ def test_the_segment_record_is_written_beside_the_checkpoints(base: str, tmp_pat
     with pytest.raises(ReportError):
         Segment(failing).report(float("nan"))
     _, bad = record_from_storage(json.loads(store.get_bytes(prefix + "/", "00003-a2.json")))
-    assert bad.status == "failed" and "nan" in (bad.error or "")
+    assert bad.status == "failed" and bad.error == "diverged: score is nan: the segment diverged or failed"
 
 
 def test_a_record_field_must_name_an_object() -> None:

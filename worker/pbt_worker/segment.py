@@ -29,9 +29,10 @@ MAIN = "state"
 GC_FAILED = "gcFailed"
 
 
-def error_result(message: str, permanent: bool = False) -> dict[str, Any]:
-    """``{"error": message}`` (plus ``"permanent": true``), the message cut to fit the contract's 4096 bytes."""
-    extra = {"permanent": True} if permanent else {}
+def error_result(message: str, permanent: bool = False, diverged: bool = False) -> dict[str, Any]:
+    """``{"error": message}`` (plus ``"permanent": true`` or ``"diverged": true``), the message cut to fit
+    the contract's 4096 bytes."""
+    extra = {**({"permanent": True} if permanent else {}), **({"diverged": True} if diverged else {})}
     msg = message
     while len(json.dumps({"error": msg, **extra}).encode()) > RESULT_MAX_BYTES:
         over = len(json.dumps({"error": msg, **extra}).encode()) - RESULT_MAX_BYTES
@@ -298,7 +299,7 @@ class Segment:
         except (TypeError, ValueError):
             raise self._fail_report(f"score must be a number, got {type(score).__name__}") from None
         if not math.isfinite(value):
-            raise self._fail_report(f"score is {value}: the segment diverged or failed")
+            raise self._fail_report(f"score is {value}: the segment diverged or failed", diverged=True)
         reached = self.steps_end if steps is None else steps
         if isinstance(reached, bool) or not isinstance(reached, int) or reached < 0:
             raise self._fail_report(f"steps must be a non-negative int, got {reached!r}")
@@ -321,14 +322,16 @@ class Segment:
         self._write_result(text, result)
         return result
 
-    def _fail_report(self, message: str) -> ReportError:
-        self.write_error(message)
+    def _fail_report(self, message: str, diverged: bool = False) -> ReportError:
+        self.write_error(message, diverged=diverged)
         return ReportError(message)
 
-    def write_error(self, message: str, *, permanent: bool = False) -> None:
+    def write_error(self, message: str, *, permanent: bool = False, diverged: bool = False) -> None:
         """Record a failed segment (``{"error": message}``), truncated to fit 4096 bytes. `permanent`:
-        running the segment again cannot succeed, so the driver fails the training instead of retrying."""
-        doc = error_result(message, permanent)
+        running the segment again cannot succeed, so the driver fails the training instead of retrying.
+        `diverged`: the score was not finite, so the driver explores from the best member's checkpoint
+        instead of retrying the same hyperparameters."""
+        doc = error_result(message, permanent, diverged)
         try:
             self._write_result(json.dumps(doc), doc)
         except OSError as exc:  # "if it can": the exit status still says the segment failed
@@ -346,6 +349,7 @@ class Segment:
             "restore": self.restore_uri, "checkpoint": self.checkpoint_uri if self.saved is not None else None,
             "steps": {"start": self.steps_start, "end": result.get("steps", self.steps_start)},
             "score": result.get("score"), "metrics": dict(result.get("metrics") or {}), "error": result.get("error"),
+            **{flag: True for flag in ("permanent", "diverged") if result.get(flag) is True},
             "started": _iso(self.started), "finished": _iso(finished), "seconds": round(finished - self.started, 3),
         }
 

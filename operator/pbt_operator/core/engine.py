@@ -24,6 +24,7 @@ from .rng import EXPLOIT, EXPLORE, INITIAL, PB2, RETUNE, rng_for
 from .space import Value
 from .types import (
     BUDGET_EXHAUSTED,
+    DIVERGED_ERROR,
     PATIENCE_EXHAUSTED,
     SEGMENT_FAILED,
     TARGET_REACHED,
@@ -34,6 +35,7 @@ from .types import (
     Ref,
     SegmentResult,
     Suggestion,
+    diverged,
     permanent_failure,
 )
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from ..spec import TrainingSpec
 
 REPLACE_PURPOSE = 100  # + attempt: streams for replacing a member whose segment kept failing
+DIVERGED_PURPOSE = 10_000  # + 100 attempt + draw: streams for exploring after a segment diverged
+DIVERGED_DRAWS = 8  # explore draws that may land on a configuration that diverged there, before one is kept
 
 
 @dataclass
@@ -123,6 +127,9 @@ class Engine:
         self.best: Record | None = None
         self._since_best = 0
         self._rows: dict[Ref, Any] = {}  # PB2 rows, built incrementally, in absorption order
+        # PB2 rows of diverged attempts (t, c, hyperparameters), by (member, segment, attempt): their rate
+        # is set below every finished row's when PB2 reads them (_pb2_rows), so the GP learns to avoid them.
+        self._diverged: dict[tuple[int, int, int], Any] = {}
         self._sorted_rows: list[Any] | None = None  # synchronous mode: _rows by (time, member), until they change
         self.last: Record | None = None  # the record the latest tell() produced, for drivers to persist
         self.window = None if window is None else max(1, int(window), spec.exploit.significance.window)
@@ -316,9 +323,17 @@ class Engine:
     def _place(self, rec: Record) -> None:
         """Put a record of a window where absorbing it put it, without touching the totals."""
         if rec.status != "done":
-            self.failures.append(rec)
+            self._fail(rec)
             return
         self._keep(rec)
+
+    def _fail(self, rec: Record) -> None:
+        self.failures.append(rec)
+        sug = rec.suggestion
+        if diverged(rec.error) and sug.score_before is not None:
+            self._diverged[(sug.member, sug.segment, sug.attempt)] = (
+                sug.steps_start, self._internal(sug.score_before), sug.hyperparameters)
+            self._sorted_rows = None
 
     def _keep(self, rec: Record) -> None:
         self.records[rec.ref] = rec
@@ -347,6 +362,11 @@ class Engine:
         self.order.remove(ref)
         # Failed attempts leave with their segment (only the current segment's attempts are counted).
         self.failures = [f for f in self.failures if f.member != ref[0] or f.segment > ref[1]]
+        gone = [key for key in self._diverged if key[0] == ref[0] and key[1] <= ref[1]]
+        for key in gone:
+            del self._diverged[key]
+        if gone:
+            self._sorted_rows = None
         if self._rows.pop(ref, None) is not None:
             self._sorted_rows = None
         old = self.evicted_best.get(rec.member)
@@ -362,7 +382,7 @@ class Engine:
         self.seq += 1
         if rec.status != "done":
             self.failure_count += 1
-            self.failures.append(rec)
+            self._fail(rec)
             return
         self.done_count += 1
         self._keep(rec)
@@ -484,14 +504,15 @@ class Engine:
             from .pb2 import Pb2Pending, Pb2Row, suggest
         except ImportError as e:  # pragma: no cover - only while pb2 is missing
             return None, f"pb2 unavailable ({e})"
-        found: Any = self._rows.values()
+        found: Any = self._pb2_rows()
         if self.spec.mode == "synchronous":
             # A generation's results arrive in the order its members happened to finish (a thread, a pod):
             # rows in that order changed the GP in its last bits, and the run's decisions with it. By (time,
             # member) they are the same for any order, as a synchronous run's decisions must be. Sorted once
             # per generation (a generation's decisions add no rows): ~5 ms at 10 000 rows.
             if self._sorted_rows is None:
-                self._sorted_rows = [row for _, row in sorted(self._rows.items(), key=lambda kv: (kv[1][0], kv[0]))]
+                self._sorted_rows = [row for _, row in sorted(self._pb2_rows(keyed=True),
+                                                              key=lambda kv: (kv[1][0], kv[0]))]
             found = self._sorted_rows
         rows = [Pb2Row(t=float(t), c=c, hyperparameters=hp, rate=r) for t, c, hp, r in found]
         pend = [
@@ -506,6 +527,67 @@ class Engine:
             center=drec.suggestion.hyperparameters,
         )
         return choice.hyperparameters, choice.reason
+
+    def _after_divergence(self, sug: Suggestion, error: str | None, attempts: int) -> Suggestion:
+        """The next attempt after `sug` diverged: what PBT does with its worst member. It copies the best
+        checkpoint (its own last one when it leads) and explores from there, as an exploit does; the
+        same hyperparameters from the same checkpoint would mostly diverge again. The attempt counts
+        against maxRetries like a retry, so a worker that always diverges still ends in onExhausted.
+        With `exploit.strategy: none` (members never copy each other) only its own checkpoint. Nothing to
+        copy (a first segment diverged): a fresh sample, from scratch."""
+        m, k = sug.member, sug.segment
+        what = (error or "")[len(DIVERGED_ERROR):].strip()
+        scores = self._scores()
+        if self.spec.exploit.strategy == "none":
+            scores = {mm: v for mm, v in scores.items() if mm == m}
+        if not scores:
+            fresh = Suggestion(
+                member=m, segment=k, hyperparameters=self.spec.space.sample(
+                    rng_for(self.spec.seed, m, k, DIVERGED_PURPOSE + attempts)),
+                restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
+                reason=f"segment {k} diverged ({what}), with no checkpoint to copy: a fresh sample",
+                attempt=sug.attempt + 1,
+            )
+            self.pending[m] = fresh
+            return fresh
+        donor = exploit_mod.ranked(scores)[0]
+        best = self.latest[donor].score
+        if donor == m:  # it leads (or may copy no one): its own last checkpoint, new hyperparameters
+            reason = f"segment {k} diverged ({what}): again from its own last checkpoint (score {best:g})"
+        else:
+            reason = f"segment {k} diverged ({what}): copies member {donor}, the best (score {best:g})"
+        # an exploit continues a member's own lineage of segments; a member with none yet is replaced
+        kind: DecisionKind = "exploit" if m in self.latest else "replace"
+        # Not back onto a configuration that diverged from there: a perturbation has two factors, so
+        # half the explores from one donor would land on it again (PB2 sees those as its worst rows).
+        bad = [f.suggestion.hyperparameters for f in self.failures
+               if f.ref == sug.ref and diverged(f.error) and f.suggestion.restore == self.latest[donor].ref]
+        for draw in range(DIVERGED_DRAWS):
+            s = self._exploit(m, k, donor, None, reason, kind=kind, purpose=DIVERGED_PURPOSE + 100 * attempts + draw)
+            if s.hyperparameters not in bad:
+                break
+        s = dataclasses.replace(s, attempt=sug.attempt + 1)
+        if donor == m:
+            s = dataclasses.replace(s, kind="continue", donor=None)
+        self.pending[m] = s
+        return s
+
+    def _pb2_rows(self, keyed: bool = False) -> list[Any]:
+        """PB2's rows: every finished segment's, then every diverged attempt's at a rate below all of
+        theirs (by the spread of the rates, so the same for any units of the score; PB2 winsorises it to
+        its floor). Computed from the rows as they are now, so a rebuilt engine reads the same."""
+        rows: list[Any] = list(self._rows.items()) if keyed else list(self._rows.values())
+        if not self._diverged or not self._rows:
+            return rows
+        rates = [row[3] for row in self._rows.values()]
+        low, high = min(rates), max(rates)
+        floor = low - (high - low) - abs(low)
+        if not floor < low:  # every rate 0
+            floor = low - 1.0
+        for key, (t, c, hp) in self._diverged.items():
+            row = (t, c, hp, floor)
+            rows.append(((key[0], key[1], key[2]), row) if keyed else row)
+        return rows
 
     def _failed(self, sug: Suggestion, result: SegmentResult) -> list[Suggestion]:
         self._absorb(Record(sug, result.score, result.steps, dict(result.metrics), "failed",
@@ -531,6 +613,8 @@ class Engine:
         # rather than burn the GPU budget forever.
         rnd, within = divmod(attempts - 1, policy.max_retries + 1)
         if within < policy.max_retries:
+            if diverged(error):
+                return [self._after_divergence(sug, error, attempts)]
             retry = dataclasses.replace(sug, attempt=sug.attempt + 1)
             self.pending[sug.member] = retry
             return [retry]

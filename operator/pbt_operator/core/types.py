@@ -82,6 +82,18 @@ NO_METRIC_ERROR = "result has no numeric score for metric"
 # worker SDK says it for a contract it refuses and for a training function's `PermanentError`.
 PERMANENT_ERROR = "worker reported a permanent error:"
 
+# A segment whose score is not finite: its learning diverged (a learning rate too large, say). Running it
+# again from the same checkpoint with the same hyperparameters mostly diverges again, so the engine
+# treats it as PBT treats the worst member: it copies the best checkpoint and explores from there (see
+# Engine._after_failure). Classified by this prefix like the permanent failures, for the same reason;
+# the worker SDK marks it `"diverged": true` in its result (docs/segment-contract.md).
+DIVERGED_ERROR = "diverged:"
+
+
+def diverged(error: str | None) -> bool:
+    return error is not None and error.startswith(DIVERGED_ERROR)
+
+
 # Why each kind of permanent failure is not retried, for the message that fails the training.
 _NOT_RETRIED = {
     NO_METRIC_ERROR: "a result without the objective's metric fails every attempt the same way",

@@ -29,7 +29,7 @@ from ..contract import parse_result
 from ..core.display import counted, describe_change, fmt_value, shorten
 from ..core.engine import Counters, Engine
 from ..core.policy import Decision, Journaled, admit, garbage_batch, rebuild, still_listable, take_back
-from ..core.types import Record, Ref, SegmentResult, Suggestion, permanent_failure
+from ..core.types import Record, Ref, SegmentResult, Suggestion, diverged, permanent_failure
 from ..spec import SpecError, TrainingSpec, parse_spec
 from . import conditions as C
 from . import segments as S
@@ -160,7 +160,7 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], sug: 
         t = terminated[-1][1]
         msg = (t.get("message") or "").strip()
         said = parse_result(msg, sug, metric).error
-        if permanent_failure(said):  # the worker's word that a retry cannot succeed: it leads the error
+        if permanent_failure(said) or diverged(said):  # the worker's word, classified by how it starts
             return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
                                  error=f"{said} (exit code {t.get('exitCode')})")
         why = t.get("reason") or ""

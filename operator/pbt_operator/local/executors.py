@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from ..contract import GC_FAILED, parse_result
 from ..core.display import shorten
-from ..core.types import SegmentResult, Suggestion
+from ..core.types import DIVERGED_ERROR, SegmentResult, Suggestion
 from .gpus import ENV as GPU_ENV
 from .gpus import GpuSlots
 from .warm import WarmWorker, python_for, warm_target
@@ -109,6 +109,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
     score and returned a different one (`_returned_over_reported`)."""
     from pbt_worker import PermanentError, Segment
 
+    seg = None
     try:
         # A function that returns None is credited with what it reported: never with the result file
         # its member's previous segment left at the same path.
@@ -127,6 +128,9 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
                 log.write_text(traceback.format_exc())
             except OSError:
                 pass
+        said = seg.last_result if seg is not None else None
+        if said is not None and said.get("diverged") is True:  # seg.report(nan) raised out of the function
+            return dict(said), None
         return {"error": shorten(tb, 1000), **({"permanent": True} if isinstance(e, PermanentError) else {})}, None
 
 
@@ -148,8 +152,8 @@ def _call_in_child(fn_ref: str, search_path: list[str], contract: dict[str, Any]
 def _to_result(sug: Suggestion, doc: dict[str, Any], metric: str, duration: float) -> SegmentResult:
     score = doc.get("score")
     if isinstance(score, float) and not math.isfinite(score):
-        return SegmentResult(sug.member, sug.segment, None, sug.steps_start, error=f"score is {score}",
-                             duration=duration)
+        return SegmentResult(sug.member, sug.segment, None, sug.steps_start,
+                             error=f"{DIVERGED_ERROR} score is {score}", duration=duration)
     metrics = doc.get("metrics")
     for name, value in (metrics.items() if isinstance(metrics, Mapping) else ()):
         try:
