@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(resume_hint, file=sys.stderr)
         return 130
     st = eng.state()
-    print(f"\n{result.name}: {_segments_line(st.done_segments, summary.ran, summary.wall_seconds)}")
+    print(f"\n{result.name}: {_segments_line(st.done_segments, summary.ran, summary.wall_seconds, summary.finished, summary.failed)}")
     if eng.failed:
         print(f"FAILED: {eng.failed}")
         if summary.failure_log is not None:
@@ -98,17 +98,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if eng.failed else 0
 
 
-def _segments_line(done: int, ran: int, seconds: float) -> str:
-    """'64 segments in 5.0s (12.8 segments/s)'; a resume rates only the segments it ran itself (a
-    finished run resumed runs none: it said '64 segments in 0.0s (57371 segments/s)')."""
+def _segments_line(done: int, ran: int, seconds: float, finished: int | None = None, failed: int = 0) -> str:
+    """'64 segments in 5.0s (12.8 segments/s)'; a resume rates only the segments it finished itself (a
+    finished run resumed runs none: it said '64 segments in 0.0s (57371 segments/s)'). `ran` counts the
+    attempts started, `finished` and `failed` those that finished and failed (failed attempts are not
+    segments: a run with 9 said '32 segments, 41 of them in this run')."""
     from .core.display import counted
 
     if ran == 0:
         return f"{counted(done, 'segment')}; nothing was left to run"
-    rate = f"{ran / max(seconds, 1e-9):.1f} segments/s"
-    if ran == done:
-        return f"{counted(done, 'segment')} in {seconds:.1f}s ({rate})"
-    return f"{counted(done, 'segment')}, {ran} of them in this run, in {seconds:.1f}s ({rate})"
+    here = ran if finished is None else finished
+    rate = f"{here / max(seconds, 1e-9):.1f} segments/s"
+    tail = f"; {counted(failed, 'attempt')} failed (results.jsonl has each error)" if failed else ""
+    if here == done:
+        return f"{counted(done, 'segment')} in {seconds:.1f}s ({rate}){tail}"
+    return f"{counted(done, 'segment')}, {here} of them in this run, in {seconds:.1f}s ({rate}){tail}"
 
 
 def _interrupt(signum: int, frame: object) -> None:

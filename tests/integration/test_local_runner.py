@@ -622,6 +622,8 @@ def test_a_diverged_member_copies_the_best_and_explores_instead_of_retrying(
     assert eng.failed is None and eng.done
     diverged = [f for f in eng.failures if (f.error or "").startswith("diverged:")]
     assert diverged and len(diverged) == len(eng.failures), [f.error for f in eng.failures]
+    # the summary tells failed attempts from segments (it said '24 segments, 31 of them in this run')
+    assert (summary.finished, summary.failed, summary.ran) == (24, len(diverged), 24 + len(diverged))
     journal = [Suggestion.from_dict(r["suggestion"]) for r in read_jsonl(tmp_path / "run" / "results.jsonl")]
     for f in diverged:
         after = next(s for s in journal if (s.member, s.segment, s.attempt) == (f.member, f.segment,

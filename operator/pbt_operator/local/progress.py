@@ -53,8 +53,9 @@ class Progress:
         eta = "-" if frac == 0 else f"{elapsed / frac - elapsed:.0f}s" if frac < 1 else "0s"
         best = (f"best {fmt_value(st.best.score)} (member {st.best.member}, segment {st.best.segment})"
                 if st.best else "best -")
+        failed = f"  failed attempts {engine.failure_count}" if engine.failure_count else ""
         head = (f"{self.spec.name}: segments {st.done_segments}/{total} ({100 * frac:.0f}%)  {best}  "
-                f"running {len(running)}  queued {len(queued)}  elapsed {elapsed:.0f}s  ETA {eta}")
+                f"running {len(running)}  queued {len(queued)}{failed}  elapsed {elapsed:.0f}s  ETA {eta}")
         if self.live:
             lines = [head, *member_table(self.spec, engine, running)[: 1 + min(self.spec.population, 24)]]
             if self.drawn:

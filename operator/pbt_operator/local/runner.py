@@ -89,8 +89,11 @@ class RunSummary:
     failure_log: Path | None = None
     # --resume of a failed training: how it had failed (the segment that failed it got another round).
     retried: str | None = None
-    # Segments this invocation started (a resume counts only its own, not the journal's).
+    # Segment attempts this invocation started (a resume counts only its own, not the journal's), and
+    # of them, those that finished and those that failed.
     ran: int = 0
+    finished: int = 0
+    failed: int = 0
 
     @property
     def best(self) -> Record | None:
@@ -309,6 +312,7 @@ class LocalRunner:
         if self.resume and rebuilt.engine.failed:
             rebuilt, retried = _retry_failed(self.spec, records, decided, rebuilt)
         engine = rebuilt.engine
+        done_before, failed_before = engine.done_count, engine.failure_count
         inbox: queue.Queue[tuple[Suggestion, SegmentResult] | None] = queue.Queue()  # None: a barrier completed
         running: dict[int, Suggestion] = {}
         t0 = time.perf_counter()
@@ -408,7 +412,8 @@ class LocalRunner:
                 executor.shutdown(cancel=False)
             barrier.close()
         summary = RunSummary(self.run_dir, engine, time.perf_counter() - t0, interrupted, retried=retried,
-                             ran=dispatched)
+                             ran=dispatched, finished=engine.done_count - done_before,
+                             failed=engine.failure_count - failed_before)
         fatal = failed_attempt(engine.failed, engine.failures,
                                engine.failure.attempt if engine.failure is not None else None)
         if fatal is not None:
