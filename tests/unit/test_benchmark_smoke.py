@@ -160,6 +160,17 @@ def test_fixed_configs_finds_the_best_fixed_configuration() -> None:
     assert "best fixed:" in schedules
 
 
+def test_divergence_counts_failed_attempts_and_scores_at_equal_training() -> None:
+    out = run("divergence", "--seeds", "2", "--decades", "1.0")
+    [(head, rows)] = tables(out)
+    assert head[:3] == ["method", "trainings failed", "failed attempts per run"]
+    assert [r[0] for r in rows] == ["pb2-liar-pessimistic", "pbt"]
+    for r in rows:
+        assert r[1].endswith("of 2") and number(r[2]) > 0  # a decade too large diverges in every run here
+        assert 0 < number(r[3]) < 1.5 and 0 < number(r[4]) < 1.5  # fractions of the limit: within 100, final
+        assert number(r[5]) >= 100  # the longest lineage
+
+
 def test_cat_flip_trace_splits_the_best_lineage_shortfall() -> None:
     out = run("cat_flip_trace", "--seeds", "1")
     [(head, rows)] = tables(out)
