@@ -325,13 +325,17 @@ def _run_script(tmp_path: Path, body: str,
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_run_in_a_subprocess(tmp_path: Path) -> None:
-    result = tmp_path / "result.json"
-    contract = {
+def _script_contract(tmp_path: Path, result: Path) -> dict[str, Any]:
+    return {
         "version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {"x": 2.0},
         "steps": {"start": 0, "budget": 5}, "restore": None, "checkpoint": f"file://{tmp_path}/ck/",
         "result": str(result), "gc": [],
     }
+
+
+def test_run_in_a_subprocess(tmp_path: Path) -> None:
+    result = tmp_path / "result.json"
+    contract = _script_contract(tmp_path, result)
     ok = _run_script(tmp_path, """
         import pbt_worker
         def train(seg):
@@ -359,11 +363,7 @@ def test_a_permanent_failure_says_so_in_the_result(tmp_path: Path) -> None:
     """A training function's PermanentError, and a contract this worker refuses (a driver newer than the
     image), write `"permanent": true`, which tells the driver not to retry; other errors do not."""
     result = tmp_path / "result.json"
-    contract = {
-        "version": 1, "training": "t", "member": 0, "segment": 0, "hyperparameters": {"x": 2.0},
-        "steps": {"start": 0, "budget": 5}, "restore": None, "checkpoint": f"file://{tmp_path}/ck/",
-        "result": str(result), "gc": [],
-    }
+    contract = _script_contract(tmp_path, result)
     gone = _run_script(tmp_path, """
         import pbt_worker
         def train(seg):
