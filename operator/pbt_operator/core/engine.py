@@ -541,15 +541,8 @@ class Engine:
         if self.spec.exploit.strategy == "none":
             scores = {mm: v for mm, v in scores.items() if mm == m}
         if not scores:
-            fresh = Suggestion(
-                member=m, segment=k, hyperparameters=self.spec.space.sample(
-                    rng_for(self.spec.seed, m, k, DIVERGED_PURPOSE + attempts)),
-                restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
-                reason=f"segment {k} diverged ({what}), with no checkpoint to copy: a fresh sample",
-                attempt=sug.attempt + 1,
-            )
-            self.pending[m] = fresh
-            return fresh
+            return self._fresh(sug, DIVERGED_PURPOSE + attempts,
+                               f"segment {k} diverged ({what}), with no checkpoint to copy: a fresh sample")
         donor = exploit_mod.ranked(scores)[0]
         best = self.latest[donor].score
         if donor == m:  # it leads (or may copy no one): its own last checkpoint, new hyperparameters
@@ -571,6 +564,17 @@ class Engine:
             s = dataclasses.replace(s, kind="continue", donor=None)
         self.pending[m] = s
         return s
+
+    def _fresh(self, sug: Suggestion, purpose: int, reason: str) -> Suggestion:
+        """The next attempt of `sug` from scratch with a fresh sample from the prior (nothing to copy)."""
+        fresh = Suggestion(
+            member=sug.member, segment=sug.segment,
+            hyperparameters=self.spec.space.sample(rng_for(self.spec.seed, sug.member, sug.segment, purpose)),
+            restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace", reason=reason,
+            attempt=sug.attempt + 1,
+        )
+        self.pending[sug.member] = fresh
+        return fresh
 
     def _pb2_rows(self, keyed: bool = False) -> list[Any]:
         """PB2's rows: every finished segment's, then every diverged attempt's at a rate below all of
@@ -638,14 +642,7 @@ class Engine:
             return []
         scores = {mm: s for mm, s in self._scores().items() if mm != sug.member}
         if not scores:
-            rng = rng_for(self.spec.seed, sug.member, sug.segment, REPLACE_PURPOSE + attempts)
-            fresh = Suggestion(
-                member=sug.member, segment=sug.segment, hyperparameters=self.spec.space.sample(rng),
-                restore=None, steps_start=0, steps_budget=self.spec.segment.steps, kind="replace",
-                reason=f"replaced with a fresh sample: {why}", attempt=sug.attempt + 1,
-            )
-            self.pending[sug.member] = fresh
-            return [fresh]
+            return [self._fresh(sug, REPLACE_PURPOSE + attempts, f"replaced with a fresh sample: {why}")]
         # An exact copy of the best member, its hyperparameters unexplored: exploring here could land
         # where the failed member was (a learning rate that diverges to NaN) and fail the training at the
         # replacement's round; a copy of a configuration that just trained fine from that checkpoint
