@@ -46,6 +46,16 @@ def build_contract(
     return doc
 
 
+# The result's flags (docs/segment-contract.md) and the prefix each puts on the driver's error, by which
+# the engine classifies it (core/types.py); the first flag set wins.
+ERROR_FLAGS = (("permanent", PERMANENT_ERROR), ("diverged", DIVERGED_ERROR))
+
+
+def flagged_prefix(doc: Any) -> str | None:
+    """The prefix for a worker's error document whose `permanent` or `diverged` is true; None for neither."""
+    return next((prefix for flag, prefix in ERROR_FLAGS if doc.get(flag) is True), None)
+
+
 def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score",
                  duration: float | None = None) -> SegmentResult:
     """Never raises: a bad result becomes a failed SegmentResult whose error names the problem."""
@@ -65,11 +75,8 @@ def parse_result(text: str | bytes | None, sug: Suggestion, metric: str = "score
     if not isinstance(doc, dict):
         return fail(f"result must be a JSON object (got {type(doc).__name__})")
     if "error" in doc:
-        if doc.get("permanent") is True:
-            return fail(f"{PERMANENT_ERROR} {shorten(str(doc['error']), 500)}")
-        if doc.get("diverged") is True:
-            return fail(f"{DIVERGED_ERROR} {shorten(str(doc['error']), 500)}")
-        return fail(f"worker reported an error: {shorten(str(doc['error']), 500)}")
+        prefix = flagged_prefix(doc) or "worker reported an error:"
+        return fail(f"{prefix} {shorten(str(doc['error']), 500)}")
     unknown = set(doc) - {"score", "metrics", "steps", "version", GC_FAILED}
     if unknown:
         return fail(f"result has unexpected keys {sorted(unknown)}; allowed: score, metrics, steps, {GC_FAILED}")

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import checkpoint_uri, storage_root
+from .contract import flagged_prefix
 from .core.display import shorten
 from .core.engine import Engine
-from .core.types import DIVERGED_ERROR, PERMANENT_ERROR, Record, Ref
+from .core.types import Record, Ref
 from .local.runlock import holder
 from .spec import SpecError, TrainingSpec, load_manifest, parse_manifest, parse_spec
 
@@ -332,9 +333,9 @@ def record_from_storage(doc: Mapping[str, Any]) -> tuple[str, Record]:
     sug = Suggestion.from_dict(doc["decision"])
     ok = doc.get("error") is None and doc.get("score") is not None
     error = None if ok else str(doc.get("error"))
-    for flag, prefix in (("permanent", PERMANENT_ERROR), ("diverged", DIVERGED_ERROR)):
-        if error is not None and doc.get(flag) is True:  # as the driver's parse_result words it
-            error = f"{prefix} {error}"
+    prefix = flagged_prefix(doc)
+    if error is not None and prefix is not None:  # as the driver's parse_result words it
+        error = f"{prefix} {error}"
     rec = Record(sug, doc.get("score"), int(steps["end"]), doc.get("metrics") or {}, "done" if ok else "failed",
                  error, doc.get("seconds"))
     return str(doc.get("finished") or ""), rec
