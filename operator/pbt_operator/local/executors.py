@@ -108,6 +108,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
     """Run one segment of `fn`: its result document, and a note when the function both reported a
     score and returned a different one (`_returned_over_reported`)."""
     from pbt_worker import PermanentError, Segment
+    from pbt_worker.segment import error_result
 
     seg = None
     try:
@@ -131,7 +132,7 @@ def call_inline(fn: Callable[..., Any], contract: dict[str, Any], storage: Any =
         said = seg.last_result if seg is not None else None
         if said is not None and said.get("diverged") is True:  # seg.report(nan) raised out of the function
             return dict(said), None
-        return {"error": shorten(tb, 1000), **({"permanent": True} if isinstance(e, PermanentError) else {})}, None
+        return error_result(shorten(tb, 1000), permanent=isinstance(e, PermanentError)), None
 
 
 def _child_init(env: Mapping[str, str]) -> None:
