@@ -301,7 +301,7 @@ def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float]
         if any((prob, pop, r.seed) in (seed_limits or {}) for r in group):
             limit = math.nan  # one per seed
         frac = {(r.method, r.seed): fraction(r, limits, seed_limits) for r in group}
-        for method in METHODS:
+        for method in [*METHODS, *sorted({r.method for r in group} - set(METHODS))]:  # then a peer's (peer_ray.py)
             seeds = sorted(s for (m, s) in frac if m == method)
             if not seeds:
                 continue
@@ -311,7 +311,7 @@ def summarise(results: Sequence[RunResult], limits: dict[tuple[str, int], float]
             t = sum(1 for s in paired if frac[(method, s)] == frac[("pbt", s)])
             mine = [r for r in group if r.method == method]
             rows.append(Row(prob, pop, method, len(seeds), limit, med, q25, q75,
-                            "-" if method == "pbt" else f"{w}/{t}/{len(paired) - w - t}",
+                            "-" if method == "pbt" or not paired else f"{w}/{t}/{len(paired) - w - t}",
                             sum(r.decide_seconds for r in mine), sum(r.pb2_fallbacks for r in mine),
                             "/".join(sorted({r.mode for r in mine})),
                             mine[0].interval if len({r.interval for r in mine}) == 1 else None))

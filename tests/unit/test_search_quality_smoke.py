@@ -328,3 +328,60 @@ def test_the_json_is_what_paired_py_reads(aq, tmp_path, monkeypatch):
     runs = paired.load(out, "pb2-liar-pessimistic")
     assert list(runs) == [("lr-schedule", 2, 0)] and math.isfinite(runs[("lr-schedule", 2, 0)][0])
     assert len(json.loads(out.read_text())["rows"]) == 2
+
+
+# -- benchmarks/peer_ray.py: a peer's schedulers on the same problems (Ray Tune is not installed here) -------
+
+
+@pytest.fixture(scope="module")
+def peer():
+    yield from _benchmark_module("peer_ray")
+
+
+def test_the_peer_searches_log_ranges_as_logs_and_categoricals_as_an_index(peer, P):
+    space = P.PROBLEMS["cat-flip"].hyperparameters
+    bounds = peer.pb2_bounds(space)
+    assert bounds == {"index_optimizer": [0.0, 3.0], "log10_lr": [pytest.approx(-5.0), pytest.approx(0.0)]}
+    hp = peer.decode({"index_optimizer": 2.999, "log10_lr": -2.0}, space)
+    assert hp == {"optimizer": space["optimizer"]["choices"][2], "lr": pytest.approx(0.01)}
+    # the upper bound itself, and PBT's own encoding, decode too
+    assert peer.decode({"index_optimizer": 3.0, "log10_lr": 0.0}, space)["optimizer"] == space["optimizer"]["choices"][-1]
+    assert peer.decode({"optimizer": "adam", "lr": 0.5}, space) == {"optimizer": "adam", "lr": 0.5}
+
+
+def test_the_peer_rounds_and_clamps_an_int(peer):
+    space = {"batch": {"type": "int", "min": 8, "max": 1024, "log": True}, "x": {"type": "float", "min": 0.0, "max": 1.0}}
+    assert peer.pb2_bounds(space) == {"log10_batch": [pytest.approx(math.log10(8)), pytest.approx(math.log10(1024))],
+                                      "x": [0.0, 1.0]}
+    assert peer.decode({"log10_batch": math.log10(1024) + 1e-9, "x": 0.25}, space) == {"batch": 1024, "x": 0.25}
+    assert peer.decode({"log10_batch": math.log10(100.4)}, {"batch": space["batch"]}) == {"batch": 100}
+
+
+def test_a_peer_method_gets_its_own_row_without_a_pbt_pairing(sq):
+    runs = [sq.RunResult("lr-schedule", "ray-pb2", 4, s, 50.0 + s, 80, 0.0) for s in range(3)]
+    rows = sq.summarise(runs, {("lr-schedule", 4): 100.0})
+    assert [(r.method, r.seeds, r.median, r.vs_pbt) for r in rows] == [("ray-pb2", 3, pytest.approx(0.51), "-")]
+
+
+def test_the_peer_script_says_how_to_install_ray_when_it_is_missing(peer, capsys):
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("Ray is installed in this environment")
+    with pytest.raises(SystemExit) as e:
+        peer.main(["--seeds", "1"])
+    assert e.value.code == 2 and "Ray Tune is not installed" in capsys.readouterr().err
+
+
+def test_the_peer_comparison_pools_peer_files_and_compares_only_common_seeds(peer, tmp_path, capsys):
+    def run(method, seed, final):
+        return {"problem": "lr-schedule", "method": method, "seed": seed, "final": final, "limit": 100.0}
+
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"runs": [run("pb2-liar-pessimistic", s, 80.0 + s) for s in range(4)]}))
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"runs": [run("ray-pb2", 0, 60.0), run("ray-pb2", 1, 62.0)]}))
+    second.write_text(json.dumps({"runs": [run("ray-pb2", 2, 64.0), run("ray-pb2", 9, 0.0)]}))  # seed 9: not ours
+    assert peer.main(["--compare", str(ours), str(first), str(second)]) == 0
+    line, = capsys.readouterr().out.splitlines()
+    assert "seeds   3" in line and "0.810 - ray-pb2  0.620 = +0.190" in line
+    d, lo, hi = peer.median_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert d == 2.0 and 1.0 <= lo <= d <= hi <= 3.0
