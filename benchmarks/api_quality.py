@@ -170,14 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON (benchmarks/paired.py reads it)")
     ap.add_argument("--quiet", action="store_true", help="no line per run")
     a = ap.parse_args(argv)
-    problems = [p for p in a.problems.split(",") if p]
-    for p in problems:
-        if p not in PROBLEMS:
-            ap.error(f"--problems: unknown problem {p!r} (one of {', '.join(PROBLEMS)})")
-    methods = [m for m in a.methods.split(",") if m]
-    for m in methods:
-        if m not in sq.METHODS:
-            ap.error(f"--methods: unknown method {m!r} (one of {', '.join(sq.METHODS)})")
+    problems = sq.listed(ap, "--problems", a.problems, list(PROBLEMS), "problem")
+    methods = sq.listed(ap, "--methods", a.methods, sq.METHODS, "method")
     pops = [int(x) for x in a.pops.split(",") if x]
     print(f"machine: {sq.machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)

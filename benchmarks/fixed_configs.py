@@ -150,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--schedules", action="store_true",
                     help="search geometric schedules between grid points instead (numeric spaces only)")
     a = ap.parse_args(argv)
-    problems = [p for p in a.problems.split(",") if p]
-    for p in problems:
-        if p not in PROBLEMS:
-            ap.error(f"--problems: unknown problem {p!r} (one of {', '.join(PROBLEMS)})")
+    problems = sq.listed(ap, "--problems", a.problems, list(PROBLEMS), "problem")
     for p in problems:
         if p == "lr-family":  # a grid over one space means nothing where every seed has its own
             ap.error("--problems: lr-family draws its space per seed; it has no fixed grid")

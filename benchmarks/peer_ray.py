@@ -231,14 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours, *peers = (json.loads(f.read_text())["runs"] for f in a.compare)
         print("\n".join(compare(ours, [r for p in peers for r in p])))
         return 0
-    problems = [p for p in a.problems.split(",") if p]
-    for p in problems:
-        if p not in PROBLEMS:
-            ap.error(f"--problems: unknown problem {p!r} (one of {', '.join(PROBLEMS)})")
-    methods = [m for m in a.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method {m!r} (one of {', '.join(METHODS)})")
+    problems = sq.listed(ap, "--problems", a.problems, list(PROBLEMS), "problem")
+    methods = sq.listed(ap, "--methods", a.methods, METHODS, "method")
     try:
         import ray
     except ImportError:

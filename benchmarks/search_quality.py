@@ -524,6 +524,15 @@ def machine() -> str:
             f"scipy {scipy.__version__}, {platform.system()}{load}")
 
 
+def listed(ap: argparse.ArgumentParser, flag: str, value: str, known: Sequence[str], what: str) -> list[str]:
+    """A comma-separated option's items, each one of `known`, or the parser's error naming the flag."""
+    items = [x for x in value.split(",") if x]
+    for x in items:
+        if x not in known:
+            ap.error(f"{flag}: unknown {what} {x!r} (one of {', '.join(known)})")
+    return items
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per (problem, population); default 20")
@@ -549,14 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write every run as JSON")
     ap.add_argument("--quiet", action="store_true", help="no line per run")
     a = ap.parse_args(argv)
-    problems = [p for p in a.problems.split(",") if p]
-    for p in problems:
-        if p not in PROBLEMS and p != DIGITS:
-            ap.error(f"--problems: unknown problem {p!r} (one of {', '.join([*PROBLEMS, DIGITS])})")
-    methods = [m for m in a.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method {m!r} (one of {', '.join(METHODS)})")
+    problems = listed(ap, "--problems", a.problems, [*PROBLEMS, DIGITS], "problem")
+    methods = listed(ap, "--methods", a.methods, METHODS, "method")
     pops = [int(x) for x in a.pops.split(",") if x]
     if DIGITS in problems and (a.mode != "asynchronous" or a.interval is not None):
         ap.error("--mode and --interval do not apply to digits (its own manifest: parallelism 1, 8 x 40 steps)")
